@@ -1,0 +1,151 @@
+"""Backbones: any timm model by name, adapted to small images, and rebuilt from run directories.
+
+``create_backbone("resnet18", image_size=32, channels=(16, 32, 64, 128))`` calls
+``timm.create_model(name, num_classes=0, **kwargs)``; the feature size is ``model.num_features``.
+There is no hand-kept table of backbones: every timm architecture name works.
+
+Small images (``image_size <= 64``):
+
+* ResNet-family models (timm's ``ResNet`` class: resnet*, resnext*, seresnet*, wide_resnet*, ...)
+  get the CIFAR stem of the SimCLR paper's CIFAR experiments: a 3x3 stride-1 first convolution and
+  no max-pool (for deep stems, the first convolution's stride becomes 1).
+* Vision transformers (models with a ``patch_embed``) are built with ``img_size=image_size`` and a
+  patch size of ``image_size // 8`` (4 px patches at 32 px), unless given explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from sslbench.errors import UserError
+from sslbench.registry import unknown_name_message
+
+SMALL_IMAGE_MAX = 64  # images of this size or less get the small-image adaptations
+
+
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        raise UserError(unknown_name_message("backbone", name, timm.list_models()) + " (see `sslbench list backbones`)")
+
+
+def _cifar_stem_(model: nn.Module) -> bool:
+    """Give a timm ResNet the CIFAR stem in place; returns whether the model was changed."""
+    from timm.models.resnet import ResNet
+
+    if not isinstance(model, ResNet):
+        return False
+    conv1 = model.conv1
+    if isinstance(conv1, nn.Conv2d):
+        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    else:  # deep stem: a Sequential whose first layer is a 3x3 stride-2 conv
+        first = next(m for m in conv1.modules() if isinstance(m, nn.Conv2d))
+        first.stride = (1, 1)
+    model.maxpool = nn.Identity()
+    return True
+
+
+def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Module:
+    """A timm model with no classifier head (``num_classes=0``), adapted to ``image_size``.
+
+    Extra ``kwargs`` go to ``timm.create_model`` (e.g. ``channels=(16, 32, 64, 128)`` for a narrow
+    ResNet-18, ``drop_path_rate=0.1``). Unknown names raise a :class:`UserError` with close matches.
+    """
+    _check_name(name)
+    kwargs = dict(kwargs)
+    kwargs.pop("num_classes", None)
+    kwargs.setdefault("pretrained", False)
+    try:
+        model = timm.create_model(name, num_classes=0, **kwargs)
+        if hasattr(model, "patch_embed") and image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
+            vit_kwargs = {"img_size": image_size}
+            if image_size <= SMALL_IMAGE_MAX:
+                vit_kwargs["patch_size"] = max(1, image_size // 8)
+            model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
+    except TypeError as exc:
+        raise UserError(f"backbone {name!r} does not accept these options {sorted(kwargs)}: {exc}") from exc
+    if image_size <= SMALL_IMAGE_MAX:
+        _cifar_stem_(model)
+    if not hasattr(model, "num_features"):
+        raise UserError(f"backbone {name!r} has no num_features; sslbench needs a timm feature model")
+    return model
+
+
+def check_image_size(model: nn.Module, image_size: int) -> None:
+    """Raise a :class:`UserError` when ``image_size`` is too small for ``model`` (its feature map
+    would vanish), found by running one tiny forward pass."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, image_size, image_size))
+        if out.shape[-1] != model.num_features:
+            raise RuntimeError(f"unexpected output shape {tuple(out.shape)}")
+    except RuntimeError as exc:
+        raise UserError(
+            f"image size {image_size} is too small for this backbone ({str(exc).splitlines()[0][:120]}); "
+            "use a larger --image-size"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+def save_encoder(model: nn.Module, path: str | Path, *, meta: dict[str, Any]) -> None:
+    """Write the backbone's state dict (timm's own key names) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"sslbench": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model`` and fail loudly (UserError) on any missing, unexpected or
+    mis-shaped key: never a silent partial load."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise UserError(f"{source} does not match the backbone: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_encoder(run_dir: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the trained encoder of a run directory: its backbone (from ``config.yaml``) with the
+    weights of ``encoder.safetensors``, strictly checked, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from sslbench.config import load_run_config
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    path = run_dir / ENCODER_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
+    model = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file: {exc}") from exc
+    load_state_strict(model, state, source=str(path))
+    return model.eval()

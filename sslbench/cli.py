@@ -1,0 +1,158 @@
+"""The ``sslbench`` command line: train, eval, compare, leaderboard, list.
+
+Every mistake a user can make ends as one line on stderr and exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="method name (sslbench list methods); default simclr")
+    p.add_argument("--backbone", help="timm model name (sslbench list backbones); default resnet18")
+    p.add_argument("--data", help="digits (default) | cifar10 | cifar100 | stl10 | imagefolder:PATH | hf:NAME")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, help="passes over the training data (default 10)")
+    budget.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--batch-size", type=int, help="global batch size over all processes (default 256)")
+    p.add_argument("--lr", type=float, help="base learning rate before batch scaling (default: the method's recipe)")
+    p.add_argument("--optimizer", help="sgd | lars | adamw (default: the method's recipe)")
+    p.add_argument("--precision", help="auto | no | bf16 | fp16 (default auto: bf16 on CUDA, no on CPU)")
+    p.add_argument("--image-size", type=int, help="training resolution in pixels (default 32)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--grad-cache-chunk", type=int, help="gradient-cache chunk size: exact large batches in less memory")
+    p.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. temperature=0.2, aug.jitter_strength=1.0, "
+                        "backbone_kwargs.channels=16,32,64,128 (repeatable)")
+
+
+_TRAIN_FLAG_KEYS = ("method", "backbone", "data", "epochs", "steps", "batch_size", "lr", "optimizer",
+                    "precision", "image_size", "seed", "grad_cache_chunk", "train_subset")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sslbench", description="Self-supervised learning benchmark suite.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a method on a backbone")
+    _add_train_flags(t)
+    t.add_argument("--output", help="run directory (default runs/<method>-<backbone>-<data>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    ls = sub.add_parser("list", help="list methods, backbones or datasets")
+    ls.add_argument("what", choices=["methods", "backbones", "datasets"])
+    ls.add_argument("pattern", nargs="?", help="filter backbones by a wildcard, e.g. 'resnet*'")
+    ls.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules add sub-commands here: each entry is register(subparsers) and sets `func`.
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import build_config, load_yaml
+    from .trainer import train
+
+    file_values: dict[str, Any] = {}
+    if args.resume:
+        if not args.output:
+            raise UserError("--resume needs --output RUN_DIR (the run to continue)")
+        saved = os.path.join(args.output, "config.yaml")
+        if not os.path.isfile(saved):
+            raise UserError(f"--resume: {args.output} has no config.yaml; is it an sslbench run directory?")
+        file_values = load_yaml(saved)
+    if args.config:
+        file_values.update(load_yaml(args.config))
+    flags = {k: getattr(args, k) for k in _TRAIN_FLAG_KEYS}
+    flags["output"] = args.output
+    cfg = build_config(file_values=file_values, flags=flags, sets=args.sets)
+    train(cfg, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from rich.console import Console
+        from rich.table import Table
+
+        from .registry import METHODS
+
+        table = Table("method", "description", "paper")
+        for name, cls in METHODS.items():
+            table.add_row(name, getattr(cls, "description", ""), getattr(cls, "paper", ""))
+        Console(width=200).print(table)
+    elif args.what == "backbones":
+        import timm
+
+        names = timm.list_models(args.pattern or "")
+        print("\n".join(names))
+        print(f"# {len(names)} timm models; any of them works with --backbone", file=sys.stderr)
+    else:
+        from .data import DATASETS
+
+        for name, desc in DATASETS.items():
+            print(f"{name:<20} {desc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        func = {"train": cmd_train, "list": cmd_list}.get(args.command) or args.func
+        return int(func(args) or 0)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"sslbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sslbench: interrupted", file=sys.stderr)
+        return 130
+
+
+def _load_extra_commands() -> None:
+    """Import the modules that register eval/compare/leaderboard sub-commands, if present."""
+    import importlib
+
+    for mod in ("sslbench.commands",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+_load_extra_commands()

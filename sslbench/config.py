@@ -1,0 +1,353 @@
+"""Typed configuration: dataclasses with a one-line comment per field, YAML in and out, and
+validated ``key=value`` overrides (unknown keys are rejected with close matches).
+
+Precedence, lowest first: dataclass defaults < the method's recipe (for fields left ``None``) <
+``--config FILE.yaml`` < explicit CLI flags < ``--set key=value``. Keys for ``--set``: a top-level
+field (``lr=0.3``), a method field (``method_cfg.temperature=0.2`` or just ``temperature=0.2``), an
+augmentation field (``aug.jitter_strength=1.0``) or a timm keyword
+(``backbone_kwargs.channels=16,32,64,128``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .augment import AugmentConfig
+from .errors import UserError
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+LR_SCALING = ("linear", "sqrt", "none")
+NONFINITE = ("stop", "skip")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved whole as ``config.yaml`` in the run directory."""
+
+    method: str = "simclr"  # registered method name (`sslbench list methods`)
+    backbone: str = "resnet18"  # any timm model name (`sslbench list backbones`)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keywords
+    data: str = "digits"  # data spec: digits, cifar10, cifar100, stl10, imagefolder:PATH, hf:NAME
+    train_subset: int | None = None  # train on a class-balanced subset of this many images (None: all)
+    image_size: int = 32  # training and evaluation resolution (px)
+    epochs: int | None = None  # passes over the training set (default 10 when steps is unset)
+    steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 256  # global batch over all processes (clipped to the data set size)
+    optimizer: str | None = None  # sgd | lars | adamw (None: the method's recipe)
+    lr: float | None = None  # base learning rate before scaling (None: the method's recipe)
+    lr_scaling: str | None = None  # linear (lr*B/256) | sqrt (lr*sqrt(B)) | none (None: recipe)
+    weight_decay: float | None = None  # weight decay; never on norm and bias parameters (None: recipe)
+    sgd_momentum: float = 0.9  # momentum of SGD and LARS
+    warmup_epochs: float | None = None  # linear warm-up length (None: 10% of training, at most 10 epochs)
+    grad_clip: float | None = None  # clip the global gradient norm to this (None: off)
+    precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
+    channels_last: bool = True  # NHWC memory layout for convolutional backbones
+    compile: bool = False  # torch.compile the training step's model
+    sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm when running on several processes
+    grad_cache_chunk: int = 0  # gradient cache chunk size (exact full-batch gradient, less memory); 0: off
+    seed: int = 0  # seed for weights, data order and augmentation
+    deterministic: bool = False  # torch deterministic algorithms (exact resume checks)
+    output: str | None = None  # run directory (None: runs/<method>-<backbone>-<data>-<time>)
+    log_every: int = 10  # steps between logged metrics (one host sync each)
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end); 0: only at the end
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    nonfinite: str = "stop"  # on a NaN/inf loss: stop (with a message) | skip the step
+    max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skipped steps
+    num_workers: int = 2  # DataLoader workers for data that does not fit in memory
+    max_memory_gb: float = 8.0  # data sets larger than this decoded are read per image from disk
+    cache_dir: str | None = None  # download and decode cache (None: $SSLBENCH_CACHE or ~/.cache/sslbench)
+    online_probe: bool = False  # train a linear probe on detached features during training, log it each epoch
+    knn_k: int = 200  # neighbours of the end-of-training k-NN evaluation
+    knn_temperature: float = 0.1  # temperature of the weighted k-NN vote
+    aug: AugmentConfig = field(default_factory=AugmentConfig)  # augmentation strengths
+    method_cfg: Any = None  # the method's own config dataclass (filled from `method`)
+
+    def validate(self) -> None:
+        """Range checks that dataclass types cannot express; raises :class:`UserError`."""
+        _choice("precision", self.precision, PRECISIONS)
+        if self.optimizer is not None:
+            _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.lr_scaling is not None:
+            _choice("lr_scaling", self.lr_scaling, LR_SCALING)
+        _choice("nonfinite", self.nonfinite, NONFINITE)
+        _positive("batch_size", self.batch_size)
+        _positive("image_size", self.image_size)
+        if self.epochs is not None:
+            _positive("epochs", self.epochs)
+        if self.steps is not None:
+            _positive("steps", self.steps)
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"lr must be > 0, got {self.lr}; pass e.g. --lr 0.3")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.train_subset is not None:
+            _positive("train_subset", self.train_subset)
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"grad_clip must be > 0 (or unset), got {self.grad_clip}")
+        if self.grad_cache_chunk < 0:
+            raise UserError(f"grad_cache_chunk must be >= 0, got {self.grad_cache_chunk}")
+        if self.keep_checkpoints < 1:
+            raise UserError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise UserError("checkpoint_every must be >= 0 and log_every >= 1")
+        if self.knn_k < 1 or not self.knn_temperature > 0:
+            raise UserError("knn_k must be >= 1 and knn_temperature > 0")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise UserError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _validate_aug(self.aug)
+        check = getattr(self.method_cfg, "validate", None)
+        if check is not None:
+            check()
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UserError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def _positive(key: str, value: int | float) -> None:
+    if not value > 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+
+
+def _validate_aug(aug: AugmentConfig) -> None:
+    for f in fields(aug):
+        v = getattr(aug, f.name)
+        if f.name.endswith("_p") and not 0.0 <= v <= 1.0:
+            raise UserError(f"aug.{f.name} is a probability in [0, 1], got {v}")
+    lo, hi = aug.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"aug.crop_scale must satisfy 0 < min <= max <= 1, got {aug.crop_scale}")
+    if aug.jitter_strength is not None and aug.jitter_strength < 0:
+        raise UserError(f"aug.jitter_strength must be >= 0, got {aug.jitter_strength}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing values and applying overrides
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def parse_literal(text: str) -> Any:
+    """Parse a CLI value: numbers, booleans, None, tuples (``16,32,64``), else the plain string."""
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    if "," in text and not text.strip().startswith(("[", "(")):
+        return tuple(parse_literal(t) for t in text.split(",") if t.strip())
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the field type ``tp`` or raise a
+    one-line :class:`UserError` naming the key and the expected type."""
+    base, optional = _strip_optional(tp)
+    if value is None:
+        if optional or base is Any:
+            return None
+        raise UserError(f"{key} cannot be None")
+    if isinstance(value, str) and base is not str:
+        value = parse_literal(value)
+        if value is None and optional:
+            return None
+    bad = UserError(f"{key} expects {_type_name(base)}, got {value!r}")
+    if base is Any:
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad
+        return int(value)
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if base is str:
+        return str(value)
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        args = typing.get_args(base)
+        seq = value if isinstance(value, (list, tuple)) else (value,)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], key) for v in seq)
+        if len(seq) != len(args):
+            raise bad
+        return tuple(coerce(v, a, key) for v, a in zip(seq, args))
+    if origin is Literal:
+        if value not in typing.get_args(base):
+            raise UserError(f"{key} must be one of {', '.join(map(str, typing.get_args(base)))}; got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def update_dataclass(obj: Any, values: dict[str, Any], *, prefix: str = "") -> Any:
+    """A copy of dataclass ``obj`` with ``values`` coerced to the field types; unknown keys raise a
+    :class:`UserError` with close matches."""
+    hints = _hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+            raise UserError(f"unknown config key {prefix + key!r}{hint}")
+        cur = getattr(obj, key)
+        if is_dataclass(cur) and isinstance(value, dict):
+            changes[key] = update_dataclass(cur, value, prefix=f"{prefix}{key}.")
+        else:
+            changes[key] = coerce(value, hints[key], prefix + key)
+    return dataclasses.replace(obj, **changes)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML-able data (tuples become lists)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def split_set_args(pairs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def build_config(
+    *,
+    file_values: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> TrainConfig:
+    """Resolve a :class:`TrainConfig`: defaults, method recipe, YAML values, CLI flags, ``--set``."""
+    from .registry import get_method
+
+    file_values = dict(file_values or {})
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    top = {**{k: v for k, v in file_values.items() if k not in ("method_cfg", "aug")}, **flags}
+    nested: dict[str, dict[str, Any]] = {
+        "method_cfg": dict(file_values.get("method_cfg") or {}),
+        "aug": dict(file_values.get("aug") or {}),
+        "backbone_kwargs": dict(file_values.get("backbone_kwargs") or {}),
+    }
+    top.pop("backbone_kwargs", None)
+    for k in list(top):
+        if k in ("method_cfg", "aug"):
+            nested[k].update(top.pop(k) or {})
+    method_name = str(top.get("method", TrainConfig.method))
+    method_cls = get_method(method_name)
+    mcfg_names = {f.name for f in fields(method_cls.Config)}
+    aug_names = {f.name for f in fields(AugmentConfig)}
+    top_names = {f.name for f in fields(TrainConfig)}
+    for key, raw in split_set_args(sets or []):
+        head, _, rest = key.partition(".")
+        if rest and head in nested:
+            nested[head][rest] = raw
+        elif rest:
+            raise UserError(f"unknown config section {head!r} in {key!r}; sections: aug, method_cfg, backbone_kwargs")
+        elif key in top_names and key not in nested:
+            top[key] = raw
+        elif key in mcfg_names:
+            nested["method_cfg"][key] = raw
+        elif key in aug_names:
+            nested["aug"][key] = raw
+        else:
+            allkeys = sorted(top_names | {f"method_cfg.{n}" for n in mcfg_names} | {f"aug.{n}" for n in aug_names})
+            close = difflib.get_close_matches(key, allkeys, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"unknown config key {key!r}{hint}; see `sslbench train --help` and docs/config")
+    cfg = update_dataclass(TrainConfig(), top)
+    cfg.backbone_kwargs = {k: parse_literal(v) if isinstance(v, str) else (tuple(v) if isinstance(v, list) else v)
+                           for k, v in nested["backbone_kwargs"].items()}
+    cfg.aug = update_dataclass(cfg.aug, nested["aug"], prefix="aug.")
+    cfg.method_cfg = update_dataclass(method_cls.Config(), nested["method_cfg"], prefix="method_cfg.")
+    apply_recipe(cfg, method_cls)
+    cfg.validate()
+    return cfg
+
+
+def apply_recipe(cfg: TrainConfig, method_cls: type) -> None:
+    """Fill the fields left ``None`` (optimizer, lr, lr_scaling, weight_decay) from the method's
+    recipe for this image size (``Method.recipe(image_size) -> dict``)."""
+    recipe = method_cls.recipe(cfg.image_size) if hasattr(method_cls, "recipe") else {}
+    defaults = {"optimizer": "sgd", "lr": 0.05, "lr_scaling": "linear", "weight_decay": 5e-4, **recipe}
+    for key in ("optimizer", "lr", "lr_scaling", "weight_decay"):
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, defaults[key])
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a saved config (``config.yaml``) exactly, without re-applying recipes."""
+    return build_config(file_values=values)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not an sslbench run directory (no config.yaml)")
+    return config_from_dict(load_yaml(path))

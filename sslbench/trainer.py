@@ -1,0 +1,452 @@
+"""The one training loop, for every method, on Accelerate: CPU, one GPU or many.
+
+It reads like Accelerate's own examples: one ``prepare``, ``accelerator.backward``, and
+``save_state``/``load_state`` for checkpoints. Everything method-specific comes through the plugin
+contract (``sslbench.method``); this file never names a method.
+
+Data order and augmentation are pure functions of ``(seed, epoch, position)``: a step's global
+batch is a slice of a seeded permutation, each process takes its contiguous share, and views come
+from :mod:`sslbench.augment`'s counter-based randomness. So N processes see exactly the batches
+one process sees, and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .augment import AugmentConfig, BatchAugment, per_image_transform
+from .config import TrainConfig, dump_yaml
+from .data import FileSplit, ImageSplit, balanced_subset, load_split
+from .errors import UserError
+from .method import default_view_augmentations
+from .momentum import ema_update_
+from .optim import build_optimizer, lr_at, param_groups, scale_lr
+from .registry import get_method
+
+
+def build_method(cfg: TrainConfig) -> nn.Module:
+    """The configured method around a freshly initialised backbone (seeded by the caller)."""
+    from sslbench.backbones import check_image_size, create_backbone
+
+    method_cls = get_method(cfg.method)
+    backbone = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
+    check_image_size(backbone, cfg.image_size)
+    return method_cls(backbone, cfg.method_cfg)
+
+
+class StepModule(nn.Module):
+    """What DDP wraps: ``forward(views)`` is the method's training step, so gradient
+    synchronisation hooks fire exactly as for a plain model."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.method.training_step(views)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The data order of one epoch: a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+@dataclass
+class Schedule:
+    """Step bookkeeping derived from the config and the data set size."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    global_batch: int
+    local_batch: int
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+
+def make_schedule(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -> Schedule:
+    batch = cfg.batch_size
+    if batch < min_batch:
+        raise UserError(f"batch size {batch} is too small for {cfg.method} (needs >= {min_batch}); pass --batch-size {max(min_batch, 2) * 128}")
+    if batch > n_train:
+        batch = n_train - n_train % world_size
+        print(f"note: batch size {cfg.batch_size} > {n_train} training images; using {batch}", file=sys.stderr)
+    if batch % world_size:
+        raise UserError(f"batch size {batch} must be divisible by the number of processes ({world_size})")
+    steps_per_epoch = max(1, n_train // batch)  # drop_last: every step sees a full batch
+    total = cfg.steps if cfg.steps is not None else (cfg.epochs or 10) * steps_per_epoch
+    if cfg.warmup_epochs is not None:
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    else:
+        warmup = min(10 * steps_per_epoch, total // 10)
+    return Schedule(steps_per_epoch, total, min(warmup, total), batch, batch // world_size)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns (and writes to ``results.json``)."""
+
+    run_dir: Path
+    steps: int
+    epochs: float
+    images_seen: int
+    wall_time_s: float
+    images_per_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the next step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    data = cfg.data.replace(":", "-").replace("/", "_").strip("_")[-40:]
+    return Path("runs") / f"{cfg.method}-{cfg.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _prepare_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output directory {path}: {exc.strerror or exc}; pass a writable --output") from exc
+
+
+class _FileViews(torch.utils.data.Dataset):
+    """Per-image path for data that does not fit in memory: decode, then the torchvision pipeline,
+    seeded per (seed, epoch, index, view) so it is independent of worker and process."""
+
+    def __init__(self, split: FileSplit, augs: Sequence[AugmentConfig], image_size: int, seed: int) -> None:
+        self.split = split
+        self.transforms = [per_image_transform(a, image_size) for a in augs]
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[list[Tensor], int]:
+        img = self.split.open(i)
+        views = []
+        for v, t in enumerate(self.transforms):
+            torch.manual_seed(hash((self.seed, self.epoch, i, v)) & 0x7FFF_FFFF_FFFF)
+            views.append(t(img))
+        return views, i
+
+
+def _batches(
+    cfg: TrainConfig,
+    train: ImageSplit | FileSplit,
+    sched: Schedule,
+    start_step: int,
+    rank: int,
+    device: torch.device,
+    augmenters: list[BatchAugment],
+    file_views: _FileViews | None,
+) -> Iterator[tuple[int, list[Tensor]]]:
+    """Yield (step, views) from ``start_step`` on; each process gets its contiguous share of the
+    step's global batch."""
+    n = len(train)
+    images_on_device = train.images.to(device) if isinstance(train, ImageSplit) else None
+    step = start_step
+    while step < sched.total_steps:
+        epoch = sched.epoch_of(step)
+        perm = epoch_permutation(n, cfg.seed, epoch)
+        first = step - epoch * sched.steps_per_epoch
+        last = min(sched.steps_per_epoch, first + (sched.total_steps - step))
+        local = [
+            perm[p * sched.global_batch + rank * sched.local_batch : p * sched.global_batch + (rank + 1) * sched.local_batch]
+            for p in range(first, last)
+        ]
+        if images_on_device is not None:
+            for idx in local:
+                idx_dev = idx.to(device)
+                imgs = images_on_device[idx_dev]
+                views = [aug(imgs, idx_dev, seed=cfg.seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
+                yield step, views
+                step += 1
+        else:
+            assert file_views is not None
+            file_views.epoch = epoch
+            loader = torch.utils.data.DataLoader(
+                file_views,
+                batch_sampler=[idx.tolist() for idx in local],
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
+            for views, _ in loader:
+                yield step, [v.to(device, non_blocking=True) for v in views]
+                step += 1
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> TrainResult:
+    """Train ``cfg`` and evaluate the encoder with a quick k-NN; returns the run summary."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+
+    from sslbench import dist
+    from sslbench.backbones import ENCODER_FILE, save_encoder
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        dynamo_backend="inductor" if cfg.compile else None,
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+
+    run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
+    cfg.output = str(run_dir)
+    if main:
+        _prepare_run_dir(run_dir)
+    accelerator.wait_for_everyone()
+
+    # ---- data
+    train_split = load_split(cfg.data, "train", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+    if cfg.train_subset is not None and cfg.train_subset < len(train_split):
+        train_split = train_split.subset(balanced_subset(train_split.labels, cfg.train_subset, cfg.seed))
+
+    # ---- model
+    set_seed(cfg.seed)
+    method = build_method(cfg)
+    method_cls = type(method)
+    sched = make_schedule(cfg, len(train_split), world, getattr(method_cls, "min_batch_size", 1))
+    if world > 1 and cfg.sync_bn:
+        method = dist.convert_sync_batchnorm(method)
+    if cfg.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    groups = param_groups(method, cfg.weight_decay)
+    if hasattr(method, "param_groups"):
+        groups = method.param_groups(groups)
+    base_lr = scale_lr(cfg.lr, sched.global_batch, cfg.lr_scaling)
+    optimizer = build_optimizer(cfg.optimizer, groups, base_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    step_module = StepModule(method)
+    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    unwrapped: nn.Module = accelerator.unwrap_model(step_module).method
+    pairs = unwrapped.momentum_pairs() if hasattr(unwrapped, "momentum_pairs") else []
+
+    augs = default_view_augmentations(unwrapped, cfg.aug)
+    augmenters = [BatchAugment(a, cfg.image_size) for a in augs]
+    file_views = _FileViews(train_split, augs, cfg.image_size, cfg.seed) if isinstance(train_split, FileSplit) else None
+
+    # ---- checkpoints
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = 0
+    if resume:
+        found = ckpt.latest_valid(ckpt_dir, warn=main)
+        if found is not None:
+            ckpt.load(accelerator, found)
+            start_step = ckpt.read_meta(found)["step"]
+            if main:
+                print(f"resuming {run_dir} from step {start_step} ({found.name})", file=sys.stderr)
+        elif main:
+            print(f"no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
+    if main:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if main and start_step == 0:
+        metrics_path = run_dir / "metrics.jsonl"
+        if metrics_path.exists():
+            metrics_path.unlink()
+
+    def save(step: int) -> Path:
+        return ckpt.save(accelerator, ckpt_dir, step, keep=cfg.keep_checkpoints, meta={"step": step, "epoch": sched.epoch_of(step)})
+
+    # ---- loop
+    from .progress import TrainProgress
+
+    progress = TrainProgress(sched.total_steps, start_step, enabled=main and not quiet)
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
+    last_ckpt: Path | None = ckpt.latest_valid(ckpt_dir, warn=False) if main else None
+    skipped = 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_n = 0
+    t0 = time.perf_counter()
+    t_log = t0
+    images_since_log = 0
+    step = start_step
+    stopped = False
+    check_each_step = cfg.nonfinite == "skip" or accelerator.device.type == "cpu"
+    step_module.train()
+    with _StopFlag() as stop, progress:
+        for step, views in _batches(cfg, train_split, sched, start_step, rank, accelerator.device, augmenters, file_views):
+            if cfg.channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            lr = lr_at(step, sched.total_steps, base_lr=base_lr, warmup_steps=sched.warmup_steps)
+            for g in optimizer.param_groups:
+                if not g.get("fixed_lr", False):
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+            loss, logs = step_module(views)
+            finite = torch.isfinite(loss.detach())
+            if check_each_step:
+                finite_all = bool(dist.all_reduce_mean(finite.float()) == 1) if world > 1 else bool(finite)
+                if not finite_all:
+                    if cfg.nonfinite == "skip" and skipped < cfg.max_skipped_steps:
+                        skipped += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        print(f"warning: non-finite loss at step {step}; skipped ({skipped}/{cfg.max_skipped_steps})", file=sys.stderr)
+                        continue
+                    _raise_nonfinite(step, last_ckpt, cfg)
+            else:
+                first_bad = torch.where(~finite & (first_bad < 0), torch.tensor(step, device=first_bad.device), first_bad)
+            accelerator.backward(loss)
+            if cfg.grad_clip is not None:
+                accelerator.clip_grad_norm_(step_module.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if pairs:
+                m = unwrapped.momentum_at(step, sched.total_steps)
+                for online, target in pairs:
+                    ema_update_(online, target, m)
+            loss_sum += loss.detach().float()
+            loss_n += 1
+            images_since_log += sched.global_batch
+            done = step + 1
+            if done % cfg.log_every == 0 or done == sched.total_steps:
+                mean_loss = dist.all_reduce_mean(loss_sum / loss_n) if world > 1 else loss_sum / loss_n
+                if not check_each_step and int(first_bad) >= 0:
+                    _raise_nonfinite(int(first_bad), last_ckpt, cfg)
+                now = time.perf_counter()
+                ips = images_since_log / max(now - t_log, 1e-9)
+                record = {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "loss": float(mean_loss), "lr": lr, "images_per_s": round(ips, 2)}
+                record.update({k: float(v) for k, v in logs.items() if k != "loss"})
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                progress.update(done, loss=record["loss"], lr=lr, ips=ips)
+                loss_sum.zero_()
+                loss_n, images_since_log, t_log = 0, 0, now
+            else:
+                progress.advance(done)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps:
+                last_ckpt = save(done)
+            if stop.signum is not None:
+                last_ckpt = save(done)
+                stopped = True
+                if main:
+                    name = signal.Signals(stop.signum).name
+                    print(f"{name}: saved checkpoint at step {done} in {last_ckpt}; resume with: sslbench train --output {run_dir} --resume", file=sys.stderr)
+                break
+    wall = time.perf_counter() - t0
+    if metrics_file is not None:
+        metrics_file.close()
+    steps_done = (step + 1) if sched.total_steps > start_step else start_step
+    images_seen = steps_done * sched.global_batch
+    result = TrainResult(
+        run_dir=run_dir,
+        steps=steps_done,
+        epochs=round(steps_done / sched.steps_per_epoch, 4),
+        images_seen=images_seen,
+        wall_time_s=round(wall, 3),
+        images_per_s=round((steps_done - start_step) * sched.global_batch / max(wall, 1e-9), 2),
+        stopped_early=stopped,
+    )
+    if stopped:
+        return result
+    save(sched.total_steps)
+    accelerator.wait_for_everyone()
+    if main:
+        save_encoder(unwrapped.encoder, run_dir / ENCODER_FILE, meta={"backbone": cfg.backbone, "step": sched.total_steps})
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}, str(run_dir / "method.safetensors"))
+        result.metrics = quick_knn(cfg, unwrapped.encoder, accelerator.device, precision, quiet=quiet)
+        summary = {
+            "method": cfg.method, "backbone": cfg.backbone, "data": cfg.data, "image_size": cfg.image_size,
+            "steps": result.steps, "epochs": result.epochs, "images_seen": result.images_seen,
+            "batch_size": sched.global_batch, "wall_time_s": result.wall_time_s,
+            "images_per_s": result.images_per_s, "precision": precision, "seed": cfg.seed,
+            "processes": world, "metrics": result.metrics,
+        }
+        tmp = run_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(run_dir / "results.json")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _raise_nonfinite(step: int, last_ckpt: Path | None, cfg: TrainConfig) -> None:
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+    raise UserError(
+        f"non-finite loss at step {step}; {where}. Lower --lr, set grad_clip, or pass --set nonfinite=skip"
+    )
+
+
+def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precision: str, *, quiet: bool = False) -> dict[str, float]:
+    """The end-of-training k-NN (k=200, T=0.1, cosine) of h on the test split, and the same for
+    the untrained backbone (same seed) as a baseline."""
+    from accelerate.utils import set_seed
+
+    from sslbench.backbones import create_backbone
+    from sslbench.evals.features import extract_features
+    from sslbench.evals.knn import knn_eval
+
+    train_split = load_split(cfg.data, "train", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+    test_split = load_split(cfg.data, "test", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+    if not isinstance(train_split, ImageSplit) or not isinstance(test_split, ImageSplit):
+        if not quiet:
+            print("note: quick k-NN skipped for data that does not fit in memory; use `sslbench eval`", file=sys.stderr)
+        return {}
+    prec = "bf16" if precision == "bf16" else "no"
+
+    def score(enc: nn.Module) -> dict[str, float]:
+        enc = enc.to(device)
+        tr = extract_features(enc, train_split.images, image_size=cfg.image_size, device=device, precision=prec)
+        te = extract_features(enc, test_split.images, image_size=cfg.image_size, device=device, precision=prec)
+        return knn_eval(tr.to(device), train_split.labels.to(device), te.to(device), test_split.labels.to(device), k=cfg.knn_k, temperature=cfg.knn_temperature)
+
+    trained = score(encoder)
+    set_seed(cfg.seed)
+    untrained = score(create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs))
+    out = dict(trained)
+    out.update({f"untrained_{k}": v for k, v in untrained.items()})
+    if not quiet:
+        print(
+            f"k-NN top-1 on {cfg.data} test (k={cfg.knn_k}, T={cfg.knn_temperature}): trained {trained.get('knn_top1', float('nan')):.2f}%"
+            f"  untrained {untrained.get('knn_top1', float('nan')):.2f}%"
+        )
+    return out

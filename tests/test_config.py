@@ -1,0 +1,44 @@
+"""Typed config: overrides are validated, unknown keys rejected, YAML round-trips."""
+
+import pytest
+
+from sslbench.config import build_config, config_from_dict, dump_yaml, to_dict
+from sslbench.errors import UserError
+import yaml
+
+
+def test_defaults_and_recipe_fill():
+    cfg = build_config()
+    assert cfg.method == "simclr" and cfg.data == "digits"
+    assert cfg.optimizer is not None and cfg.lr is not None and cfg.weight_decay is not None
+
+
+def test_set_routes_to_sections_and_coerces_types():
+    cfg = build_config(sets=["temperature=0.2", "aug.jitter_strength=1.0", "backbone_kwargs.channels=16,32,64,128", "lr=0.5", "channels_last=false"])
+    assert cfg.method_cfg.temperature == 0.2
+    assert cfg.aug.jitter_strength == 1.0
+    assert cfg.backbone_kwargs["channels"] == (16, 32, 64, 128)
+    assert cfg.lr == 0.5 and cfg.channels_last is False
+
+
+@pytest.mark.parametrize(
+    "sets,match",
+    [
+        (["temprature=0.2"], "unknown config key 'temprature'.*temperature"),
+        (["aug.blurp=1"], "unknown config key 'aug.blurp'"),
+        (["batch_size=abc"], "batch_size expects int"),
+        (["lr=-1"], "lr must be > 0"),
+        (["temperature=0"], "temperature must be > 0"),
+        (["aug.flip_p=1.5"], r"probability in \[0, 1\]"),
+        (["nonsense"], "key=value"),
+    ],
+)
+def test_bad_overrides_are_user_errors(sets, match):
+    with pytest.raises(UserError, match=match):
+        build_config(sets=sets)
+
+
+def test_yaml_round_trip_is_exact():
+    cfg = build_config(flags={"epochs": 3, "batch_size": 64}, sets=["backbone_kwargs.channels=16,32,64,128", "aug.crop_scale=0.2,1.0"])
+    again = config_from_dict(yaml.safe_load(dump_yaml(cfg)))
+    assert to_dict(again) == to_dict(cfg)
