@@ -1,0 +1,128 @@
+"""Frozen-feature extraction for the evaluators.
+
+The k-NN and linear-probe protocols (Wu et al. 2018; Kolesnikov et al. 2019; Chen et al. 2020)
+evaluate a *frozen* encoder: features are computed once, without augmentation and without
+gradients, with every BatchNorm layer using its running statistics. :func:`extract_features` does
+exactly that and leaves the encoder as it found it (parameters, buffers and train/eval flags).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from sslbench.errors import UserError
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+Transform = Callable[[Tensor], Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` (and all submodules) in eval mode, restoring every submodule's own
+    ``training`` flag on exit, so that a model with some parts deliberately frozen in eval mode
+    comes back exactly as it was."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (or buffer); CPU for a state-less module."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "no"
+    if precision == "no":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("precision fp16 needs a GPU; use bf16 or no on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def extract_features(
+    encoder: nn.Module,
+    images: Tensor,
+    *,
+    image_size: int,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    precision: str = "no",
+    transform: Transform | None = None,
+) -> Tensor:
+    """Encode ``images`` with a frozen ``encoder``.
+
+    Args:
+        encoder: maps a float batch ``(B, 3, S, S)`` to features ``(B, D)`` (a timm model built
+            with ``num_classes=0``); an output with more dimensions is flattened to ``(B, -1)``.
+            It is not moved: it must already live on ``device``.
+        images: uint8 images ``(N, 3, H, W)`` on any device; batches are moved to ``device``.
+        image_size: the evaluation resolution ``S`` passed to the default transform.
+        batch_size: images per forward pass.
+        device: where to run; ``None`` means the device the encoder's parameters are on.
+        precision: ``no`` (float32), ``bf16`` or ``fp16`` autocast, or ``auto`` (bf16 on CUDA,
+            no on CPU). Features are returned as float32 whatever the precision.
+        transform: ``uint8 batch -> float batch`` applied on ``device``; by default
+            :func:`sslbench.augment.eval_batch` (resize and ImageNet normalisation, no
+            augmentation).
+
+    Returns:
+        float32 features ``(N, D)`` on the CPU.
+
+    The encoder runs in eval mode (BatchNorm uses its running statistics and updates nothing)
+    under :func:`torch.no_grad`; every submodule's train/eval flag is restored afterwards.
+    (``no_grad`` rather than ``inference_mode``: inference tensors could not be used to train
+    the linear probe afterwards.)
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise UserError(
+            f"extract_features expects uint8 images (N, 3, H, W); got {images.dtype} "
+            f"{tuple(images.shape)}"
+        )
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if transform is None:
+        # Imported here: augment is optional for callers that bring their own transform.
+        from sslbench.augment import eval_batch
+
+        def transform(batch: Tensor) -> Tensor:
+            return eval_batch(batch, image_size)
+
+    run_device = torch.device(device) if device is not None else module_device(encoder)
+    enc_device = module_device(encoder)
+    if enc_device.type != run_device.type or (
+        run_device.index is not None and enc_device.index not in (None, run_device.index)
+    ):
+        raise UserError(
+            f"the encoder is on {enc_device} but features were requested on {run_device}; "
+            "move the encoder first (encoder.to(device)) or pass device=None"
+        )
+
+    chunks: list[Tensor] = []
+    with eval_mode(encoder), torch.no_grad(), _autocast(run_device, precision):
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(run_device, non_blocking=True)
+            out = encoder(transform(batch))
+            if out.ndim != 2:
+                out = out.flatten(1)
+            chunks.append(out.float().cpu())
+    if not chunks:
+        raise UserError("extract_features got no images (N = 0)")
+    return torch.cat(chunks)

@@ -1,0 +1,294 @@
+"""Result rows -> leaderboard tables (Markdown, CSV, HTML) and a bar chart.
+
+:func:`aggregate` and :func:`render` are pure functions of the rows (as written by
+:func:`sslbench.results.make_row` and read by :func:`sslbench.results.read_rows`).
+
+Aggregation rules:
+
+- Rows are grouped by (data, backbone, budget kind, budget, image size): only results trained
+  under the same budget on the same data are compared. Within a group, rows are grouped by
+  method, and each metric is aggregated over seeds.
+- Duplicates: when several rows carry the same metric for the same (group, method, seed) -- an
+  evaluation that was re-run -- only the most recent one counts: the latest ``time`` wins, and
+  rows with equal times are ordered by their position in the input (later wins). The run fields
+  ``images_per_s`` and ``epochs`` come from the most recent row of each seed that has them.
+- A metric's mean is over its seeds; its standard deviation is the sample one (``ddof=1``) and
+  exists only for two seeds or more. A non-finite value (stored as ``null``) counts as NaN, so
+  a diverged seed shows up as ``nan`` rather than silently vanishing.
+- Rows without a ``method`` or a ``metrics`` object are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .errors import UserError
+
+GROUP_FIELDS = ("data", "backbone", "budget_kind", "budget", "image_size")
+FORMATS = ("md", "csv", "html")
+MISSING = "-"
+
+Row = Mapping[str, Any]
+
+
+def _order(value: Any) -> tuple[int, Any]:
+    """Sort key that orders numbers numerically, then strings, then ``None``, without ever
+    comparing a number with a string."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    if value is None:
+        return (2, "")
+    return (1, str(value))
+
+
+def _group_order(group: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
+    return tuple(_order(v) for v in group)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan  # null (a non-finite value) or junk
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (None below two values) and count."""
+    mean = sum(values) / len(values)
+    std = None
+    if len(values) >= 2:
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
+    """One entry per (group, method), sorted by group then method name.
+
+    Each entry has the :data:`GROUP_FIELDS`, ``method``, ``n_seeds``, ``metrics`` (name ->
+    ``{"mean", "std", "n"}``, names sorted), ``images_per_s`` and ``epochs`` (means over seeds;
+    ``None`` when unknown). See the module docstring for the rules.
+    """
+    indexed = list(enumerate(rows))
+    # Oldest first, so that later assignments (more recent rows) win.
+    indexed.sort(key=lambda item: (str(item[1].get("time") or ""), item[0]))
+    values: dict[tuple[Any, ...], dict[Any, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    run_info: dict[tuple[Any, ...], dict[Any, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for _, row in indexed:
+        metrics = row.get("metrics")
+        if row.get("method") is None or not isinstance(metrics, Mapping):
+            continue
+        key = (*(row.get(f) for f in GROUP_FIELDS), str(row["method"]))
+        seed = row.get("seed")
+        for name, value in metrics.items():
+            values[key][seed][str(name)] = _as_float(value)
+        for field in ("images_per_s", "epochs"):
+            if isinstance(row.get(field), (int, float)):
+                run_info[key][seed][field] = float(row[field])
+
+    entries = []
+    for key in sorted(values, key=_group_order):
+        per_seed = values[key]
+        names = sorted({name for seed_values in per_seed.values() for name in seed_values})
+        info = run_info[key]
+        entries.append(
+            {
+                **dict(zip(GROUP_FIELDS, key[:-1])),
+                "method": key[-1],
+                "n_seeds": len(per_seed),
+                "metrics": {
+                    name: _stats([v[name] for v in per_seed.values() if name in v]) for name in names
+                },
+                "images_per_s": _mean([i["images_per_s"] for i in info.values() if "images_per_s" in i]),
+                "epochs": _mean([i["epochs"] for i in info.values() if "epochs" in i]),
+            }
+        )
+    return entries
+
+
+def _groups(entries: list[dict[str, Any]]) -> list[tuple[tuple[Any, ...], list[dict[str, Any]]]]:
+    """Entries (already sorted by :func:`aggregate`) split by group, order kept."""
+    out: list[tuple[tuple[Any, ...], list[dict[str, Any]]]] = []
+    for entry in entries:
+        group = tuple(entry[f] for f in GROUP_FIELDS)
+        if not out or out[-1][0] != group:
+            out.append((group, []))
+        out[-1][1].append(entry)
+    return out
+
+
+def group_title(group: Sequence[Any]) -> str:
+    """``data / backbone / budget kind=budget / image size px``, e.g.
+    ``cifar10 / resnet18 / epochs=100 / 32px``."""
+    data, backbone, budget_kind, budget, image_size = group
+    return f"{data} / {backbone} / {budget_kind}={budget} / {image_size}px"
+
+
+def _num(x: float) -> str:
+    """Two decimals (metrics are percentages); small non-zero values keep two significant
+    digits so that e.g. a learning rate of 0.001 does not print as 0.00."""
+    if math.isfinite(x) and x != 0 and abs(x) < 0.01:
+        return f"{x:.2g}"
+    return f"{x:.2f}"
+
+
+def _metric_cell(stats: Mapping[str, Any] | None, n_seeds: int) -> str:
+    if stats is None:
+        return MISSING
+    text = _num(stats["mean"])
+    if stats["std"] is not None:
+        text += f" ± {_num(stats['std'])}"
+    if stats["n"] != n_seeds:
+        text += f" (n={stats['n']})"
+    return text
+
+
+def _count(x: float | None) -> str:
+    if x is None:
+        return MISSING
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def _table(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells of one group's table."""
+    names = sorted({name for e in entries for name in e["metrics"]})
+    header = ["method", *names, "seeds", "epochs", "images/s"]
+    body = [
+        [
+            e["method"],
+            *(_metric_cell(e["metrics"].get(name), e["n_seeds"]) for name in names),
+            str(e["n_seeds"]),
+            _count(e["epochs"]),
+            MISSING if e["images_per_s"] is None else f"{e['images_per_s']:.0f}",
+        ]
+        for e in entries
+    ]
+    return header, body
+
+
+def _render_md(groups: list[tuple[tuple[Any, ...], list[dict[str, Any]]]]) -> str:
+    if not groups:
+        return "_No results._\n"
+    blocks = []
+    for group, entries in groups:
+        header, body = _table(entries)
+        cells = [[c.replace("|", "\\|") for c in row] for row in [header, *body]]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+        lines = [f"### {group_title(group)}", ""]
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |")
+        # Method column left-aligned, numbers right-aligned.
+        rule = [":" + "-" * (widths[0] - 1)] + ["-" * (w - 1) + ":" for w in widths[1:]]
+        lines.append("| " + " | ".join(rule) + " |")
+        for row in cells[1:]:
+            lines.append("| " + row[0].ljust(widths[0]) + " | "
+                         + " | ".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])) + " |")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+def _render_html(groups: list[tuple[tuple[Any, ...], list[dict[str, Any]]]]) -> str:
+    if not groups:
+        return "<p>No results.</p>\n"
+    out = []
+    for group, entries in groups:
+        header, body = _table(entries)
+        out.append(f"<h3>{html.escape(group_title(group))}</h3>")
+        out.append("<table>")
+        out.append("<thead>")
+        out.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        out.append("</thead>")
+        out.append("<tbody>")
+        for row in body:
+            out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        out.append("</tbody>")
+        out.append("</table>")
+    return "\n".join(out) + "\n"
+
+
+def _csv_number(x: float | None) -> str:
+    return "" if x is None else f"{x:.6g}"
+
+
+def _render_csv(entries: list[dict[str, Any]]) -> str:
+    """One flat machine-readable table: the group fields are columns, and each metric has a
+    mean column ``NAME``, a standard-deviation column ``NAME_std`` (empty below two seeds) and
+    a seed-count column ``NAME_n``; numbers have six significant digits."""
+    names = sorted({name for e in entries for name in e["metrics"]})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    metric_cols = [c for name in names for c in (name, f"{name}_std", f"{name}_n")]
+    writer.writerow([*GROUP_FIELDS, "method", "seeds", "epochs", "images_per_s", *metric_cols])
+    for e in entries:
+        cells = ["" if e[f] is None else str(e[f]) for f in GROUP_FIELDS]
+        cells += [e["method"], str(e["n_seeds"]), _csv_number(e["epochs"]), _csv_number(e["images_per_s"])]
+        for name in names:
+            s = e["metrics"].get(name)
+            if s is None:
+                cells += ["", "", ""]
+            else:
+                cells += [_csv_number(s["mean"]), _csv_number(s["std"]), str(s["n"])]
+        writer.writerow(cells)
+    return buf.getvalue()
+
+
+def render(rows: Iterable[Row], fmt: str = "md") -> str:
+    """The leaderboard of ``rows`` as text.
+
+    ``md`` and ``html``: one table per group under a heading naming data, backbone, budget and
+    image size; columns method, each metric as ``mean ± std`` (std from two seeds on, and
+    ``(n=k)`` when only k of the method's seeds have that metric), seeds, epochs, images/s.
+    ``html`` is a fragment (headings and tables) to embed in a page. ``csv``: one flat table
+    with numeric columns (see :func:`_render_csv`). Groups and methods are sorted, so equal
+    rows always give equal text.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"leaderboard format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    entries = aggregate(rows)
+    if fmt == "csv":
+        return _render_csv(entries)
+    if fmt == "html":
+        return _render_html(_groups(entries))
+    return _render_md(_groups(entries))
+
+
+def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
+    """Bar chart of each method's first metric (by name) per group, with the standard deviation
+    over seeds as error bars (where there are two seeds or more); one panel per group. The
+    format follows the suffix of ``path`` (PNG by default)."""
+    try:
+        from matplotlib.figure import Figure  # imported here: plotting is optional
+    except ImportError as e:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from e
+    groups = _groups(aggregate(rows))
+    if not groups:
+        raise UserError("no results to plot")
+    widest = max(len(entries) for _, entries in groups)
+    # A Figure without pyplot renders with the Agg canvas and leaves no global state behind.
+    fig = Figure(figsize=(max(4.0, 1.5 + 0.9 * widest), 3.2 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    for ax, (group, entries) in zip(axes, groups):
+        metric = sorted({name for e in entries for name in e["metrics"]})[0]
+        stats = [e["metrics"].get(metric) for e in entries]
+        methods = [e["method"] for e in entries]
+        ax.bar(methods, [math.nan if s is None else s["mean"] for s in stats], color="tab:blue")
+        # Error bars only where there is a standard deviation (two seeds or more).
+        spread = [(m, s["mean"], s["std"]) for m, s in zip(methods, stats) if s and s["std"] is not None]
+        if spread:
+            xs, ys, errs = zip(*spread)
+            ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="black", capsize=4)
+        ax.set_title(group_title(group), fontsize=10)
+        ax.set_ylabel(metric)
+        ax.grid(axis="y", alpha=0.3)
+    try:
+        fig.savefig(os.fspath(path), dpi=100)
+    except OSError as e:
+        raise UserError(f"could not write the plot to {path}: {e.strerror or e}") from e
