@@ -1,0 +1,128 @@
+"""MoCo v3: in-batch contrastive learning with a predictor and a momentum encoder.
+
+Chen, Xie, He. "An Empirical Study of Training Self-Supervised Vision Transformers." ICCV 2021.
+Queries come from the online encoder (backbone, projector, predictor), keys from a momentum
+encoder (backbone, projector); the negatives are the other keys of the batch, gathered from every
+process. No queue. BatchNorm is synchronised across processes by the trainer (as in the paper).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslbench.dist import gather_with_grad, get_rank
+from sslbench.errors import UserError
+from sslbench.method import encode_views, mlp
+from sslbench.momentum import cosine_momentum, freeze_
+from sslbench.registry import register_method
+
+
+class MoCoV3Loss(nn.Module):
+    """MoCo v3's contrastive loss ``ctr(q, k)`` (Chen et al. 2021, Algorithm 1), scaled by 2 tau.
+
+    Logits are ``q_i . k_j / tau`` between L2-normalised queries and the keys of the *global* batch
+    (gathered in rank order with :func:`sslbench.dist.gather_with_grad`; keys from the momentum
+    encoder carry no gradient, so nothing flows back through the gather). Query i's positive is
+    key i of its own process (labels offset by rank x local batch); the loss is the softmax
+    cross-entropy averaged over local queries, multiplied by ``2 * tau`` as in the paper's code
+    (it makes the gradient scale independent of tau). Computed in float32.
+
+    Shapes: ``q``, ``k``: (N, D), row i of both is the same image. Returns a scalar.
+    """
+
+    def __init__(self, temperature: float = 0.2) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise UserError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        q = F.normalize(q.float(), dim=1)
+        k_all = gather_with_grad(F.normalize(k.float(), dim=1))  # (N_global, D)
+        logits = q @ k_all.T / self.temperature  # (N, N_global)
+        labels = torch.arange(q.shape[0], device=q.device) + get_rank() * q.shape[0]
+        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+
+
+@dataclass
+class MoCoV3Config:
+    """MoCo v3 hyper-parameters (defaults for small data; ImageNet values in the comments)."""
+
+    temperature: float = 0.2  # tau (0.2 for ViTs and small data; 1.0 for ResNet-50 on ImageNet)
+    base_momentum: float = 0.99  # momentum-encoder rate at step 0, cosine-increased to final_momentum
+    final_momentum: float = 1.0  # momentum-encoder rate at the last step
+    proj_layers: int = 3  # projector depth (official code: 3 for ViTs, 2 for ResNets)
+    hidden_dim: int = 2048  # hidden width of projector and predictor (paper: 4096)
+    proj_dim: int = 256  # output dimension of projector and predictor (paper: 256)
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise UserError(f"method_cfg.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.base_momentum <= self.final_momentum <= 1.0:
+            raise UserError(
+                f"method_cfg needs 0 <= base_momentum <= final_momentum <= 1, got {self.base_momentum}, {self.final_momentum}"
+            )
+        if self.proj_layers < 1 or self.hidden_dim < 1 or self.proj_dim < 1:
+            raise UserError("method_cfg.proj_layers, hidden_dim and proj_dim must be >= 1")
+
+
+@register_method("mocov3")
+class MoCoV3(nn.Module):
+    """Symmetrised ctr(q1, k2) + ctr(q2, k1): queries from backbone, projector and predictor, keys
+    from the momentum copy of backbone and projector, in-batch negatives."""
+
+    Config = MoCoV3Config
+    description = "Contrastive: in-batch InfoNCE, predictor and momentum encoder, symmetrised (MoCo v3)"
+    paper = "Chen, Xie, He, An Empirical Study of Training Self-Supervised Vision Transformers, ICCV 2021"
+    min_batch_size = 2  # a contrastive loss needs at least one negative
+
+    def __init__(self, backbone: nn.Module, cfg: MoCoV3Config | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or MoCoV3Config()
+        self.encoder = backbone
+        # The official heads: hidden layers Linear-BN-ReLU; projector ends in a BN without affine.
+        self.projector = mlp(
+            backbone.num_features, cfg.hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False
+        )
+        self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim, 2)
+        self.momentum_encoder = freeze_(copy.deepcopy(self.encoder))
+        self.momentum_projector = freeze_(copy.deepcopy(self.projector))
+        self.criterion = MoCoV3Loss(cfg.temperature)
+
+    @staticmethod
+    def recipe(image_size: int) -> dict:
+        """Optimizer defaults: LARS with linear lr scaling. ImageNet-size: lr 0.6 x B/256, wd 1e-6
+        (the ResNet-50 100-epoch setting of the official code; 0.3 for 300+ epochs; ViTs use AdamW
+        lr 1.5e-4 x B/256, wd 0.1). Small images: lr 0.3 x B/256, wd 1e-6 (solo-learn's CIFAR
+        mocov3 config)."""
+        if image_size < 96:
+            return {"optimizer": "lars", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-6}
+        return {"optimizer": "lars", "lr": 0.6, "lr_scaling": "linear", "weight_decay": 1e-6}
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector)]
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        return cosine_momentum(step, total_steps, self.cfg.base_momentum, self.cfg.final_momentum)
+
+    def embed(self, views: Sequence[Tensor]) -> Tensor:
+        """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample q1, q2 (with gradient) and k1, k2
+        (momentum encoder, no gradient)."""
+        q = self.predictor(self.projector(torch.cat(encode_views(self.encoder, views))))
+        with torch.no_grad():
+            k = self.momentum_projector(torch.cat(encode_views(self.momentum_encoder, views)))
+        return torch.stack([*q.chunk(2), *k.chunk(2)], dim=1)
+
+    def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        k1, k2 = emb[:, 2].detach(), emb[:, 3].detach()  # keys are targets: stop-gradient
+        loss = self.criterion(emb[:, 0], k2) + self.criterion(emb[:, 1], k1)
+        return loss, {"loss": loss.detach()}
+
+    def training_step(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.loss_from_embeddings(self.embed(views))

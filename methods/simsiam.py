@@ -1,0 +1,117 @@
+"""SimSiam: a Siamese network with a predictor and a stop-gradient, no negatives, no momentum.
+
+Chen, He. "Exploring Simple Siamese Representation Learning." CVPR 2021. One encoder (backbone +
+3-layer projector ending in BatchNorm) embeds both views; a 2-layer bottleneck predictor maps one
+view's projection to the other's, which is held fixed by a stop-gradient (Sec. 3, Algorithm 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslbench.errors import UserError
+from sslbench.method import encode_views, mlp
+from sslbench.registry import register_method
+
+
+def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
+    """``D(p, z) = -cos(p, stopgrad(z))`` averaged over the batch (Chen & He 2021, Eq. 1 with the
+    stop-gradient of Eq. 3). Computed in float32. Shapes: ``p``, ``z``: (N, D) -> scalar."""
+    p = F.normalize(p.float(), dim=1)
+    z = F.normalize(z.detach().float(), dim=1)
+    return -(p * z).sum(dim=1).mean()
+
+
+class SimSiamLoss(nn.Module):
+    """The symmetrised SimSiam loss ``L = D(p1, z2) / 2 + D(p2, z1) / 2`` (Chen & He 2021, Eq. 4),
+    minimum -1. Shapes: ``p1``, ``p2``, ``z1``, ``z2``: (N, D), row i the same image -> scalar."""
+
+    def forward(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+        return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
+
+
+@dataclass
+class SimSiamConfig:
+    """SimSiam hyper-parameters (the paper's ImageNet architecture, Sec. 4 "Baseline settings")."""
+
+    proj_layers: int = 3  # projector depth, BN on every layer's output (the CIFAR experiments use 2)
+    proj_hidden_dim: int = 2048  # projector hidden width (paper: 2048)
+    proj_dim: int = 2048  # output dimension of z and p (paper: 2048)
+    pred_hidden_dim: int | None = None  # predictor bottleneck width (None: proj_dim // 4, paper: 512)
+    fixed_predictor_lr: bool = True  # the predictor keeps the base lr, no schedule (paper, Sec. 4.2, Table 1)
+
+    def validate(self) -> None:
+        if min(self.proj_layers, self.proj_hidden_dim, self.proj_dim) < 1:
+            raise UserError("method_cfg.proj_layers, proj_hidden_dim and proj_dim must be >= 1")
+        if self.pred_hidden_dim is not None and self.pred_hidden_dim < 1:
+            raise UserError(f"method_cfg.pred_hidden_dim must be >= 1 or None, got {self.pred_hidden_dim}")
+        if self.pred_hidden_dim is None and self.proj_dim < 4:
+            raise UserError(f"method_cfg.proj_dim must be >= 4 when pred_hidden_dim is None, got {self.proj_dim}")
+
+
+@register_method("simsiam")
+class SimSiam(nn.Module):
+    """Shared encoder f (backbone + projector), predictor h; D(h(z1), sg(z2)) symmetrised."""
+
+    Config = SimSiamConfig
+    description = "Non-contrastive: predictor + stop-gradient, no negatives, no momentum encoder (SimSiam)"
+    paper = "Chen and He, Exploring Simple Siamese Representation Learning, CVPR 2021"
+
+    def __init__(self, backbone: nn.Module, cfg: SimSiamConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or SimSiamConfig()
+        self.encoder = backbone
+        # The official code's output BN has no affine parameters.
+        self.projector = mlp(
+            backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False
+        )
+        pred_hidden = cfg.pred_hidden_dim or cfg.proj_dim // 4
+        self.predictor = mlp(cfg.proj_dim, pred_hidden, cfg.proj_dim, 2)
+        self.criterion = SimSiamLoss()
+
+    @staticmethod
+    def recipe(image_size: int) -> dict:
+        """Optimizer defaults: SGD with linear lr scaling. ImageNet-size: lr 0.05 x B/256, wd 1e-4
+        (Sec. 4 "Baseline settings"). Small images: lr 0.03 x B/256, wd 5e-4 (Appendix D, the
+        CIFAR-10 experiments)."""
+        if image_size < 96:
+            return {"optimizer": "sgd", "lr": 0.03, "lr_scaling": "linear", "weight_decay": 5e-4}
+        return {"optimizer": "sgd", "lr": 0.05, "lr_scaling": "linear", "weight_decay": 1e-4}
+
+    def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """With ``fixed_predictor_lr``, move the predictor's parameters into groups of their own
+        with ``fixed_lr=True`` (they keep the base lr the optimizer is built with), each group's
+        other keys (weight decay, LARS exclusion) unchanged, so the no-decay split is kept."""
+        if not self.cfg.fixed_predictor_lr:
+            return groups
+        pred = {id(p) for p in self.predictor.parameters()}
+        out: list[dict[str, Any]] = []
+        for g in groups:
+            params = list(g["params"])
+            rest = [p for p in params if id(p) not in pred]
+            mine = [p for p in params if id(p) in pred]
+            if rest:
+                out.append({**g, "params": rest})
+            if mine:
+                out.append({**g, "params": mine, "fixed_lr": True})
+        return out
+
+    def embed(self, views: Sequence[Tensor]) -> Tensor:
+        """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample p1, p2, z1, z2."""
+        z = self.projector(torch.cat(encode_views(self.encoder, views)))
+        p = self.predictor(z)
+        return torch.stack([*p.chunk(2), *z.chunk(2)], dim=1)
+
+    def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = self.criterion(emb[:, 0], emb[:, 1], emb[:, 2], emb[:, 3])
+        # Collapse monitor (Chen & He 2021, Fig. 2): std of the normalised z per channel, ~1/sqrt(d) when healthy.
+        z_std = F.normalize(emb[:, 2].detach().float(), dim=1).std(dim=0).mean()
+        return loss, {"loss": loss.detach(), "z_std": z_std}
+
+    def training_step(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.loss_from_embeddings(self.embed(views))

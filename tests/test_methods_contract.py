@@ -1,0 +1,265 @@
+"""The plugin contract, checked for every registered method (and the Barlow Twins doc example).
+
+Parametrised over ``METHODS.names()``, so a method added later is held to the same rules: one SGD
+step on a tiny timm ResNet on the CPU gives a finite scalar loss and gradients on the backbone;
+target (momentum) networks get no gradient and are not moved by the optimizer, only by
+``ema_update_``, exactly by its formula; ``momentum_pairs`` covers every frozen parameter; recipes
+name valid optimizers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sslbench.augment import AugmentConfig
+from sslbench.backbones import create_backbone
+from sslbench.method import SSLMethod, default_view_augmentations
+from sslbench.momentum import ema_update_
+from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
+from sslbench.registry import METHODS, get_method
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "barlow_twins.py"
+BATCH, SIZE = 8, 32
+
+
+def tiny_backbone() -> nn.Module:
+    return create_backbone("resnet18", SIZE, channels=(8, 16, 32, 64))
+
+
+def frozen_ids(method: nn.Module) -> set[int]:
+    return {id(p) for p in method.parameters() if not p.requires_grad}
+
+
+def one_step(cls: type) -> dict:
+    """Build ``cls`` on a tiny backbone, run one training step and one SGD step; what happened."""
+    torch.manual_seed(0)
+    cfg = cls.Config()
+    cfg.validate()
+    backbone = tiny_backbone()
+    method = cls(backbone, cfg)
+    method.train()
+    augs = default_view_augmentations(method, AugmentConfig())
+    views = [torch.randn(BATCH, 3, SIZE, SIZE) for _ in augs]
+    groups = param_groups(method, 1e-4)
+    if hasattr(method, "param_groups"):
+        groups = method.param_groups(groups)
+    opt = build_optimizer("sgd", groups, 0.1, weight_decay=1e-4)
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    loss, logs = method.training_step(views)
+    loss.backward()
+    grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in method.named_parameters()}
+    opt.step()
+    return dict(method=method, backbone=backbone, augs=augs, views=views, groups=groups, loss=loss, logs=logs,
+                before=before, grads=grads)
+
+
+@pytest.fixture(scope="module", params=METHODS.names())
+def stepped(request: pytest.FixtureRequest) -> dict:
+    return one_step(get_method(request.param))
+
+
+def _load_example():
+    """Import docs/examples/barlow_twins.py from its path (registering "barlow_twins")."""
+    spec = importlib.util.spec_from_file_location("sslbench_doc_example_barlow_twins", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_contract(r: dict) -> None:
+    method, backbone, loss, logs = r["method"], r["backbone"], r["loss"], r["logs"]
+    cls = type(method)
+    # class attributes and the encoder
+    assert isinstance(method, SSLMethod)
+    assert isinstance(cls.description, str) and cls.description.strip()
+    assert isinstance(cls.paper, str) and cls.paper.strip()
+    assert dataclasses.is_dataclass(cls.Config)
+    assert method.encoder is backbone
+    # the loss and the logs
+    assert loss.ndim == 0 and loss.requires_grad and math.isfinite(loss.item())
+    assert logs and all(v.ndim == 0 and not v.requires_grad and torch.isfinite(v) for v in logs.values())
+    # gradients: every backbone parameter gets a finite one, not all zero
+    backbone_ids = {id(p) for p in backbone.parameters()}
+    names = {id(p): n for n, p in method.named_parameters()}
+    bgrads = [r["grads"][names[i]] for i in backbone_ids]
+    assert all(g is not None and torch.isfinite(g).all() for g in bgrads)
+    assert any(g.abs().sum() > 0 for g in bgrads)
+    # optimizer groups hold every trainable parameter exactly once and no frozen one
+    in_groups = [id(p) for g in r["groups"] for p in g["params"]]
+    assert len(in_groups) == len(set(in_groups))
+    assert set(in_groups) == {id(p) for p in method.parameters() if p.requires_grad}
+    # targets: no gradient, untouched by the optimizer step
+    for n, p in method.named_parameters():
+        if not p.requires_grad:
+            assert r["grads"][n] is None, f"frozen parameter {n} got a gradient"
+            assert torch.equal(p, r["before"][n]), f"frozen parameter {n} changed in the optimizer step"
+    assert any(not torch.equal(p, r["before"][n]) for n, p in backbone.named_parameters(prefix="encoder"))
+
+
+def check_momentum(method: nn.Module) -> None:
+    """momentum_pairs covers every frozen parameter; one ema_update_ follows its formula exactly."""
+    frozen = frozen_ids(method)
+    if not hasattr(method, "momentum_pairs"):
+        assert not frozen, "frozen parameters but no momentum_pairs()"
+        return
+    pairs = method.momentum_pairs()
+    assert pairs and hasattr(method, "momentum_at")
+    targets = {id(p) for _, t in pairs for p in t.parameters()}
+    assert targets == frozen, "momentum_pairs() must cover exactly the frozen (target) parameters"
+    for online, target in pairs:
+        assert all(p.requires_grad for p in online.parameters())
+    for total in (1, 10, 1000):
+        for step in (0, total // 2, total - 1, total):
+            assert 0.0 <= method.momentum_at(step, total) <= 1.0
+    m = method.momentum_at(0, 100)
+    for online, target in pairs:
+        old = [p.detach().clone() for p in target.parameters()]
+        ema_update_(online, target, m)
+        for (name, t), o, p in zip(target.named_parameters(), old, online.parameters()):
+            assert torch.equal(t, o * m + p.detach() * (1 - m)), name
+
+
+def test_every_builtin_is_registered():
+    assert {"simclr", "moco", "mocov3", "byol", "simsiam"} <= set(METHODS.names())
+    for name in METHODS.names():
+        assert get_method(name).name == name
+
+
+def test_training_step_contract(stepped):
+    check_contract(stepped)
+
+
+def test_momentum_contract(stepped):
+    check_momentum(stepped["method"])
+
+
+def test_views_and_recipes(stepped):
+    cls = type(stepped["method"])
+    assert len(stepped["augs"]) >= 2 and all(isinstance(a, AugmentConfig) for a in stepped["augs"])
+    for size in (32, 224):
+        recipe = cls.recipe(size)
+        assert recipe["optimizer"] in OPTIMIZERS
+        assert recipe["lr"] > 0 and recipe["weight_decay"] >= 0
+        assert recipe["lr_scaling"] in LR_SCALING_RULES
+    assert getattr(cls, "min_batch_size", 1) <= BATCH
+
+
+def test_gradient_cache_hooks_agree_with_training_step(stepped):
+    method = stepped["method"]
+    if not hasattr(method, "embed"):
+        assert not hasattr(method, "loss_from_embeddings")
+        pytest.skip(f"{type(method).name} has no gradient-cache hooks")
+    views = stepped["views"]
+    with torch.no_grad():
+        emb = method.embed(views)
+        loss, _ = method.loss_from_embeddings(emb)
+        direct, _ = method.training_step(views)
+    assert emb.shape[0] == BATCH
+    assert torch.allclose(loss, direct, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def example(monkeypatch):
+    """The imported example module; it registers into a copy of the table, so "barlow_twins"
+    does not leak into other tests."""
+    monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))
+    monkeypatch.delitem(sys.modules, "sslbench_doc_example_barlow_twins", raising=False)
+    return _load_example()
+
+
+def test_example_barlow_twins_trains(example):
+    assert get_method("barlow_twins") is example.BarlowTwins
+    r = one_step(example.BarlowTwins)
+    check_contract(r)
+    check_momentum(r["method"])
+    # a second step on new views: still a finite loss, and every trainable parameter moves
+    method = r["method"]
+    opt = build_optimizer("sgd", param_groups(method, 1e-4), 1e-3, weight_decay=1e-4)
+    before = [p.detach().clone() for p in method.parameters()]
+    loss2, _ = method.training_step([torch.randn(BATCH, 3, SIZE, SIZE) for _ in range(2)])
+    loss2.backward()
+    opt.step()
+    assert math.isfinite(loss2.item())
+    assert all(not torch.equal(p, b) for p, b in zip(method.parameters(), before))
+
+
+def test_barlow_twins_loss_matches_formula(example):
+    module = example
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 5, generator=g, dtype=torch.float64)
+    a = (z1 - z1.mean(0)) / torch.sqrt(z1.var(0, unbiased=False) + 1e-5)
+    c = (z2 - z2.mean(0)) / torch.sqrt(z2.var(0, unbiased=False) + 1e-5)
+    corr = a.T @ c / 16
+    want = sum((1 - corr[i, i]) ** 2 for i in range(5)) + 5e-3 * sum(corr[i, j] ** 2 for i in range(5) for j in range(5) if i != j)
+    got = module.BarlowTwinsLoss(5e-3)(z1, z2)
+    assert torch.allclose(got.double(), want, rtol=1e-5)
+
+
+def test_configs_reject_bad_values():
+    from sslbench.errors import UserError
+
+    bad = {"moco": {"queue_size": 0}, "mocov3": {"temperature": 0.0}, "byol": {"base_momentum": 1.5},
+           "simsiam": {"proj_dim": 0}, "simclr": {"temperature": -1.0}}
+    for name, change in bad.items():
+        cfg = dataclasses.replace(get_method(name).Config(), **change)
+        with pytest.raises(UserError):
+            cfg.validate()
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_walkthrough_quotes_the_example_file_verbatim():
+    doc = (DOCS / "write-your-own-method.md").read_text()
+    source = EXAMPLE.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        assert block in source, f"docs/write-your-own-method.md quotes code that is not in {EXAMPLE.name}:\n{block[:200]}"
+    # together the quotes cover the whole file from the imports on
+    body = source[source.index("from __future__ import annotations"):]
+    assert sum(len(b) for b in blocks) >= len(body) - 50
+
+
+def _recipe_rows(name: str) -> dict[str, tuple[str, str]]:
+    """The (small, ImageNet-size) cells of each row of ``name``'s table in docs/recipes.md."""
+    text = (DOCS / "recipes.md").read_text()
+    match = re.search(rf"^## [^\n]*\(`{re.escape(name)}`[^\n]*\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    assert match, f"docs/recipes.md has no section for {name!r}"
+    rows = {}
+    for line in match.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def _check_recipe_doc(name: str, cls: type) -> None:
+    rows = _recipe_rows(name)
+    for size, col in ((32, 0), (224, 1)):
+        recipe = cls.recipe(size)
+        opt = rows["optimizer"][col].split()[0].lower()
+        lr, scaling = re.match(r"([0-9.e-]+) \((\w+)\)", rows["lr (scaling)"][col]).groups()
+        wd = re.match(r"[0-9.e-]+", rows["weight decay"][col]).group(0)
+        assert (opt, float(lr), scaling, float(wd)) == (
+            recipe["optimizer"], recipe["lr"], recipe["lr_scaling"], recipe["weight_decay"]
+        ), f"{name} at {size} px"
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if get_method(n).__module__.startswith("sslbench.methods")])
+def test_recipes_doc_agrees_with_recipe(name):
+    _check_recipe_doc(name, get_method(name))
+
+
+def test_recipes_doc_agrees_with_example_recipe(example):
+    _check_recipe_doc("barlow_twins", example.BarlowTwins)
