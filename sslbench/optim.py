@@ -279,6 +279,7 @@ def build_optimizer(
     momentum: float = 0.9,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
+    lars_eta: float = 0.001,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over ``groups`` (as from :func:`param_groups`).
 
@@ -294,7 +295,7 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
     if name == "adamw":
         params = [p for g in groups for p in g["params"]]
         fused = bool(params) and all(p.is_cuda for p in params)
