@@ -1,0 +1,151 @@
+"""`sslbench compare`: same data, backbone, budget and seeds for every method; budgets in epochs,
+steps, images or wall-clock time."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslbench.cli import main
+from sslbench.commands import format_duration, parse_duration, plan_compare
+from sslbench.config import build_config
+from sslbench.errors import UserError
+from sslbench.results import RUN_FIELDS, read_rows
+from sslbench.trainer import UNBOUNDED_STEPS, make_schedule, train
+
+TINY = "backbone_kwargs.channels=8,16,32,64"
+FILLED = ("method", "backbone", "data", "image_size", "epochs", "steps", "images_seen", "batch_size", "budget_kind",
+          "budget", "wall_time_s", "images_per_s", "precision", "seed", "run_dir", "command", "hardware")
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: far faster on one thread on a busy 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sslbench: error: "), err
+    return err[0]
+
+
+def test_compare_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "simclr,byol", "--backbone", "resnet18", "--data", "digits", "--steps", "3",
+            "--batch-size", "32", "--set", TINY, "--set", "train_subset=64", "--protocol", "knn",
+            "--output", str(out), "--quiet"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    rows = read_rows(out / "results.jsonl")
+    assert sorted(r["method"] for r in rows) == ["byol", "simclr"]
+    for row in rows:
+        assert all(row.get(k) is not None for k in FILLED), [k for k in FILLED if row.get(k) is None]
+        assert set(RUN_FIELDS) <= set(row) and {"torch", "timm", "sslbench", "git_commit", "cpu"} <= set(row["env"])
+        assert (row["backbone"], row["data"], row["image_size"], row["seed"]) == ("resnet18", "digits", 32, 0)
+        assert (row["budget_kind"], row["budget"], row["steps"], row["batch_size"], row["images_seen"]) == ("steps", 3, 3, 32, 96)
+        assert row["epochs"] == 1.5 and row["backbone_kwargs"] == {"channels": [8, 16, 32, 64]}
+        assert row["command"] == "sslbench " + " ".join(argv)
+        assert set(row["metrics"]) == {"knn_top1", "knn_top5"} and row["protocol"]["name"] == "knn"
+        run = Path(row["run_dir"])
+        assert run.parent == out.resolve() and (run / "encoder.safetensors").is_file()
+        assert json.loads((run / "budget.json").read_text()) == {"kind": "steps", "value": 3}
+    board = (out / "leaderboard.md").read_text()
+    assert board in stdout
+    assert "### digits / resnet18 / steps=3 / 32px" in board
+    assert "| byol " in board and "| simclr " in board and "knn_top1" in board
+
+
+def test_compare_unknown_method_fails_before_training(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "simclr,simclrr", "--steps", "1", "--output", str(out)]) == 2
+    assert "unknown method 'simclrr' (did you mean 'simclr'?)" in _error_line(capsys)
+    assert main(["compare", "--methods", "simclr", "--backbone", "resnet181", "--steps", "1", "--output", str(out)]) == 2
+    assert "unknown backbone 'resnet181'" in _error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        ([], "one of the arguments --epochs --steps --images --time-budget is required"),
+        (["--steps", "2", "--epochs", "1"], "not allowed with argument"),
+        (["--time-budget", "ten minutes"], "cannot read the duration"),
+        (["--images", "0"], "--images must be >= 1"),
+    ],
+)
+def test_compare_budget_errors(tmp_path, capsys, budget, message):
+    assert main(["compare", "--methods", "simclr", "--output", str(tmp_path / "cmp"), *budget]) == 2
+    assert message in _error_line(capsys)
+
+
+def test_durations():
+    assert [parse_duration(t) for t in ("10m", "90s", "1.5h", "1h30m", "600", " 2 min ")] == [600, 90, 5400, 5400, 600, 120]
+    assert [format_duration(s) for s in (600, 3600, 90, 2.5, 5400)] == ["10m", "1h", "90s", "2.5s", "90m"]
+    for bad in ("", "0s", "m", "10 parsecs", "1h x"):
+        with pytest.raises(UserError):
+            parse_duration(bad)
+
+
+def test_plans_share_data_backbone_and_budget(tmp_path):
+    flags = {"backbone": "resnet18", "data": "digits", "batch_size": 32}
+    plans = plan_compare(["simclr", "moco", "byol", "simsiam"], [0, 1], ("images", 100), out_dir=tmp_path,
+                         flags=flags, sets=[TINY, "train_subset=64"])
+    assert [(m, s) for m, s, _ in plans] == [(m, s) for m in ("simclr", "moco", "byol", "simsiam") for s in (0, 1)]
+    for method, seed, cfg in plans:
+        assert (cfg.method, cfg.seed, cfg.backbone, cfg.data) == (method, seed, "resnet18", "digits")
+        assert cfg.steps == math.ceil(100 / 32) and cfg.epochs is None and cfg.time_budget_s is None
+        assert cfg.output == str(tmp_path / f"{method}-seed{seed}")
+    # a batch larger than the (subset) training set is clipped by the trainer; the images budget follows
+    (_, _, cfg), = plan_compare(["simclr"], [0], ("images", 100), out_dir=tmp_path,
+                                flags={**flags, "batch_size": 256}, sets=[TINY, "train_subset=64"])
+    assert cfg.steps == math.ceil(100 / 64)
+    (_, _, cfg), = plan_compare(["byol"], [0], ("time", "10m"), out_dir=tmp_path, flags=flags, sets=[TINY])
+    assert cfg.time_budget_s == 600 and cfg.steps is None and cfg.epochs is None
+    (_, _, cfg), = plan_compare(["byol"], [0], ("epochs", 2), out_dir=tmp_path, flags=flags,
+                                file_values={"steps": 50}, sets=[TINY])
+    assert cfg.epochs == 2 and cfg.steps is None  # the comparison's budget replaces the file's
+
+
+def test_time_budget_schedule():
+    cfg = build_config(flags={"method": "simclr", "batch_size": 32}, sets=["time_budget_s=60"])
+    sched = make_schedule(cfg, 64, 1, 2)
+    assert sched.total_steps == UNBOUNDED_STEPS and sched.warmup_steps == sched.steps_per_epoch == 2
+    capped = build_config(flags={"method": "simclr", "batch_size": 32, "steps": 7}, sets=["time_budget_s=60"])
+    assert make_schedule(capped, 64, 1, 2).total_steps == 7  # steps and a time budget: whichever ends first
+    with pytest.raises(UserError, match="time_budget_s must be > 0"):
+        build_config(sets=["time_budget_s=0"])
+
+
+def test_time_budget_stops_after_the_step_that_crosses_it(tmp_path):
+    cfg = build_config(
+        flags={"method": "simclr", "batch_size": 32, "train_subset": 64, "output": str(tmp_path / "run")},
+        sets=[TINY, "time_budget_s=0.001"] + (["quick_knn=false"] if hasattr(build_config(), "quick_knn") else []),
+    )
+    result = train(cfg, quiet=True)
+    assert (result.steps, result.epochs, result.images_seen) == (1, 0.5, 32) and not result.stopped_early
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (summary["steps"], summary["epochs"]) == (1, 0.5)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 1
+    assert (tmp_path / "run" / "encoder.safetensors").is_file()
+
+
+def test_compare_with_a_time_budget_shows_the_epochs_reached(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "simsiam", "--time-budget", "1s", "--batch-size", "32", "--set", TINY,
+                 "--set", "train_subset=64", "--protocol", "knn", "--output", str(out), "--quiet"]) == 0
+    (row,) = read_rows(out / "results.jsonl")
+    assert (row["budget_kind"], row["budget"]) == ("time", "1s")
+    assert row["steps"] >= 1 and row["epochs"] == row["steps"] / 2 and row["wall_time_s"] >= 1.0
+    board = (out / "leaderboard.md").read_text()
+    assert "### digits / resnet18 / time=1s / 32px" in board
+    header, _, simsiam = board.splitlines()[2:5]
+    cells = [c.strip() for c in simsiam.strip("|").split("|")]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[0] == "simsiam" and float(cells[columns.index("epochs")]) == pytest.approx(row["epochs"], abs=0.05)

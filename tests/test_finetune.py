@@ -1,0 +1,245 @@
+"""Fine-tuning evaluation (label subsets, learning, encoder left untouched, SimCLR v2 projector
+start) and the online probe."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from sslbench.backbones import ENCODER_FILE, create_backbone, save_encoder
+from sslbench.evals.finetune import (
+    FinetuneModel,
+    finetune,
+    finetune_steps,
+    fraction_tag,
+    label_subset,
+    metric_name,
+    projector_layers,
+)
+from sslbench.evals.online_probe import OnlineProbe
+from torch import nn
+
+from sslbench.augment import eval_batch
+from sslbench.config import build_config, dump_yaml
+from sslbench.data import ImageSplit
+from sslbench.errors import UserError
+
+TINY = (8, 16, 32, 64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run many times faster on one thread than on two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+COLOURS = torch.tensor([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40], [40, 220, 220]], dtype=torch.float32)
+
+
+def colour_split(per_class, seed, size=32, id_offset=0):
+    """Class c: images tinted with COLOURS[c] plus noise; pixel (0, 0) of channel 0..1 encodes a
+    unique image id, so that images can be told apart exactly."""
+    g = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    uid = id_offset
+    for c, n in enumerate(per_class):
+        for _ in range(n):
+            noise = torch.randn(3, size, size, generator=g) * 25
+            img = (COLOURS[c][:, None, None] + noise).clamp(0, 255).to(torch.uint8)
+            img[0, 0, 0], img[1, 0, 0] = uid // 256, uid % 256
+            images.append(img)
+            labels.append(c)
+            uid += 1
+    return ImageSplit(torch.stack(images), torch.tensor(labels), [f"c{i}" for i in range(len(per_class))])
+
+
+def image_ids(split):
+    return {int(img[0, 0, 0]) * 256 + int(img[1, 0, 0]) for img in split.images}
+
+
+def tiny_encoder(seed=0):
+    torch.manual_seed(seed)
+    return create_backbone("resnet18", 32, channels=TINY)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(module, before):
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Label subsets
+
+
+def test_label_subsets_are_class_balanced_seeded_and_drawn_from_train_only():
+    train = colour_split([20, 30, 41, 9], seed=0)
+    test = colour_split([10, 10, 10, 10], seed=1, id_offset=1000)
+    assert not image_ids(train) & image_ids(test)
+    for fraction in (0.01, 0.1, 0.5, 1.0):
+        sub, idx = label_subset(train, fraction, seed=3)
+        counts = torch.bincount(sub.labels, minlength=4).tolist()
+        expected = [max(1, math.floor(fraction * n + 0.5)) for n in (20, 30, 41, 9)]
+        assert counts == expected, (fraction, counts)
+        assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == idx.numel()
+        assert torch.equal(sub.images, train.images[idx]) and torch.equal(sub.labels, train.labels[idx])
+        assert image_ids(sub) <= image_ids(train) and not image_ids(sub) & image_ids(test)
+        _, idx2 = label_subset(train, fraction, seed=3)
+        assert torch.equal(idx, idx2)
+    _, a = label_subset(train, 0.5, seed=0)
+    _, b = label_subset(train, 0.5, seed=1)
+    assert not torch.equal(a, b)
+    assert label_subset(train, 1.0, seed=5)[1].tolist() == list(range(len(train)))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.01, 2, float("nan"), True])
+def test_label_fraction_outside_unit_interval_is_user_error(bad):
+    train = colour_split([4, 4], seed=0)
+    with pytest.raises(UserError, match=r"label fraction must be in \(0, 1\]"):
+        label_subset(train, bad, seed=0)
+
+
+def test_finetune_steps_are_full_batches_and_at_least_min_steps():
+    assert finetune_steps(1347, epochs=10, batch_size=256, min_steps=0) == 50  # 5 full batches per epoch
+    assert finetune_steps(10, epochs=10, batch_size=256, min_steps=0) == 10  # one batch of 10
+    assert finetune_steps(10, epochs=10, batch_size=256, min_steps=200) == 200
+    assert finetune_steps(1347, epochs=100, batch_size=256, min_steps=200) == 500
+
+
+def test_metric_names_carry_the_fraction():
+    assert [fraction_tag(f) for f in (0.01, 0.1, 1, 0.005)] == ["1pct", "10pct", "100pct", "0.5pct"]
+    assert metric_name(0.1) == "finetune_10pct_top1" and metric_name(1.0, "top5") == "finetune_100pct_top5"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def test_finetune_beats_chance_is_deterministic_and_leaves_encoder_untouched():
+    train = colour_split([16] * 4, seed=0)
+    test = colour_split([8] * 4, seed=1, id_offset=1000)
+    encoder = tiny_encoder()
+    encoder.train()
+    before = snapshot(encoder)
+    kwargs = {"fraction": 1.0, "image_size": 32, "epochs": 4, "batch_size": 16, "lr": 0.05, "seed": 0, "min_steps": 0}
+    out = finetune(encoder, train, test, **kwargs)
+    assert set(out) == {"finetune_100pct_top1"}  # 4 classes: no top-5
+    assert out["finetune_100pct_top1"] >= 75.0, out  # chance is 25%
+    assert_same_state(encoder, before)
+    assert encoder.training and all(p.grad is None for p in encoder.parameters())
+    assert finetune(encoder, train, test, **kwargs) == out  # same seed, same result
+
+
+def test_finetune_reports_top5_with_five_classes_or_more():
+    train = colour_split([4] * 4 + [4], seed=0)
+    test = colour_split([2] * 5, seed=1, id_offset=1000)
+    out = finetune(tiny_encoder(), train, test, fraction=0.5, image_size=32, epochs=1, batch_size=8, min_steps=3)
+    assert set(out) == {"finetune_50pct_top1", "finetune_50pct_top5"}
+    assert all(0.0 <= v <= 100.0 for v in out.values())
+
+
+def _fake_run(tmp_path, projector):
+    """A run directory as the trainer leaves it (config, encoder, method), without training; the
+    projector gets random non-default weights and BN statistics so loading is observable."""
+    cfg = build_config(
+        flags={"method": "simclr", "backbone": "resnet18", "output": str(tmp_path)},
+        sets=[f"projector={projector}", "proj_hidden_dim=32", "proj_dim=16", "backbone_kwargs.channels=8,16,32,64"],
+    )
+    from sslbench.trainer import build_method
+
+    torch.manual_seed(1)
+    method = build_method(cfg)
+    with torch.no_grad():
+        for m in method.projector.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
+    save_encoder(method.encoder, tmp_path / ENCODER_FILE, meta={"backbone": "resnet18"})
+    save_file({k: v.contiguous() for k, v in method.state_dict().items()}, str(tmp_path / "method.safetensors"))
+    return method
+
+
+def test_finetune_from_first_projector_layer_of_a_simclr_v2_run(tmp_path):
+    method = _fake_run(tmp_path / "v2", "v2")
+    head = projector_layers(tmp_path / "v2", 1)
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    src = method.projector
+    for got, ref in ((head[0], src[0]), (head[1], src[1])):
+        for k, v in ref.state_dict().items():
+            assert torch.equal(got.state_dict()[k], v), k
+    assert len(projector_layers(tmp_path / "v2", 2)) == 6
+    with pytest.raises(UserError, match=r"from_projector_layer must be in 0\.\.2"):
+        projector_layers(tmp_path / "v2", 3)
+
+    train = colour_split([8] * 4, seed=0)
+    test = colour_split([4] * 4, seed=1, id_offset=1000)
+    model = FinetuneModel(method.encoder, 4, projector=head, image_size=32)
+    assert model.head.in_features == 32  # the projector's hidden width, not the encoder's 64
+    head_before = snapshot(head)
+    out = finetune(method.encoder, train, test, fraction=1.0, image_size=32, epochs=1, batch_size=16, projector=head, min_steps=0)
+    assert set(out) == {"finetune_100pct_top1"}
+    assert_same_state(head, head_before)
+
+
+def test_projector_layer_beyond_a_v1_projector_and_mismatched_method_file_fail(tmp_path):
+    _fake_run(tmp_path / "v1", "v1")
+    assert len(projector_layers(tmp_path / "v1", 1)) == 3
+    with pytest.raises(UserError, match=r"from_projector_layer must be in 0\.\.1"):
+        projector_layers(tmp_path / "v1", 2)
+    # a v1 method file under a v2 config: strict check, never a partial load
+    _fake_run(tmp_path / "v2", "v2")
+    (tmp_path / "v2" / "method.safetensors").write_bytes((tmp_path / "v1" / "method.safetensors").read_bytes())
+    with pytest.raises(UserError, match="does not match"):
+        projector_layers(tmp_path / "v2", 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online probe
+
+
+def test_online_probe_learns_on_detached_features_without_touching_the_encoder():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    encoder.train()
+    train = colour_split([24] * 4, seed=0)
+    test = colour_split([8] * 4, seed=1, id_offset=1000)
+    probe = OnlineProbe(8, 4, image_size=32, train_labels=train.labels, test_split=test)
+    before = snapshot(encoder)
+    chance = probe.evaluate(encoder)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        idx = torch.randperm(len(train), generator=g)[:32]
+        loss = probe.step(encoder, eval_batch(train.images[idx], 32), idx)
+        assert loss is not None and math.isfinite(loss)
+    top1 = probe.evaluate(encoder)
+    assert top1 >= 90.0 and top1 > chance
+    assert_same_state(encoder, before)  # eval-mode features: no BatchNorm statistics moved
+    assert encoder.training and all(p.grad is None for p in encoder.parameters())
+    assert probe.update(torch.zeros(1, 8), torch.zeros(1, dtype=torch.long)) is None  # batch of one: skipped
+
+
+def test_online_probe_logs_at_epoch_ends_and_the_last_step():
+    class Sched:
+        steps_per_epoch, total_steps = 3, 7
+
+    encoder = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    train = colour_split([6] * 4, seed=0)
+    test = colour_split([2] * 4, seed=1, id_offset=1000)
+    probe = OnlineProbe(3, 4, image_size=32, train_labels=train.labels, test_split=test)
+    logged = []
+    for done in range(1, 8):
+        idx = torch.arange(4) * 6 + done % 6
+        rec = probe.after_step(encoder, eval_batch(train.images[idx], 32), idx, done, Sched)
+        if rec is not None:
+            logged.append((rec["step"], rec["epoch"]))
+            assert set(rec) == {"step", "epoch", "online_probe_top1"} and 0 <= rec["online_probe_top1"] <= 100
+    assert logged == [(3, 1.0), (6, 2.0), (7, round(7 / 3, 4))]
