@@ -1,0 +1,214 @@
+"""Speed benchmark (not a test): is training bound by the model's arithmetic or by data handling?
+
+In one run on the current machine it measures the median images/s (training images, two views
+each) of:
+
+  (a) the backbone's forward + backward alone on random tensors of the training shapes: the ceiling;
+  (b) the full sslbench SimCLR training step (`sslbench.trainer.train`) on in-memory data with
+      batched augmentation on the training device;
+  (c) the same training step fed by the per-image torchvision/DataLoader path (workers decode and
+      augment each image), forced with `max_memory_gb=0`;
+
+prints b/a and b/c, and appends the figures with the hardware to `leaderboards/speed.md`.
+
+    python benchmarks/speed.py --data imagefolder:/tmp/cifar10 --configs narrow32       # CPU
+    python benchmarks/speed.py --data imagefolder:/tmp/cifar10 --configs narrow32,r50   # GPU
+
+Images come from an image folder (CIFAR-10 from ../shared/data/cifar10-jpeg by default, extracted
+to a temporary directory); the ResNet-50 configuration upsamples them to 224 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TAR = REPO.parent / "shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz"
+
+
+@dataclass
+class Setup:
+    name: str
+    backbone: str
+    backbone_kwargs: dict
+    image_size: int
+    batch_cpu: int
+    batch_gpu: int
+    train_subset_cpu: int
+    train_subset_gpu: int
+
+
+SETUPS = {
+    "narrow32": Setup("narrow ResNet-18 (16-32-64-128), 32 px", "resnet18", {"channels": (16, 32, 64, 128)}, 32, 256, 1024, 10000, 50000),
+    "r18": Setup("ResNet-18 (CIFAR stem), 32 px", "resnet18", {}, 32, 256, 1024, 10000, 50000),
+    "r50": Setup("ResNet-50, 224 px", "resnet50", {}, 224, 16, 256, 640, 10000),
+}
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (1 GPU), {os.cpu_count()} CPU cores"
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, no GPU"
+
+
+def ceiling(setup: Setup, batch: int, precision: str, channels_last: bool, compile_: bool, repeats: int, device: torch.device) -> float:
+    """(a): backbone forward + backward on random (2B, 3, S, S) tensors; images/s counts B."""
+    from sslbench.backbones import create_backbone
+
+    model = create_backbone(setup.backbone, setup.image_size, **setup.backbone_kwargs).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    if compile_:
+        model = torch.compile(model)
+    x = torch.randn(2 * batch, 3, setup.image_size, setup.image_size, device=device).contiguous(memory_format=fmt)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"):
+            out = model(x)
+        out.float().square().mean().backward()
+
+    for _ in range(3):
+        step()
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        n = max(1, int(2 if device.type == "cpu" else 10))
+        for _ in range(n):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(n * batch / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def full_step(setup: Setup, data: str, batch: int, subset: int, precision: str, channels_last: bool, compile_: bool,
+              per_image: bool, steps: int, log_every: int, workers: int) -> float:
+    """(b)/(c): the real trainer; the median of its logged images/s windows after the first."""
+    cmd = [
+        sys.executable, "-m", "sslbench", "train", "--method", "simclr", "--backbone", setup.backbone,
+        "--data", data, "--image-size", str(setup.image_size), "--batch-size", str(batch),
+        "--steps", str(steps), "--precision", precision, "--train-subset", str(subset), "--quiet",
+        "--set", f"log_every={log_every}", "--set", f"channels_last={channels_last}",
+        "--set", f"compile={compile_}", "--set", "checkpoint_every=0",
+        "--set", f"num_workers={workers}", "--set", "max_memory_gb=64",
+    ]
+    for k, v in setup.backbone_kwargs.items():
+        cmd += ["--set", f"backbone_kwargs.{k}=" + (",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
+    if per_image:
+        cmd += ["--set", "max_memory_gb=0"]
+    with tempfile.TemporaryDirectory() as out:
+        cmd += ["--output", out, "--set", "quick_knn=false"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in rows[1:]] or [rows[-1]["images_per_s"]]
+    return statistics.median(rates)
+
+
+def ensure_cifar() -> str:
+    if not SHARED_TAR.is_file():
+        sys.exit(f"no --data given and {SHARED_TAR} is absent: pass --data imagefolder:PATH")
+    root = Path(tempfile.gettempdir()) / "sslbench-bench-cifar10"
+    if not (root / "train").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(SHARED_TAR) as tar:
+            tar.extractall(root, filter="data")
+        inner = next(p for p in root.rglob("train") if p.is_dir())
+        if inner.parent != root:
+            for sub in ("train", "test"):
+                (inner.parent / sub).rename(root / sub)
+    return f"imagefolder:{root}"
+
+
+def subset_folder(data: str, per_class: int) -> str:
+    """An image folder with the first ``per_class`` training images of each class (symlinks), so
+    that large-image setups decode only what they train on."""
+    src = Path(data.split(":", 1)[1])
+    dst = Path(tempfile.gettempdir()) / f"sslbench-bench-subset-{per_class}"
+    if not (dst / "train").is_dir():
+        for cls in sorted(p for p in (src / "train").iterdir() if p.is_dir()):
+            (dst / "train" / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(cls.iterdir())[:per_class]:
+                (dst / "train" / cls.name / f.name).symlink_to(f.resolve())
+        (dst / "test").symlink_to((src / "test").resolve())
+    return f"imagefolder:{dst}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="data spec (default: CIFAR-10 from ../shared)")
+    ap.add_argument("--configs", default="narrow32,r50")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=0, help="training steps for (b)/(c) (default: 6 windows)")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile variants of (a) and (b)")
+    ap.add_argument("--skip-per-image", action="store_true")
+    ap.add_argument("--workers", type=int, default=2 if not torch.cuda.is_available() else 12)
+    ap.add_argument("--out", default=str(REPO / "leaderboards/speed.md"))
+    args = ap.parse_args()
+    data = args.data or ensure_cifar()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    hw = hardware()
+    lines = [f"\n## {time.strftime('%Y-%m-%d')} on {hw}\n",
+             f"torch {torch.__version__}, precision {args.precision}, channels_last, data `{data.split(':')[0]}` (CIFAR-10 JPEG), "
+             f"command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n",
+             "| setup | batch | (a) ceiling img/s | (b) sslbench img/s | (c) per-image img/s | b/a | b/c |",
+             "|---|---|---|---|---|---|---|"]
+    for key in args.configs.split(","):
+        setup = SETUPS[key]
+        batch = setup.batch_gpu if gpu else setup.batch_cpu
+        subset = setup.train_subset_gpu if gpu else setup.train_subset_cpu
+        log_every = 20 if gpu else 5
+        steps = args.steps or log_every * 6
+        setup_data = data
+        if setup.image_size > 64 and data.startswith("imagefolder:"):
+            setup_data = subset_folder(data, max(1, subset // 10))
+        variants = [False, True] if args.compile else [False]
+        for comp in variants:
+            a = ceiling(setup, batch, args.precision, True, comp, args.repeats, device)
+            b = full_step(setup, setup_data, batch, subset, args.precision, True, comp, False, steps, log_every, args.workers)
+            c = float("nan")
+            if not comp and not args.skip_per_image:
+                c = full_step(setup, setup_data, batch, subset, args.precision, True, False, True, steps, log_every, args.workers)
+            name = setup.name + (" + torch.compile" if comp else "")
+            row = f"| {name} | {batch} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {b / a:.2f} | {b / c:.2f} |"
+            print(row, flush=True)
+            lines.append(row)
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    if not out.exists():
+        out.write_text("# Training speed\n\nMedian images/s (training images, two views each) from `benchmarks/speed.py`.\n"
+                       "(a) backbone forward+backward alone on random tensors, (b) the full sslbench SimCLR step with batched\n"
+                       "augmentation on the training device, (c) the full step on the per-image DataLoader path.\n")
+    with open(out, "a") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
