@@ -6,10 +6,13 @@ Two implementations of one pipeline::
         -> GaussianBlur (images >= ``blur_min_size`` only) -> Solarize -> Normalize
 
 * :class:`BatchAugment` works on a whole uint8 ``(B, 3, H, W)`` batch on the training device (CPU
-  or CUDA) with no per-sample Python work and no host synchronisation. All of its randomness
-  comes from :func:`counter_uniform`, a counter-based hash of ``(seed, epoch, sample index,
-  view)``, so a sample's view does not depend on the batch it sits in, on the number of
-  processes, or on any RNG state; a resumed run sees exactly the views of an unbroken one.
+  or CUDA) with no per-sample Python work. All of its randomness comes from
+  :func:`counter_uniform`, a counter-based hash of ``(seed, epoch, sample index, view)``, so a
+  sample's view does not depend on the batch it sits in, on the number of processes, or on any
+  RNG state; a resumed run sees exactly the views of an unbroken one. On an accelerator every
+  operation runs on the whole batch and is selected per sample without a host synchronisation;
+  on the CPU, where data-dependent shapes are free, each operation runs only on the samples
+  that draw it (see :meth:`BatchAugment.apply`); both give the same views.
 * :func:`per_image_transform` is the same pipeline built from ``torchvision.transforms.v2``; it is
   the reference the batched path is tested against and the path for data that does not fit in
   memory (its randomness is torch's global RNG, which callers seed per sample).
@@ -19,11 +22,12 @@ The batched operations follow torchvision's functional formulas (``adjust_bright
 ``gaussian_blur``, ``solarize``, and ``resized_crop`` with antialiased bilinear resizing), so for
 the same random parameters the two paths agree to float rounding.
 
-Crop and resize are one separable resampling per sample: ``out = Wy @ image @ Wx^T`` with
-per-sample ``(S, H)`` / ``(S, W)`` weight matrices holding exactly the weights of PyTorch's
-antialiased bilinear interpolation restricted to the crop box (the flip reverses the rows of
-``Wx``). Unlike ``grid_sample`` this reproduces ``torchvision``'s ``resized_crop`` also when the
-crop is *down*-scaled (antialiasing) and at the crop borders, and a full-image crop of an
+Crop and resize are one separable resampling per sample, ``out = Wy @ image @ Wx^T``, with the
+per-sample weights of PyTorch's antialiased bilinear interpolation restricted to the crop box (the
+flip reverses the rows of ``Wx``): on an accelerator as two batched matmuls with dense ``(S, H)``
+/ ``(S, W)`` matrices, on the CPU as two weighted row gathers (``embedding_bag``) over the few
+nonzero taps. Unlike ``grid_sample`` this reproduces ``torchvision``'s ``resized_crop`` also when
+the crop is *down*-scaled (antialiasing) and at the crop borders, and a full-image crop of an
 ``S x S`` image is the identity.
 """
 
@@ -214,7 +218,17 @@ def _param_dtype(device: torch.device) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Batched operations on float images in [0, 1]; per-sample parameters are (B,) tensors.
+# Batched operations on float32 images in [0, 1]; per-sample parameters are (B,) tensors.
+#
+# Cost model (CPU). A 256 x 3 x 32 x 32 batch is 3 MiB, so an elementwise pass is ~0.1-0.2 ms on
+# one core, but some kernels are 10-30x slower than that: ``torch.where``, comparisons that
+# produce ``bool`` images, ``remainder``/``fmod``, ``aminmax``/``max(dim)``/``argmax`` over the
+# channels, ``addcmul`` with two per-sample scalars, and any kernel whose innermost dimension is
+# tiny. Image-sized work therefore uses only arithmetic, ``amax``/``amin``, ``clamp``, ``lerp``
+# and comparisons written into float tensors (exact 0/1 masks). On the CPU, where data-dependent
+# shapes cost nothing, each operation runs only on the samples that need it (``index_select`` /
+# ``index_copy_``); on other devices the same operations run on the whole batch and per-sample
+# selection is ``torch.where`` or a 0/1 blend factor, with no host sync.
 
 
 def _to_float(images: Tensor) -> Tensor:
@@ -229,6 +243,8 @@ def _to_float(images: Tensor) -> Tensor:
 def _check_batch(images: Tensor) -> None:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point() and images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
 
 
 def _per_sample(v: Tensor) -> Tensor:
@@ -236,35 +252,125 @@ def _per_sample(v: Tensor) -> Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def _resample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int, dtype: torch.dtype) -> Tensor:
-    """``(B, out_size, in_size)`` weights resizing the span ``[start, start + length)`` to ``out_size``.
+def _filter_geometry(
+    start: Tensor, length: Tensor, out_size: int, flip: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``(inv_scale (B, 1), support (B, 1), centre (B, out_size))`` of PyTorch's
+    antialiased bilinear resize of the span ``[start, start + length)`` to ``out_size`` (span
+    coordinates; ``centre`` reversed where ``flip``)."""
+    dtype, device = torch.float32, start.device
+    scale = (length.to(dtype) / out_size).unsqueeze(1)  # (B, 1)
+    downscale = scale >= 1.0
+    inv_scale = torch.where(downscale, 1.0 / scale, torch.ones_like(scale))
+    support = torch.where(downscale, scale, torch.ones_like(scale))  # filter half-width, input pixels
+    centre = scale * (torch.arange(out_size, device=device, dtype=dtype) + 0.5)  # (B, out)
+    if flip is not None:
+        centre = torch.where(flip.unsqueeze(1), centre.flip(1), centre)
+    return inv_scale, support, centre
+
+
+def _resample_weights(
+    start: Tensor, length: Tensor, in_size: int, out_size: int, flip: Tensor | None = None, gain: float = 1.0
+) -> Tensor:
+    """``(B, out_size, in_size)`` float32 weights resizing ``[start, start + length)`` to ``out_size``.
 
     These are PyTorch's antialiased bilinear weights (``interpolate(..., antialias=True,
     align_corners=False)``, what torchvision's ``resize`` uses): output pixel ``i`` is centred at
     ``scale * (i + 0.5)`` in the span, with ``scale = length / out_size``; the triangle filter is
     widened by ``scale`` when downscaling; weights outside the span are dropped and each row is
-    renormalised (which is the usual clamp-to-edge when upscaling).
+    renormalised (which is the usual clamp-to-edge when upscaling). Where ``flip``, the rows are
+    in reverse order (a mirrored output). Every row sums to ``gain``.
     """
-    device = start.device
-    scale = (length.to(dtype) / out_size).unsqueeze(1)  # (B, 1)
-    inv_scale = torch.where(scale >= 1.0, 1.0 / scale, torch.ones_like(scale))
-    centre = scale * (torch.arange(out_size, device=device, dtype=dtype) + 0.5)  # (B, out)
-    local = torch.arange(in_size, device=device, dtype=torch.int64) - start.unsqueeze(1)  # (B, in)
-    inside = (local >= 0) & (local < length.unsqueeze(1))
-    dist = (local.to(dtype).unsqueeze(1) + 0.5 - centre.unsqueeze(2)) * inv_scale.unsqueeze(2)
-    weights = (1.0 - dist.abs()).clamp_(min=0.0) * inside.unsqueeze(1)
-    return weights / weights.sum(dim=2, keepdim=True)
+    inv_scale, _, centre = _filter_geometry(start, length, out_size, flip)
+    local = torch.arange(in_size, device=start.device, dtype=torch.int64) - start.unsqueeze(1)  # (B, in)
+    outside = (local < 0) | (local >= length.unsqueeze(1))
+    pos = (local.to(torch.float32) + 0.5).masked_fill_(outside, math.inf)  # dropped taps get weight 0
+    dist = (pos.unsqueeze(1) - centre.unsqueeze(2)).mul_(inv_scale.unsqueeze(2)).abs_()  # filter units
+    weights = torch.rsub(dist, 1.0).clamp_(min=0.0)  # the triangle filter
+    total = weights.sum(dim=2, keepdim=True)
+    return weights.div_(total if gain == 1.0 else total.mul_(1.0 / gain))
+
+
+def _resample_taps(
+    start: Tensor, length: Tensor, out_size: int, flip: Tensor | None = None, gain: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The nonzero entries of :func:`_resample_weights`' rows: ``(index, weight)``, both
+    ``(K, B, out_size)`` (taps first, so no kernel runs with an inner dimension of size K), with
+    ``index`` the input position (int32) and ``K`` the most taps any row has (2 when upscaling).
+    ``K`` comes from the data: a host sync off the CPU."""
+    inv_scale, support, centre = _filter_geometry(start, length, out_size, flip)
+    taps = int(torch.ceil(2.0 * support.max()).item())
+    # First tap: the smallest j with j + 0.5 > centre - support; the window then holds every j
+    # with |j + 0.5 - centre| < support (a window tap that rounding puts the other way has
+    # weight 0 from the filter anyway). Positions are small integers, exact in float32.
+    first = torch.floor(centre - support - 0.5).add_(1.0)  # (B, out)
+    local = first + torch.arange(taps, device=start.device, dtype=torch.float32).view(-1, 1, 1)  # (K, B, out)
+    dist = (local + 0.5 - centre).mul_(inv_scale).abs_()
+    weights = torch.rsub(dist, 1.0).clamp_(min=0.0)
+    last = (length - 1).to(torch.float32).view(1, -1, 1)
+    clamped = torch.minimum(local.clamp(min=0.0), last)
+    weights.mul_(torch.eq(local, clamped, out=torch.empty_like(local)))  # taps outside the span: 0
+    total = weights.sum(dim=0)
+    weights = weights.div_(total if gain == 1.0 else total.mul_(1.0 / gain))
+    index = clamped.add_(start.to(torch.float32).view(1, -1, 1)).to(torch.int32)
+    return index, weights
 
 
 def _resized_crop(
-    x: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int
+    images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int
 ) -> Tensor:
-    """Crop each sample's box, resize it to ``size x size`` and mirror it where ``flip``."""
-    wy = _resample_weights(top, height, x.shape[2], size, x.dtype)  # (B, S, H)
-    wx = _resample_weights(left, width, x.shape[3], size, x.dtype)  # (B, S, W)
-    wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
-    rows = torch.matmul(x, wx.transpose(1, 2).unsqueeze(1))  # (B, 3, H, S)
-    return torch.matmul(wy.unsqueeze(1), rows)  # (B, 3, S, S)
+    """Crop each sample's box, resize it to ``size x size``, mirror it where ``flip``.
+
+    uint8 (scaled by 1/255, folded into the weights) or float images in; contiguous float32
+    ``(B, 3, size, size)`` clamped to [0, 1] out (the clamp only removes rounding overshoot: the
+    resampling is convex). The resize is separable. On the CPU each direction is one
+    ``embedding_bag`` (a weighted gather of image rows, over the few nonzero taps); elsewhere
+    it is ``Wy @ image @ Wx^T`` as two batched matmuls with dense weight matrices (no host sync).
+    """
+    b, _, h, w = images.shape
+    gain = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
+    if b == 0:
+        return torch.empty((0, 3, size, size), device=images.device)
+    if images.device.type != "cpu":
+        return _resized_crop_matmul(images, top, left, height, width, flip, size, gain)
+    # Width first, on the transposed image (rows of H pixels); the uint8 -> float conversion does
+    # the transposition. Bag (b, c, j) sums the taps of output column j over rows (b, c, w).
+    x_t = torch.empty((b, 3, w, h), dtype=torch.float32)
+    x_t.copy_(images.transpose(2, 3))
+    cols = _gather_rows(x_t.view(-1, h), *_resample_taps(left, width, size, flip=flip), rows_per_image=w)
+    # (B, 3, H, S_x), in x_t's memory where it fits: at 224 px a fresh allocation costs more
+    # (page faults) than the copy.
+    store = x_t.view(-1) if size <= w else torch.empty(b * 3 * h * size, dtype=torch.float32)
+    rows = store[: b * 3 * h * size].view(b, 3, h, size).copy_(cols.view(b, 3, size, h).transpose(2, 3))
+    out = _gather_rows(rows.view(-1, size), *_resample_taps(top, height, size, gain=gain), rows_per_image=h)
+    return out.view(b, 3, size, size).clamp_(0.0, 1.0)
+
+
+def _gather_rows(table: Tensor, index: Tensor, weights: Tensor, rows_per_image: int) -> Tensor:
+    """``out[(b, c, i)] = sum_k weights[k, b, i] * table[(b, c, index[k, b, i])]`` for a table of
+    ``B * 3 * rows_per_image`` rows: one ``embedding_bag`` in sum mode."""
+    taps, b, size = index.shape
+    base = torch.arange(0, b * 3 * rows_per_image, rows_per_image, device=index.device, dtype=index.dtype)
+    base = base.view(1, b, 3, 1)
+    bags = torch.stack((index.unsqueeze(2) + base).unbind(0), dim=-1).view(-1, taps)  # (B * 3 * S, K)
+    per_sample = torch.stack(weights.unsqueeze(2).expand(taps, b, 3, size).unbind(0), dim=-1).view(-1, taps)
+    return F.embedding_bag(bags, table, per_sample_weights=per_sample, mode="sum")
+
+
+def _resized_crop_matmul(
+    images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int, gain: float
+) -> Tensor:
+    """:func:`_resized_crop` as two batched matmuls with no broadcast copies: the first contracts
+    the width of all three channels at once, the second the height, producing the view transposed
+    (``(B, S_x, 3, S_y)`` in memory); the clamp writes it out in NCHW order."""
+    b, _, h, w = images.shape
+    x = images.to(torch.float32, memory_format=torch.contiguous_format)
+    wy = _resample_weights(top, height, h, size, gain=gain)  # (B, S, H)
+    wx = _resample_weights(left, width, w, size, flip=flip)  # (B, S, W)
+    cols = torch.bmm(wx, x.view(b, 3 * h, w).transpose(1, 2))  # (B, S_x, 3 * H)
+    out_t = torch.bmm(cols.view(b, 3 * size, h), wy.transpose(1, 2))  # (B, S_x * 3, S_y)
+    view = out_t.view(b, size, 3, size).permute(0, 2, 3, 1)  # (B, 3, S_y, S_x)
+    return torch.clamp(view, 0.0, 1.0, out=torch.empty((b, 3, size, size), device=images.device))
 
 
 def _grayscale(x: Tensor) -> Tensor:
@@ -273,59 +379,152 @@ def _grayscale(x: Tensor) -> Tensor:
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
 
-def _adjust_hue(x: Tensor, hue: Tensor) -> Tensor:
+def _blend_(x: Tensor, factor: Tensor, other: Tensor | None) -> Tensor:
+    """torchvision's ``_blend`` in place: ``clamp(x * factor + other, 0, 1)``, where ``other`` is
+    already ``(1 - factor) * image2`` (``None`` for a black ``image2``). Two roundings, as
+    torchvision's; not ``addcmul``, whose CPU kernel is not vectorised when two of its inputs are
+    per-sample scalars."""
+    x.mul_(factor)
+    if other is not None:
+        x.add_(other)
+    return x.clamp_(0.0, 1.0)
+
+
+def _adjust_brightness_(x: Tensor, factor: Tensor) -> Tensor:
+    """torchvision's ``adjust_brightness`` in place; ``factor`` is (B, 1, 1, 1)."""
+    return _blend_(x, factor, None)
+
+
+def _adjust_contrast_(x: Tensor, factor: Tensor) -> Tensor:
+    """torchvision's ``adjust_contrast`` in place: blend with the mean of the grayscale image."""
+    mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend_(x, factor, mean.mul_(1.0 - factor))
+
+
+def _adjust_saturation_(x: Tensor, factor: Tensor) -> Tensor:
+    """torchvision's ``adjust_saturation`` in place: blend with the grayscale image."""
+    return _blend_(x, factor, _grayscale(x).mul_(1.0 - factor))
+
+
+def _adjust_hue(x: Tensor, hue: Tensor, out: Tensor | None = None) -> Tensor:
     """Shift each sample's hue by ``hue`` (B,) turns: RGB -> HSV, h += hue, HSV -> RGB.
 
-    The same HSV conversion as torchvision's ``adjust_hue`` (ties resolved r, then g, then b);
-    the way back uses the closed form ``v - c * clamp(min(k, 4 - k), 0, 1)`` with
-    ``k = (n + 6h) mod 6``, n = 5, 3, 1 for r, g, b and chroma ``c = max - min``.
+    The same HSV conversion as torchvision's ``adjust_hue`` (ties resolved r, then g, then b, so
+    the hue in sextants is ``h6 = (g - b) / c``, ``2 + (b - r) / c`` or ``4 + (r - g) / c`` with
+    chroma ``c = max - min``), and the way back in closed form: channel ``n`` = 5, 3, 1 (r, g, b)
+    is ``max - c * A(n + 6 * hue + h6)`` with the 6-periodic trapezoid ``A(k) = clamp(min(k, 4 - k),
+    0, 1)`` on [0, 6). With the per-sample offset ``o = (n + 6 * hue) mod 6``, ``k = h6 + o`` lies
+    in [-1, 11), where ``A(k) = clamp(2 - ||k - 5| - 3|, 0, 1)`` (A is symmetric about 2 and 5),
+    which needs no image-sized ``remainder``. The channel selection uses exact 0/1 float masks
+    and ``lerp`` instead of ``torch.where``. Writes into ``out`` (which may be ``x``) if given.
     """
     r, g, b = x.unbind(dim=1)
-    maxc, minc = torch.aminmax(x, dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
     chroma = maxc - minc
-    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    h = torch.where(
-        maxc == r,
-        (g - b) / safe,
-        torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
-    )
-    h = h.mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
-    h = h.add_(hue.view(-1, 1, 1)).remainder_(1.0)
-    h6 = h.mul_(6.0).unsqueeze(1)
-    offsets = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
-    k = (h6 + offsets).remainder_(6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
+    num = torch.empty_like(x, memory_format=torch.contiguous_format)  # h6 * chroma per max channel
+    num_r, num_g, num_b = num.unbind(dim=1)
+    torch.sub(g, b, out=num_r)
+    torch.sub(b, r, out=num_g).add_(chroma, alpha=2.0)
+    torch.sub(r, g, out=num_b).add_(chroma, alpha=4.0)
+    is_max = torch.eq(maxc, g, out=torch.empty_like(maxc))  # float 0/1
+    h6c = torch.lerp(num_b, num_g, is_max, out=torch.empty_like(maxc))
+    h6c = torch.lerp(h6c, num_r, torch.eq(maxc, r, out=is_max), out=h6c)
+    offsets = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype)  # 5, 3, 1
+    shift = (offsets + 6.0 * hue.unsqueeze(1)).remainder_(6.0).sub_(5.0)  # (B, 3): o - 5
+    safe = chroma.clamp_min(torch.finfo(x.dtype).tiny)  # a gray pixel has h6c = 0
+    k = torch.addcdiv(shift.view(-1, 3, 1, 1), h6c.unsqueeze(1), safe.unsqueeze(1), out=num)  # k - 5
+    neg_a = k.abs_().sub_(3.0).abs_().sub_(2.0).clamp_(-1.0, 0.0)  # -A(k)
+    # max - c * A stays in [0, max] (no clamp needed): c * A <= c <= max as min >= 0.
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), neg_a, out=out)
 
 
-def _color_jitter(x: Tensor, params: dict[str, Tensor], with_hue: bool) -> Tensor:
-    """torchvision's ColorJitter with a per-sample op order, on the samples with ``params["jitter"]``.
+_JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
 
-    For each of the 4 slots, every sample applies the op its permutation puts there. Brightness,
-    contrast and saturation are all ``clamp(x * f + other * (1 - f), 0, 1)`` with ``other`` = 0,
-    the mean of the grayscale image, or the grayscale image, so one blend per slot serves all
-    three; hue is computed for the batch and kept where the slot holds it.
+
+def _color_jitter_grouped(x: Tensor, params: dict[str, Tensor], with_hue: bool) -> Tensor:
+    """torchvision's ColorJitter with a per-sample op order, in place, for the CPU.
+
+    Each jittered sample gets exactly its four operations and nothing else: the jittered samples
+    are gathered into one buffer, and for each of the 4 slots the buffer is reordered by the op
+    the slot holds, so that every op runs in place on one contiguous slice. Uses data-dependent
+    shapes (``nonzero``, ``tolist``): host syncs on an accelerator, free on the CPU.
+    """
+    on = torch.nonzero(params["jitter"]).squeeze(1)
+    n = on.numel()
+    if n == 0:
+        return x
+    order = params["jitter_order"].index_select(0, on)  # (n, 4)
+    factors = torch.stack([params[name] for name in _JITTER_NAMES], dim=1).index_select(0, on)  # (n, 4)
+    rows = torch.arange(n, device=x.device)  # buffer row -> row of `on`
+    buf: Tensor | None = None
+    spare: Tensor | None = None  # the buffers alternate: no allocation per slot
+    for slot in range(4):
+        ops = order[:, slot].index_select(0, rows)
+        perm = torch.argsort(ops, stable=True)
+        rows = rows.index_select(0, perm)
+        if buf is None:
+            buf = x.index_select(0, on.index_select(0, rows))
+        else:
+            spare = torch.index_select(buf, 0, perm, out=spare if spare is not None else torch.empty_like(buf))
+            buf, spare = spare, buf
+        slot_factors = factors.gather(1, order[:, slot : slot + 1]).squeeze(1).index_select(0, rows)  # (n,)
+        start = 0
+        for op, count in enumerate(torch.bincount(ops, minlength=4).tolist()):
+            if count and (op != _HUE or with_hue):
+                part, f = buf.narrow(0, start, count), slot_factors.narrow(0, start, count)
+                if op == _HUE:
+                    _adjust_hue(part, f, out=part)
+                else:
+                    (_adjust_brightness_, _adjust_contrast_, _adjust_saturation_)[op](part, _per_sample(f))
+            start += count
+    assert buf is not None
+    return x.index_copy_(0, on.index_select(0, rows), buf)
+
+
+def _color_jitter_dense(x: Tensor, params: dict[str, Tensor], with_hue: bool) -> Tensor:
+    """The same as :func:`_color_jitter_grouped` on the whole batch, with no host sync (accelerators).
+
+    In each slot, brightness, contrast and saturation are one blend ``x * f + other`` with
+    ``other = gray * w + m``: per sample ``(w, m)`` is ``(0, 0)``, ``(0, (1 - f) * mean)`` or
+    ``(1 - f, 0)``, and ``f = 1, other = 0`` (the identity) where the slot holds hue or jitter is
+    off; these give the grouped path's values exactly. Hue is computed for the batch and kept
+    where the slot holds it.
     """
     on = params["jitter"]
-    order = params["jitter_order"]
     for slot in range(4):
-        op = order[:, slot]
-        ratio = torch.where(
-            op == _BRIGHTNESS,
+        op = params["jitter_order"][:, slot]
+        is_op = [on & (op == k) for k in range(4)]
+        f = torch.where(
+            is_op[_BRIGHTNESS],
             params["brightness"],
-            torch.where(op == _CONTRAST, params["contrast"], params["saturation"]),
+            torch.where(
+                is_op[_CONTRAST],
+                params["contrast"],
+                torch.where(is_op[_SATURATION], params["saturation"], torch.ones_like(params["saturation"])),
+            ),
         )
+        f = _per_sample(f)
+        rest = 1.0 - f
         gray = _grayscale(x)
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-        other = torch.where(
-            _per_sample(op == _CONTRAST), mean, torch.where(_per_sample(op == _SATURATION), gray, 0.0)
-        )
-        ratio = _per_sample(ratio)
-        blended = (x * ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
-        x = torch.where(_per_sample(on & (op != _HUE)), blended, x)
+        # gray * w + m: exactly m (contrast) or gray * (1 - f) (saturation), as the grouped path.
+        other = torch.addcmul(mean * rest * _per_sample(is_op[_CONTRAST]), gray, rest * _per_sample(is_op[_SATURATION]))
+        x = _blend_(x, f, other)
         if with_hue:
-            x = torch.where(_per_sample(on & (op == _HUE)), _adjust_hue(x, params["hue"]), x)
+            x = torch.where(_per_sample(is_op[_HUE]), _adjust_hue(x, params["hue"]), x)
     return x
+
+
+def _masked_apply(x: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor | None], Tensor], dense: bool) -> Tensor:
+    """``x[b] = fn(x[b])`` where ``mask[b]``. ``fn(images, rows)`` gets the selected samples and
+    their batch rows (``None``: all of them). Dense: ``fn`` on the whole batch and ``torch.where``
+    (no host sync); otherwise only the selected samples are computed, in place."""
+    if dense:
+        return torch.where(_per_sample(mask), fn(x, None), x)
+    rows = torch.nonzero(mask).squeeze(1)
+    if rows.numel() == 0:
+        return x
+    return x.index_copy_(0, rows, fn(x.index_select(0, rows), rows))
 
 
 def _gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
@@ -346,6 +545,11 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return y.view(n, c, h, w)
 
 
+def _solarize(x: Tensor) -> Tensor:
+    """torchvision's ``solarize`` at 0.5 (``1 - x`` where ``x >= 0.5``), exactly: ``min(x, 1 - x)``."""
+    return torch.minimum(x, torch.rsub(x, 1.0))
+
+
 @functools.lru_cache(maxsize=32)
 def _channel_stats(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype
@@ -355,10 +559,10 @@ def _channel_stats(
     return as_tensor(mean).view(-1, 1, 1), as_tensor(std).view(-1, 1, 1)
 
 
-def _normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+def _normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...], inplace: bool = False) -> Tensor:
     """torchvision's ``normalize``: ``(x - mean) / std`` per channel."""
     m, s = _channel_stats(tuple(mean), tuple(std), x.device, x.dtype)
-    return x.sub(m).div_(s)
+    return (x.sub_(m) if inplace else x.sub(m)).div_(s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,22 +670,47 @@ class BatchAugment:
         if index.shape != (images.shape[0],):
             raise ValueError(f"index must be ({images.shape[0]},), got shape {tuple(index.shape)}")
         index = index.to(images.device)
-        cfg = self.cfg
         p = self.sample_params(
             index, seed=seed, epoch=epoch, view=view, height=images.shape[2], width=images.shape[3]
         )
-        x = _to_float(images)
-        x = _resized_crop(x, p["top"], p["left"], p["height"], p["width"], p["flip"], self.image_size)
-        x = x.clamp_(0.0, 1.0)  # the resampling is convex; this only removes rounding overshoot
+        return self.apply(images, p, dense=images.device.type != "cpu")
+
+    def apply(self, images: Tensor, params: dict[str, Tensor], *, dense: bool) -> Tensor:
+        """The views of ``images`` for the parameters :meth:`sample_params` drew for them.
+
+        Args:
+            images: uint8 ``(B, 3, H, W)`` (or float in [0, 1]), on the device of ``params``.
+            params: :meth:`sample_params` for these ``B`` images of ``H x W``.
+            dense: ``True`` runs every operation on the whole batch and selects per sample with
+                ``torch.where`` or 0/1 blend factors: no host synchronisation, what accelerators
+                need (``__call__`` uses it off the CPU). ``False`` runs each operation only on the
+                samples that draw it, with data-dependent shapes: a fraction of the work, what
+                ``__call__`` uses on the CPU. Both give the same views (to float rounding).
+
+        Returns:
+            float32 ``(B, 3, S, S)``, normalised, contiguous, on ``images.device``.
+        """
+        _check_batch(images)
+        cfg = self.cfg
+        p = params
+        x = _resized_crop(images, p["top"], p["left"], p["height"], p["width"], p["flip"], self.image_size)
+        if x.shape[0] == 0:
+            return x
         if cfg.jitter_p > 0:
-            x = _color_jitter(x, p, with_hue=self.jitter_ranges["hue"][1] > 0)
+            jitter = _color_jitter_dense if dense else _color_jitter_grouped
+            x = jitter(x, p, self.jitter_ranges["hue"][1] > 0)
         if cfg.grayscale_p > 0:
-            x = torch.where(_per_sample(p["grayscale"]), _grayscale(x).expand_as(x), x)
+            x = _masked_apply(x, p["grayscale"], lambda y, rows: _grayscale(y).expand_as(y), dense)
         if self.blur_enabled:
-            x = torch.where(_per_sample(p["blur"]), _gaussian_blur(x, p["sigma"], self.blur_kernel_size), x)
+            k = self.blur_kernel_size
+
+            def blur(y: Tensor, rows: Tensor | None) -> Tensor:
+                return _gaussian_blur(y, p["sigma"] if rows is None else p["sigma"].index_select(0, rows), k)
+
+            x = _masked_apply(x, p["blur"], blur, dense)
         if cfg.solarize_p > 0:
-            x = torch.where(_per_sample(p["solarize"]) & (x >= 0.5), 1.0 - x, x)
-        return _normalize(x, self.mean, self.std)
+            x = _masked_apply(x, p["solarize"], lambda y, rows: _solarize(y), dense)
+        return _normalize(x, self.mean, self.std, inplace=True)
 
 
 def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:

@@ -24,6 +24,9 @@ from sslbench.augment import (
     IMAGENET_STD,
     AugmentConfig,
     BatchAugment,
+    _adjust_hue,
+    _resized_crop,
+    _resized_crop_matmul,
     blur_kernel_size,
     counter_uniform,
     eval_batch,
@@ -329,6 +332,63 @@ def test_blur_matches_torchvision_gaussian_blur():
     torch.testing.assert_close(small(x64, index, seed=0, epoch=0, view=0), x64.float() / 255, atol=1e-6, rtol=0)
 
 
+def test_hue_matches_torchvision_at_ties_grays_and_extreme_shifts():
+    # Every combination of 7 channel levels (ties between max channels, gray pixels, 0 and 1,
+    # values 1 ulp apart) under hue shifts from -0.5 to 0.5, including 0 and +-1 ulp of 0.
+    levels = [0.0, 1 / 255, 0.25, 0.5, 0.5 + 1e-7, 254 / 255, 1.0]
+    image = torch.tensor(list(itertools.product(levels, repeat=3))).T.reshape(3, 7, 49)
+    hues = torch.tensor([-0.5, -0.25, -1e-7, 0.0, 1e-7, 1 / 6, 1 / 3, 0.4999, 0.5])
+    x = image.expand(len(hues), -1, -1, -1).contiguous()
+    got = _adjust_hue(x, hues)
+    assert 0.0 <= got.min().item() and got.max().item() <= 1.0
+    for i, h in enumerate(hues.tolist()):
+        torch.testing.assert_close(got[i], TF.adjust_hue(x[i], h), atol=2e-6, rtol=0)
+    torch.testing.assert_close(_adjust_hue(x, hues, out=x.clone()), got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "cfg,size,src",
+    [
+        (AugmentConfig(solarize_p=0.2), 32, (32, 32)),  # SimCLR at 32 px: the CPU training case
+        (AugmentConfig(jitter_p=1.0, jitter_strength=2.5, solarize_p=0.5, grayscale_p=0.5), 32, (40, 36)),
+        (AugmentConfig(solarize_p=0.2, blur_p=0.5), 96, (100, 120)),  # with blur, downscaled crops
+        (AugmentConfig(jitter_p=1.0, grayscale_p=1.0, blur_p=1.0, solarize_p=1.0, blur_min_size=16), 24, (30, 30)),
+        (AugmentConfig(jitter_p=1.0, jitter_strength=0.0), 16, (16, 16)),  # factors 1, hue 0: jitter is the identity
+    ],
+)
+def test_cpu_subset_path_matches_full_batch_path(cfg, size, src):
+    # On the CPU each operation runs only on the samples that draw it (data-dependent shapes); on
+    # accelerators on the whole batch with per-sample selection and no host sync. Same views.
+    n = 200
+    x = _images(n, *src, seed=7)
+    aug = BatchAugment(cfg, size)
+    p = aug.sample_params(torch.arange(n), seed=3, epoch=1, view=0, height=src[0], width=src[1])
+    subset = aug.apply(x, p, dense=False)
+    full = aug.apply(x, p, dense=True)
+    assert subset.shape == full.shape == (n, 3, size, size) and subset.is_contiguous()
+    torch.testing.assert_close(subset, full, atol=1e-6, rtol=0)
+    assert torch.equal(aug(x, torch.arange(n), seed=3, epoch=1, view=0), subset)  # what __call__ uses on the CPU
+    if cfg.jitter_strength == 0.0:
+        plain = BatchAugment(AugmentConfig(**{**vars(cfg), "jitter_p": 0.0}), size)
+        torch.testing.assert_close(subset, plain.apply(x, p, dense=False), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("src,size", [((32, 32), 32), ((48, 40), 32), ((256, 256), 224), ((20, 300), 64)])
+def test_cpu_row_gather_crop_matches_matmul_crop(src, size):
+    # The CPU resamples with weighted row gathers over the nonzero taps, accelerators with dense
+    # weight matrices: the same weights, so the same crops (up- and downscaled, flipped).
+    n = 12 if size > 100 else 64
+    x = _images(n, *src, seed=8)
+    p = BatchAugment(AugmentConfig(flip_p=0.5), size).sample_params(
+        torch.arange(n), seed=4, epoch=0, view=0, height=src[0], width=src[1]
+    )
+    box = (p["top"], p["left"], p["height"], p["width"], p["flip"], size)
+    gathered = _resized_crop(x, *box)
+    assert gathered.shape == (n, 3, size, size) and gathered.dtype == torch.float32
+    torch.testing.assert_close(gathered, _resized_crop_matmul(x, *box, gain=1 / 255), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_resized_crop(x.float() / 255, *box), gathered, atol=1e-6, rtol=0)  # float input
+
+
 # ---------------------------------------------------------------------------------------------
 # Determinism and batch independence
 
@@ -503,6 +563,14 @@ def test_bad_inputs_are_rejected():
         aug(_images(2, 32, 32), torch.arange(3), seed=0, epoch=0, view=0)
     with pytest.raises(ValueError):
         aug(_images(2, 32, 32).to(torch.int32), torch.arange(2), seed=0, epoch=0, view=0)
+
+
+def test_empty_batch():
+    aug = _default_aug()
+    x = _images(0, 32, 32)
+    assert aug(x, torch.arange(0), seed=0, epoch=0, view=0).shape == (0, 3, 32, 32)
+    p = aug.sample_params(torch.arange(0), seed=0, epoch=0, view=0, height=32, width=32)
+    assert aug.apply(x, p, dense=True).shape == (0, 3, 32, 32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
