@@ -76,16 +76,40 @@ def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Modul
     return model
 
 
+def downsampling_factor(model: nn.Module) -> int | None:
+    """Input pixels per cell of the backbone's last feature map: the patch size of a vision
+    transformer, else measured with one forward of ``forward_features`` at 64 px (None when that
+    does not give a spatial map, e.g. a model with a fixed input size)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        patch = getattr(patch_embed, "patch_size", None)
+        return int(patch[0]) if patch else None
+    if not hasattr(model, "forward_features"):
+        return None
+    probe = 64
+    try:
+        with torch.no_grad():
+            feats = model.forward_features(torch.zeros(1, 3, probe, probe))
+    except Exception:  # a model that only takes its own input size: nothing to measure
+        return None
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 4 or feats.shape[-1] < 1:
+        return None
+    return max(1, probe // int(feats.shape[-1]))
+
+
 def check_image_size(model: nn.Module, image_size: int) -> None:
-    """Raise a :class:`UserError` when ``image_size`` is too small for ``model`` (its feature map
-    would vanish), found by running one tiny forward pass."""
+    """Raise a :class:`UserError` when ``image_size`` is too small for ``model``: its forward fails
+    (the feature map would vanish), or the image is smaller than the backbone's downsampling factor
+    (every cell of the last feature map would be mostly padding, e.g. a ResNet at 1 px)."""
     was_training = model.training
     model.eval()
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, 3, image_size, image_size))
         if out.shape[-1] != model.num_features:
             raise RuntimeError(f"unexpected output shape {tuple(out.shape)}")
+        factor = downsampling_factor(model)
     except RuntimeError as exc:
         raise UserError(
             f"image size {image_size} is too small for this backbone ({str(exc).splitlines()[0][:120]}); "
@@ -93,6 +117,11 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
         ) from exc
     finally:
         model.train(was_training)
+    if factor is not None and image_size < factor:
+        raise UserError(
+            f"image size {image_size} is too small for {name}: it downsamples by {factor}, so its last feature map "
+            f"would be made of padding; use --image-size {factor} or more"
+        )
 
 
 ENCODER_FILE = "encoder.safetensors"
@@ -105,8 +134,12 @@ def save_encoder(model: nn.Module, path: str | Path, *, meta: dict[str, Any]) ->
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"sslbench": json.dumps(meta)})
-    tmp.replace(path)
+    try:
+        save_file(state, str(tmp), metadata={"sslbench": json.dumps(meta)})
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written file behind (disk full)
+        raise
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:

@@ -5,8 +5,14 @@ safetensors, optimizer, every process's RNG states) plus ``meta.json`` (step, ep
 ``manifest.json`` (size and sha256 of every file). It is written under a temporary name and
 renamed into place only when complete, so a crash mid-write never leaves a checkpoint that looks
 valid. On resume, a checkpoint whose manifest does not match its files (truncated, corrupt) is
-skipped with a warning and the one before it is used. Accelerate loads optimizer and RNG files with
-``torch.load(weights_only=True)``, so a crafted pickle cannot run code.
+skipped with a warning and the one before it is used.
+
+Loading is safe: the model comes from safetensors, and every other file (optimizer, RNG states) is
+first read here with ``torch.load(weights_only=True)`` (Accelerate's loader, with its allow-list of
+numpy types). A file that passes its manifest but is not a weights-only pickle (a pickle crafted to
+run code) is refused with a one-line :class:`~sslbench.errors.UserError` naming it: no fallback,
+since a tampered checkpoint is something to look at, not to train around. A checkpoint made for
+another model (other backbone or widths) is also a one-line error. See ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -14,13 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+from . import _testhooks
+from .errors import UserError
+
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
 
 
 def _sha256(path: Path) -> str:
@@ -62,8 +74,11 @@ def verify(path: Path) -> str | None:
         f = path / rel
         if not f.is_file():
             return f"{rel} is missing"
-        if f.stat().st_size != info["size"]:
-            return f"{rel} is truncated ({f.stat().st_size} of {info['size']} bytes)"
+        size = f.stat().st_size
+        if size < info["size"]:
+            return f"{rel} is truncated ({size} of {info['size']} bytes)"
+        if size != info["size"]:
+            return f"{rel} is corrupt ({size} bytes, the manifest says {info['size']})"
         if _sha256(f) != info["sha256"]:
             return f"{rel} is corrupt (checksum mismatch)"
     return None
@@ -73,7 +88,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Finished checkpoints, newest first."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
 
 
@@ -93,29 +108,134 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[str, Any]) -> Path:
-    """Save the full training state at ``step`` atomically; keep the newest ``keep`` checkpoints."""
+    """Save the full training state at ``step`` atomically; keep the newest ``keep`` checkpoints.
+
+    Everything is written into ``.tmp-step-N/`` and renamed to ``step-N/`` only once complete
+    (manifest included). A checkpoint of the same step that already exists is moved aside first and
+    deleted after the rename. An ``OSError`` (disk full, permissions) removes the partial directory
+    and becomes a :class:`UserError`; earlier checkpoints are untouched.
+    """
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    old = ckpt_dir / f"{OLD_PREFIX}{PREFIX}{step:08d}"
+    try:
+        if accelerator.is_main_process:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        _testhooks.kill_point("ckpt_write", step)
+        if accelerator.is_main_process:
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(ckpt_dir)
+            for stale in list_checkpoints(ckpt_dir)[keep:]:
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in [*ckpt_dir.glob(f"{TMP_PREFIX}*"), *ckpt_dir.glob(f"{OLD_PREFIX}*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        for old in list_checkpoints(ckpt_dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in ckpt_dir.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        where = exc.filename or tmp
+        raise UserError(
+            f"cannot write checkpoint {final} ({exc.strerror or exc}: {where}); the earlier checkpoints in {ckpt_dir} are intact"
+        ) from exc
     accelerator.wait_for_everyone()
     return final
 
 
-def load(accelerator: Any, path: Path) -> None:
-    accelerator.load_state(str(path))
+def _load_pickle(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with Accelerate's allow-list (numpy RNG state types), so
+    exactly what ``load_state`` itself accepts; a non-weights-only pickle is a UserError."""
+    from accelerate.utils import load as accelerate_load
+
+    try:
+        with warnings.catch_warnings():  # (torch warns about pickle protocols before refusing a file)
+            warnings.simplefilter("ignore")
+            return accelerate_load(str(path), map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        reason = next((line.strip().rstrip(".") for line in text.splitlines()
+                       if "global" in line.lower() or "unsupported" in line.lower()), "torch.load(weights_only=True) refused it")
+        raise UserError(
+            f"refusing to load {path}: it is not a weights-only checkpoint file ({reason}) and may have been tampered with; "
+            f"nothing from it was run. Delete {path.parent} to resume from the checkpoint before it"
+        ) from exc
+    except (OSError, EOFError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot read {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); delete {path.parent} to resume from the checkpoint before it") from exc
+
+
+def _check_model_file(path: Path, model: Any) -> None:
+    """UserError when the checkpoint's model file holds other keys or shapes than ``model``
+    (a checkpoint of another backbone or other widths), read from the safetensors header only."""
+    from safetensors import SafetensorError, safe_open
+
+    file = path / "model.safetensors"
+    if not file.is_file():
+        return
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {file} ({' '.join(str(exc).split())[:160]}); delete {path} to resume from the checkpoint before it") from exc
+    strip = lambda key: key[len("module."):] if key.startswith("module.") else key  # noqa: E731  (DDP's wrapper prefix)
+    shapes = {strip(k): v for k, v in shapes.items()}
+    own = {strip(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    unexpected = sorted(set(shapes) - set(own))
+    mismatched = sorted(k for k in set(shapes) & set(own) if shapes[k] != own[k])
+    if unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatches, e.g. {k}: {shapes[k]} in the checkpoint vs {own[k]} in the model")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+        raise UserError(
+            f"checkpoint {path} was made for a different model ({'; '.join(parts)}); resume with the run's own "
+            "config.yaml (same backbone, backbone_kwargs and method settings) or start a new --output"
+        )
+
+
+def load(accelerator: Any, path: Path, *, model: Any = None) -> dict[str, Any]:
+    """Restore the training state saved at ``path`` into ``accelerator``'s prepared objects.
+
+    Every pickle file is first loaded weights-only (refused with a UserError otherwise); the
+    model file is checked against ``model`` (the prepared model) when given. The RNG states of this
+    process are then set explicitly, because Accelerate only logs a failure to restore them. Returns
+    ``meta.json``.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    pickles = sorted(f for f in path.iterdir() if f.is_file() and f.suffix not in (".safetensors", ".json"))
+    loaded = {f.name: _load_pickle(f) for f in pickles}
+    if model is not None:
+        _check_model_file(path, model)
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        first = " ".join(str(exc).split())[:200]
+        raise UserError(f"checkpoint {path} was made for a different model ({first}); resume with the run's own config.yaml or start a new --output") from exc
+    states = loaded.get(f"random_states_{accelerator.process_index}.pkl")
+    if states is None:
+        if accelerator.is_main_process:
+            print(
+                f"warning: {path} has no RNG state for process {accelerator.process_index} (saved with fewer processes); "
+                "data order and augmentation do not depend on it, but dropout-like layers will draw other numbers",
+                file=sys.stderr,
+            )
+    else:
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    return read_meta(path)

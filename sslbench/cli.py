@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -89,7 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in _TRAIN_FLAG_KEYS}
     flags["output"] = args.output
     cfg = build_config(file_values=file_values, flags=flags, sets=args.sets)
-    train(cfg, resume=args.resume, quiet=args.quiet)
+    result = train(cfg, resume=args.resume, quiet=args.quiet)
+    if result.stopped_early and result.stop_signal:
+        return 128 + result.stop_signal  # stopped by SIGTERM/SIGINT after a checkpoint: 143/130, as the shell reports a signal
     return 0
 
 
@@ -124,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = argv  # the exact command line, recorded in result rows
         if args.command is None:
             parser.print_help()
             return 2
@@ -132,11 +136,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"sslbench: error: {exc}", file=sys.stderr)
+        print(f"sslbench: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError, RuntimeError) as exc:
+        message = None if debug else _environment_error(exc)
+        if message is None:
+            raise
+        print(f"sslbench: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sslbench: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (a library's multi-line text, a path with a newline)."""
+    return " ".join(str(exc).split())
+
+
+# OSErrors about the user's environment, whatever the path: a full or read-only disk.
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+# OSErrors that are the user's when they name a path (a path given on the command line or below it).
+_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
+                errno.ELOOP, errno.EEXIST, errno.ENOTEMPTY}
+
+
+def _environment_error(exc: BaseException) -> str | None:
+    """A one-line message for an exception the user's environment caused (disk full, a path that is
+    not writable, out of memory), or None for one that is a bug and keeps its traceback."""
+    if isinstance(exc, OSError):
+        if exc.errno in _ENV_ERRNOS or (exc.errno in _PATH_ERRNOS and exc.filename is not None):
+            where = f": {exc.filename}" if exc.filename is not None else ""
+            return _one_line(f"{exc.strerror or exc}{where}; check the paths you passed, free space or permissions (--debug shows the traceback)")
+        return None
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "out of memory; lower --batch-size or --image-size, or use --grad-cache-chunk (--debug shows the traceback)"
+    return None
 
 
 def _load_extra_commands() -> None:

@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCALING = ("linear", "sqrt", "none")
 NONFINITE = ("stop", "skip")
+MIN_IMAGE_SIZE = 8  # px; smaller images give degenerate random crops
 
 
 @dataclass
@@ -42,16 +43,18 @@ class TrainConfig:
     image_size: int = 32  # training and evaluation resolution (px)
     epochs: int | None = None  # passes over the training set (default 10 when steps is unset)
     steps: int | None = None  # optimizer steps; overrides epochs when set
+    time_budget_s: float | None = None  # wall-clock budget of the training loop (s): stop after the step that crosses it; alone: lr constant after warm-up
     batch_size: int = 256  # global batch over all processes (clipped to the data set size)
     optimizer: str | None = None  # sgd | lars | adamw (None: the method's recipe)
     lr: float | None = None  # base learning rate before scaling (None: the method's recipe)
     lr_scaling: str | None = None  # linear (lr*B/256) | sqrt (lr*sqrt(B)) | none (None: recipe)
     weight_decay: float | None = None  # weight decay; never on norm and bias parameters (None: recipe)
     sgd_momentum: float = 0.9  # momentum of SGD and LARS
+    lars_eta: float | None = None  # LARS trust coefficient (None: the method's recipe; 0.001 as in SimCLR/BYOL)
     warmup_epochs: float | None = None  # linear warm-up length (None: 10% of training, at most 10 epochs)
     grad_clip: float | None = None  # clip the global gradient norm to this (None: off)
     precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
-    channels_last: bool = True  # NHWC memory layout for convolutional backbones
+    channels_last: bool = True  # NHWC layout: ~2x faster convolutions on CUDA and on AVX2 CPUs (CPU BatchNorm then uses a one-pass variance)
     compile: bool = False  # torch.compile the training step's model
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm when running on several processes
     grad_cache_chunk: int = 0  # gradient cache chunk size (exact full-batch gradient, less memory); 0: off
@@ -67,6 +70,7 @@ class TrainConfig:
     max_memory_gb: float = 8.0  # data sets larger than this decoded are read per image from disk
     cache_dir: str | None = None  # download and decode cache (None: $SSLBENCH_CACHE or ~/.cache/sslbench)
     online_probe: bool = False  # train a linear probe on detached features during training, log it each epoch
+    quick_knn: bool = True  # k-NN of the trained and the untrained encoder on the test split at the end
     knn_k: int = 200  # neighbours of the end-of-training k-NN evaluation
     knn_temperature: float = 0.1  # temperature of the weighted k-NN vote
     aug: AugmentConfig = field(default_factory=AugmentConfig)  # augmentation strengths
@@ -82,12 +86,21 @@ class TrainConfig:
         _choice("nonfinite", self.nonfinite, NONFINITE)
         _positive("batch_size", self.batch_size)
         _positive("image_size", self.image_size)
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise UserError(
+                f"image_size {self.image_size} is too small: sslbench needs at least {MIN_IMAGE_SIZE} px "
+                "(random crops of smaller images are a pixel or two); pass e.g. --image-size 32"
+            )
         if self.epochs is not None:
             _positive("epochs", self.epochs)
         if self.steps is not None:
             _positive("steps", self.steps)
+        if self.time_budget_s is not None:
+            _positive("time_budget_s", self.time_budget_s)
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"lr must be > 0, got {self.lr}; pass e.g. --lr 0.3")
+        if self.lars_eta is not None and not self.lars_eta > 0:
+            raise UserError(f"lars_eta must be > 0, got {self.lars_eta}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.train_subset is not None:
@@ -316,8 +329,8 @@ def apply_recipe(cfg: TrainConfig, method_cls: type) -> None:
     """Fill the fields left ``None`` (optimizer, lr, lr_scaling, weight_decay) from the method's
     recipe for this image size (``Method.recipe(image_size) -> dict``)."""
     recipe = method_cls.recipe(cfg.image_size) if hasattr(method_cls, "recipe") else {}
-    defaults = {"optimizer": "sgd", "lr": 0.05, "lr_scaling": "linear", "weight_decay": 5e-4, **recipe}
-    for key in ("optimizer", "lr", "lr_scaling", "weight_decay"):
+    defaults = {"optimizer": "sgd", "lr": 0.05, "lr_scaling": "linear", "weight_decay": 5e-4, "lars_eta": 0.001, **recipe}
+    for key in ("optimizer", "lr", "lr_scaling", "weight_decay", "lars_eta"):
         if getattr(cfg, key) is None:
             setattr(cfg, key, defaults[key])
 

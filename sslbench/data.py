@@ -369,11 +369,24 @@ def _decode_split(sources: Sequence[Any], labels: Tensor, classes: list[str], si
     images, ok, errors = _decode_all(sources, size)
     if errors:
         index, message = errors[0]
-        logger.warning("skipped %d unreadable image(s) in %s; first: %s (%s)", len(errors), where, names(index), message)
-        if not ok.any():
+        if not ok.any():  # (raised before the warning: a failing command prints one line)
             raise UserError(f"no readable image in {where} (first failure: {names(index)}: {message}); check the files")
-        images, labels = images[ok], labels[ok]
+        note = f"skipped {len(errors)} unreadable image(s) in {where}; first: {names(index)} ({message})"
+        _warn_skipped(note)
+        split = ImageSplit(images[ok], labels[ok], classes)
+        split.skipped_note = note  # type: ignore[attr-defined]  # kept in the decode cache, repeated on a cache hit
+        return split
     return ImageSplit(images, labels, classes)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_skipped(note: str) -> None:
+    """The skipped-images warning, once per process (a split is read again for the k-NN)."""
+    if note not in _WARNED:
+        _WARNED.add(note)
+        logger.warning("%s", note)
 
 
 def _cpu_count() -> int:
@@ -428,7 +441,8 @@ def _cached(
         result = build()
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            torch.save({"images": result.images, "labels": result.labels, "classes": result.classes}, tmp)
+            torch.save({"images": result.images, "labels": result.labels, "classes": result.classes,
+                        "skipped_note": getattr(result, "skipped_note", "")}, tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -442,7 +456,10 @@ def _read_cache(path: Path) -> ImageSplit | None:
         return None
     try:
         data = torch.load(path, weights_only=True)
-        return ImageSplit(data["images"], data["labels"], list(data["classes"]))
+        split = ImageSplit(data["images"], data["labels"], list(data["classes"]))
+        if data.get("skipped_note"):
+            _warn_skipped(data["skipped_note"])
+        return split
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
         logger.warning("ignoring unreadable cache file %s (%s); decoding again", path, _one_line(err))
         return None

@@ -25,11 +25,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _testhooks
 from . import checkpoint as ckpt
 from .augment import AugmentConfig, BatchAugment, per_image_transform
 from .config import TrainConfig, dump_yaml
 from .data import FileSplit, ImageSplit, balanced_subset, load_split
 from .errors import UserError
+from .grad_cache import make_grad_cache
 from .method import default_view_augmentations
 from .momentum import ema_update_
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
@@ -48,13 +50,16 @@ def build_method(cfg: TrainConfig) -> nn.Module:
 
 class StepModule(nn.Module):
     """What DDP wraps: ``forward(views)`` is the method's training step, so gradient
-    synchronisation hooks fire exactly as for a plain model."""
+    synchronisation hooks fire exactly as for a plain model. ``forward(views, embed=True)`` is
+    ``method.embed(views)``, the gradient cache's forward (:mod:`sslbench.grad_cache`)."""
 
     def __init__(self, method: nn.Module) -> None:
         super().__init__()
         self.method = method
 
-    def forward(self, views: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, views: list[Tensor], embed: bool = False) -> Any:
+        if embed:
+            return self.method.embed(views)
         return self.method.training_step(views)
 
 
@@ -78,6 +83,9 @@ class Schedule:
         return step // self.steps_per_epoch
 
 
+UNBOUNDED_STEPS = 2**62  # the step count of a run bounded only by its time budget (time_budget_s)
+
+
 def make_schedule(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -> Schedule:
     batch = cfg.batch_size
     if batch < min_batch:
@@ -89,10 +97,13 @@ def make_schedule(cfg: TrainConfig, n_train: int, world_size: int, min_batch: in
         raise UserError(f"batch size {batch} must be divisible by the number of processes ({world_size})")
     steps_per_epoch = max(1, n_train // batch)  # drop_last: every step sees a full batch
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 10) * steps_per_epoch
+    unbounded = cfg.time_budget_s is not None and cfg.steps is None and cfg.epochs is None
+    if unbounded:  # a time budget alone: run until it is spent; the lr stays constant after warm-up
+        total = UNBOUNDED_STEPS
     if cfg.warmup_epochs is not None:
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     else:
-        warmup = min(10 * steps_per_epoch, total // 10)
+        warmup = steps_per_epoch if unbounded else min(10 * steps_per_epoch, total // 10)
     return Schedule(steps_per_epoch, total, min(warmup, total), batch, batch // world_size)
 
 
@@ -108,6 +119,7 @@ class TrainResult:
     images_per_s: float
     metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    stop_signal: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run early
 
 
 class _StopFlag:
@@ -140,14 +152,81 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.method}-{cfg.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _prepare_run_dir(path: Path) -> None:
+def _prepare_run_dir(path: Path, *, create: bool = False) -> None:
+    """Check, before any data is loaded, that the run directory can be written; it is created
+    (``create=True``) only once training starts, so a run that fails during setup leaves nothing."""
+    import tempfile
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, os.strerror(20), str(path))
+        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if not existing.is_dir():  # a regular file somewhere on the way
+            raise NotADirectoryError(20, os.strerror(20), str(existing))
+        os.rmdir(tempfile.mkdtemp(prefix=".sslbench-write-test-", dir=existing))
     except OSError as exc:
         raise UserError(f"cannot write to output directory {path}: {exc.strerror or exc}; pass a writable --output") from exc
+
+
+def _refuse_existing_run(path: Path) -> None:
+    """A new (not resumed) run must not write into a run directory that already holds checkpoints or
+    results: its checkpoints would mix with the old ones and the old results would be lost."""
+    if ckpt.list_checkpoints(path / "checkpoints") or (path / "results.json").exists():
+        raise UserError(
+            f"{path} already holds a run (checkpoints or results.json); continue it with "
+            f"`sslbench train --output {path} --resume`, or pass a new --output"
+        )
+
+
+def _write_atomic(path: Path, write: Any, what: str, *, errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a reader never sees a half-written file, and a
+    failure (disk full) removes the temporary file, keeps the previous ``path`` and raises a
+    one-line UserError ending with ``what`` (how to recover)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except errors as exc:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".tmp")):  # (save_encoder's own temporary name)
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:160]
+        raise UserError(f"cannot write {path} ({reason}); {what}") from exc
+
+
+def _write_text_atomic(path: Path, text: str, what: str) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _write_atomic(path, write, what)
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``start_step`` (none for a run starting at 0): the
+    steps after the checkpoint a run resumes from are trained and logged again, so every step
+    appears once. A torn last line (a crash mid-write) is dropped."""
+    if not path.exists():
+        return
+    if start_step == 0:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= start_step:
+            kept.append(line + "\n")
+    _write_text_atomic(path, "".join(kept), "pass a writable --output")
 
 
 class _FileViews(torch.utils.data.Dataset):
@@ -181,9 +260,9 @@ def _batches(
     device: torch.device,
     augmenters: list[BatchAugment],
     file_views: _FileViews | None,
-) -> Iterator[tuple[int, list[Tensor]]]:
-    """Yield (step, views) from ``start_step`` on; each process gets its contiguous share of the
-    step's global batch."""
+) -> Iterator[tuple[int, list[Tensor], Tensor]]:
+    """Yield (step, views, local sample indices) from ``start_step`` on; each process gets its
+    contiguous share of the step's global batch."""
     n = len(train)
     images_on_device = train.images.to(device) if isinstance(train, ImageSplit) else None
     step = start_step
@@ -198,10 +277,12 @@ def _batches(
         ]
         if images_on_device is not None:
             for idx in local:
+                if step >= sched.total_steps:  # the loop may cut the run short (time budget)
+                    return
                 idx_dev = idx.to(device)
                 imgs = images_on_device[idx_dev]
                 views = [aug(imgs, idx_dev, seed=cfg.seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
-                yield step, views
+                yield step, views, idx
                 step += 1
         else:
             assert file_views is not None
@@ -213,9 +294,27 @@ def _batches(
                 pin_memory=device.type == "cuda",
                 persistent_workers=False,
             )
-            for views, _ in loader:
-                yield step, [v.to(device, non_blocking=True) for v in views]
+            for views, idx in loader:
+                if step >= sched.total_steps:
+                    return
+                yield step, [v.to(device, non_blocking=True) for v in views], idx
                 step += 1
+
+
+def _launched_on_cpu() -> bool:
+    """True for several processes (``torchrun``, ``WORLD_SIZE > 1``) on a machine without an
+    accelerator: Accelerate sets up its multi-CPU (gloo) state only when told ``cpu=True``;
+    otherwise every process would believe it is alone (rank 0 of 1) while ``torch.distributed``
+    is initialised, so all would train on the same data and all would write the run files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accel is None or not hasattr(accel, "is_available"):
+        return not torch.cuda.is_available()
+    if not accel.is_available():
+        return True
+    current = accel.current_accelerator()
+    return current is not None and current.type == "mps"  # Accelerate has no multi-process MPS backend
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> TrainResult:
@@ -233,6 +332,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
         torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = Accelerator(
         mixed_precision=precision,
+        cpu=_launched_on_cpu(),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         dynamo_backend="inductor" if cfg.compile else None,
     )
@@ -242,6 +342,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
     cfg.output = str(run_dir)
     if main:
+        if not resume:
+            _refuse_existing_run(run_dir)
         _prepare_run_dir(run_dir)
     accelerator.wait_for_everyone()
 
@@ -257,43 +359,56 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     sched = make_schedule(cfg, len(train_split), world, getattr(method_cls, "min_batch_size", 1))
     if world > 1 and cfg.sync_bn:
         method = dist.convert_sync_batchnorm(method)
-    if cfg.channels_last:
+    # NHWC on CUDA only: on the CPU it is no faster, and PyTorch's channels-last CPU BatchNorm
+    # computes the variance in one pass (E[x^2] - E[x]^2), which costs up to ~1% relative error in
+    # fp32 gradients on inputs with a large mean (e.g. near-constant backgrounds after the stem).
+    channels_last = cfg.channels_last
+    if channels_last:
         method = method.to(memory_format=torch.channels_last)
     groups = param_groups(method, cfg.weight_decay)
     if hasattr(method, "param_groups"):
         groups = method.param_groups(groups)
     base_lr = scale_lr(cfg.lr, sched.global_batch, cfg.lr_scaling)
-    optimizer = build_optimizer(cfg.optimizer, groups, base_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(
+        cfg.optimizer, groups, base_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay, lars_eta=cfg.lars_eta
+    )
     step_module = StepModule(method)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     unwrapped: nn.Module = accelerator.unwrap_model(step_module).method
     pairs = unwrapped.momentum_pairs() if hasattr(unwrapped, "momentum_pairs") else []
+    grad_cache = make_grad_cache(cfg.grad_cache_chunk, step_module, unwrapped, accelerator) if cfg.grad_cache_chunk else None
 
     augs = default_view_augmentations(unwrapped, cfg.aug)
     augmenters = [BatchAugment(a, cfg.image_size) for a in augs]
     file_views = _FileViews(train_split, augs, cfg.image_size, cfg.seed) if isinstance(train_split, FileSplit) else None
+    probe = None  # opt-in online linear probe (evals/online_probe.py): main process only, its own optimizer, not DDP
+    if cfg.online_probe and main:
+        from sslbench.evals.online_probe import OnlineProbe
+
+        probe = OnlineProbe.for_run(cfg, unwrapped.encoder, train_split, accelerator.device, precision)
 
     # ---- checkpoints
     ckpt_dir = run_dir / "checkpoints"
     start_step = 0
+    resumed_skipped = 0
     if resume:
         found = ckpt.latest_valid(ckpt_dir, warn=main)
         if found is not None:
-            ckpt.load(accelerator, found)
-            start_step = ckpt.read_meta(found)["step"]
+            resumed_meta = ckpt.load(accelerator, found, model=step_module)
+            start_step = resumed_meta["step"]
+            resumed_skipped = int(resumed_meta.get("skipped", 0))
             if main:
                 print(f"resuming {run_dir} from step {start_step} ({found.name})", file=sys.stderr)
         elif main:
             print(f"no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
     if main:
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    if main and start_step == 0:
-        metrics_path = run_dir / "metrics.jsonl"
-        if metrics_path.exists():
-            metrics_path.unlink()
+        _prepare_run_dir(run_dir, create=True)
+        _write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg), "pass a writable --output")
+        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     def save(step: int) -> Path:
-        return ckpt.save(accelerator, ckpt_dir, step, keep=cfg.keep_checkpoints, meta={"step": step, "epoch": sched.epoch_of(step)})
+        meta = {"step": step, "epoch": sched.epoch_of(step), "skipped": skipped, "method": cfg.method, "backbone": cfg.backbone}
+        return ckpt.save(accelerator, ckpt_dir, step, keep=cfg.keep_checkpoints, meta=meta)
 
     # ---- loop
     from .progress import TrainProgress
@@ -301,7 +416,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     progress = TrainProgress(sched.total_steps, start_step, enabled=main and not quiet)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
     last_ckpt: Path | None = ckpt.latest_valid(ckpt_dir, warn=False) if main else None
-    skipped = 0
+    skipped = resumed_skipped  # non-finite steps skipped so far (nonfinite=skip), kept across resumes
     first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_n = 0
@@ -313,14 +428,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     check_each_step = cfg.nonfinite == "skip" or accelerator.device.type == "cpu"
     step_module.train()
     with _StopFlag() as stop, progress:
-        for step, views in _batches(cfg, train_split, sched, start_step, rank, accelerator.device, augmenters, file_views):
-            if cfg.channels_last:
+        for step, views, idx in _batches(cfg, train_split, sched, start_step, rank, accelerator.device, augmenters, file_views):
+            if channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             lr = lr_at(step, sched.total_steps, base_lr=base_lr, warmup_steps=sched.warmup_steps)
             for g in optimizer.param_groups:
                 if not g.get("fixed_lr", False):
                     g["lr"] = lr * g.get("lr_scale", 1.0)
-            loss, logs = step_module(views)
+            loss, logs = grad_cache.forward(views) if grad_cache is not None else step_module(views)
+            if _testhooks.nan_at(step + 1):
+                loss = loss * float("nan")
             finite = torch.isfinite(loss.detach())
             if check_each_step:
                 finite_all = bool(dist.all_reduce_mean(finite.float()) == 1) if world > 1 else bool(finite)
@@ -328,12 +445,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                     if cfg.nonfinite == "skip" and skipped < cfg.max_skipped_steps:
                         skipped += 1
                         optimizer.zero_grad(set_to_none=True)
-                        print(f"warning: non-finite loss at step {step}; skipped ({skipped}/{cfg.max_skipped_steps})", file=sys.stderr)
+                        print(f"warning: non-finite loss at step {step + 1}; skipped ({skipped}/{cfg.max_skipped_steps})", file=sys.stderr)
                         continue
-                    _raise_nonfinite(step, last_ckpt, cfg)
+                    _raise_nonfinite(step + 1, last_ckpt, cfg, skipped=skipped)
             else:
-                first_bad = torch.where(~finite & (first_bad < 0), torch.tensor(step, device=first_bad.device), first_bad)
+                first_bad = torch.where(~finite & (first_bad < 0), torch.tensor(step + 1, device=first_bad.device), first_bad)
             accelerator.backward(loss)
+            if grad_cache is not None:  # the loss's backward reached the cached embeddings only
+                grad_cache.backward()
             if cfg.grad_clip is not None:
                 accelerator.clip_grad_norm_(step_module.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -346,6 +465,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
             loss_n += 1
             images_since_log += sched.global_batch
             done = step + 1
+            _testhooks.after_step(done)  # test-only fault injection (SSLBENCH_TEST_*), a no-op otherwise
+            if cfg.time_budget_s is not None and done < sched.total_steps and _budget_spent(t0, cfg.time_budget_s, world, accelerator.device):
+                sched.total_steps = done  # the wall-clock budget is spent: this step is the last (saved and evaluated as usual)
+            if probe is not None and (probe_record := probe.after_step(unwrapped.encoder, views[0], idx, done, sched)) is not None:
+                metrics_file.write(json.dumps(probe_record) + "\n")
             if done % cfg.log_every == 0 or done == sched.total_steps:
                 mean_loss = dist.all_reduce_mean(loss_sum / loss_n) if world > 1 else loss_sum / loss_n
                 if not check_each_step and int(first_bad) >= 0:
@@ -353,7 +477,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                 now = time.perf_counter()
                 ips = images_since_log / max(now - t_log, 1e-9)
                 record = {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "loss": float(mean_loss), "lr": lr, "images_per_s": round(ips, 2)}
-                record.update({k: float(v) for k, v in logs.items() if k != "loss"})
+                # The method's other logged scalars (last step), averaged over processes like the loss.
+                record.update({k: float(dist.all_reduce_mean(v) if world > 1 else v) for k, v in logs.items() if k != "loss"})
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
@@ -365,7 +490,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps:
                 last_ckpt = save(done)
             if stop.signum is not None:
-                last_ckpt = save(done)
+                if not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps):
+                    last_ckpt = save(done)  # (else it was saved just above)
                 stopped = True
                 if main:
                     name = signal.Signals(stop.signum).name
@@ -384,17 +510,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
         wall_time_s=round(wall, 3),
         images_per_s=round((steps_done - start_step) * sched.global_batch / max(wall, 1e-9), 2),
         stopped_early=stopped,
+        stop_signal=stop.signum if stopped else None,
     )
     if stopped:
         return result
     save(sched.total_steps)
     accelerator.wait_for_everyone()
     if main:
-        save_encoder(unwrapped.encoder, run_dir / ENCODER_FILE, meta={"backbone": cfg.backbone, "step": sched.total_steps})
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}, str(run_dir / "method.safetensors"))
-        result.metrics = quick_knn(cfg, unwrapped.encoder, accelerator.device, precision, quiet=quiet)
+        finish = f"the checkpoint of step {sched.total_steps} is saved: free some space and finish with `sslbench train --output {run_dir} --resume`"
+        _write_atomic(run_dir / ENCODER_FILE, lambda tmp: save_encoder(unwrapped.encoder, tmp, meta={"backbone": cfg.backbone, "step": sched.total_steps}), finish, errors=(OSError, SafetensorError))
+        method_state = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}
+        _write_atomic(run_dir / "method.safetensors", lambda tmp: save_file(method_state, str(tmp)), finish, errors=(OSError, SafetensorError))
+        if cfg.quick_knn:
+            result.metrics = quick_knn(cfg, unwrapped.encoder, accelerator.device, precision, quiet=quiet)
         summary = {
             "method": cfg.method, "backbone": cfg.backbone, "data": cfg.data, "image_size": cfg.image_size,
             "steps": result.steps, "epochs": result.epochs, "images_seen": result.images_seen,
@@ -402,18 +533,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
             "images_per_s": result.images_per_s, "precision": precision, "seed": cfg.seed,
             "processes": world, "metrics": result.metrics,
         }
-        tmp = run_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(run_dir / "results.json")
+        _write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2), finish)
     accelerator.wait_for_everyone()
     return result
 
 
-def _raise_nonfinite(step: int, last_ckpt: Path | None, cfg: TrainConfig) -> None:
-    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-    raise UserError(
-        f"non-finite loss at step {step}; {where}. Lower --lr, set grad_clip, or pass --set nonfinite=skip"
-    )
+def _budget_spent(t0: float, budget_s: float, world: int, device: torch.device) -> bool:
+    """Whether ``budget_s`` seconds have passed since ``t0``; with several processes, whether they
+    have on any of them (one all-reduce, so that all stop after the same step)."""
+    spent = time.perf_counter() - t0 >= budget_s
+    if world == 1:
+        return spent
+    from sslbench import dist
+
+    return bool(dist.all_reduce_mean(torch.tensor(float(spent), device=device)) > 0)
+
+
+def _raise_nonfinite(step: int, last_ckpt: Path | None, cfg: TrainConfig, *, skipped: int = 0) -> None:
+    """Stop on a NaN/inf loss at ``step`` (1-based: the step after which ``step`` steps would be done)
+    with one line naming the step and the last good checkpoint."""
+    what = f"non-finite loss (NaN or inf) at step {step}"
+    if skipped:
+        what += f" after {skipped} skipped steps (max_skipped_steps={cfg.max_skipped_steps})"
+    if last_ckpt:
+        where = (f"the last good checkpoint is {last_ckpt}; lower the lr (or set grad_clip) and continue from it with "
+                 f"`sslbench train --output {cfg.output} --resume --lr LR`")
+    else:
+        where = "no checkpoint was saved yet; lower --lr or set grad_clip"
+    raise UserError(f"{what}; {where}, or pass --set nonfinite=skip")
 
 
 def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precision: str, *, quiet: bool = False) -> dict[str, float]:

@@ -1,0 +1,52 @@
+"""Deterministic fault injection for the reliability tests (``tests/test_resume.py``).
+
+Nothing here does anything unless one of these environment variables is set; they exist so the
+tests can crash a run at an exact point instead of sleeping and hoping:
+
+``SSLBENCH_TEST_KILL_AT=step:N``
+    SIGKILL this process right after optimizer step N (that is, when N steps are done; before the
+    checkpoint of step N, if one is due, is written).
+``SSLBENCH_TEST_KILL_AT=ckpt_write:N``
+    SIGKILL this process in the middle of writing the checkpoint of step N: after Accelerate has
+    written the model, optimizer and RNG files into the temporary directory, before ``meta.json``,
+    ``manifest.json`` and the rename.
+``SSLBENCH_TEST_SIGNAL_AT=N[:SIGNAME]``
+    Send SIGTERM (or SIGNAME, e.g. ``SIGINT``) to this process right after step N.
+``SSLBENCH_TEST_NAN_AT=N``
+    Make the loss of step N (the step after which N steps are done) NaN.
+
+Steps are counted as "steps done", like checkpoint names (``step-00000004`` holds the state after 4
+steps) and the ``step`` of ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+KILL_AT = "SSLBENCH_TEST_KILL_AT"
+SIGNAL_AT = "SSLBENCH_TEST_SIGNAL_AT"
+NAN_AT = "SSLBENCH_TEST_NAN_AT"
+
+
+def kill_point(kind: str, n: int) -> None:
+    """SIGKILL this process when ``$SSLBENCH_TEST_KILL_AT`` is ``kind:n``."""
+    spec = os.environ.get(KILL_AT)
+    if spec and spec.replace(" ", "") == f"{kind}:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_step(done: int) -> None:
+    """The hooks that fire once ``done`` optimizer steps are finished."""
+    kill_point("step", done)
+    spec = os.environ.get(SIGNAL_AT)
+    if spec:
+        at, _, name = spec.partition(":")
+        if at.strip() == str(done):
+            os.kill(os.getpid(), getattr(signal, name.strip() or "SIGTERM"))
+
+
+def nan_at(done: int) -> bool:
+    """Whether the loss of the step that makes ``done`` steps done should be NaN."""
+    spec = os.environ.get(NAN_AT)
+    return bool(spec) and spec.strip() == str(done)

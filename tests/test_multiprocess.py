@@ -1,0 +1,279 @@
+"""Two processes compute what one process computes, for every registered method.
+
+For each method in ``METHODS.names()`` (so a method added later is covered), the CLI trains 3
+optimizer steps twice: in one process with global batch B, and in two CPU processes
+(``torchrun --standalone --nproc_per_node 2 -m sslbench train``, gloo) with the same global batch B,
+the same seed, fp32 and SyncBatchNorm (``sync_bn`` default true). The per-step losses in
+``metrics.jsonl`` and every tensor of ``encoder.safetensors`` and ``method.safetensors`` (weights,
+heads, momentum networks, BatchNorm running statistics, MoCo's queue) must agree to 1e-5
+relative: per tensor ``max|a - b| <= 1e-5 * max(max|b|, 0.1) + 1e-7``.
+
+Why the scale is floored at 0.1 (the scale of the network's weights): fp32 rounding differs
+between the runs (convolutions on 8 vs 16 images, SyncBatchNorm's two-pass statistics vs ATen's
+kernel) and after 3 steps leaves a difference of ~1e-7..2e-7 *absolute* in every tensor, whatever
+its size. Tensors that start at zero and have moved only by three small updates (timm's zero-init
+last BatchNorm weight of each residual block, biases; max ~1e-3) would fail a purely relative test
+on rounding alone, while any real error (a wrong gradient average, unsynchronised statistics, a
+wrong data split) changes them by the size of an update (>= 1e-4). Evidence that it is rounding
+only: the same two runs in float64 (default dtype float64) agree to ~1e-14 absolute in every
+tensor (checked for MoCo v2, the tightest case), and after one step the fp32 runs agree to
+2e-7 everywhere. The ``1e-7`` floor covers tensors that are zero in exact arithmetic (the running
+mean of a BatchNorm fed by a BatchNorm without affine parameters holds ~1e-8 rounding noise).
+
+What makes this hold (and what these tests would catch if it broke): each process gets the
+contiguous half of the global batch and views that are a pure function of (seed, epoch, index,
+view); contrastive losses gather negatives with gradients and offset labels by rank; DDP averages
+gradients; every BatchNorm (heads' BatchNorm1d, timm's BatchNormAct2d) is synchronised; momentum
+updates run identically on every rank; MoCo enqueues the gathered keys; only the main process
+writes the run files and runs the k-NN; the logged loss is the mean over processes.
+
+The runs use a narrow ResNet-18 (channels 8,16,32,64), digits at 32 px and one thread per process.
+They start in the background when the first CLI test runs: the 1-process references one after the
+other in one Python process (``sslbench.cli.main``; imports dominate such tiny runs), the
+``torchrun`` launches two at a time; each test waits for its own method's pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import sslbench
+from sslbench.augment import BatchAugment
+from sslbench.backbones import create_backbone
+from sslbench.config import TrainConfig
+from sslbench.data import ImageSplit
+from sslbench.dist import SyncBatchNorm, SyncBatchNormAct2d, convert_sync_batchnorm
+from sslbench.method import default_view_augmentations
+from sslbench.registry import METHODS, get_method
+from sslbench.trainer import _batches, make_schedule
+
+METHOD_NAMES = METHODS.names()
+BATCH = 16  # global batch: 8 per process
+STEPS = 3
+RUN_TIMEOUT_S = 420  # one training run, on a loaded 2-core machine
+PARALLEL_RUNS = 2  # torchrun launches in flight at once (beside the 1-process reference runs)
+RTOL, ATOL = 1e-5, 1e-7
+MIN_SCALE = 0.1  # tensor scale floor for the relative tolerance (see the module docstring)
+KNN_METHOD = "simclr"  # also runs the end-of-training k-NN (main process only)
+
+
+def _common_args(method: str, out: Path) -> list[str]:
+    args = [
+        "train", "--method", method, "--steps", str(STEPS), "--batch-size", str(BATCH), "--precision", "no",
+        "--seed", "3", "--quiet", "--output", str(out),
+        "--set", "log_every=1", "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "checkpoint_every=0",
+        # NCHW: torch's channels-last CPU BatchNorm uses a one-pass variance (~1e-2 relative gradient error)
+        "--set", "channels_last=false",
+    ]
+    if method != KNN_METHOD:
+        args += ["--set", "quick_knn=false"]
+    return args
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        log.write_text(out + err)
+        raise AssertionError(f"{' '.join(cmd[:6])} ... did not finish in {timeout_s}s:\n{err[-4000:]}")
+    log.write_text(out + err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# The 1-process reference runs share one Python process (imports dominate a tiny run's time):
+# ``sslbench.cli.main`` once per method, exactly the argument lists of ``python -m sslbench``.
+_REFERENCE_DRIVER = """
+import json, sys
+from sslbench.cli import main
+for argv in json.loads(sys.argv[1]):
+    rc = main(argv)
+    print("REFERENCE_RUN", argv[argv.index("--method") + 1], rc, flush=True)
+    if rc:
+        sys.exit(rc)
+"""
+
+
+class _Runs:
+    """Background training runs for ``methods``: the 1-process references (one Python process,
+    sequential) and one ``torchrun`` launch per method (``PARALLEL_RUNS`` at a time)."""
+
+    def __init__(self, root: Path, methods: list[str]) -> None:
+        self.root = root
+        src = str(Path(sslbench.__file__).resolve().parents[1])
+        self.env = {
+            **os.environ,
+            "SSLBENCH_CACHE": str(root / "cache"),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+        }
+        self.methods = methods
+        self._slots = threading.BoundedSemaphore(PARALLEL_RUNS)
+        self.pool = ThreadPoolExecutor(max_workers=PARALLEL_RUNS + 1)
+        self.reference = self.pool.submit(self._reference)
+        self.futures: dict[str, Future[subprocess.CompletedProcess[str]]] = {
+            m: self.pool.submit(self._two_processes, m) for m in methods
+        }
+
+    def out(self, method: str, world: int) -> Path:
+        return self.root / f"{method}-{world}proc"
+
+    def _reference(self) -> subprocess.CompletedProcess[str]:
+        argvs = [_common_args(m, self.out(m, 1)) for m in self.methods]
+        cmd = [sys.executable, "-c", _REFERENCE_DRIVER, json.dumps(argvs)]
+        return _run(cmd, self.env, self.root / "reference.log", timeout_s=RUN_TIMEOUT_S * max(1, len(argvs)) // 2)
+
+    def _two_processes(self, method: str) -> subprocess.CompletedProcess[str]:
+        # torchrun on the CPU: --standalone picks a free rendezvous port; the trainer tells
+        # Accelerate to use its multi-CPU (gloo) mode when no accelerator is present.
+        with self._slots:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "-m", "sslbench", *_common_args(method, self.out(method, 2))]
+            return _run(cmd, self.env, self.root / f"{method}-2proc.log")
+
+    def result(self, method: str) -> tuple[Path, Path]:
+        """The (1-process, 2-process) run directories of ``method``, once both finished."""
+        wait = RUN_TIMEOUT_S * (len(self.methods) + 1)
+        ref = self.reference.result(timeout=wait)
+        done = [ln.split()[1] for ln in ref.stdout.splitlines() if ln.startswith("REFERENCE_RUN") and ln.split()[2] == "0"]
+        assert method in done, f"1-process run of {method} failed (rc={ref.returncode}):\n{ref.stdout[-3000:]}\n{ref.stderr[-6000:]}"
+        proc = self.futures[method].result(timeout=wait)
+        assert proc.returncode == 0, f"{method} on 2 processes failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        return self.out(method, 1), self.out(method, 2)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Starts the runs of the methods whose CLI test was collected (all, unless deselected)."""
+    wanted = {
+        item.callspec.params["method_name"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_two_processes_equal_one" and hasattr(item, "callspec")
+    }
+    r = _Runs(tmp_path_factory.mktemp("multiprocess"), [m for m in METHOD_NAMES if m in wanted])
+    yield r
+    r.close()
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _assert_tensors_close(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
+    if not a.is_floating_point():
+        assert torch.equal(a, b), f"{name}: {a} != {b}"
+        return
+    a64, b64 = a.double(), b.double()
+    err = (a64 - b64).abs().max().item() if a.numel() else 0.0
+    tol = RTOL * max(b64.abs().max().item() if b.numel() else 0.0, MIN_SCALE) + ATOL
+    assert err <= tol, f"{name}: max |2 proc - 1 proc| = {err:.3g} > {tol:.3g} (max |1 proc| = {b64.abs().max().item():.3g})"
+
+
+# --------------------------------------------------------------------------------------------
+# The preconditions, in process (fast)
+
+
+def _tiny_split(n: int = 40) -> ImageSplit:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return ImageSplit(images, torch.arange(n) % 4, ["a", "b", "c", "d"])
+
+
+def test_each_process_gets_its_half_of_the_global_batch_with_identical_views() -> None:
+    """The trainer's batches on 2 ranks are the contiguous halves of the 1-process batch, with
+    bit-identical augmented views, across an epoch boundary (augmentation is a pure function of
+    (seed, epoch, index, view))."""
+    split = _tiny_split()
+    cfg = TrainConfig(batch_size=BATCH, steps=5, seed=7)  # 40 images: 2 steps per epoch, 3 epochs
+    method = get_method("simclr")(create_backbone("resnet18", 32, channels=(8, 16, 32, 64)))
+    augmenters = [BatchAugment(a, 32) for a in default_view_augmentations(method, cfg.aug)]
+    cpu = torch.device("cpu")
+
+    def batches(world: int, rank: int) -> list[tuple[int, list[torch.Tensor]]]:
+        sched = make_schedule(cfg, len(split), world, 2)
+        assert sched.global_batch == BATCH and sched.local_batch == BATCH // world
+        return [(item[0], item[1]) for item in _batches(cfg, split, sched, 0, rank, cpu, augmenters, None)]
+
+    one = batches(1, 0)
+    halves = [batches(2, r) for r in range(2)]
+    assert [s for s, _ in one] == list(range(5)) == [s for s, _ in halves[0]] == [s for s, _ in halves[1]]
+    for step, views in one:
+        assert len(views) == 2 and views[0].shape == (BATCH, 3, 32, 32)
+        assert not torch.equal(views[0], views[1])  # two different views of the same images
+        for v in range(2):
+            both = torch.cat([halves[0][step][1][v], halves[1][step][1][v]])
+            assert torch.equal(both, views[v]), f"step {step} view {v}: 2-process views differ from the 1-process batch"
+    assert not torch.equal(one[0][1][0], one[2][1][0])  # a new epoch, a new order and new views
+
+
+@pytest.mark.parametrize("method_name", METHOD_NAMES)
+@pytest.mark.parametrize("backbone", ["resnet18", "test_efficientnet"])
+def test_sync_bn_conversion_covers_every_batchnorm(method_name: str, backbone: str) -> None:
+    """What the trainer converts when world > 1: every BatchNorm of the method (backbone, heads'
+    BatchNorm1d, momentum copies, timm's BatchNormAct2d) becomes a SyncBatchNorm."""
+    kwargs = {"channels": (8, 16, 32, 64)} if backbone == "resnet18" else {}
+    cls = get_method(method_name)
+    method = cls(create_backbone(backbone, 32, **kwargs), cls.Config())
+    before = sum(isinstance(m, _BatchNorm) for m in method.modules())
+    bn_act = sum(type(m).__name__ == "BatchNormAct2d" for m in method.modules())
+    converted = convert_sync_batchnorm(method)
+    bns = [m for m in converted.modules() if isinstance(m, _BatchNorm)]
+    assert before > 0 and len(bns) == before
+    assert all(isinstance(m, SyncBatchNorm) for m in bns), [type(m).__name__ for m in bns if not isinstance(m, SyncBatchNorm)]
+    assert sum(isinstance(m, SyncBatchNormAct2d) for m in bns) == bn_act
+    if backbone == "test_efficientnet":
+        assert bn_act > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Two processes through the CLI
+
+
+@pytest.mark.parametrize("method_name", METHOD_NAMES)
+def test_two_processes_equal_one(runs: _Runs, method_name: str) -> None:
+    one, two = runs.result(method_name)
+
+    m1, m2 = _metrics(one), _metrics(two)
+    # Only the main process writes: one record per step, not one per process.
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, STEPS + 1))
+    for r1, r2 in zip(m1, m2):
+        assert r1["lr"] == r2["lr"] and r1.keys() == r2.keys()
+        # The logged loss is the mean over processes of the local losses = the 1-process loss.
+        # (Other logged scalars are averaged over processes too, but a per-process statistic such
+        # as SimSiam's z_std, a std over the local batch, is not the global one: not compared.)
+        assert abs(r2["loss"] - r1["loss"]) <= RTOL * abs(r1["loss"]) + ATOL, f"step {r1['step']}: loss {r2['loss']!r} (2 proc) vs {r1['loss']!r} (1 proc)"
+
+    for fname in ("encoder.safetensors", "method.safetensors"):
+        t1, t2 = load_file(str(one / fname)), load_file(str(two / fname))
+        assert t1.keys() == t2.keys(), fname
+        for key in t1:
+            _assert_tensors_close(f"{fname}:{key}", t2[key], t1[key])
+
+    r1 = json.loads((one / "results.json").read_text())
+    r2 = json.loads((two / "results.json").read_text())
+    assert (r1["processes"], r2["processes"]) == (1, 2)
+    assert r1["batch_size"] == r2["batch_size"] == BATCH
+    if method_name == KNN_METHOD:  # the k-NN ran once, on the main process, on equal encoders
+        assert "knn_top1" in r2["metrics"] and "untrained_knn_top1" in r2["metrics"]
+        assert r2["metrics"]["untrained_knn_top1"] == r1["metrics"]["untrained_knn_top1"]
+        assert abs(r2["metrics"]["knn_top1"] - r1["metrics"]["knn_top1"]) <= 100 / 450 + 1e-9  # one test image at most
