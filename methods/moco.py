@@ -52,6 +52,10 @@ class InfoNCELoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
+        with torch.autocast(q.device.type, enabled=False):  # similarities in float32, even under bf16
+            return self._loss(q, k, queue)
+
+    def _loss(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
         q = F.normalize(q.float(), dim=1)
         k = F.normalize(k.float(), dim=1)
         pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)

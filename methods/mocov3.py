@@ -43,6 +43,10 @@ class MoCoV3Loss(nn.Module):
         self.temperature = temperature
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        with torch.autocast(q.device.type, enabled=False):  # similarities in float32, even under bf16
+            return self._loss(q, k)
+
+    def _loss(self, q: Tensor, k: Tensor) -> Tensor:
         q = F.normalize(q.float(), dim=1)
         k_all = gather_with_grad(F.normalize(k.float(), dim=1))  # (N_global, D)
         logits = q @ k_all.T / self.temperature  # (N, N_global)

@@ -14,14 +14,6 @@ from sslbench.errors import UserError
 from sslbench.evals.knn import knn_classify, knn_eval, knn_protocol, topk_accuracy
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which on a busy
-    machine turns milliseconds into seconds. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(n_train: int, n_test: int, dim: int, n_classes: int, seed: int, dtype=torch.float32):

@@ -19,14 +19,6 @@ from sslbench.evals.linear import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which on a busy
-    machine turns milliseconds into seconds. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _separable(n_train: int, n_test: int, dim: int, n_classes: int, seed: int):
