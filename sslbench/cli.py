@@ -33,7 +33,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="base learning rate before batch scaling (default: the method's recipe)")
     p.add_argument("--optimizer", help="sgd | lars | adamw (default: the method's recipe)")
     p.add_argument("--precision", help="auto | no | bf16 | fp16 (default auto: bf16 on CUDA, no on CPU)")
-    p.add_argument("--image-size", type=int, help="training resolution in pixels (default 32)")
+    p.add_argument("--image-size", type=int, help="training resolution in pixels (default: the data's own; digits 16, cifar 32, stl10 96, else 32)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--grad-cache-chunk", type=int, help="gradient-cache chunk size: exact large batches in less memory")
     p.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")

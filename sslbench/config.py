@@ -40,7 +40,7 @@ class TrainConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keywords
     data: str = "digits"  # data spec: digits, cifar10, cifar100, stl10, imagefolder:PATH, hf:NAME
     train_subset: int | None = None  # train on a class-balanced subset of this many images (None: all)
-    image_size: int = 32  # training and evaluation resolution (px)
+    image_size: int | None = None  # training and evaluation resolution in px (None: the data's own: digits 16, cifar 32, stl10 96, else 32)
     epochs: int | None = None  # passes over the training set (default 10 when steps is unset)
     steps: int | None = None  # optimizer steps; overrides epochs when set
     time_budget_s: float | None = None  # wall-clock budget of the training loop (s): stop after the step that crosses it; alone: lr constant after warm-up
@@ -76,8 +76,16 @@ class TrainConfig:
     aug: AugmentConfig = field(default_factory=AugmentConfig)  # augmentation strengths
     method_cfg: Any = None  # the method's own config dataclass (filled from `method`)
 
+    def resolve_defaults(self) -> None:
+        """Fill the defaults that depend on other fields (``image_size`` from ``data``)."""
+        if self.image_size is None:
+            from .data import default_image_size
+
+            self.image_size = default_image_size(self.data)
+
     def validate(self) -> None:
         """Range checks that dataclass types cannot express; raises :class:`UserError`."""
+        self.resolve_defaults()
         _choice("precision", self.precision, PRECISIONS)
         if self.optimizer is not None:
             _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -316,6 +324,7 @@ def build_config(
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"unknown config key {key!r}{hint}; see `sslbench train --help` and docs/config")
     cfg = update_dataclass(TrainConfig(), top)
+    cfg.resolve_defaults()
     cfg.backbone_kwargs = {k: parse_literal(v) if isinstance(v, str) else (tuple(v) if isinstance(v, list) else v)
                            for k, v in nested["backbone_kwargs"].items()}
     cfg.aug = update_dataclass(cfg.aug, nested["aug"], prefix="aug.")

@@ -325,6 +325,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     from sslbench import dist
     from sslbench.backbones import ENCODER_FILE, save_encoder
 
+    cfg.resolve_defaults()
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"

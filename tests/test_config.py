@@ -13,6 +13,16 @@ def test_defaults_and_recipe_fill():
     assert cfg.optimizer is not None and cfg.lr is not None and cfg.weight_decay is not None
 
 
+@pytest.mark.parametrize(
+    "data,size",
+    [("digits", 16), ("cifar10", 32), ("cifar100", 32), ("stl10", 96), ("imagefolder:/x", 32), ("hf:user/set", 32)],
+)
+def test_image_size_defaults_to_the_data_and_a_flag_wins(data, size):
+    assert build_config(flags={"data": data}).image_size == size
+    assert build_config(flags={"data": data, "image_size": 24}).image_size == 24
+    assert build_config(flags={"data": data}, sets=["image_size=40"]).image_size == 40
+
+
 def test_set_routes_to_sections_and_coerces_types():
     cfg = build_config(sets=["temperature=0.2", "aug.jitter_strength=1.0", "backbone_kwargs.channels=16,32,64,128", "lr=0.5", "channels_last=false"])
     assert cfg.method_cfg.temperature == 0.2

@@ -78,7 +78,7 @@ def test_eval_writes_one_complete_row_per_protocol_and_fraction(run_dir, capsys)
     for row in rows:
         assert all(row.get(k) is not None for k in FILLED), [k for k in FILLED if row.get(k) is None]
         assert set(RUN_FIELDS) <= set(row)
-        assert (row["method"], row["backbone"], row["data"], row["image_size"]) == ("simclr", "resnet18", "digits", 32)
+        assert (row["method"], row["backbone"], row["data"], row["image_size"]) == ("simclr", "resnet18", "digits", 16)
         assert (row["steps"], row["epochs"], row["images_seen"], row["batch_size"]) == (4, 2.0, 128, 32)
         assert (row["budget_kind"], row["budget"], row["seed"]) == ("steps", 4, 0)
         assert row["precision"] == summary["precision"] in ("no", "bf16")  # auto: bf16 on CUDA, no on CPU
