@@ -14,6 +14,7 @@ See ``docs/evaluation.md`` for the protocols and the row format.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import math
@@ -378,6 +379,42 @@ def _same_config(cfg: Any, run_dir: Path) -> bool:
         return False
 
 
+def _stored_rows(results: Path, run_dir: Path, cfg: Any, opts: EvalOptions) -> tuple[list[dict[str, Any]], EvalOptions | None]:
+    """Split ``opts`` into what ``results`` already holds for ``run_dir`` (the newest row of each
+    protocol and label fraction evaluated exactly so) and what is left to evaluate (``None``: nothing)."""
+    from .results import read_rows
+
+    rows = read_rows(results) if results.is_file() else []
+    here = [r for r in rows if r.get("run_dir") == str(run_dir.resolve()) and isinstance(r.get("protocol"), dict)]
+    data = opts.data or cfg.data
+
+    def stored(name: str, fraction: float | None, expect: dict[str, Any]) -> dict[str, Any] | None:
+        match = [r for r in here if r["protocol"].get("name") == name and r.get("label_fraction") == fraction
+                 and r["protocol"].get("eval_data") == data and all(r["protocol"].get(k) == v for k, v in expect.items())]
+        return match[-1] if match else None
+
+    found: list[dict[str, Any]] = []
+    protocols: list[str] = []
+    fractions: list[float] = []
+    for protocol in opts.protocols:
+        if protocol == "finetune":
+            expect = {"epochs": opts.finetune_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
+                      "seed": opts.seed, "from_projector_layer": opts.from_projector_layer, "min_steps": opts.finetune_min_steps}
+            for fraction in opts.fractions:
+                row = stored("finetune", fraction, expect)
+                found += [row] if row else []
+                fractions += [] if row else [fraction]
+            protocols += ["finetune"] if fractions else []
+            continue
+        if protocol == "knn":
+            row = stored("knn", None, {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "weighting": "exp(sim/T)"})
+        else:
+            row = stored("linear", None, {"epochs": opts.linear_epochs, "seed": opts.seed, "train_augmentation": None})
+        found += [row] if row else []
+        protocols += [] if row else [protocol]
+    return found, (dataclasses.replace(opts, protocols=protocols, fractions=fractions or opts.fractions) if protocols else None)
+
+
 def _finished(cfg: Any, run_dir: Path) -> bool:
     return _same_config(cfg, run_dir) and (run_dir / "results.json").is_file() and (run_dir / "encoder.safetensors").is_file()
 
@@ -454,20 +491,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
              "image_size": args.image_size, "precision": args.precision}
     plans = plan_compare(methods, seeds, budget, out_dir=out_dir, flags=flags, file_values=file_values, sets=args.sets)
 
+    for _, _, cfg in plans:  # before anything trains: a comparison never overwrites another one's runs
+        run_dir = Path(cfg.output)
+        if (run_dir / "config.yaml").is_file() and not _same_config(cfg, run_dir):
+            raise UserError(f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
+                            "or repeat the original command to continue that comparison")
     results = out_dir / RESULTS_FILE
     command = _command_line(args)
     rows: list[dict[str, Any]] = []
     for i, (method, seed, cfg) in enumerate(plans, 1):
         run_dir = Path(cfg.output)
+        todo = opts
         if _finished(cfg, run_dir):
-            print(f"[{i}/{len(plans)}] {method} seed {seed}: {run_dir} already finished with this config; evaluating it", file=sys.stderr)
+            stored, todo = _stored_rows(results, run_dir, cfg, opts)
+            rows += stored  # a re-run of an interrupted comparison never scores (or stores) a run twice
+            what = "reusing its stored rows" if todo is None else f"evaluating {','.join(todo.protocols)}"
+            print(f"[{i}/{len(plans)}] {method} seed {seed}: {run_dir} already finished with this config; {what}", file=sys.stderr)
+            if todo is None:
+                continue
         else:
             resume = _same_config(cfg, run_dir)  # an interrupted run of this comparison continues
             print(f"[{i}/{len(plans)}] {'resuming' if resume else 'training'} {method} seed {seed} -> {run_dir}", file=sys.stderr)
             if train(cfg, resume=resume, quiet=args.quiet).stopped_early:
                 raise UserError(f"training of {run_dir} was interrupted; run the same command again to resume the comparison")
         (run_dir / BUDGET_FILE).write_text(json.dumps({"kind": budget[0], "value": budget[1]}) + "\n")
-        rows += evaluate_run(run_dir, opts, results_path=results, command=command, budget=budget)
+        rows += evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget)
 
     text = render(rows, "md")
     board = out_dir / "leaderboard.md"
@@ -546,7 +594,7 @@ def register_compare(sub: Any) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--output", metavar="DIR", help="comparison directory (default runs/compare-<data>-<backbone>-<time>)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 256)")
-    p.add_argument("--image-size", type=int, help="resolution in pixels (default 32)")
+    p.add_argument("--image-size", type=int, help="resolution in pixels (default: the data's own; digits 16, cifar 32, stl10 96, else 32)")
     p.add_argument("--precision", help="auto | no | bf16 | fp16")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values for every run")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

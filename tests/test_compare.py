@@ -47,7 +47,7 @@ def test_compare_cli_end_to_end(tmp_path, capsys):
     for row in rows:
         assert all(row.get(k) is not None for k in FILLED), [k for k in FILLED if row.get(k) is None]
         assert set(RUN_FIELDS) <= set(row) and {"torch", "timm", "sslbench", "git_commit", "cpu"} <= set(row["env"])
-        assert (row["backbone"], row["data"], row["image_size"], row["seed"]) == ("resnet18", "digits", 32, 0)
+        assert (row["backbone"], row["data"], row["image_size"], row["seed"]) == ("resnet18", "digits", 16, 0)
         assert (row["budget_kind"], row["budget"], row["steps"], row["batch_size"], row["images_seen"]) == ("steps", 3, 3, 32, 96)
         assert row["epochs"] == 1.5 and row["backbone_kwargs"] == {"channels": [8, 16, 32, 64]}
         assert row["command"] == "sslbench " + " ".join(argv)
@@ -57,7 +57,7 @@ def test_compare_cli_end_to_end(tmp_path, capsys):
         assert json.loads((run / "budget.json").read_text()) == {"kind": "steps", "value": 3}
     board = (out / "leaderboard.md").read_text()
     assert board in stdout
-    assert "### digits / resnet18 / steps=3 / 32px" in board
+    assert "### digits / resnet18 / steps=3 / 16px" in board
     assert "| byol " in board and "| simclr " in board and "knn_top1" in board
 
 
@@ -144,8 +144,34 @@ def test_compare_with_a_time_budget_shows_the_epochs_reached(tmp_path, capsys):
     assert (row["budget_kind"], row["budget"]) == ("time", "1s")
     assert row["steps"] >= 1 and row["epochs"] == row["steps"] / 2 and row["wall_time_s"] >= 1.0
     board = (out / "leaderboard.md").read_text()
-    assert "### digits / resnet18 / time=1s / 32px" in board
+    assert "### digits / resnet18 / time=1s / 16px" in board
     header, _, simsiam = board.splitlines()[2:5]
     cells = [c.strip() for c in simsiam.strip("|").split("|")]
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert cells[0] == "simsiam" and float(cells[columns.index("epochs")]) == pytest.approx(row["epochs"], abs=0.05)
+
+
+def test_rerunning_a_comparison_reuses_stored_rows_and_scores_only_what_is_missing(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "simclr", "--steps", "2", "--batch-size", "16", "--set", TINY,
+            "--set", "train_subset=32", "--output", str(out), "--quiet", "--linear-epochs", "2"]
+    assert main([*argv, "--protocol", "knn"]) == 0
+    first = read_rows(out / "results.jsonl")
+    assert [r["protocol"]["name"] for r in first] == ["knn"]
+    encoder = (out / "simclr-seed0" / "encoder.safetensors").read_bytes()
+    capsys.readouterr()
+
+    assert main([*argv, "--protocol", "knn"]) == 0  # the same command again: nothing trained, scored or stored twice
+    err = capsys.readouterr().err
+    assert "reusing its stored rows" in err and read_rows(out / "results.jsonl") == first
+    assert (out / "simclr-seed0" / "encoder.safetensors").read_bytes() == encoder
+
+    assert main([*argv, "--protocol", "knn,linear"]) == 0  # only the linear probe is new
+    rows = read_rows(out / "results.jsonl")
+    assert [r["protocol"]["name"] for r in rows] == ["knn", "linear"] and rows[0] == first[0]
+    assert "linear_top1" in (out / "leaderboard.md").read_text()
+
+    capsys.readouterr()
+    assert main([*argv, "--protocol", "knn", "--set", "knn_k=5"]) == 2  # another config: never overwrites the run
+    assert "holds a run with another config" in _error_line(capsys)
+    assert read_rows(out / "results.jsonl") == rows
