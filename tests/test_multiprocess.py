@@ -73,7 +73,7 @@ KNN_METHOD = "simclr"  # also runs the end-of-training k-NN (main process only)
 def _common_args(method: str, out: Path) -> list[str]:
     args = [
         "train", "--method", method, "--steps", str(STEPS), "--batch-size", str(BATCH), "--precision", "no",
-        "--seed", "3", "--quiet", "--output", str(out),
+        "--seed", "3", "--image-size", "32", "--quiet", "--output", str(out),
         "--set", "log_every=1", "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "checkpoint_every=0",
         # NCHW: torch's channels-last CPU BatchNorm uses a one-pass variance (~1e-2 relative gradient error)
         "--set", "channels_last=false",
