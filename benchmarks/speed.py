@@ -75,6 +75,7 @@ def ceiling(setup: Setup, batch: int, precision: str, channels_last: bool, compi
     """(a): backbone forward + backward on random (2B, 3, S, S) tensors; images/s counts B."""
     from sslbench.backbones import create_backbone
 
+    torch.manual_seed(0)
     model = create_backbone(setup.backbone, setup.image_size, **setup.backbone_kwargs).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -87,6 +88,7 @@ def ceiling(setup: Setup, batch: int, precision: str, channels_last: bool, compi
         with torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"):
             out = model(x)
         out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)  # as the trainer does
 
     for _ in range(3):
         step()
@@ -105,7 +107,7 @@ def ceiling(setup: Setup, batch: int, precision: str, channels_last: bool, compi
 
 
 def full_step(setup: Setup, data: str, batch: int, subset: int, precision: str, channels_last: bool, compile_: bool,
-              per_image: bool, steps: int, log_every: int, workers: int) -> float:
+              per_image: bool, steps: int, log_every: int, workers: int, keep_freed: bool) -> float:
     """(b)/(c): the real trainer; the median of its logged images/s windows after the first."""
     cmd = [
         sys.executable, "-m", "sslbench", "train", "--method", "simclr", "--backbone", setup.backbone,
@@ -114,6 +116,7 @@ def full_step(setup: Setup, data: str, batch: int, subset: int, precision: str, 
         "--set", f"log_every={log_every}", "--set", f"channels_last={channels_last}",
         "--set", f"compile={compile_}", "--set", "checkpoint_every=0",
         "--set", f"num_workers={workers}", "--set", "max_memory_gb=64",
+        "--set", f"keep_freed_memory={keep_freed}",
     ]
     for k, v in setup.backbone_kwargs.items():
         cmd += ["--set", f"backbone_kwargs.{k}=" + (",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
@@ -167,15 +170,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="training steps for (b)/(c) (default: 6 windows)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile variants of (a) and (b)")
     ap.add_argument("--skip-per-image", action="store_true")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc as it is in (a), (b) and (c) (default: keep_freed_memory, as the trainer does on CPU)")
     ap.add_argument("--workers", type=int, default=2 if not torch.cuda.is_available() else 12)
     ap.add_argument("--out", default=str(REPO / "leaderboards/speed.md"))
     args = ap.parse_args()
     data = args.data or ensure_cifar()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    keep_freed = not args.default_malloc
+    if keep_freed and not gpu:
+        from sslbench.hostmem import keep_freed_memory
+
+        keep_freed_memory()  # what the trainer does on CPU, so (a) and (b) share the allocator
     hw = hardware()
     lines = [f"\n## {time.strftime('%Y-%m-%d')} on {hw}\n",
-             f"torch {torch.__version__}, precision {args.precision}, channels_last, data `{data.split(':')[0]}` (CIFAR-10 JPEG), "
+             f"torch {torch.__version__}, precision {args.precision}, channels_last, "
+             f"malloc {'default' if args.default_malloc or gpu else 'keep_freed_memory'}, data `{data.split(':')[0]}` (CIFAR-10 JPEG), "
              f"command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n",
              "| setup | batch | (a) ceiling img/s | (b) sslbench img/s | (c) per-image img/s | b/a | b/c |",
              "|---|---|---|---|---|---|---|"]
@@ -191,10 +202,10 @@ def main() -> None:
         variants = [False, True] if args.compile else [False]
         for comp in variants:
             a = ceiling(setup, batch, args.precision, True, comp, args.repeats, device)
-            b = full_step(setup, setup_data, batch, subset, args.precision, True, comp, False, steps, log_every, args.workers)
+            b = full_step(setup, setup_data, batch, subset, args.precision, True, comp, False, steps, log_every, args.workers, keep_freed)
             c = float("nan")
             if not comp and not args.skip_per_image:
-                c = full_step(setup, setup_data, batch, subset, args.precision, True, False, True, steps, log_every, args.workers)
+                c = full_step(setup, setup_data, batch, subset, args.precision, True, False, True, steps, log_every, args.workers, keep_freed)
             name = setup.name + (" + torch.compile" if comp else "")
             row = f"| {name} | {batch} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {b / a:.2f} | {b / c:.2f} |"
             print(row, flush=True)
