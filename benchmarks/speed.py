@@ -132,6 +132,10 @@ def full_step(setup: Setup, data: str, batch: int, subset: int, precision: str, 
     return statistics.median(rates)
 
 
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def ensure_cifar() -> str:
     if not SHARED_TAR.is_file():
         sys.exit(f"no --data given and {SHARED_TAR} is absent: pass --data imagefolder:PATH")
@@ -207,7 +211,8 @@ def main() -> None:
             if not comp and not args.skip_per_image:
                 c = full_step(setup, setup_data, batch, subset, args.precision, True, False, True, steps, log_every, args.workers, keep_freed)
             name = setup.name + (" + torch.compile" if comp else "")
-            row = f"| {name} | {batch} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {b / a:.2f} | {b / c:.2f} |"
+            c_txt, bc_txt = ("not run", "") if c != c else (_rate(c), f"{b / c:.2f}")  # c is NaN when skipped
+            row = f"| {name} | {batch} | {_rate(a)} | {_rate(b)} | {c_txt} | {b / a:.2f} | {bc_txt} |"
             print(row, flush=True)
             lines.append(row)
     text = "\n".join(lines) + "\n"
