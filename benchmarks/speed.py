@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -211,7 +212,7 @@ def main() -> None:
             if not comp and not args.skip_per_image:
                 c = full_step(setup, setup_data, batch, subset, args.precision, True, False, True, steps, log_every, args.workers, keep_freed)
             name = setup.name + (" + torch.compile" if comp else "")
-            c_txt, bc_txt = ("not run", "") if c != c else (_rate(c), f"{b / c:.2f}")  # c is NaN when skipped
+            c_txt, bc_txt = ("not run", "") if math.isnan(c) else (_rate(c), f"{b / c:.2f}")  # c is NaN when skipped
             row = f"| {name} | {batch} | {_rate(a)} | {_rate(b)} | {c_txt} | {b / a:.2f} | {bc_txt} |"
             print(row, flush=True)
             lines.append(row)

@@ -83,6 +83,23 @@ def run_subprocess(argv: Sequence[str], env: dict[str, str], *, timeout: float =
     return Result(list(argv), proc.returncode, proc.stdout, proc.stderr)
 
 
+def run_group(cmd: list[str], env: dict[str, str], timeout_s: float, log: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers
+    too) and fail with the tail of its stderr. ``log`` gets stdout + stderr either way."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        if log is not None:
+            log.write_text(out + err)
+        raise AssertionError(f"{' '.join(cmd[:6])} ... did not finish in {timeout_s}s:\n{err[-4000:]}")
+    if log is not None:
+        log.write_text(out + err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 class Forked:
     """A forked child running ``sslbench.cli.main``; :meth:`wait` gives its :class:`Result`."""
 

@@ -23,7 +23,6 @@ import copy
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from _reliability import run_group
 
 import sslbench
 from sslbench.backbones import create_backbone
@@ -226,14 +227,7 @@ def _train_args(method: str, out: Path, chunk: int) -> list[str]:
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd[:6])} ... did not finish in {timeout_s}s:\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(cmd, env, timeout_s)
 
 
 def _load_benchmark() -> Any:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -49,6 +48,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from _reliability import run_group
 
 import sslbench
 from sslbench.augment import BatchAugment
@@ -84,17 +85,7 @@ def _common_args(method: str, out: Path) -> list[str]:
 
 
 def _run(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        log.write_text(out + err)
-        raise AssertionError(f"{' '.join(cmd[:6])} ... did not finish in {timeout_s}s:\n{err[-4000:]}")
-    log.write_text(out + err)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(cmd, env, timeout_s, log)
 
 
 # The 1-process reference runs share one Python process (imports dominate a tiny run's time):
