@@ -29,6 +29,7 @@ from typing import Any
 
 from .cli import _EXTRA_COMMANDS
 from .errors import UserError
+from .hostmem import keep_freed_memory
 
 PROTOCOLS = ("knn", "linear", "finetune")
 RESULTS_FILE = "results.jsonl"
@@ -263,6 +264,8 @@ def evaluate_run(
     projector = projector_layers(run_dir, opts.from_projector_layer) if "finetune" in opts.protocols and opts.from_projector_layer else None
     summary = _read_summary(run_dir)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()  # as in training (sslbench/hostmem.py): feature extraction ~1.6x faster on CPU
     encoder = encoder.to(device)
     run_precision = summary.get("precision", cfg.precision)
     precision = run_precision if run_precision in ("bf16", "fp16") and device.type == "cuda" else "no"

@@ -171,3 +171,17 @@ def test_leaderboard_cli_errors(tmp_path, capsys):
     _rows(tmp_path / "results.jsonl")
     assert main(["leaderboard", str(tmp_path / "results.jsonl"), "--format", "pdf"]) == 2
     assert "invalid choice" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_eval_follows_the_runs_keep_freed_memory(run_dir, tmp_path, monkeypatch, keep):
+    import sslbench.commands as commands
+
+    calls = []
+    monkeypatch.setattr(commands, "keep_freed_memory", lambda: calls.append(1) or True)
+    run = _copy_run(run_dir, tmp_path / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["keep_freed_memory"] = keep
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["eval", str(run), "--protocol", "knn", "--device", "cpu", "--results", str(tmp_path / "r.jsonl")]) == 0
+    assert len(calls) == (1 if keep else 0)

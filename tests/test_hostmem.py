@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sslbench.config import TrainConfig
 
@@ -47,3 +48,19 @@ def test_freed_activations_are_reused_not_page_faulted_in_again() -> None:
 def test_on_by_default_and_can_be_turned_off() -> None:
     assert TrainConfig().keep_freed_memory is True
     assert TrainConfig(keep_freed_memory=False).keep_freed_memory is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks CPU training; this machine trains on CUDA")
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_training_follows_the_setting(tmp_path, monkeypatch, keep) -> None:
+    import sslbench.trainer as trainer
+    from sslbench.cli import main
+
+    calls = []
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+    rc = main(["train", "--method", "simclr", "--steps", "1", "--batch-size", "16", "--train-subset", "32", "--quiet",
+               "--output", str(tmp_path / "run"), "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "quick_knn=false",
+               "--set", f"keep_freed_memory={keep}"])
+    assert rc == 0
+    assert len(calls) == (1 if keep else 0)
