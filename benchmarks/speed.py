@@ -13,6 +13,7 @@ prints b/a and b/c, and appends the figures with the hardware to `leaderboards/s
 
     python benchmarks/speed.py --data imagefolder:/tmp/cifar10 --configs narrow32       # CPU
     python benchmarks/speed.py --data imagefolder:/tmp/cifar10 --configs narrow32,r50   # GPU
+    python benchmarks/speed.py ... --profile   # also: where (b)'s step time goes (torch.profiler)
 
 Images come from an image folder (CIFAR-10 from ../shared/data/cifar10-jpeg by default, extracted
 to a temporary directory); the ResNet-50 configuration upsamples them to 224 px.
@@ -107,30 +108,82 @@ def ceiling(setup: Setup, batch: int, precision: str, channels_last: bool, compi
     return statistics.median(rates)
 
 
-def full_step(setup: Setup, data: str, batch: int, subset: int, precision: str, channels_last: bool, compile_: bool,
-              per_image: bool, steps: int, log_every: int, workers: int, keep_freed: bool) -> float:
-    """(b)/(c): the real trainer; the median of its logged images/s windows after the first."""
-    cmd = [
-        sys.executable, "-m", "sslbench", "train", "--method", "simclr", "--backbone", setup.backbone,
+def train_argv(setup: Setup, data: str, batch: int, subset: int, precision: str, channels_last: bool, compile_: bool,
+               per_image: bool, steps: int, log_every: int, workers: int, keep_freed: bool, out: str) -> list[str]:
+    """``sslbench`` arguments of a SimCLR training run of ``setup`` writing to ``out``."""
+    argv = [
+        "train", "--method", "simclr", "--backbone", setup.backbone,
         "--data", data, "--image-size", str(setup.image_size), "--batch-size", str(batch),
         "--steps", str(steps), "--precision", precision, "--train-subset", str(subset), "--quiet",
         "--set", f"log_every={log_every}", "--set", f"channels_last={channels_last}",
         "--set", f"compile={compile_}", "--set", "checkpoint_every=0",
-        "--set", f"num_workers={workers}", "--set", "max_memory_gb=64",
-        "--set", f"keep_freed_memory={keep_freed}",
+        "--set", f"num_workers={workers}", "--set", f"max_memory_gb={0 if per_image else 64}",
+        "--set", f"keep_freed_memory={keep_freed}", "--set", "quick_knn=false", "--output", out,
     ]
     for k, v in setup.backbone_kwargs.items():
-        cmd += ["--set", f"backbone_kwargs.{k}=" + (",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
-    if per_image:
-        cmd += ["--set", "max_memory_gb=0"]
-    with tempfile.TemporaryDirectory() as out:
-        cmd += ["--output", out, "--set", "quick_knn=false"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        argv += ["--set", f"backbone_kwargs.{k}=" + (",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
+    return argv
+
+
+def _median_rate(out: str) -> float:
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in rows[1:]] or [rows[-1]["images_per_s"]]
     return statistics.median(rates)
+
+
+def full_step(setup: Setup, data: str, batch: int, subset: int, precision: str, channels_last: bool, compile_: bool,
+              per_image: bool, steps: int, log_every: int, workers: int, keep_freed: bool) -> float:
+    """(b)/(c): the real trainer; the median of its logged images/s windows after the first."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "sslbench",
+               *train_argv(setup, data, batch, subset, precision, channels_last, compile_, per_image, steps, log_every, workers, keep_freed, out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return _median_rate(out)
+
+
+SCOPES = ("sslbench.augment", "sslbench.forward", "sslbench.backward", "sslbench.optimizer")
+
+
+def profile_step(setup: Setup, data: str, batch: int, subset: int, precision: str, steps: int, workers: int,
+                 keep_freed: bool, device: torch.device) -> list[str]:
+    """Where (b)'s time goes: torch.profiler over an in-process training run of ``steps`` steps.
+
+    Reports the trainer's named ranges (augmentation, forward, backward, optimizer) per step
+    against the step's wall time, and the operators with the most self time (CPU time on a CPU,
+    kernel time on a GPU). Markdown lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sslbench.cli import main as cli_main
+
+    gpu = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with tempfile.TemporaryDirectory() as out:
+        argv = train_argv(setup, data, batch, subset, precision, True, False, False, steps, steps, workers, keep_freed, out)
+        with profile(activities=acts) as prof:
+            if cli_main(argv) != 0:
+                raise RuntimeError(f"sslbench {' '.join(argv)} failed")
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    step_ms = 1000.0 * batch / rows[-1]["images_per_s"]  # one window: all the steps (profiler on)
+    events = prof.key_averages()
+    lines = [f"\nProfile of (b), {setup.name}, batch {batch}, {precision}, {steps} steps under torch.profiler "
+             f"(`--profile`): {step_ms:,.1f} ms per step with the profiler on.\n",
+             "| range | CPU ms/step | " + ("GPU ms/step | " if gpu else "") + "share of step |",
+             "|---|---|" + ("---|" if gpu else "") + "---|"]
+    for scope in SCOPES:
+        cpu_us = sum(e.cpu_time_total for e in events if e.key == scope)
+        dev_us = sum(e.device_time_total for e in events if e.key == scope)
+        main_us = dev_us if gpu else cpu_us
+        lines.append(f"| {scope.split('.')[1]} | {cpu_us / 1000 / steps:,.1f} | "
+                     + (f"{dev_us / 1000 / steps:,.1f} | " if gpu else "") + f"{main_us / 1000 / steps / step_ms:.0%} |")
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    ops = sorted((e for e in events if not e.key.startswith("sslbench.") and getattr(e, key) > 0), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in ops)
+    lines += ["", f"Top operators by self {'GPU' if gpu else 'CPU'} time over the whole run (setup included):", "",
+              "| operator | ms/step | share |", "|---|---|---|"]
+    lines += [f"| `{e.key}` | {getattr(e, key) / 1000 / steps:,.2f} | {getattr(e, key) / total:.1%} |" for e in ops[:12]]
+    return lines
 
 
 def _rate(x: float) -> str:
@@ -175,6 +228,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="training steps for (b)/(c) (default: 6 windows)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile variants of (a) and (b)")
     ap.add_argument("--skip-per-image", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile (b): time per step in augmentation, forward, backward, optimizer; top operators")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc malloc as it is in (a), (b) and (c) (default: keep_freed_memory, as the trainer does on CPU)")
     ap.add_argument("--workers", type=int, default=2 if not torch.cuda.is_available() else 12)
@@ -195,6 +249,7 @@ def main() -> None:
              f"command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n",
              "| setup | batch | (a) ceiling img/s | (b) sslbench img/s | (c) per-image img/s | b/a | b/c |",
              "|---|---|---|---|---|---|---|"]
+    profiles: list[str] = []
     for key in args.configs.split(","):
         setup = SETUPS[key]
         batch = setup.batch_gpu if gpu else setup.batch_cpu
@@ -216,7 +271,9 @@ def main() -> None:
             row = f"| {name} | {batch} | {_rate(a)} | {_rate(b)} | {c_txt} | {b / a:.2f} | {bc_txt} |"
             print(row, flush=True)
             lines.append(row)
-    text = "\n".join(lines) + "\n"
+        if args.profile:
+            profiles += profile_step(setup, setup_data, batch, subset, args.precision, 30 if gpu else 10, args.workers, keep_freed, device)
+    text = "\n".join(lines + profiles) + "\n"
     out = Path(args.out)
     if not out.exists():
         out.write_text("# Training speed\n\nMedian images/s (training images, two views each) from `benchmarks/speed.py`.\n"

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from . import _testhooks
 from . import checkpoint as ckpt
@@ -280,9 +281,10 @@ def _batches(
             for idx in local:
                 if step >= sched.total_steps:  # the loop may cut the run short (time budget)
                     return
-                idx_dev = idx.to(device)
-                imgs = images_on_device[idx_dev]
-                views = [aug(imgs, idx_dev, seed=cfg.seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
+                with record_function("sslbench.augment"):
+                    idx_dev = idx.to(device)
+                    imgs = images_on_device[idx_dev]
+                    views = [aug(imgs, idx_dev, seed=cfg.seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
                 yield step, views, idx
                 step += 1
         else:
@@ -439,7 +441,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
             for g in optimizer.param_groups:
                 if not g.get("fixed_lr", False):
                     g["lr"] = lr * g.get("lr_scale", 1.0)
-            loss, logs = grad_cache.forward(views) if grad_cache is not None else step_module(views)
+            with record_function("sslbench.forward"):  # named ranges for profilers (benchmarks/speed.py --profile)
+                loss, logs = grad_cache.forward(views) if grad_cache is not None else step_module(views)
             if _testhooks.nan_at(step + 1):
                 loss = loss * float("nan")
             finite = torch.isfinite(loss.detach())
@@ -454,17 +457,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                     _raise_nonfinite(step + 1, last_ckpt, cfg, skipped=skipped)
             else:
                 first_bad = torch.where(~finite & (first_bad < 0), torch.tensor(step + 1, device=first_bad.device), first_bad)
-            accelerator.backward(loss)
-            if grad_cache is not None:  # the loss's backward reached the cached embeddings only
-                grad_cache.backward()
-            if cfg.grad_clip is not None:
-                accelerator.clip_grad_norm_(step_module.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if pairs:
-                m = unwrapped.momentum_at(step, sched.total_steps)
-                for online, target in pairs:
-                    ema_update_(online, target, m)
+            with record_function("sslbench.backward"):
+                accelerator.backward(loss)
+                if grad_cache is not None:  # the loss's backward reached the cached embeddings only
+                    grad_cache.backward()
+            with record_function("sslbench.optimizer"):
+                if cfg.grad_clip is not None:
+                    accelerator.clip_grad_norm_(step_module.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if pairs:
+                    m = unwrapped.momentum_at(step, sched.total_steps)
+                    for online, target in pairs:
+                        ema_update_(online, target, m)
             loss_sum += loss.detach().float()
             loss_n += 1
             images_since_log += sched.global_batch
