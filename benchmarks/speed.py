@@ -125,8 +125,12 @@ def train_argv(setup: Setup, data: str, batch: int, subset: int, precision: str,
     return argv
 
 
+def _metrics(out: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
 def _median_rate(out: str) -> float:
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(out)
     rates = [r["images_per_s"] for r in rows[1:]] or [rows[-1]["images_per_s"]]
     return statistics.median(rates)
 
@@ -164,7 +168,7 @@ def profile_step(setup: Setup, data: str, batch: int, subset: int, precision: st
         with profile(activities=acts) as prof:
             if cli_main(argv) != 0:
                 raise RuntimeError(f"sslbench {' '.join(argv)} failed")
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        rows = _metrics(out)
     step_ms = 1000.0 * batch / rows[-1]["images_per_s"]  # one window: all the steps (profiler on)
     events = prof.key_averages()
     lines = [f"\nProfile of (b), {setup.name}, batch {batch}, {precision}, {steps} steps under torch.profiler "

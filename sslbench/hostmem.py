@@ -4,7 +4,7 @@ A CPU training step allocates and frees activations of tens of megabytes (a narr
 32 px, batch 256: 512 views x 16 channels x 32 x 32 fp32 = 33.5 MB per feature map). glibc's
 malloc serves blocks above its mmap threshold (which adapts up to 32 MB on 64-bit) with a fresh
 ``mmap`` and ``munmap``s them on ``free``, so every step page-faults its activations in again.
-Measured on a 2-core AMD EPYC (``benchmarks/speed.py``, fp32 forward + backward): ~335,000 minor
+Measured on a 2-core AMD EPYC (the backbone's fp32 forward + backward alone): ~335,000 minor
 page faults per step and 26% of the CPU time in the kernel; with :func:`keep_freed_memory`,
 ~17,000 faults, 2% kernel time, 104 -> 132 images/s.
 
@@ -42,6 +42,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
-    return ok
+    no_mmap = mallopt(_M_MMAP_MAX, 0) == 1
+    no_trim = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    return no_mmap and no_trim

@@ -87,16 +87,17 @@ def run_group(cmd: list[str], env: dict[str, str], timeout_s: float, log: Path |
     """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers
     too) and fail with the tail of its stderr. ``log`` gets stdout + stderr either way."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    timed_out = False
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        if log is not None:
-            log.write_text(out + err)
-        raise AssertionError(f"{' '.join(cmd[:6])} ... did not finish in {timeout_s}s:\n{err[-4000:]}")
+        timed_out = True
     if log is not None:
         log.write_text(out + err)
+    if timed_out:
+        raise AssertionError(f"{' '.join(cmd[:6])} ... did not finish in {timeout_s}s:\n{err[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
