@@ -53,7 +53,7 @@ class OnlineProbe:
         num_classes: ``C``.
         image_size: evaluation resolution (for :func:`extract_features`).
         train_labels: int64 labels of the whole training split, indexed by sample index
-            (:meth:`step` takes the batch's indices).
+            (:meth:`step` takes the batch's indices); kept on ``device``.
         test_split: the in-memory test split to evaluate on (``None``: no evaluation).
         device: where the head lives (the training device).
         precision: autocast of the extra forward pass and of the test features (``no``, ``bf16``,
@@ -76,7 +76,7 @@ class OnlineProbe:
         self.device = torch.device(device)
         self.image_size = image_size
         self.precision = precision
-        self.train_labels = None if train_labels is None else train_labels.to(torch.int64).cpu()
+        self.train_labels = None if train_labels is None else train_labels.to(self.device, torch.int64)
         self.test_split = test_split
         self.head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, num_classes)).to(self.device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=momentum)
@@ -107,9 +107,11 @@ class OnlineProbe:
             out = encoder(images)
         return out.flatten(1).float().detach()
 
-    def update(self, features: Tensor, labels: Tensor) -> float | None:
+    def update(self, features: Tensor, labels: Tensor) -> Tensor | None:
         """One SGD step of the head on detached ``features`` (B, D) and ``labels`` (B,); returns
-        the loss (``None`` for a batch of one, which BatchNorm cannot normalise)."""
+        the detached scalar loss on the head's device, not read back, so that the training step
+        does not wait for the device (``None`` for a batch of one, which BatchNorm cannot
+        normalise)."""
         if features.shape[0] < 2:
             return None
         self.head.train()
@@ -119,13 +121,14 @@ class OnlineProbe:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
-    def step(self, encoder: nn.Module, view: Tensor, index: Tensor) -> float | None:
+    def step(self, encoder: nn.Module, view: Tensor, index: Tensor) -> Tensor | None:
         """Update on one augmented view of the batch whose training-split indices are ``index``."""
         if self.train_labels is None:
             raise ValueError("OnlineProbe.step needs train_labels")
-        return self.update(self.features(encoder, view), self.train_labels[index.cpu()])
+        labels = self.train_labels[index.to(self.device, non_blocking=True)]
+        return self.update(self.features(encoder, view), labels)
 
     @torch.no_grad()
     def evaluate(self, encoder: nn.Module, test_split: ImageSplit | None = None) -> float:

@@ -59,7 +59,7 @@ class NTXentLoss(nn.Module):
         own = torch.cat([i, i + big_n]) + offset  # column of each anchor itself
         twin = torch.cat([i + big_n, i]) + offset  # column of its positive
         rows = torch.arange(2 * n, device=logits.device)
-        logits = logits.index_put((rows, own), torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.index_put((rows, own), torch.full((), float("-inf"), device=logits.device))
         return F.cross_entropy(logits, twin)
 
 

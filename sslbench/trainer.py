@@ -253,6 +253,15 @@ class _FileViews(torch.utils.data.Dataset):
         return views, i
 
 
+def _to_device_async(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (on the host) copied to ``device`` without blocking the host: a plain ``.to(cuda)``
+    from pageable memory synchronises the stream (the GPU's queue drains), so CUDA copies go
+    through pinned memory with ``non_blocking``."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _batches(
     cfg: TrainConfig,
     train: ImageSplit | FileSplit,
@@ -264,7 +273,8 @@ def _batches(
     file_views: _FileViews | None,
 ) -> Iterator[tuple[int, list[Tensor], Tensor]]:
     """Yield (step, views, local sample indices) from ``start_step`` on; each process gets its
-    contiguous share of the step's global batch."""
+    contiguous share of the step's global batch. For in-memory data the indices are on ``device``
+    and nothing in a step waits for the device (no host sync)."""
     n = len(train)
     images_on_device = train.images.to(device) if isinstance(train, ImageSplit) else None
     step = start_step
@@ -273,6 +283,8 @@ def _batches(
         perm = epoch_permutation(n, cfg.seed, epoch)
         first = step - epoch * sched.steps_per_epoch
         last = min(sched.steps_per_epoch, first + (sched.total_steps - step))
+        if images_on_device is not None:
+            perm = _to_device_async(perm, device)  # once per epoch; the steps slice it on the device
         local = [
             perm[p * sched.global_batch + rank * sched.local_batch : p * sched.global_batch + (rank + 1) * sched.local_batch]
             for p in range(first, last)
@@ -282,9 +294,8 @@ def _batches(
                 if step >= sched.total_steps:  # the loop may cut the run short (time budget)
                     return
                 with record_function("sslbench.augment"):
-                    idx_dev = idx.to(device)
-                    imgs = images_on_device[idx_dev]
-                    views = [aug(imgs, idx_dev, seed=cfg.seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
+                    imgs = images_on_device[idx]
+                    views = [aug(imgs, idx, seed=cfg.seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
                 yield step, views, idx
                 step += 1
         else:
@@ -456,7 +467,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                         continue
                     _raise_nonfinite(step + 1, last_ckpt, cfg, skipped=skipped)
             else:
-                first_bad = torch.where(~finite & (first_bad < 0), torch.tensor(step + 1, device=first_bad.device), first_bad)
+                first_bad.masked_fill_(~finite & (first_bad < 0), step + 1)  # no host sync: checked when logging
             with record_function("sslbench.backward"):
                 accelerator.backward(loss)
                 if grad_cache is not None:  # the loss's backward reached the cached embeddings only

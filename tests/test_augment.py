@@ -358,7 +358,9 @@ def test_hue_matches_torchvision_at_ties_grays_and_extreme_shifts():
 )
 def test_cpu_subset_path_matches_full_batch_path(cfg, size, src):
     # On the CPU each operation runs only on the samples that draw it (data-dependent shapes); on
-    # accelerators on the whole batch with per-sample selection and no host sync. Same views.
+    # accelerators on the whole batch with per-sample selection and no host sync (dense=True,
+    # also the crop: matmuls instead of row gathers, so the two differ by float rounding, which
+    # strong jitter and the normalisation amplify to a few 1e-6). Same views.
     n = 200
     x = _images(n, *src, seed=7)
     aug = BatchAugment(cfg, size)
@@ -366,7 +368,7 @@ def test_cpu_subset_path_matches_full_batch_path(cfg, size, src):
     subset = aug.apply(x, p, dense=False)
     full = aug.apply(x, p, dense=True)
     assert subset.shape == full.shape == (n, 3, size, size) and subset.is_contiguous()
-    torch.testing.assert_close(subset, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(subset, full, atol=1e-5, rtol=0)
     assert torch.equal(aug(x, torch.arange(n), seed=3, epoch=1, view=0), subset)  # what __call__ uses on the CPU
     if cfg.jitter_strength == 0.0:
         plain = BatchAugment(AugmentConfig(**{**vars(cfg), "jitter_p": 0.0}), size)
