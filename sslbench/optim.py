@@ -286,19 +286,25 @@ def build_optimizer(
     ``lr`` and ``weight_decay`` are defaults for groups without their own keys. Every group gets
     ``fixed_lr`` (default False) and ``lr_scale`` (default 1.0), see the module docstring.
 
-    - ``'sgd'``: ``torch.optim.SGD`` with ``momentum`` (foreach);
-    - ``'lars'``: :class:`LARS` with ``momentum`` (``eta`` 0.001);
-    - ``'adamw'``: ``torch.optim.AdamW`` with ``betas``; fused when every parameter is on CUDA,
-      foreach otherwise.
+    - ``'sgd'``: ``torch.optim.SGD`` with ``momentum``;
+    - ``'lars'``: :class:`LARS` with ``momentum`` (``eta`` 0.001; foreach kernels);
+    - ``'adamw'``: ``torch.optim.AdamW`` with ``betas``.
+
+    SGD and AdamW are fused (one kernel per step) when every parameter is already on CUDA (build
+    the optimizer after moving the model, as the trainer does) and torch has the fused kernel,
+    foreach otherwise.
     """
     groups = [{"fixed_lr": False, "lr_scale": 1.0, **g, "params": _as_list(g["params"])} for g in groups]
+    params = [p for g in groups for p in g["params"]]
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+        fused = on_cuda and "fused" in inspect.signature(torch.optim.SGD).parameters  # torch >= 2.4
+        kernels = {"fused": True} if fused else {"foreach": True}
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernels)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
     if name == "adamw":
-        params = [p for g in groups for p in g["params"]]
-        fused = bool(params) and all(p.is_cuda for p in params)
+        fused = on_cuda
         return torch.optim.AdamW(
             groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused, foreach=None if fused else True
         )

@@ -382,6 +382,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     channels_last = cfg.channels_last
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
+    method = method.to(accelerator.device)  # before the optimizer, which picks fused CUDA kernels for CUDA parameters
     groups = param_groups(method, cfg.weight_decay)
     if hasattr(method, "param_groups"):
         groups = method.param_groups(groups)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -234,7 +235,29 @@ def test_build_adamw_fused_on_cuda() -> None:
     model = nn.Linear(3, 4).cuda()
     opt = build_optimizer("adamw", param_groups(model, 0.05), 1e-3, weight_decay=0.05)
     assert opt.defaults["fused"]
+    if "fused" in inspect.signature(torch.optim.SGD).parameters:
+        assert build_optimizer("sgd", param_groups(model, 0.05), 0.1, weight_decay=0.05).defaults["fused"]
     model(torch.randn(2, 3, device="cuda")).sum().backward()
     opt.step()
     lars = build_optimizer("lars", param_groups(model, 0.05), 0.1, weight_decay=0.05)
     lars.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trainer_builds_its_optimizer_on_cuda_parameters_so_adamw_is_fused(tmp_path, monkeypatch) -> None:
+    import sslbench.trainer as trainer
+    from sslbench.config import build_config
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(build_optimizer(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(trainer, "build_optimizer", spy)
+    cfg = build_config(
+        flags={"method": "simclr", "steps": 2, "batch_size": 32, "optimizer": "adamw", "output": str(tmp_path / "run")},
+        sets=["quick_knn=false"],
+    )
+    trainer.train(cfg, quiet=True)
+    assert built and built[0].defaults["fused"]
