@@ -10,8 +10,10 @@ tests can crash a run at an exact point instead of sleeping and hoping:
     SIGKILL this process in the middle of writing the checkpoint of step N: after Accelerate has
     written the model, optimizer and RNG files into the temporary directory, before ``meta.json``,
     ``manifest.json`` and the rename.
-``SSLBENCH_TEST_SIGNAL_AT=N[:SIGNAME]``
-    Send SIGTERM (or SIGNAME, e.g. ``SIGINT``) to this process right after step N.
+``SSLBENCH_TEST_SIGNAL_AT=N[:SIGNAME][@RANK]``
+    Send SIGTERM (or SIGNAME, e.g. ``SIGINT``) to this process right after step N; with ``@RANK``
+    only in the process of that rank (``$RANK``, set by ``torchrun``), as when a scheduler's
+    signal reaches the processes of a multi-process run at different steps.
 ``SSLBENCH_TEST_NAN_AT=N``
     Make the loss of step N (the step after which N steps are done) NaN.
 
@@ -41,8 +43,9 @@ def after_step(done: int) -> None:
     kill_point("step", done)
     spec = os.environ.get(SIGNAL_AT)
     if spec:
+        spec, _, rank = spec.partition("@")
         at, _, name = spec.partition(":")
-        if at.strip() == str(done):
+        if at.strip() == str(done) and (not rank.strip() or rank.strip() == os.environ.get("RANK", "0")):
             os.kill(os.getpid(), getattr(signal, name.strip() or "SIGTERM"))
 
 

@@ -443,6 +443,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     images_since_log = 0
     step = start_step
     stopped = False
+    stop_signal: int | None = None
     check_each_step = cfg.nonfinite == "skip" or accelerator.device.type == "cpu"
     step_module.train()
     with _StopFlag() as stop, progress:
@@ -491,7 +492,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                 sched.total_steps = done  # the wall-clock budget is spent: this step is the last (saved and evaluated as usual)
             if probe is not None and (probe_record := probe.after_step(unwrapped.encoder, views[0], idx, done, sched)) is not None:
                 metrics_file.write(json.dumps(probe_record) + "\n")
-            if done % cfg.log_every == 0 or done == sched.total_steps:
+            log_step = done % cfg.log_every == 0 or done == sched.total_steps
+            if log_step:
                 mean_loss = dist.all_reduce_mean(loss_sum / loss_n) if world > 1 else loss_sum / loss_n
                 if not check_each_step and int(first_bad) >= 0:
                     _raise_nonfinite(int(first_bad), last_ckpt, cfg)
@@ -510,12 +512,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                 progress.advance(done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps:
                 last_ckpt = save(done)
-            if stop.signum is not None:
+            # A signal may reach the processes of a run at different steps: they agree at logging
+            # steps (which synchronise anyway), so that all save the same step and stop together.
+            stop_signal = stop.signum if world == 1 else (_agreed_signal(stop.signum, accelerator.device) if log_step else None)
+            if stop_signal is not None:
                 if not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps):
                     last_ckpt = save(done)  # (else it was saved just above)
                 stopped = True
                 if main:
-                    name = signal.Signals(stop.signum).name
+                    name = signal.Signals(stop_signal).name
                     print(f"{name}: saved checkpoint at step {done} in {last_ckpt}; resume with: sslbench train --output {run_dir} --resume", file=sys.stderr)
                 break
     wall = time.perf_counter() - t0
@@ -531,7 +536,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
         wall_time_s=round(wall, 3),
         images_per_s=round((steps_done - start_step) * sched.global_batch / max(wall, 1e-9), 2),
         stopped_early=stopped,
-        stop_signal=stop.signum if stopped else None,
+        stop_signal=stop_signal if stopped else None,
     )
     if stopped:
         return result
@@ -557,6 +562,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
         _write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2), finish)
     accelerator.wait_for_everyone()
     return result
+
+
+def _agreed_signal(signum: int | None, device: torch.device) -> int | None:
+    """The stop signal of a multi-process run, the same on every process: the largest signal
+    number any process has received (SIGTERM over SIGINT), ``None`` if none has (one all-reduce)."""
+    import torch.distributed as torch_dist
+
+    flag = torch.full((), signum or 0, dtype=torch.int64, device=device)
+    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+    return int(flag) or None
 
 
 def _budget_spent(t0: float, budget_s: float, world: int, device: torch.device) -> bool:

@@ -268,3 +268,31 @@ def test_two_processes_equal_one(runs: _Runs, method_name: str) -> None:
         assert "knn_top1" in r2["metrics"] and "untrained_knn_top1" in r2["metrics"]
         assert r2["metrics"]["untrained_knn_top1"] == r1["metrics"]["untrained_knn_top1"]
         assert abs(r2["metrics"]["knn_top1"] - r1["metrics"]["knn_top1"]) <= 100 / 450 + 1e-9  # one test image at most
+
+
+# ---------------------------------------------------------------------------------------------
+# A signal that reaches one process
+
+
+def test_sigterm_in_one_process_stops_every_process_after_the_same_step(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM reaches the processes of a run at different steps (here: only rank 1,
+    after step 2). The processes agree at the next logging step (step 3, log_every=3): all save
+    the checkpoint of step 3 and stop, instead of rank 1 leaving the collectives while rank 0
+    waits in them for ever. Rank 0, which never got the signal, reports it."""
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "SSLBENCH_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(sslbench.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])),
+        "SSLBENCH_TEST_SIGNAL_AT": "2@1",
+    }
+    args = [*_common_args("moco", out), "--steps", "9", "--set", "log_every=3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sslbench", *args]
+    proc = _run(cmd, env, tmp_path / "2proc.log")
+    assert proc.returncode != 0  # both processes exit 143: the run is not finished
+    assert "SIGTERM: saved checkpoint at step 3" in proc.stderr, proc.stderr[-4000:]
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000003"]
+    assert (out / "checkpoints" / "step-00000003" / "manifest.json").is_file()
+    assert [r["step"] for r in _metrics(out)] == [3]
+    assert not (out / "encoder.safetensors").exists()
