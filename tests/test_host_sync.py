@@ -177,4 +177,6 @@ def test_trainer_steps_do_not_synchronise_on_a_gpu(tmp_path):
     syncs(3)  # first run in this process: one-time copies (cached constants, library set-up)
     # 20 more steps (and an epoch boundary: 1,347 digits images are 21 steps of 64), the same syncs: set-up,
     # the last step's log, the checkpoint; none per step or per epoch.
-    assert syncs(25) == syncs(5)
+    short, long = syncs(5), syncs(25)
+    assert short > 0  # the last step's log and the checkpoint read from the GPU: the count sees the trainer
+    assert long == short
