@@ -262,6 +262,18 @@ def _to_device_async(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
+DATA_GPU_SHARE = 0.25  # in-memory training data is copied to a GPU when it takes at most this share of its memory
+
+
+def data_fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether in-memory training data of ``nbytes`` is kept on ``device`` (always on the CPU; on
+    a GPU when it takes at most :data:`DATA_GPU_SHARE` of the GPU's memory, which leaves the rest
+    to the model: 8 GB of data would not leave a 16 GB GPU room to train a ResNet-50)."""
+    if device.type != "cuda":
+        return True
+    return nbytes <= DATA_GPU_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
 def _batches(
     cfg: TrainConfig,
     train: ImageSplit | FileSplit,
@@ -271,30 +283,40 @@ def _batches(
     device: torch.device,
     augmenters: list[BatchAugment],
     file_views: _FileViews | None,
+    data_on_device: bool | None = None,
 ) -> Iterator[tuple[int, list[Tensor], Tensor]]:
     """Yield (step, views, local sample indices) from ``start_step`` on; each process gets its
-    contiguous share of the step's global batch. For in-memory data the indices are on ``device``
-    and nothing in a step waits for the device (no host sync)."""
+    contiguous share of the step's global batch.
+
+    In-memory data lives on ``device`` (``data_on_device``, default :func:`data_fits_on_device`)
+    or else in host memory, where each step's images are gathered and copied to the device
+    without blocking. Either way the indices are on ``device`` and nothing in a step waits for
+    the device (no host sync)."""
     n = len(train)
-    images_on_device = train.images.to(device) if isinstance(train, ImageSplit) else None
+    in_memory = isinstance(train, ImageSplit)
+    if in_memory and data_on_device is None:
+        data_on_device = data_fits_on_device(train.images.nbytes, device)
+    images = (train.images.to(device) if data_on_device else train.images) if in_memory else None
     step = start_step
     while step < sched.total_steps:
         epoch = sched.epoch_of(step)
         perm = epoch_permutation(n, cfg.seed, epoch)
         first = step - epoch * sched.steps_per_epoch
         last = min(sched.steps_per_epoch, first + (sched.total_steps - step))
-        if images_on_device is not None:
-            perm = _to_device_async(perm, device)  # once per epoch; the steps slice it on the device
-        local = [
-            perm[p * sched.global_batch + rank * sched.local_batch : p * sched.global_batch + (rank + 1) * sched.local_batch]
-            for p in range(first, last)
-        ]
-        if images_on_device is not None:
-            for idx in local:
+
+        def local(order: Tensor) -> list[Tensor]:
+            return [
+                order[p * sched.global_batch + rank * sched.local_batch : p * sched.global_batch + (rank + 1) * sched.local_batch]
+                for p in range(first, last)
+            ]
+
+        if images is not None:
+            perm_device = _to_device_async(perm, device)  # once per epoch; the steps slice it on the device
+            for idx_host, idx in zip(local(perm), local(perm_device)):
                 if step >= sched.total_steps:  # the loop may cut the run short (time budget)
                     return
                 with record_function("sslbench.augment"):
-                    imgs = images_on_device[idx]
+                    imgs = images[idx] if data_on_device else _to_device_async(images[idx_host], device)
                     views = [aug(imgs, idx, seed=cfg.seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
                 yield step, views, idx
                 step += 1
@@ -303,7 +325,7 @@ def _batches(
             file_views.epoch = epoch
             loader = torch.utils.data.DataLoader(
                 file_views,
-                batch_sampler=[idx.tolist() for idx in local],
+                batch_sampler=[idx.tolist() for idx in local(perm)],
                 num_workers=cfg.num_workers,
                 pin_memory=device.type == "cuda",
                 persistent_workers=False,
@@ -399,6 +421,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     augs = default_view_augmentations(unwrapped, cfg.aug)
     augmenters = [BatchAugment(a, cfg.image_size) for a in augs]
     file_views = _FileViews(train_split, augs, cfg.image_size, cfg.seed) if isinstance(train_split, FileSplit) else None
+    if isinstance(train_split, ImageSplit) and not data_fits_on_device(train_split.images.nbytes, accelerator.device) and main and not quiet:
+        print(f"note: the training images ({train_split.images.nbytes / 2**30:.1f} GiB) stay in host memory (more than "
+              f"{DATA_GPU_SHARE:.0%} of the GPU's); each step's batch is copied to the GPU", file=sys.stderr)
     probe = None  # opt-in online linear probe (evals/online_probe.py): main process only, its own optimizer, not DDP
     if cfg.online_probe and main:
         from sslbench.evals.online_probe import OnlineProbe

@@ -59,7 +59,7 @@ from sslbench.data import ImageSplit
 from sslbench.dist import SyncBatchNorm, SyncBatchNormAct2d, convert_sync_batchnorm
 from sslbench.method import default_view_augmentations
 from sslbench.registry import METHODS, get_method
-from sslbench.trainer import _batches, make_schedule
+from sslbench.trainer import _batches, data_fits_on_device, make_schedule
 
 METHOD_NAMES = METHODS.names()
 BATCH = 16  # global batch: 8 per process
@@ -215,6 +215,30 @@ def test_each_process_gets_its_half_of_the_global_batch_with_identical_views() -
             both = torch.cat([halves[0][step][1][v], halves[1][step][1][v]])
             assert torch.equal(both, views[v]), f"step {step} view {v}: 2-process views differ from the 1-process batch"
     assert not torch.equal(one[0][1][0], one[2][1][0])  # a new epoch, a new order and new views
+
+
+def test_data_kept_in_host_memory_gives_the_same_batches_as_data_on_the_device() -> None:
+    """In-memory data too large for the GPU stays on the host and each step's images are gathered
+    there: the same indices, images and views as with the data on the device, across an epoch
+    boundary (on the CPU both placements run; on a GPU the choice is data_fits_on_device)."""
+    split = _tiny_split()
+    cfg = TrainConfig(batch_size=BATCH, steps=5, seed=7)
+    method = get_method("simclr")(create_backbone("resnet18", 32, channels=(8, 16, 32, 64)))
+    augmenters = [BatchAugment(a, 32) for a in default_view_augmentations(method, cfg.aug)]
+    sched = make_schedule(cfg, len(split), 2, 2)
+    cpu = torch.device("cpu")
+    for rank in range(2):
+        on_device = list(_batches(cfg, split, sched, 1, rank, cpu, augmenters, None, data_on_device=True))
+        on_host = list(_batches(cfg, split, sched, 1, rank, cpu, augmenters, None, data_on_device=False))
+        assert [b[0] for b in on_device] == [b[0] for b in on_host] == [1, 2, 3, 4]
+        for (_, views_d, idx_d), (_, views_h, idx_h) in zip(on_device, on_host):
+            assert torch.equal(idx_d, idx_h) and len(views_d) == len(views_h) == 2
+            assert all(torch.equal(a, b) for a, b in zip(views_d, views_h))
+    assert data_fits_on_device(10**12, cpu)  # the CPU holds whatever fits in memory
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        total = torch.cuda.get_device_properties(gpu).total_memory
+        assert data_fits_on_device(total // 8, gpu) and not data_fits_on_device(total // 2, gpu)
 
 
 @pytest.mark.parametrize("method_name", METHOD_NAMES)
