@@ -513,11 +513,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
             images_since_log += sched.global_batch
             done = step + 1
             _testhooks.after_step(done)  # test-only fault injection (SSLBENCH_TEST_*), a no-op otherwise
-            if cfg.time_budget_s is not None and done < sched.total_steps and _budget_spent(t0, cfg.time_budget_s, world, accelerator.device):
-                sched.total_steps = done  # the wall-clock budget is spent: this step is the last (saved and evaluated as usual)
+            log_step = done % cfg.log_every == 0 or done == sched.total_steps
+            # When to stop early (a signal, the wall-clock budget). Several processes must stop
+            # after the same step: they agree at logging steps, which synchronise anyway (a signal
+            # may reach them at different steps; one all-reduce, no per-step host sync).
+            budget_spent = cfg.time_budget_s is not None and time.perf_counter() - t0 >= cfg.time_budget_s
+            stop_signal = stop.signum
+            if world > 1:
+                stop_signal, budget_spent = _agree_to_stop(stop.signum, budget_spent, accelerator.device) if log_step else (None, False)
+            if budget_spent and done < sched.total_steps:
+                sched.total_steps = done  # the budget is spent: this step is the last (logged, saved and evaluated as usual)
+                log_step = True
             if probe is not None and (probe_record := probe.after_step(unwrapped.encoder, views[0], idx, done, sched)) is not None:
                 metrics_file.write(json.dumps(probe_record) + "\n")
-            log_step = done % cfg.log_every == 0 or done == sched.total_steps
             if log_step:
                 mean_loss = dist.all_reduce_mean(loss_sum / loss_n) if world > 1 else loss_sum / loss_n
                 if not check_each_step and int(first_bad) >= 0:
@@ -537,9 +545,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                 progress.advance(done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps:
                 last_ckpt = save(done)
-            # A signal may reach the processes of a run at different steps: they agree at logging
-            # steps (which synchronise anyway), so that all save the same step and stop together.
-            stop_signal = stop.signum if world == 1 else (_agreed_signal(stop.signum, accelerator.device) if log_step else None)
             if stop_signal is not None:
                 if not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps):
                     last_ckpt = save(done)  # (else it was saved just above)
@@ -589,25 +594,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     return result
 
 
-def _agreed_signal(signum: int | None, device: torch.device) -> int | None:
-    """The stop signal of a multi-process run, the same on every process: the largest signal
-    number any process has received (SIGTERM over SIGINT), ``None`` if none has (one all-reduce)."""
+def _agree_to_stop(signum: int | None, budget_spent: bool, device: torch.device) -> tuple[int | None, bool]:
+    """What every process of a multi-process run does after this step, the same on all: the
+    largest signal number any process received (SIGTERM over SIGINT; ``None`` if none) and whether
+    any process has spent the time budget. One all-reduce."""
     import torch.distributed as torch_dist
 
-    flag = torch.full((), signum or 0, dtype=torch.int64, device=device)
-    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-    return int(flag) or None
-
-
-def _budget_spent(t0: float, budget_s: float, world: int, device: torch.device) -> bool:
-    """Whether ``budget_s`` seconds have passed since ``t0``; with several processes, whether they
-    have on any of them (one all-reduce, so that all stop after the same step)."""
-    spent = time.perf_counter() - t0 >= budget_s
-    if world == 1:
-        return spent
-    from sslbench import dist
-
-    return bool(dist.all_reduce_mean(torch.tensor(float(spent), device=device)) > 0)
+    flags = torch.tensor([signum or 0, int(budget_spent)], dtype=torch.int64).to(device, non_blocking=True)
+    torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
+    signal_max, spent = flags.tolist()
+    return (signal_max or None), bool(spent)
 
 
 def _raise_nonfinite(step: int, last_ckpt: Path | None, cfg: TrainConfig, *, skipped: int = 0) -> None:

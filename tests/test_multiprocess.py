@@ -88,6 +88,21 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float = RUN_
     return run_group(cmd, env, timeout_s, log)
 
 
+def _group_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    src = str(Path(sslbench.__file__).resolve().parents[1])
+    return {
+        **os.environ,
+        "SSLBENCH_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+        **extra,
+    }
+
+
+def _torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sslbench", *args]
+
+
 # The 1-process reference runs share one Python process (imports dominate a tiny run's time):
 # ``sslbench.cli.main`` once per method, exactly the argument lists of ``python -m sslbench``.
 _REFERENCE_DRIVER = """
@@ -107,13 +122,7 @@ class _Runs:
 
     def __init__(self, root: Path, methods: list[str]) -> None:
         self.root = root
-        src = str(Path(sslbench.__file__).resolve().parents[1])
-        self.env = {
-            **os.environ,
-            "SSLBENCH_CACHE": str(root / "cache"),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-        }
+        self.env = _group_env(root)
         self.methods = methods
         self._slots = threading.BoundedSemaphore(PARALLEL_RUNS)
         self.pool = ThreadPoolExecutor(max_workers=PARALLEL_RUNS + 1)
@@ -134,9 +143,7 @@ class _Runs:
         # torchrun on the CPU: --standalone picks a free rendezvous port; the trainer tells
         # Accelerate to use its multi-CPU (gloo) mode when no accelerator is present.
         with self._slots:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "sslbench", *_common_args(method, self.out(method, 2))]
-            return _run(cmd, self.env, self.root / f"{method}-2proc.log")
+            return _run(_torchrun(_common_args(method, self.out(method, 2))), self.env, self.root / f"{method}-2proc.log")
 
     def result(self, method: str) -> tuple[Path, Path]:
         """The (1-process, 2-process) run directories of ``method``, once both finished."""
@@ -298,22 +305,26 @@ def test_two_processes_equal_one(runs: _Runs, method_name: str) -> None:
 # A signal that reaches one process
 
 
+def test_a_spent_time_budget_stops_every_process_at_the_next_logging_step(tmp_path: Path) -> None:
+    """The processes check the time budget where they agree anyway, at logging steps: with a budget
+    spent after the first step, both stop after step 3 (log_every=3) and the run finishes normally."""
+    out = tmp_path / "run"
+    args = [*_common_args("simclr", out), "--steps", "9", "--set", "log_every=3", "--set", "time_budget_s=0.001", "--set", "quick_knn=false"]
+    proc = _run(_torchrun(args), _group_env(tmp_path), tmp_path / "2proc.log")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [r["step"] for r in _metrics(out)] == [3]
+    assert json.loads((out / "results.json").read_text())["steps"] == 3
+    assert (out / "encoder.safetensors").is_file()
+
+
 def test_sigterm_in_one_process_stops_every_process_after_the_same_step(tmp_path: Path) -> None:
     """A scheduler's SIGTERM reaches the processes of a run at different steps (here: only rank 1,
     after step 2). The processes agree at the next logging step (step 3, log_every=3): all save
     the checkpoint of step 3 and stop, instead of rank 1 leaving the collectives while rank 0
     waits in them for ever. Rank 0, which never got the signal, reports it."""
     out = tmp_path / "run"
-    env = {
-        **os.environ,
-        "SSLBENCH_CACHE": str(tmp_path / "cache"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(sslbench.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])),
-        "SSLBENCH_TEST_SIGNAL_AT": "2@1",
-    }
     args = [*_common_args("moco", out), "--steps", "9", "--set", "log_every=3"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sslbench", *args]
-    proc = _run(cmd, env, tmp_path / "2proc.log")
+    proc = _run(_torchrun(args), _group_env(tmp_path, SSLBENCH_TEST_SIGNAL_AT="2@1"), tmp_path / "2proc.log")
     assert proc.returncode != 0  # both processes exit 143: the run is not finished
     assert "SIGTERM: saved checkpoint at step 3" in proc.stderr, proc.stderr[-4000:]
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000003"]
