@@ -78,6 +78,7 @@ def ceiling(setup: Setup, batch: int, precision: str, channels_last: bool, compi
     from sslbench.backbones import create_backbone
 
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # as the trainer sets it on CUDA
     model = create_backbone(setup.backbone, setup.image_size, **setup.backbone_kwargs).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)

@@ -374,6 +374,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
         dynamo_backend="inductor" if cfg.compile else None,
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.device.type == "cuda":
+        # Training shapes are fixed: cuDNN times its convolution algorithms once per shape and
+        # keeps the fastest (not in deterministic runs, where the choice could vary).
+        torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()  # see sslbench/hostmem.py: ~25% faster CPU steps, fewer page faults
     main = accelerator.is_main_process
