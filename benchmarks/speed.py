@@ -158,6 +158,7 @@ def profile_step(setup: Setup, data: str, batch: int, subset: int, precision: st
     Reports the trainer's named ranges (augmentation, forward, backward, optimizer) per step
     against the step's wall time, and the operators with the most self time (CPU time on a CPU,
     kernel time on a GPU). Markdown lines."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from sslbench.cli import main as cli_main
@@ -176,9 +177,12 @@ def profile_step(setup: Setup, data: str, batch: int, subset: int, precision: st
              f"(`--profile`): {step_ms:,.1f} ms per step with the profiler on.\n",
              "| range | CPU ms/step | " + ("GPU ms/step | " if gpu else "") + "share of step |",
              "|---|---|" + ("---|" if gpu else "") + "---|"]
+    # The host-side range events only: with CUDA activity a range also appears as a GPU-side
+    # annotation under the same name, whose span would count its kernels a second time.
+    ranges = [e for e in events if e.key in SCOPES and e.device_type == DeviceType.CPU]
     for scope in SCOPES:
-        cpu_us = sum(e.cpu_time_total for e in events if e.key == scope)
-        dev_us = sum(e.device_time_total for e in events if e.key == scope)
+        cpu_us = sum(e.cpu_time_total for e in ranges if e.key == scope)
+        dev_us = sum(e.device_time_total for e in ranges if e.key == scope)
         main_us = dev_us if gpu else cpu_us
         lines.append(f"| {scope.split('.')[1]} | {cpu_us / 1000 / steps:,.1f} | "
                      + (f"{dev_us / 1000 / steps:,.1f} | " if gpu else "") + f"{main_us / 1000 / steps / step_ms:.0%} |")
