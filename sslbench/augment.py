@@ -484,37 +484,54 @@ def _color_jitter_grouped(x: Tensor, params: dict[str, Tensor], with_hue: bool) 
     return x.index_copy_(0, on.index_select(0, rows), buf)
 
 
+def _blend_slot(x: Tensor, params: dict[str, Tensor], op: Tensor, active: Tensor) -> Tensor:
+    """One slot of the dense colour jitter: brightness, contrast or saturation (``op`` (B,), the
+    op id each sample's slot holds) where ``active`` (B,), the identity elsewhere and where the
+    slot holds hue.
+
+    The three are one blend ``x * f + other`` with ``other = gray * w + m``: per sample ``(w, m)``
+    is ``(0, 0)``, ``(0, (1 - f) * mean)`` or ``(1 - f, 0)``, and ``f = 1, other = 0`` (exactly
+    the identity on [0, 1] images) elsewhere; these give the grouped path's values exactly."""
+    is_op = [active & (op == k) for k in range(3)]
+    f = torch.where(
+        is_op[_BRIGHTNESS],
+        params["brightness"],
+        torch.where(
+            is_op[_CONTRAST],
+            params["contrast"],
+            torch.where(is_op[_SATURATION], params["saturation"], torch.ones_like(params["saturation"])),
+        ),
+    )
+    f = _per_sample(f)
+    rest = 1.0 - f
+    gray = _grayscale(x)
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    # gray * w + m: exactly m (contrast) or gray * (1 - f) (saturation), as the grouped path.
+    other = torch.addcmul(mean * rest * _per_sample(is_op[_CONTRAST]), gray, rest * _per_sample(is_op[_SATURATION]))
+    return _blend_(x, f, other)
+
+
 def _color_jitter_dense(x: Tensor, params: dict[str, Tensor], with_hue: bool) -> Tensor:
     """The same as :func:`_color_jitter_grouped` on the whole batch, with no host sync (accelerators).
 
-    In each slot, brightness, contrast and saturation are one blend ``x * f + other`` with
-    ``other = gray * w + m``: per sample ``(w, m)`` is ``(0, 0)``, ``(0, (1 - f) * mean)`` or
-    ``(1 - f, 0)``, and ``f = 1, other = 0`` (the identity) where the slot holds hue or jitter is
-    off; these give the grouped path's values exactly. Hue is computed for the batch and kept
-    where the slot holds it.
+    Each jittered sample's four ops are its blends (brightness, contrast, saturation; see
+    :func:`_blend_slot`) before its hue slot, then hue, then its blends after the hue slot. The
+    samples are independent, so the batch runs the blends of slots 0-2 where they come before the
+    sample's hue, hue once for the batch (kept where jitter is on), then the blends of slots 1-3
+    where they come after it: 6 blend passes and one hue instead of hue in each of the 4 slots
+    (hue is the costly op: ~15 image-sized passes), with each sample's op order unchanged.
     """
-    on = params["jitter"]
-    for slot in range(4):
-        op = params["jitter_order"][:, slot]
-        is_op = [on & (op == k) for k in range(4)]
-        f = torch.where(
-            is_op[_BRIGHTNESS],
-            params["brightness"],
-            torch.where(
-                is_op[_CONTRAST],
-                params["contrast"],
-                torch.where(is_op[_SATURATION], params["saturation"], torch.ones_like(params["saturation"])),
-            ),
-        )
-        f = _per_sample(f)
-        rest = 1.0 - f
-        gray = _grayscale(x)
-        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-        # gray * w + m: exactly m (contrast) or gray * (1 - f) (saturation), as the grouped path.
-        other = torch.addcmul(mean * rest * _per_sample(is_op[_CONTRAST]), gray, rest * _per_sample(is_op[_SATURATION]))
-        x = _blend_(x, f, other)
-        if with_hue:
-            x = torch.where(_per_sample(is_op[_HUE]), _adjust_hue(x, params["hue"]), x)
+    on, order = params["jitter"], params["jitter_order"]
+    if not with_hue:
+        for slot in range(4):
+            x = _blend_slot(x, params, order[:, slot], on)
+        return x
+    hue_slot = torch.argmax((order == _HUE).to(torch.uint8), dim=1)  # (B,) the slot holding hue
+    for slot in range(3):
+        x = _blend_slot(x, params, order[:, slot], on & (hue_slot > slot))
+    x = torch.where(_per_sample(on), _adjust_hue(x, params["hue"]), x)
+    for slot in range(1, 4):
+        x = _blend_slot(x, params, order[:, slot], on & (hue_slot < slot))
     return x
 
 
