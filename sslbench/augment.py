@@ -317,23 +317,21 @@ def _resample_taps(
 
 
 def _resized_crop(
-    images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int, dense: bool | None = None
+    images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int, dense: bool = False
 ) -> Tensor:
     """Crop each sample's box, resize it to ``size x size``, mirror it where ``flip``.
 
     uint8 (scaled by 1/255, folded into the weights) or float images in; contiguous float32
     ``(B, 3, size, size)`` clamped to [0, 1] out (the clamp only removes rounding overshoot: the
-    resampling is convex). The resize is separable. On the CPU each direction is one
+    resampling is convex). The resize is separable. By default each direction is one
     ``embedding_bag`` (a weighted gather of image rows, over the few nonzero taps; the tap count
-    is read from the data); elsewhere, or with ``dense=True``, it is ``Wy @ image @ Wx^T`` as two
-    batched matmuls with dense weight matrices (no host sync).
+    is read from the data: the CPU's way); with ``dense=True`` (accelerators) it is
+    ``Wy @ image @ Wx^T`` as two batched matmuls with dense weight matrices (no host sync).
     """
     b, _, h, w = images.shape
     gain = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
     if b == 0:
         return torch.empty((0, 3, size, size), device=images.device)
-    if dense is None:
-        dense = images.device.type != "cpu"
     if dense:
         return _resized_crop_matmul(images, top, left, height, width, flip, size, gain)
     # Width first, on the transposed image (rows of H pixels); the uint8 -> float conversion does

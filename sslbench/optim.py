@@ -304,8 +304,7 @@ def build_optimizer(
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
     if name == "adamw":
-        fused = on_cuda
         return torch.optim.AdamW(
-            groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused, foreach=None if fused else True
+            groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda, foreach=None if on_cuda else True
         )
     raise UserError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")

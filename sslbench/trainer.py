@@ -425,7 +425,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     augs = default_view_augmentations(unwrapped, cfg.aug)
     augmenters = [BatchAugment(a, cfg.image_size) for a in augs]
     file_views = _FileViews(train_split, augs, cfg.image_size, cfg.seed) if isinstance(train_split, FileSplit) else None
-    if isinstance(train_split, ImageSplit) and not data_fits_on_device(train_split.images.nbytes, accelerator.device) and main and not quiet:
+    data_on_device = isinstance(train_split, ImageSplit) and data_fits_on_device(train_split.images.nbytes, accelerator.device)
+    if isinstance(train_split, ImageSplit) and not data_on_device and main and not quiet:
         print(f"note: the training images ({train_split.images.nbytes / 2**30:.1f} GiB) stay in host memory (more than "
               f"{DATA_GPU_SHARE:.0%} of the GPU's); each step's batch is copied to the GPU", file=sys.stderr)
     probe = None  # opt-in online linear probe (evals/online_probe.py): main process only, its own optimizer, not DDP
@@ -476,7 +477,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     check_each_step = cfg.nonfinite == "skip" or accelerator.device.type == "cpu"
     step_module.train()
     with _StopFlag() as stop, progress:
-        for step, views, idx in _batches(cfg, train_split, sched, start_step, rank, accelerator.device, augmenters, file_views):
+        for step, views, idx in _batches(cfg, train_split, sched, start_step, rank, accelerator.device, augmenters, file_views, data_on_device):
             if channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             lr = lr_at(step, sched.total_steps, base_lr=base_lr, warmup_steps=sched.warmup_steps)
