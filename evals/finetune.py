@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,19 @@ def _evaluate(model: nn.Module, test: ImageSplit, image_size: int, device: torch
     return {f"top{k}": v for k, v in acc.items()}
 
 
-def finetune(
+def finetune(encoder: nn.Module, train: ImageSplit, test: ImageSplit, **kwargs: Any) -> dict[str, float]:
+    """Fine-tune a copy of ``encoder`` (and of ``projector``, when given) with a linear head on the
+    class-balanced ``fraction`` of ``train``; report test accuracy.
+
+    Returns ``{metric_name(fraction, 'top1'): ..., metric_name(fraction, 'top5'): ...}`` (top-5
+    with >= 5 classes), e.g. ``finetune_10pct_top1``. ``encoder`` and ``projector`` are left
+    untouched. Takes the keyword arguments of :func:`finetune_model`; see the module docstring
+    for the protocol.
+    """
+    return finetune_model(encoder, train, test, **kwargs)[1]
+
+
+def finetune_model(
     encoder: nn.Module,
     train: ImageSplit,
     test: ImageSplit,
@@ -179,14 +191,9 @@ def finetune(
     precision: str = "no",
     min_steps: int = DEFAULT_MIN_STEPS,
     crop_scale: tuple[float, float] = CROP_SCALE,
-) -> dict[str, float]:
-    """Fine-tune a copy of ``encoder`` (and of ``projector``, when given) with a linear head on the
-    class-balanced ``fraction`` of ``train``; report test accuracy.
-
-    Returns ``{metric_name(fraction, 'top1'): ..., metric_name(fraction, 'top5'): ...}`` (top-5
-    with >= 5 classes), e.g. ``finetune_10pct_top1``. ``encoder`` and ``projector`` are left
-    untouched. See the module docstring for the protocol.
-    """
+) -> tuple[FinetuneModel, dict[str, float]]:
+    """:func:`finetune`, also returning the fine-tuned model (in eval mode; the teacher of
+    :mod:`sslbench.evals.distill`)."""
     fraction = check_fraction(fraction)
     if epochs < 1 or batch_size < 1 or not lr > 0 or min_steps < 0:
         raise UserError(f"fine-tuning needs epochs >= 1, batch_size >= 1, lr > 0 and min_steps >= 0; got {epochs}, {batch_size}, {lr}, {min_steps}")
@@ -202,42 +209,75 @@ def finetune(
         projector=copy.deepcopy(projector).to(dev) if projector is not None else None,
         image_size=image_size,
     )
+    n = len(subset)
+    if n < 2:
+        raise UserError(f"label fraction {fraction} leaves {n} labelled image; fine-tuning needs at least 2")
+    labels = subset.labels.to(dev)
+
+    def loss_fn(logits: Tensor, idx: Tensor, x: Tensor) -> Tensor:
+        return F.cross_entropy(logits, labels[idx])
+
+    train_classifier(
+        model, subset.images.to(dev), loss_fn, steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
+        batch_size=batch_size, lr=lr, seed=seed, image_size=image_size, precision=precision, crop_scale=crop_scale,
+        what="fine-tuning",
+    )
+    acc = _evaluate(model, test, image_size, dev, precision)
+    return model.eval(), {metric_name(fraction, k): v for k, v in acc.items()}
+
+
+def train_classifier(
+    model: nn.Module,
+    images: Tensor,
+    loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    image_size: int,
+    precision: str,
+    crop_scale: tuple[float, float] = CROP_SCALE,
+    what: str = "fine-tuning",
+) -> None:
+    """Train every parameter of ``model`` for ``steps`` SGD steps on uint8 ``images`` (N, 3, H, W)
+    on the model's device: Nesterov momentum 0.9, no weight decay, lr cosine-decayed from ``lr``
+    to zero without warm-up, full batches of ``min(batch_size, N)`` in a seeded order (a
+    remainder smaller than a batch is left out of its epoch), each image a random resized crop
+    (``crop_scale``) with a horizontal flip (randomness a pure function of seed, epoch and image
+    index). ``loss_fn(logits (B, C) float32, idx (B,), x (B, 3, S, S))`` gives the loss of the
+    batch of images ``idx`` whose augmented views ``x`` the model saw. Shared by fine-tuning and
+    distillation."""
+    dev = images.device
+    n = images.shape[0]
     aug = BatchAugment(
         AugmentConfig(crop_scale=tuple(crop_scale), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0),
         image_size,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=0.0)
-    n = len(subset)
-    if n < 2:
-        raise UserError(f"label fraction {fraction} leaves {n} labelled image; fine-tuning needs at least 2")
     batch = min(batch_size, n)
     steps_per_epoch = max(1, n // batch)  # full batches only (BatchNorm never sees a batch of one)
-    total = finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps)
-    images = subset.images.to(dev)
-    labels = subset.labels.to(dev)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     step = epoch = 0
     with torch.enable_grad():
-        while step < total:
+        while step < steps:
             order = torch.randperm(n, generator=gen)
-            for b in range(min(steps_per_epoch, total - step)):
+            for b in range(min(steps_per_epoch, steps - step)):
                 for g in optimizer.param_groups:
-                    g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                    g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 idx_dev = order[b * batch : (b + 1) * batch].to(dev)
                 x = aug(images[idx_dev], idx_dev, seed=seed, epoch=epoch, view=0)
                 with _autocast(dev, precision):
                     logits = model(x)
-                loss = F.cross_entropy(logits.float(), labels[idx_dev])
+                loss = loss_fn(logits.float(), idx_dev, x)
                 if not torch.isfinite(loss):
-                    raise UserError(f"fine-tuning diverged (non-finite loss at step {step}); lower the fine-tuning lr (now {lr})")
+                    raise UserError(f"{what} diverged (non-finite loss at step {step}); lower the {what} lr (now {lr})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
             epoch += 1
-    acc = _evaluate(model, test, image_size, dev, precision)
-    return {metric_name(fraction, k): v for k, v in acc.items()}
 
 
 def finetune_steps(n: int, *, epochs: int, batch_size: int, min_steps: int) -> int:

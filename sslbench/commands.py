@@ -31,7 +31,7 @@ from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .hostmem import keep_freed_memory
 
-PROTOCOLS = ("knn", "linear", "finetune")
+PROTOCOLS = ("knn", "linear", "finetune", "distill")
 RESULTS_FILE = "results.jsonl"
 BUDGET_FILE = "budget.json"  # written by `compare` into each run dir: the budget as the user gave it
 DEFAULT_LEADERBOARD_RESULTS = Path("runs") / RESULTS_FILE  # where `eval` puts rows of runs/<name>
@@ -137,6 +137,10 @@ class EvalOptions:
     finetune_lr: float = 0.2
     finetune_min_steps: int = 200
     from_projector_layer: int = 0
+    distill_epochs: int = 10  # distillation passes over all training images (labels unused)
+    distill_temperature: float = 1.0  # softmax temperature of teacher and student
+    distill_label_weight: float = 0.0  # weight of the ground-truth loss on the labelled images (SimCLR v2's 1 - alpha)
+    distill_student_init: str = "random"  # random (the paper: from scratch) | pretrained (the run's encoder)
     seed: int = 0  # linear-probe validation split, fine-tune subsets and batch order (not the run's seed)
     device: str | None = None  # None: cuda when available, else cpu
 
@@ -243,8 +247,10 @@ def evaluate_run(
 
     from sslbench.backbones import load_encoder
     from sslbench.evals.features import extract_features
+    from sslbench.backbones import create_backbone
+    from sslbench.evals.distill import distill, distill_protocol
     from sslbench.evals.finetune import (
-        finetune,
+        finetune_model,
         finetune_protocol,
         label_subset,
         projector_layers,
@@ -261,7 +267,8 @@ def evaluate_run(
         raise UserError(f"run directory {run_dir} does not exist")
     cfg = load_run_config(run_dir)
     encoder = load_encoder(run_dir)  # strict: a mismatched encoder is a UserError, never a partial load
-    projector = projector_layers(run_dir, opts.from_projector_layer) if "finetune" in opts.protocols and opts.from_projector_layer else None
+    tuned = {"finetune", "distill"} & set(opts.protocols)
+    projector = projector_layers(run_dir, opts.from_projector_layer) if tuned and opts.from_projector_layer else None
     summary = _read_summary(run_dir)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and cfg.keep_freed_memory:
@@ -288,6 +295,29 @@ def evaluate_run(
             append_row(results_path, row)
         rows.append(row)
 
+    teachers: dict[float, tuple[Any, dict[str, float]]] = {}
+
+    def teacher(fraction: float) -> tuple[Any, dict[str, float]]:
+        """The encoder fine-tuned on ``fraction`` of the labels and its metrics, trained once for
+        both the finetune row and the distillation teacher."""
+        if fraction in teachers:
+            return teachers[fraction]
+        tuned = finetune_model(
+            encoder, train, test, fraction=fraction, image_size=cfg.image_size, epochs=opts.finetune_epochs,
+            batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed, projector=projector,
+            device=device, precision=precision, min_steps=opts.finetune_min_steps,
+        )
+        if "distill" in opts.protocols:  # kept only when a distillation will need it
+            teachers[fraction] = tuned
+        return tuned
+
+    def finetune_record(fraction: float) -> dict[str, Any]:
+        return finetune_protocol(
+            fraction=fraction, n_labelled=len(label_subset(train, fraction, opts.seed)[0]), epochs=opts.finetune_epochs,
+            batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed,
+            from_projector_layer=opts.from_projector_layer, min_steps=opts.finetune_min_steps,
+        )
+
     feats: tuple[Any, Any] | None = None
     for protocol in opts.protocols:
         t0 = time.perf_counter()
@@ -300,18 +330,29 @@ def evaluate_run(
             m = linear_probe(feats[0], train.labels, feats[1], test.labels, epochs=opts.linear_epochs, seed=opts.seed, device=device)
             best_lr, best_wd = m.pop("linear_best_lr"), m.pop("linear_best_wd")
             emit(m, linear_protocol(epochs=opts.linear_epochs, seed=opts.seed, best_lr=best_lr, best_wd=best_wd))
+        elif protocol == "finetune":
+            for fraction in opts.fractions:
+                m = teacher(fraction)[1]
+                emit(m, finetune_record(fraction), label_fraction=fraction)
         else:
             for fraction in opts.fractions:
-                m = finetune(
-                    encoder, train, test, fraction=fraction, image_size=cfg.image_size, epochs=opts.finetune_epochs,
-                    batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed, projector=projector,
-                    device=device, precision=precision, min_steps=opts.finetune_min_steps,
-                )
-                n_labelled = len(label_subset(train, fraction, opts.seed)[0])
-                emit(m, finetune_protocol(
-                    fraction=fraction, n_labelled=n_labelled, epochs=opts.finetune_epochs, batch_size=opts.finetune_batch_size,
-                    lr=opts.finetune_lr, seed=opts.seed, from_projector_layer=opts.from_projector_layer,
+                if opts.distill_student_init == "pretrained":
+                    student = encoder
+                else:
+                    torch.manual_seed(opts.seed)
+                    student = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
+                model, _ = teacher(fraction)
+                m = distill(
+                    model, student, train, test, fraction=fraction, image_size=cfg.image_size, epochs=opts.distill_epochs,
+                    batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, temperature=opts.distill_temperature,
+                    label_weight=opts.distill_label_weight, seed=opts.seed, device=device, precision=precision,
                     min_steps=opts.finetune_min_steps,
+                )
+                emit(m, distill_protocol(
+                    fraction=fraction, n_labelled=len(label_subset(train, fraction, opts.seed)[0]), n_images=len(train),
+                    student_init=opts.distill_student_init, epochs=opts.distill_epochs, batch_size=opts.finetune_batch_size,
+                    lr=opts.finetune_lr, temperature=opts.distill_temperature, label_weight=opts.distill_label_weight,
+                    min_steps=opts.finetune_min_steps, seed=opts.seed, teacher=finetune_record(fraction),
                 ), label_fraction=fraction)
         print(f"note: {protocol} evaluation of {run_dir} took {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     out(f"{run_dir}: {cfg.method} / {cfg.backbone} / {run['data']} / {run['budget_kind']}={run['budget']}")
@@ -338,6 +379,12 @@ def _eval_options(args: argparse.Namespace) -> EvalOptions:
         raise UserError(f"--finetune-min-steps must be >= 0, got {args.finetune_min_steps}")
     if not args.finetune_lr > 0:
         raise UserError(f"--finetune-lr must be > 0, got {args.finetune_lr}")
+    if args.distill_epochs < 1:
+        raise UserError(f"--distill-epochs must be >= 1, got {args.distill_epochs}")
+    if not args.distill_temperature > 0:
+        raise UserError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
+    if not 0.0 <= args.distill_label_weight <= 1.0:
+        raise UserError(f"--distill-label-weight must be in [0, 1], got {args.distill_label_weight}")
     return EvalOptions(
         protocols=parse_protocols(args.protocol),
         fractions=parse_fractions(args.label_fractions),
@@ -348,6 +395,10 @@ def _eval_options(args: argparse.Namespace) -> EvalOptions:
         finetune_lr=args.finetune_lr,
         finetune_min_steps=args.finetune_min_steps,
         from_projector_layer=args.from_projector_layer,
+        distill_epochs=args.distill_epochs,
+        distill_temperature=args.distill_temperature,
+        distill_label_weight=args.distill_label_weight,
+        distill_student_init=args.distill_student_init,
         seed=args.eval_seed,
         device=args.device,
     )
@@ -393,21 +444,28 @@ def _stored_rows(results: Path, run_dir: Path, cfg: Any, opts: EvalOptions) -> t
 
     def stored(name: str, fraction: float | None, expect: dict[str, Any]) -> dict[str, Any] | None:
         match = [r for r in here if r["protocol"].get("name") == name and r.get("label_fraction") == fraction
-                 and r["protocol"].get("eval_data") == data and all(r["protocol"].get(k) == v for k, v in expect.items())]
+                 and r["protocol"].get("eval_data") == data and all(_matches(r["protocol"].get(k), v) for k, v in expect.items())]
         return match[-1] if match else None
 
     found: list[dict[str, Any]] = []
     protocols: list[str] = []
     fractions: list[float] = []
+    tuned = {"epochs": opts.finetune_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
+             "seed": opts.seed, "from_projector_layer": opts.from_projector_layer, "min_steps": opts.finetune_min_steps}
+    distilled = {"epochs": opts.distill_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
+                 "seed": opts.seed, "min_steps": opts.finetune_min_steps, "temperature": opts.distill_temperature,
+                 "label_weight": opts.distill_label_weight, "student_init": opts.distill_student_init,
+                 "teacher": lambda t: isinstance(t, dict) and all(t.get(k) == v for k, v in tuned.items())}
     for protocol in opts.protocols:
-        if protocol == "finetune":
-            expect = {"epochs": opts.finetune_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
-                      "seed": opts.seed, "from_projector_layer": opts.from_projector_layer, "min_steps": opts.finetune_min_steps}
+        if protocol in ("finetune", "distill"):
+            missing = False
             for fraction in opts.fractions:
-                row = stored("finetune", fraction, expect)
+                row = stored(protocol, fraction, tuned if protocol == "finetune" else distilled)
                 found += [row] if row else []
-                fractions += [] if row else [fraction]
-            protocols += ["finetune"] if fractions else []
+                if row is None:
+                    missing = True
+                    fractions += [] if fraction in fractions else [fraction]
+            protocols += [protocol] if missing else []
             continue
         if protocol == "knn":
             row = stored("knn", None, {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "weighting": "exp(sim/T)"})
@@ -415,7 +473,15 @@ def _stored_rows(results: Path, run_dir: Path, cfg: Any, opts: EvalOptions) -> t
             row = stored("linear", None, {"epochs": opts.linear_epochs, "seed": opts.seed, "train_augmentation": None})
         found += [row] if row else []
         protocols += [] if row else [protocol]
+    # Fine-tuning and distillation share one list of fractions: a stored row at a fraction that
+    # is evaluated again for the other protocol is replaced by the new row, never counted twice.
+    found = [r for r in found if not (r["protocol"]["name"] in protocols and r.get("label_fraction") in fractions)]
     return found, (dataclasses.replace(opts, protocols=protocols, fractions=fractions or opts.fractions) if protocols else None)
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """A stored protocol field against what is asked: equal, or accepted by ``expected`` when it is a predicate."""
+    return bool(expected(value)) if callable(expected) else value == expected
 
 
 def _finished(cfg: Any, run_dir: Path) -> bool:
@@ -562,7 +628,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def _add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str) -> None:
     p.add_argument("--protocol", default=default_protocols, help=f"comma-separated: {', '.join(PROTOCOLS)} (default {default_protocols})")
-    p.add_argument("--label-fractions", default="0.01,0.1,1", help="fine-tune label fractions in (0, 1] (default 0.01,0.1,1)")
+    p.add_argument("--label-fractions", default="0.01,0.1,1", help="fine-tune and distill label fractions in (0, 1] (default 0.01,0.1,1)")
     p.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs (default 100)")
     p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs per label fraction (default 10)")
     p.add_argument("--finetune-batch-size", type=int, default=256, help="fine-tuning batch size (default 256)")
@@ -570,6 +636,12 @@ def _add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str) -> No
     p.add_argument("--finetune-min-steps", type=int, default=200, help="at least this many fine-tuning steps per fraction (default 200)")
     p.add_argument("--from-projector-layer", type=int, default=0, metavar="K",
                    help="fine-tune from the K-th hidden projector layer (SimCLR v2: 1); default 0: the encoder")
+    p.add_argument("--distill-epochs", type=int, default=10, help="distillation passes over all training images (default 10)")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="distillation softmax temperature (default 1)")
+    p.add_argument("--distill-label-weight", type=float, default=0.0,
+                   help="weight of the ground-truth loss on the labelled images, in [0, 1] (default 0: distillation only)")
+    p.add_argument("--distill-student-init", choices=["random", "pretrained"], default="random",
+                   help="student encoder: random (from scratch, as SimCLR v2) or pretrained (the run's encoder); default random")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of validation split, label subsets and batch order (default 0)")
     p.add_argument("--device", help="evaluation device (default cuda when available, else cpu)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
