@@ -191,6 +191,8 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _run_fields(run_dir: Path, cfg: Any, summary: dict[str, Any], data: str, budget: tuple[str, Any], command: str, device: Any) -> dict[str, Any]:
+    from .config import training_identity
+
     kind, value = budget
     return {
         "method": cfg.method,
@@ -212,6 +214,7 @@ def _run_fields(run_dir: Path, cfg: Any, summary: dict[str, Any], data: str, bud
         "train_data": cfg.data,
         "eval_data": data,
         "backbone_kwargs": dict(cfg.backbone_kwargs),
+        "train_config": training_identity(cfg),
         "processes": summary.get("processes"),
         "hardware": hardware_summary(device),
         "eval_device": str(device),

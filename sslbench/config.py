@@ -360,6 +360,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Fields that decide how a run is executed, logged, stored or scored, not what it learns; the
+# training identity (:func:`training_identity`) leaves them out.
+OPERATIONAL_FIELDS = frozenset({
+    "seed", "output", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "max_memory_gb",
+    "cache_dir", "online_probe", "quick_knn", "knn_k", "knn_temperature", "keep_freed_memory", "compile",
+    "deterministic", "channels_last", "nonfinite", "max_skipped_steps",
+})
+
+
+def training_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What a run learned from, as flat ``{dotted key: value}`` (e.g. ``backbone_kwargs.channels``,
+    ``method_cfg.temperature``, ``aug.jitter_p``): the resolved config without the seed and the
+    :data:`OPERATIONAL_FIELDS`. Result rows carry it so that a leaderboard never merges runs
+    that trained differently (any field added later counts unless listed as operational)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+
+    for key, value in to_dict(cfg).items():
+        if key not in OPERATIONAL_FIELDS:
+            walk(f"{key}.", value)
+    return out
+
+
 def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

@@ -7,9 +7,14 @@ Aggregation rules:
 
 - Rows are grouped by (data, backbone, budget kind, budget, image size): only results trained
   under the same budget on the same data are compared. Within a group, rows are grouped by
-  method, and each metric is aggregated over seeds.
-- Duplicates: when several rows carry the same metric for the same (group, method, seed) -- an
-  evaluation that was re-run -- only the most recent one counts: the latest ``time`` wins, and
+  method and training configuration (the row's ``train_config``,
+  :func:`sslbench.config.training_identity`: everything but the seed and operational settings),
+  and each metric is aggregated over seeds. Runs of one method that trained differently (another
+  backbone width, lr, projector, ...) are separate entries, labelled with the settings in which
+  they differ (``simclr [backbone_kwargs.channels=8,16,32,64]``); rows written before
+  ``train_config`` existed form one entry per method, as before.
+- Duplicates: when several rows carry the same metric for the same (group, method,
+  configuration, seed) -- an evaluation that was re-run -- only the most recent one counts: the latest ``time`` wins, and
   rows with equal times are ordered by their position in the input (later wins). The run fields
   ``images_per_s`` and ``epochs`` come from the most recent row of each seed that has them.
 - A metric's mean is over its seeds; its standard deviation is the sample one (``ddof=1``) and
@@ -23,6 +28,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 import math
 import os
 from collections import defaultdict
@@ -87,7 +93,7 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
         metrics = row.get("metrics")
         if row.get("method") is None or not isinstance(metrics, Mapping):
             continue
-        key = (*(row.get(f) for f in GROUP_FIELDS), str(row["method"]))
+        key = (*(row.get(f) for f in GROUP_FIELDS), str(row["method"]), _variant(row))
         seed = row.get("seed")
         for name, value in metrics.items():
             values[key][seed][str(name)] = _as_float(value)
@@ -95,6 +101,9 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
             if isinstance(row.get(field), (int, float)):
                 run_info[key][seed][field] = float(row[field])
 
+    variants: dict[tuple[Any, ...], list[tuple[tuple[str, str], ...] | None]] = defaultdict(list)
+    for key in values:
+        variants[key[:-1]].append(key[-1])
     entries = []
     for key in sorted(values, key=_group_order):
         per_seed = values[key]
@@ -102,8 +111,9 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
         info = run_info[key]
         entries.append(
             {
-                **dict(zip(GROUP_FIELDS, key[:-1])),
-                "method": key[-1],
+                **dict(zip(GROUP_FIELDS, key[:-2])),
+                "method": key[-2],
+                "config": _difference(key[-1], variants[key[:-1]]),
                 "n_seeds": len(per_seed),
                 "metrics": {
                     name: _stats([v[name] for v in per_seed.values() if name in v]) for name in names
@@ -113,6 +123,43 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
             }
         )
     return entries
+
+
+def _variant(row: Row) -> tuple[tuple[str, str], ...] | None:
+    """The row's training configuration as a sortable, hashable key (``None``: not recorded)."""
+    cfg = row.get("train_config")
+    if not isinstance(cfg, Mapping):
+        return None
+    return tuple(sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in cfg.items()))
+
+
+def _difference(variant: tuple[tuple[str, str], ...] | None, others: list[tuple[tuple[str, str], ...] | None]) -> str:
+    """The settings in which ``variant`` differs from the other configurations of its method in
+    its group, e.g. ``backbone_kwargs.channels=8,16,32,64, lr=0.5``; ``''`` when it is the only one."""
+    if len(others) < 2:
+        return ""
+    if variant is None:
+        return "config not recorded"
+    mine = dict(variant)
+    known = [dict(v) for v in others if v is not None]
+    keys = sorted({k for v in known for k in v})
+    differ = [k for k in keys if len({v.get(k) for v in known}) > 1]
+    return ", ".join(f"{k}={_show(mine.get(k))}" for k in differ) or "config recorded"
+
+
+def _show(encoded: str | None) -> str:
+    """A JSON-encoded config value for a label: lists as ``8,16,32,64``, strings bare."""
+    if encoded is None:
+        return MISSING
+    value = json.loads(encoded)
+    if isinstance(value, list):
+        return ",".join(_show(json.dumps(v)) for v in value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def entry_name(entry: Mapping[str, Any]) -> str:
+    """``method`` or, when the method has several configurations in the group, ``method [settings]``."""
+    return f"{entry['method']} [{entry['config']}]" if entry.get("config") else str(entry["method"])
 
 
 def _groups(entries: list[dict[str, Any]]) -> list[tuple[tuple[Any, ...], list[dict[str, Any]]]]:
@@ -164,7 +211,7 @@ def _table(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["method", *names, "seeds", "epochs", "images/s"]
     body = [
         [
-            e["method"],
+            entry_name(e),
             *(_metric_cell(e["metrics"].get(name), e["n_seeds"]) for name in names),
             str(e["n_seeds"]),
             _count(e["epochs"]),
@@ -226,10 +273,10 @@ def _render_csv(entries: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     metric_cols = [c for name in names for c in (name, f"{name}_std", f"{name}_n")]
-    writer.writerow([*GROUP_FIELDS, "method", "seeds", "epochs", "images_per_s", *metric_cols])
+    writer.writerow([*GROUP_FIELDS, "method", "config", "seeds", "epochs", "images_per_s", *metric_cols])
     for e in entries:
         cells = ["" if e[f] is None else str(e[f]) for f in GROUP_FIELDS]
-        cells += [e["method"], str(e["n_seeds"]), _csv_number(e["epochs"]), _csv_number(e["images_per_s"])]
+        cells += [e["method"], e["config"], str(e["n_seeds"]), _csv_number(e["epochs"]), _csv_number(e["images_per_s"])]
         for name in names:
             s = e["metrics"].get(name)
             if s is None:
@@ -278,7 +325,7 @@ def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
     for ax, (group, entries) in zip(axes, groups):
         metric = sorted({name for e in entries for name in e["metrics"]})[0]
         stats = [e["metrics"].get(metric) for e in entries]
-        methods = [e["method"] for e in entries]
+        methods = [entry_name(e) for e in entries]
         ax.bar(methods, [math.nan if s is None else s["mean"] for s in stats], color="tab:blue")
         # Error bars only where there is a standard deviation (two seeds or more).
         spread = [(m, s["mean"], s["std"]) for m, s in zip(methods, stats) if s and s["std"] is not None]

@@ -86,6 +86,10 @@ def test_eval_writes_one_complete_row_per_protocol_and_fraction(run_dir, capsys)
         assert row["command"] == "sslbench " + " ".join(argv)
         assert ENV_KEYS <= set(row["env"]) and row["env"]["sslbench"]
         assert row["metrics"] and all(0.0 <= v <= 100.0 for v in row["metrics"].values())
+        # what the run learned from, for the leaderboard to keep differently trained runs apart
+        assert row["train_config"]["backbone_kwargs.channels"] == [8, 16, 32, 64]
+        assert row["train_config"]["method_cfg.temperature"] == 0.5 and row["train_config"]["steps"] == 4
+        assert not {"seed", "output", "log_every", "cache_dir", "online_probe"} & set(row["train_config"])
     knn, linear, ft1, ft2 = rows
     assert set(knn["metrics"]) == {"knn_top1", "knn_top5"}
     assert (knn["protocol"]["k"], knn["protocol"]["temperature"], knn["protocol"]["metric"]) == (200, 0.1, "cosine")

@@ -52,12 +52,12 @@ GOLDEN_MD = """\
 """
 
 GOLDEN_CSV = """\
-data,backbone,budget_kind,budget,image_size,method,seeds,epochs,images_per_s,knn_top1,knn_top1_std,knn_top1_n,linear_top1,linear_top1_std,linear_top1_n
-cifar10,resnet18,time,60,32,a|<b>,1,3,,40,,1,,,
-cifar10,resnet18,time,60,32,simsiam,1,2.5,512.4,50,,1,,,
-digits,resnet18,epochs,10,32,byol,1,10,900,78.5,,1,84.25,,1
-digits,resnet18,epochs,10,32,moco,3,10,1000,72,2,3,76,1.41421,2
-digits,resnet18,epochs,10,32,simclr,2,10,1100,81,1.41421,2,85.5,0.707107,2
+data,backbone,budget_kind,budget,image_size,method,config,seeds,epochs,images_per_s,knn_top1,knn_top1_std,knn_top1_n,linear_top1,linear_top1_std,linear_top1_n
+cifar10,resnet18,time,60,32,a|<b>,,1,3,,40,,1,,,
+cifar10,resnet18,time,60,32,simsiam,,1,2.5,512.4,50,,1,,,
+digits,resnet18,epochs,10,32,byol,,1,10,900,78.5,,1,84.25,,1
+digits,resnet18,epochs,10,32,moco,,3,10,1000,72,2,3,76,1.41421,2
+digits,resnet18,epochs,10,32,simclr,,2,10,1100,81,1.41421,2,85.5,0.707107,2
 """
 
 GOLDEN_HTML = """\
@@ -155,3 +155,50 @@ def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(UserError, match="pip install matplotlib"):
         plot(ROWS, tmp_path / "board.png")
     assert not (tmp_path / "board.png").exists()
+
+
+def _cfg(**changes):
+    base = {"method": "simclr", "backbone_kwargs.channels": [8, 16, 32, 64], "lr": 1.0, "method_cfg.projector": "v1"}
+    return {**base, **changes}
+
+
+def test_runs_that_trained_differently_are_separate_entries_never_merged_or_dropped():
+    """Two widths of one method, both seed 0, evaluated into one store: before, one entry showed
+    the second run's k-NN next to the first run's linear probe and the first k-NN vanished; and
+    seeds of different widths were averaged."""
+    narrow, wide = _cfg(), _cfg(**{"backbone_kwargs.channels": [16, 32, 64, 128]})
+    rows = [
+        {**_row("simclr", 0, {"knn_top1": 47.78, "linear_top1": 64.44}), "train_config": narrow},
+        {**_row("simclr", 0, {"knn_top1": 56.22}, time="2026-01-02T00:00:00.000+00:00"), "train_config": wide},
+        {**_row("simclr", 1, {"knn_top1": 50.0}), "train_config": wide},
+        {**_row("byol", 0, {"knn_top1": 60.0}), "train_config": {**narrow, "method": "byol"}},
+    ]
+    entries = {(e["method"], e["config"]): e for e in aggregate(rows)}
+    assert set(entries) == {("byol", ""), ("simclr", "backbone_kwargs.channels=8,16,32,64"),
+                            ("simclr", "backbone_kwargs.channels=16,32,64,128")}
+    first = entries["simclr", "backbone_kwargs.channels=8,16,32,64"]
+    assert first["n_seeds"] == 1 and first["metrics"]["knn_top1"]["mean"] == 47.78
+    assert first["metrics"]["linear_top1"]["mean"] == 64.44
+    second = entries["simclr", "backbone_kwargs.channels=16,32,64,128"]
+    assert second["n_seeds"] == 2 and second["metrics"]["knn_top1"]["mean"] == pytest.approx(53.11)
+    assert "linear_top1" not in second["metrics"]
+    md = render(rows, "md")
+    assert "| simclr [backbone_kwargs.channels=8,16,32,64] " in md and "| byol " in md
+    assert "simclr,backbone_kwargs.channels=16,32,64,128,2," in render(rows, "csv").replace('"', "")
+    # several differing settings are all named; a re-run of one run's evaluation still replaces it
+    other = _cfg(lr=0.5, **{"method_cfg.projector": "v2"})
+    rows2 = [
+        {**_row("simclr", 0, {"knn_top1": 1.0}), "train_config": narrow},
+        {**_row("simclr", 0, {"knn_top1": 2.0}, time="2026-01-03T00:00:00.000+00:00"), "train_config": narrow},
+        {**_row("simclr", 0, {"knn_top1": 3.0}), "train_config": other},
+    ]
+    labels = {e["config"]: e["metrics"]["knn_top1"]["mean"] for e in aggregate(rows2)}
+    assert labels == {"lr=1.0, method_cfg.projector=v1": 2.0, "lr=0.5, method_cfg.projector=v2": 3.0}
+
+
+def test_rows_without_a_recorded_config_keep_the_old_grouping():
+    rows = [_row("simclr", 0, {"knn_top1": 1.0}), _row("simclr", 1, {"knn_top1": 3.0})]
+    (entry,) = aggregate(rows)
+    assert entry["config"] == "" and entry["n_seeds"] == 2
+    mixed = [*rows, {**_row("simclr", 0, {"knn_top1": 9.0}), "train_config": _cfg()}]
+    assert sorted(e["config"] for e in aggregate(mixed)) == ["config not recorded", "config recorded"]
