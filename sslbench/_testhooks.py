@@ -14,8 +14,12 @@ tests can crash a run at an exact point instead of sleeping and hoping:
     Send SIGTERM (or SIGNAME, e.g. ``SIGINT``) to this process right after step N; with ``@RANK``
     only in the process of that rank (``$RANK``, set by ``torchrun``), as when a scheduler's
     signal reaches the processes of a multi-process run at different steps.
-``SSLBENCH_TEST_NAN_AT=N``
-    Make the loss of step N (the step after which N steps are done) NaN.
+``SSLBENCH_TEST_NAN_AT=N[@RANK]``
+    Make the loss of step N (the step after which N steps are done) NaN; with ``@RANK`` only in
+    the process of that rank.
+``SSLBENCH_TEST_DEFERRED_NONFINITE=1``
+    Check for a non-finite loss the way the trainer does on a GPU (recorded on the device, read at
+    logging and checkpoint steps) instead of after every step as on the CPU.
 
 Steps are counted as "steps done", like checkpoint names (``step-00000004`` holds the state after 4
 steps) and the ``step`` of ``metrics.jsonl``.
@@ -29,6 +33,7 @@ import signal
 KILL_AT = "SSLBENCH_TEST_KILL_AT"
 SIGNAL_AT = "SSLBENCH_TEST_SIGNAL_AT"
 NAN_AT = "SSLBENCH_TEST_NAN_AT"
+DEFERRED_NONFINITE = "SSLBENCH_TEST_DEFERRED_NONFINITE"
 
 
 def kill_point(kind: str, n: int) -> None:
@@ -52,4 +57,12 @@ def after_step(done: int) -> None:
 def nan_at(done: int) -> bool:
     """Whether the loss of the step that makes ``done`` steps done should be NaN."""
     spec = os.environ.get(NAN_AT)
-    return bool(spec) and spec.strip() == str(done)
+    if not spec:
+        return False
+    at, _, rank = spec.partition("@")
+    return at.strip() == str(done) and (not rank.strip() or rank.strip() == os.environ.get("RANK", "0"))
+
+
+def deferred_nonfinite() -> bool:
+    """Whether to check non-finite losses as on a GPU (``$SSLBENCH_TEST_DEFERRED_NONFINITE``)."""
+    return os.environ.get(DEFERRED_NONFINITE, "") == "1"

@@ -474,7 +474,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     step = start_step
     stopped = False
     stop_signal: int | None = None
-    check_each_step = cfg.nonfinite == "skip" or accelerator.device.type == "cpu"
+    check_each_step = (cfg.nonfinite == "skip" or accelerator.device.type == "cpu") and not _testhooks.deferred_nonfinite()
+
+    def check_nonfinite() -> None:
+        """Raise if any process has recorded a non-finite loss since the last check (a host sync,
+        so only at logging steps and before every checkpoint: a NaN step is never saved)."""
+        if not check_each_step:
+            bad = _first_nonfinite(first_bad, world)
+            if bad >= 0:
+                _raise_nonfinite(bad, last_ckpt, cfg)
+
     step_module.train()
     with _StopFlag() as stop, progress:
         for step, views, idx in _batches(cfg, train_split, sched, start_step, rank, accelerator.device, augmenters, file_views, data_on_device):
@@ -533,8 +542,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                 metrics_file.write(json.dumps(probe_record) + "\n")
             if log_step:
                 mean_loss = dist.all_reduce_mean(loss_sum / loss_n) if world > 1 else loss_sum / loss_n
-                if not check_each_step and int(first_bad) >= 0:
-                    _raise_nonfinite(int(first_bad), last_ckpt, cfg)
+                check_nonfinite()
                 now = time.perf_counter()
                 ips = images_since_log / max(now - t_log, 1e-9)
                 record = {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "loss": float(mean_loss), "lr": lr, "images_per_s": round(ips, 2)}
@@ -549,9 +557,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
             else:
                 progress.advance(done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps:
+                check_nonfinite()
                 last_ckpt = save(done)
             if stop_signal is not None:
                 if not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps):
+                    check_nonfinite()
                     last_ckpt = save(done)  # (else it was saved just above)
                 stopped = True
                 if main:
@@ -575,6 +585,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     )
     if stopped:
         return result
+    check_nonfinite()
     save(sched.total_steps)
     accelerator.wait_for_everyone()
     if main:
@@ -609,6 +620,19 @@ def _agree_to_stop(signum: int | None, budget_spent: bool, device: torch.device)
     torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
     signal_max, spent = flags.tolist()
     return (signal_max or None), bool(spent)
+
+
+def _first_nonfinite(first_bad: Tensor, world: int) -> int:
+    """The earliest step at which any process recorded a non-finite loss (``first_bad``, -1 for
+    none), the same on every process (one all-reduce when there are several)."""
+    if world == 1:
+        return int(first_bad)
+    import torch.distributed as torch_dist
+
+    none = torch.iinfo(torch.int64).max
+    earliest = torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, none))
+    torch_dist.all_reduce(earliest, op=torch_dist.ReduceOp.MIN)
+    return -1 if int(earliest) == none else int(earliest)
 
 
 def _raise_nonfinite(step: int, last_ckpt: Path | None, cfg: TrainConfig, *, skipped: int = 0) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_ENV_VARS = ("SSLBENCH_TEST_KILL_AT", "SSLBENCH_TEST_SIGNAL_AT", "SSLBENCH_TEST_NAN_AT")
+TEST_ENV_VARS = ("SSLBENCH_TEST_KILL_AT", "SSLBENCH_TEST_SIGNAL_AT", "SSLBENCH_TEST_NAN_AT", "SSLBENCH_TEST_DEFERRED_NONFINITE")
 
 # A narrow ResNet-18 at 16 px: each training step takes milliseconds.
 TINY = ["--image-size", "16", "--batch-size", "16", "--set", "backbone_kwargs.channels=8,16,32,64",

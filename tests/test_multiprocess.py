@@ -331,3 +331,19 @@ def test_sigterm_in_one_process_stops_every_process_after_the_same_step(tmp_path
     assert (out / "checkpoints" / "step-00000003" / "manifest.json").is_file()
     assert [r["step"] for r in _metrics(out)] == [3]
     assert not (out / "encoder.safetensors").exists()
+
+
+def test_a_nan_in_one_process_stops_every_process_with_the_same_error(tmp_path: Path) -> None:
+    """With the GPU's deferred check (the NaN flag is read at logging steps), a NaN loss in rank 1
+    only, at the logging step 3: each process used to read its own flag, so rank 1 stopped while
+    rank 0 went on into the next step's collectives (on NCCL: a hang). The flag is now agreed
+    (the earliest bad step of any process): both stop with the same one-line error."""
+    out = tmp_path / "run"
+    args = [*_common_args("simclr", out), "--steps", "6", "--set", "log_every=3", "--set", "checkpoint_every=0"]
+    env = _group_env(tmp_path, SSLBENCH_TEST_NAN_AT="3@1", SSLBENCH_TEST_DEFERRED_NONFINITE="1")
+    proc = _run(_torchrun(args), env, tmp_path / "2proc.log")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "non-finite loss (NaN or inf) at step 3" in line]
+    assert len(errors) == 2, proc.stderr[-4000:]  # one per process
+    assert "sslbench/trainer.py" not in proc.stderr, proc.stderr[-4000:]  # (torchrun prints its own traceback)
+    assert not (out / "encoder.safetensors").exists()

@@ -48,6 +48,9 @@ KILLS = {
 }
 
 
+DEFERRED_NAN = {"SSLBENCH_TEST_NAN_AT": "3", "SSLBENCH_TEST_DEFERRED_NONFINITE": "1"}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Run every scenario (first processes all at once, then the resumes all at once) and record
@@ -73,6 +76,10 @@ def runs(tmp_path_factory):
             first("sigint", "simclr", {"SSLBENCH_TEST_SIGNAL_AT": "3:SIGINT"}),
             first("nan-stop", "simclr", {"SSLBENCH_TEST_NAN_AT": "3"}),
             first("nan-skip", "simclr", {"SSLBENCH_TEST_NAN_AT": "3"}, "--set", "nonfinite=skip"),
+            # the GPU's way of checking (read at logging steps): a checkpoint due first must not save the NaN state
+            first("nan-deferred", "simclr", DEFERRED_NAN, "--set", "log_every=5"),
+            first("nan-deferred-sigterm", "simclr", {**DEFERRED_NAN, "SSLBENCH_TEST_SIGNAL_AT": "4"},
+                  "--set", "log_every=5", "--set", "checkpoint_every=0"),
         ]
         for name, child in children:
             rec[name]["first"] = child.wait()
@@ -178,6 +185,24 @@ def test_nan_loss_stops_with_one_line_naming_step_and_checkpoint(runs):
     assert "non-finite loss" in err[0] and "at step 3" in err[0]
     assert str(rec["dir"] / "checkpoints" / "step-00000002") in err[0]
     assert rec["after_first"] == ["step-00000002"]
+
+
+@pytest.mark.parametrize("name", ["nan-deferred", "nan-deferred-sigterm"])
+def test_a_nan_found_only_at_logging_steps_is_never_saved_as_a_checkpoint(runs, name):
+    """On a GPU the NaN flag of step 3 is read at logging steps (here 5). The checkpoint due at
+    step 4 (or the one a SIGTERM after step 4 asks for) would hold NaN weights and be named "the
+    last good checkpoint" (seen before the fix: 112 of 134 tensors NaN): the flag is read before
+    every save, so the run stops at step 4 with the error naming step 3 and the checkpoint of step 2."""
+    rec = runs[name]
+    r = rec["first"]
+    assert r.returncode == 2, r.describe()
+    err = lines(r.stderr)
+    assert len(err) == 1 and "non-finite loss" in err[0] and "at step 3" in err[0], r.describe()
+    if name == "nan-deferred":
+        assert str(rec["dir"] / "checkpoints" / "step-00000002") in err[0]
+        assert rec["after_first"] == ["step-00000002"]
+    else:
+        assert "no checkpoint was saved yet" in err[0] and rec["after_first"] == []
 
 
 def test_nan_loss_skipped_with_nonfinite_skip(runs):
