@@ -59,6 +59,8 @@ def knn_classify(
     Returns:
         Scores ``(M, C)`` on ``train_feats.device``: summed vote weights (weighted) or vote
         counts (majority vote). float64 when the training features are float64, else float32.
+        Weighted scores are scaled per test row by ``exp(-s_max / T)`` (``s_max``: the row's
+        highest similarity), which keeps them finite at any temperature and changes no ranking.
     """
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise UserError(
@@ -92,7 +94,9 @@ def knn_classify(
         query = F.normalize(test_feats[start : start + chunk_size].to(device, dtype), dim=1)
         sim = query @ train_t  # (m, N) cosine similarities
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = (top_sim / temperature).exp() if weighted else torch.ones_like(top_sim)
+        # exp((sim - best) / T): each row's InstDisc scores divided by exp(best / T), the same
+        # ranking, and never inf (exp(sim / T) overflows float32 for T < ~0.011).
+        votes = ((top_sim - top_sim[:, :1]) / temperature).exp() if weighted else torch.ones_like(top_sim)
         scores[start : start + query.shape[0]].scatter_add_(1, labels[top_idx], votes)
     return scores
 

@@ -163,21 +163,6 @@ def run_budget(run_dir: Path, cfg: Any) -> tuple[str, Any]:
     return "epochs", cfg.epochs if cfg.epochs is not None else 10
 
 
-def hardware_summary(device: Any) -> str:
-    """One line naming the hardware that trained/evaluated, e.g. ``1x NVIDIA H100`` or
-    ``cpu: AMD EPYC ... (2 cores)``."""
-    import os
-
-    import torch
-
-    from .results import _cpu_model
-
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return f"{len(names)}x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
-    return f"cpu: {_cpu_model() or 'unknown'} ({os.cpu_count()} cores)"
-
-
 def _read_summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "results.json"
     if not path.is_file():
@@ -192,6 +177,7 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 def _run_fields(run_dir: Path, cfg: Any, summary: dict[str, Any], data: str, budget: tuple[str, Any], command: str, device: Any) -> dict[str, Any]:
     from .config import training_identity
+    from .results import hardware_summary
 
     kind, value = budget
     return {
@@ -217,6 +203,7 @@ def _run_fields(run_dir: Path, cfg: Any, summary: dict[str, Any], data: str, bud
         "train_config": training_identity(cfg),
         "processes": summary.get("processes"),
         "hardware": hardware_summary(device),
+        "train_hardware": summary.get("hardware"),
         "eval_device": str(device),
     }
 

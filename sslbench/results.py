@@ -222,6 +222,17 @@ def environment_info() -> dict[str, Any]:
     }
 
 
+def hardware_summary(device: Any) -> str:
+    """One line naming the hardware a computation ran on: the GPUs for a CUDA ``device`` (e.g.
+    ``1x NVIDIA H100 80GB HBM3``), else the CPU (``cpu: AMD EPYC ... (2 cores)``)."""
+    import torch
+
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"{len(names)}x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+    return f"cpu: {_cpu_model() or 'unknown'} ({os.cpu_count()} cores)"
+
+
 def make_row(
     *, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]
 ) -> dict[str, Any]:

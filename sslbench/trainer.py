@@ -38,6 +38,7 @@ from .method import default_view_augmentations
 from .momentum import ema_update_
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
 from .registry import get_method
+from .results import hardware_summary
 
 
 def build_method(cfg: TrainConfig) -> nn.Module:
@@ -603,7 +604,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
             "steps": result.steps, "epochs": result.epochs, "images_seen": result.images_seen,
             "batch_size": sched.global_batch, "wall_time_s": result.wall_time_s,
             "images_per_s": result.images_per_s, "precision": precision, "seed": cfg.seed,
-            "processes": world, "metrics": result.metrics,
+            "processes": world, "hardware": hardware_summary(accelerator.device), "metrics": result.metrics,
         }
         _write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2), finish)
     accelerator.wait_for_everyone()

@@ -90,6 +90,7 @@ def test_eval_writes_one_complete_row_per_protocol_and_fraction(run_dir, capsys)
         assert row["train_config"]["backbone_kwargs.channels"] == [8, 16, 32, 64]
         assert row["train_config"]["method_cfg.temperature"] == 0.5 and row["train_config"]["steps"] == 4
         assert not {"seed", "output", "log_every", "cache_dir", "online_probe"} & set(row["train_config"])
+        assert row["train_hardware"] == summary["hardware"] == row["hardware"]  # trained and evaluated here, on the CPU
     knn, linear, ft1, ft2 = rows
     assert set(knn["metrics"]) == {"knn_top1", "knn_top5"}
     assert (knn["protocol"]["k"], knn["protocol"]["temperature"], knn["protocol"]["metric"]) == (200, 0.1, "cosine")
@@ -189,3 +190,14 @@ def test_cpu_eval_follows_the_runs_keep_freed_memory(run_dir, tmp_path, monkeypa
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["eval", str(run), "--protocol", "knn", "--device", "cpu", "--results", str(tmp_path / "r.jsonl")]) == 0
     assert len(calls) == (1 if keep else 0)
+
+
+def test_hardware_names_the_device_that_ran_not_any_gpu_present(monkeypatch):
+    """The row's hardware named the GPUs whenever CUDA was available, also for --device cpu."""
+    from sslbench.results import hardware_summary
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    assert hardware_summary(torch.device("cpu")).startswith("cpu: ")
+    assert hardware_summary("cuda:0") == "1x NVIDIA H100 80GB HBM3"

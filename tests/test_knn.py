@@ -40,7 +40,8 @@ def _reference_scores(train, train_labels, test, *, k, temperature, weighted, n_
         sims = sorted(((cos(q, x), j) for j, x in enumerate(train)), reverse=True)[: min(k, len(train))]
         row = [0.0] * n_classes
         for s, j in sims:
-            row[labels[j]] += math.exp(s / temperature) if weighted else 1.0
+            # exp(sim / T) divided by exp(best / T): knn_classify's per-row scale (same ranking)
+            row[labels[j]] += math.exp((s - sims[0][0]) / temperature) if weighted else 1.0
         out.append(row)
     return torch.tensor(out, dtype=torch.float64)
 
@@ -177,3 +178,18 @@ def test_protocol_record() -> None:
     assert p["k"] == 200 and p["temperature"] == 0.1 and p["metric"] == "cosine"
     assert "Wu" in p["reference"]
     assert knn_protocol(20, 0.1, False)["temperature"] is None
+
+
+@pytest.mark.parametrize("temperature", [0.02, 0.01, 0.002])
+def test_low_temperatures_neither_overflow_nor_tie(temperature: float) -> None:
+    """exp(sim / T) overflows float32 once 1/T > 88.7: two classes with a near neighbour both
+    scored inf and the tie went to class 0. The query equals a class-1 point; two class-0 points
+    have cosine 0.95 with it, so class 1 wins at every temperature below ~0.1."""
+    q = torch.tensor([[1.0, 0.0]])
+    other = torch.tensor([0.95, math.sqrt(1 - 0.95**2)])
+    train = torch.stack([q[0], other, other])
+    labels = torch.tensor([1, 0, 0])
+    scores = knn_classify(train, labels, q, k=3, temperature=temperature, num_classes=2)
+    assert torch.isfinite(scores).all(), scores
+    assert scores.argmax(1).tolist() == [1], scores
+    assert knn_eval(train, labels, q, torch.tensor([1]), k=3, temperature=temperature)["knn_top1"] == 100.0
