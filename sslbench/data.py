@@ -271,7 +271,9 @@ def load_split(
     if kind == "hf":
         return _load_hf(arg, split, size, cache_root, max_memory_gb)
     if kind == "digits":
-        return _cached(cache_root, "digits", split, size, {}, lambda: _build_digits(split, size, max_memory_gb))
+        out = _cached(cache_root, "digits", split, size, {}, lambda: _build_digits(split, size, max_memory_gb))
+        _check_memory(len(out), size, max_memory_gb, f"digits {split}")  # also on a cache hit
+        return out
     return _load_torchvision(kind, split, size, cache_root, max_memory_gb, download)
 
 
@@ -305,7 +307,25 @@ def _open_rgb(source: str | bytes | dict[str, Any]) -> Image.Image:
         img.load()  # decode now, so truncation raises here and not later
         if img.mode == "P" and "transparency" in img.info:
             return img.convert("RGBA").convert("RGB")
+        if img.mode.startswith("I") or img.mode == "F":
+            return _to_8bit_gray(img).convert("RGB")
         return img.convert("RGB")
+
+
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float single-channel image as 8-bit grayscale (Pillow's own
+    ``convert`` clips every value above 255, so a 16-bit image would come out white): 16-bit
+    ranges (max > 255) are scaled by 255 / 65535, larger integers by 255 / max, floats in [0, 1]
+    by 255; anything else is clipped to [0, 255]."""
+    import numpy as np
+
+    arr = np.asarray(img).astype(np.float64)
+    top = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F" and top <= 1.0:
+        arr = arr * 255.0
+    elif img.mode != "F" and top > 255:
+        arr = arr * (255.0 / (65535.0 if top <= 65535 else top))
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
 def _fit(img: Image.Image, size: int) -> Image.Image:
@@ -603,7 +623,9 @@ def _load_torchvision(name: str, split: str, size: int, cache_root: Path, max_me
         _check_memory(len(labels), size, max_memory_gb, f"{name} {split}")
         return ImageSplit(_fit_array(images, size), torch.from_numpy(labels), classes)
 
-    return _cached(cache_root, f"{name}:{folder.resolve()}", split, size, _fingerprint([str(f.resolve()) for f in files]), build)
+    out = _cached(cache_root, f"{name}:{folder.resolve()}", split, size, _fingerprint([str(f.resolve()) for f in files]), build)
+    _check_memory(len(out), size, max_memory_gb, f"{name} {split}")  # also on a cache hit
+    return out
 
 
 # --------------------------------------------------------------------------------------------

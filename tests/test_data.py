@@ -463,3 +463,31 @@ def test_real_cifar10_jpeg_folder(tmp_path: Path) -> None:
     assert train.labels.bincount().tolist() == [5000] * 10 and test.labels.bincount().tolist() == [1000] * 10
     mean = train.images.float().mean() / 255
     assert 0.45 < mean < 0.50  # CIFAR-10's mean pixel is about 0.47: real photos, no zero rows
+
+
+@pytest.mark.parametrize(
+    "make, fmt",
+    [
+        (lambda g: Image.fromarray(g.astype(np.uint16) * 257), "PNG"),  # 16-bit grayscale (I;16)
+        (lambda g: Image.fromarray(g.astype(np.int32) * 257), "TIFF"),  # 32-bit integer (I)
+        (lambda g: Image.fromarray(g.astype(np.float32) / 255), "TIFF"),  # float in [0, 1] (F)
+        (lambda g: Image.fromarray(g), "PNG"),  # 8-bit grayscale (L), the reference
+    ],
+)
+def test_high_bit_depth_images_decode_like_their_8_bit_version(make, fmt):
+    """Pillow's convert('RGB') clips values above 255: a 16-bit image decoded all white."""
+    g = (np.arange(48 * 40).reshape(40, 48) % 256).astype(np.uint8)
+    buf = io.BytesIO()
+    make(g).save(buf, fmt)
+    rgb = np.asarray(data._open_rgb(buf.getvalue()))
+    assert rgb.shape == (40, 48, 3) and rgb.dtype == np.uint8
+    for c in range(3):
+        assert np.array_equal(rgb[..., c], g)
+
+
+def test_max_memory_gb_is_enforced_also_when_the_split_is_cached(tmp_path):
+    """The digits (and torchvision) limit was checked only while decoding: a warm cache loaded
+    the split whatever max_memory_gb said."""
+    assert len(load_split("digits", "test", 16, cache_dir=tmp_path)) > 0  # warm the cache
+    with pytest.raises(UserError, match="more than max_memory_gb=1e-06"):
+        load_split("digits", "test", 16, cache_dir=tmp_path, max_memory_gb=1e-6)
