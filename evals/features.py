@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from sslbench.data import FileSplit, ImageSplit, _fit, store_size
 from sslbench.errors import UserError
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -125,4 +126,52 @@ def extract_features(
             chunks.append(out.float().cpu())
     if not chunks:
         raise UserError("extract_features got no images (N = 0)")
+    return torch.cat(chunks)
+
+
+class _DecodedImages(torch.utils.data.Dataset):
+    """The images of a file-backed split as uint8 ``(3, s, s)`` tensors at its storage size: the
+    pixels an in-memory split holds."""
+
+    def __init__(self, split: FileSplit, image_size: int) -> None:
+        self.split = split
+        self.size = split.size if split.size is not None else store_size(image_size)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> Tensor:
+        import numpy as np
+
+        img = self.split.open(i)
+        if img.size != (self.size, self.size):
+            img = _fit(img, self.size)
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def split_features(
+    encoder: nn.Module,
+    split: ImageSplit | FileSplit,
+    *,
+    image_size: int,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    precision: str = "no",
+    num_workers: int = 2,
+) -> Tensor:
+    """:func:`extract_features` of every image of a split, in order: an in-memory split directly,
+    a file-backed one (too large for memory) decoded batch by batch by ``num_workers`` DataLoader
+    workers, with the same pixels and the same evaluation transform."""
+    if isinstance(split, ImageSplit):
+        return extract_features(encoder, split.images, image_size=image_size, batch_size=batch_size, device=device, precision=precision)
+    loader = torch.utils.data.DataLoader(
+        _DecodedImages(split, image_size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        persistent_workers=False,
+    )
+    chunks = [
+        extract_features(encoder, batch, image_size=image_size, batch_size=batch_size, device=device, precision=precision)
+        for batch in loader
+    ]
+    if not chunks:
+        raise UserError("split_features got no images (N = 0)")
     return torch.cat(chunks)

@@ -141,6 +141,7 @@ class EvalOptions:
     distill_temperature: float = 1.0  # softmax temperature of teacher and student
     distill_label_weight: float = 0.0  # weight of the ground-truth loss on the labelled images (SimCLR v2's 1 - alpha)
     distill_student_init: str = "random"  # random (the paper: from scratch) | pretrained (the run's encoder)
+    max_memory_gb: float | None = None  # evaluation data larger than this is read from disk (None: the run's max_memory_gb)
     seed: int = 0  # linear-probe validation split, fine-tune subsets and batch order (not the run's seed)
     device: str | None = None  # None: cuda when available, else cpu
 
@@ -236,7 +237,7 @@ def evaluate_run(
     import torch
 
     from sslbench.backbones import load_encoder
-    from sslbench.evals.features import extract_features
+    from sslbench.evals.features import split_features
     from sslbench.backbones import create_backbone
     from sslbench.evals.distill import distill, distill_protocol
     from sslbench.evals.finetune import (
@@ -267,11 +268,15 @@ def evaluate_run(
     run_precision = summary.get("precision", cfg.precision)
     precision = run_precision if run_precision in ("bf16", "fp16") and device.type == "cuda" else "no"
     data = opts.data or cfg.data
+    max_memory_gb = cfg.max_memory_gb if opts.max_memory_gb is None else opts.max_memory_gb
     splits = {}
     for split in ("train", "test"):
-        s = load_split(data, split, cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
-        if not isinstance(s, ImageSplit):
-            raise UserError(f"{data} {split} does not fit in memory (max_memory_gb={cfg.max_memory_gb}); evaluation needs in-memory splits")
+        s = load_split(data, split, cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=max_memory_gb)
+        if not isinstance(s, ImageSplit) and tuned:
+            raise UserError(
+                f"{data} {split} does not fit in memory (max_memory_gb={max_memory_gb:g}); {'/'.join(sorted(tuned))} "
+                "needs in-memory splits (knn and linear also read data from disk): raise --max-memory-gb"
+            )
         splits[split] = s
     train, test = splits["train"], splits["test"]
     run = _run_fields(run_dir, cfg, summary, data, budget or run_budget(run_dir, cfg), command, device)
@@ -312,7 +317,7 @@ def evaluate_run(
     for protocol in opts.protocols:
         t0 = time.perf_counter()
         if protocol in ("knn", "linear") and feats is None:
-            feats = tuple(extract_features(encoder, s.images, image_size=cfg.image_size, device=device, precision=precision) for s in (train, test))
+            feats = tuple(split_features(encoder, s, image_size=cfg.image_size, device=device, precision=precision, num_workers=cfg.num_workers) for s in (train, test))
         if protocol == "knn":
             m = knn_eval(feats[0].to(device), train.labels.to(device), feats[1].to(device), test.labels.to(device), k=cfg.knn_k, temperature=cfg.knn_temperature)
             emit(m, knn_protocol(cfg.knn_k, cfg.knn_temperature))
@@ -369,6 +374,8 @@ def _eval_options(args: argparse.Namespace) -> EvalOptions:
         raise UserError(f"--finetune-min-steps must be >= 0, got {args.finetune_min_steps}")
     if not args.finetune_lr > 0:
         raise UserError(f"--finetune-lr must be > 0, got {args.finetune_lr}")
+    if args.max_memory_gb is not None and not args.max_memory_gb >= 0:
+        raise UserError(f"--max-memory-gb must be >= 0, got {args.max_memory_gb}")
     if args.distill_epochs < 1:
         raise UserError(f"--distill-epochs must be >= 1, got {args.distill_epochs}")
     if not args.distill_temperature > 0:
@@ -389,6 +396,7 @@ def _eval_options(args: argparse.Namespace) -> EvalOptions:
         distill_temperature=args.distill_temperature,
         distill_label_weight=args.distill_label_weight,
         distill_student_init=args.distill_student_init,
+        max_memory_gb=args.max_memory_gb,
         seed=args.eval_seed,
         device=args.device,
     )
@@ -555,6 +563,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if (run_dir / "config.yaml").is_file() and not _same_config(cfg, run_dir):
             raise UserError(f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
                             "or repeat the original command to continue that comparison")
+    tuned = sorted({"finetune", "distill"} & set(opts.protocols))
+    if tuned and plans:  # before anything trains: these protocols need the data in memory
+        from .data import ImageSplit, load_split
+
+        cfg = plans[0][2]
+        limit = cfg.max_memory_gb if opts.max_memory_gb is None else opts.max_memory_gb
+        for split in ("train", "test"):
+            if not isinstance(load_split(cfg.data, split, cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=limit), ImageSplit):
+                raise UserError(f"{cfg.data} {split} does not fit in memory (max_memory_gb={limit:g}); {'/'.join(tuned)} "
+                                "needs in-memory splits: raise --max-memory-gb, or compare with --protocol knn,linear")
     results = out_dir / RESULTS_FILE
     command = _command_line(args)
     rows: list[dict[str, Any]] = []
@@ -632,6 +650,8 @@ def _add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str) -> No
                    help="weight of the ground-truth loss on the labelled images, in [0, 1] (default 0: distillation only)")
     p.add_argument("--distill-student-init", choices=["random", "pretrained"], default="random",
                    help="student encoder: random (from scratch, as SimCLR v2) or pretrained (the run's encoder); default random")
+    p.add_argument("--max-memory-gb", type=float, metavar="GB",
+                   help="evaluation data larger than this is read from disk: k-NN and linear only (default: the run's max_memory_gb)")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of validation split, label subsets and batch order (default 0)")
     p.add_argument("--device", help="evaluation device (default cuda when available, else cpu)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

@@ -663,7 +663,7 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
     test_split = load_split(cfg.data, "test", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
     if not isinstance(train_split, ImageSplit) or not isinstance(test_split, ImageSplit):
         if not quiet:
-            print("note: quick k-NN skipped for data that does not fit in memory; use `sslbench eval`", file=sys.stderr)
+            print(f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`", file=sys.stderr)
         return {}
     prec = "bf16" if precision == "bf16" else "no"
 

@@ -70,6 +70,20 @@ def test_compare_unknown_method_fails_before_training(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_compare_that_would_fine_tune_data_read_from_disk_fails_before_training(tmp_path, capsys):
+    """It trained the first method completely and then failed at its evaluation."""
+    from _reliability import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=2, train=4, test=2)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "simclr,byol", "--steps", "1", "--output", str(out), "--set", TINY,
+            "--data", f"imagefolder:{data}", "--set", "max_memory_gb=0", "--protocol", "knn,finetune"]
+    assert main(argv) == 2
+    err = _error_line(capsys)
+    assert "train does not fit in memory (max_memory_gb=0); finetune needs in-memory splits" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "budget, message",
     [

@@ -201,3 +201,28 @@ def test_hardware_names_the_device_that_ran_not_any_gpu_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
     assert hardware_summary(torch.device("cpu")).startswith("cpu: ")
     assert hardware_summary("cuda:0") == "1x NVIDIA H100 80GB HBM3"
+
+
+def test_data_read_from_disk_is_scored_by_knn_and_linear_like_in_memory_data(tmp_path, monkeypatch, capsys):
+    """A run on data above max_memory_gb trains from disk; `sslbench eval` refused it ("evaluation
+    needs in-memory splits") although the trainer pointed there. k-NN and linear now read the
+    files with DataLoader workers: the same pixels, so the same scores as in memory."""
+    from _reliability import make_image_folder
+
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", classes=3, train=8, test=4, size=20)
+    run = tmp_path / "runs" / "disk"
+    assert main(["train", "--method", "simclr", "--data", f"imagefolder:{data}", "--image-size", "16", "--steps", "2",
+                 "--batch-size", "8", "--output", str(run), "--set", TINY, "--set", "max_memory_gb=0",
+                 "--set", "num_workers=0"]) == 0
+    assert "score the run with `sslbench eval" in capsys.readouterr().err
+    common = ["--protocol", "knn,linear", "--linear-epochs", "3"]
+    assert main(["eval", str(run), *common, "--results", str(tmp_path / "disk.jsonl")]) == 0
+    assert main(["eval", str(run), *common, "--max-memory-gb", "8", "--results", str(tmp_path / "mem.jsonl")]) == 0
+    disk, mem = read_rows(tmp_path / "disk.jsonl"), read_rows(tmp_path / "mem.jsonl")
+    assert [r["metrics"] for r in disk] == [r["metrics"] for r in mem]
+    capsys.readouterr()
+    # fine-tuning needs the images in memory: one line naming the flag
+    assert main(["eval", str(run), "--protocol", "finetune", "--label-fractions", "0.5"]) == 2
+    err = _error_line(capsys)
+    assert "does not fit in memory (max_memory_gb=0)" in err and "--max-memory-gb" in err
