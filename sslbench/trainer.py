@@ -434,7 +434,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     if cfg.online_probe and main:
         from sslbench.evals.online_probe import OnlineProbe
 
-        probe = OnlineProbe.for_run(cfg, unwrapped.encoder, train_split, accelerator.device, precision)
+        with torch.random.fork_rng(devices=[]):  # its head's init must not shift the run's random stream (drop-path, dropout)
+            probe = OnlineProbe.for_run(cfg, unwrapped.encoder, train_split, accelerator.device, precision)
 
     # ---- checkpoints
     ckpt_dir = run_dir / "checkpoints"
