@@ -67,8 +67,12 @@ def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Modul
             if image_size <= SMALL_IMAGE_MAX:
                 vit_kwargs["patch_size"] = max(1, image_size // 8)
             model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
-    except TypeError as exc:
-        raise UserError(f"backbone {name!r} does not accept these options {sorted(kwargs)}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        given = sorted(k for k in kwargs if k != "pretrained")  # pretrained is sslbench's own default
+        raise UserError(
+            f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); "
+            "check their names and values"
+        ) from exc
     if image_size <= SMALL_IMAGE_MAX:
         _cifar_stem_(model)
     if not hasattr(model, "num_features"):
@@ -110,10 +114,13 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
         if out.shape[-1] != model.num_features:
             raise RuntimeError(f"unexpected output shape {tuple(out.shape)}")
         factor = downsampling_factor(model)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:
+        cause = " ".join(str(exc).split())[:160]
+        if _runs_at(model, max(224, 4 * image_size)):  # a larger image works: the size is the problem
+            raise UserError(f"image size {image_size} is too small for this backbone ({cause}); use a larger --image-size") from exc
         raise UserError(
-            f"image size {image_size} is too small for this backbone ({str(exc).splitlines()[0][:120]}); "
-            "use a larger --image-size"
+            f"the backbone's forward pass fails on (1, 3, {image_size}, {image_size}) images ({cause}); "
+            "check backbone_kwargs (e.g. in_chans must be 3, global_pool must pool)"
         ) from exc
     finally:
         model.train(was_training)
@@ -122,6 +129,16 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
             f"image size {image_size} is too small for {name}: it downsamples by {factor}, so its last feature map "
             f"would be made of padding; use --image-size {factor} or more"
         )
+
+
+def _runs_at(model: nn.Module, image_size: int) -> bool:
+    """Whether ``model`` maps a ``(1, 3, S, S)`` image to ``(1, num_features)``."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, image_size, image_size))
+        return out.shape[-1] == model.num_features and out.dim() == 2
+    except (RuntimeError, ValueError, TypeError):
+        return False
 
 
 ENCODER_FILE = "encoder.safetensors"

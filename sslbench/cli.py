@@ -10,6 +10,7 @@ import argparse
 import errno
 import os
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 from .errors import UserError
@@ -85,8 +86,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not os.path.isfile(saved):
             raise UserError(f"--resume: {args.output} has no config.yaml; is it an sslbench run directory?")
         file_values = load_yaml(saved)
-    if args.config:
-        file_values.update(load_yaml(args.config))
+    given = load_yaml(args.config) if args.config else {}
+    if args.resume:
+        _check_same_method(args, file_values, given)
+    file_values = merge_config_values(file_values, given)
     flags = {k: getattr(args, k) for k in _TRAIN_FLAG_KEYS}
     flags["output"] = args.output
     cfg = build_config(file_values=file_values, flags=flags, sets=args.sets)
@@ -94,6 +97,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped_early and result.stop_signal:
         return 128 + result.stop_signal  # stopped by SIGTERM/SIGINT after a checkpoint: 143/130, as the shell reports a signal
     return 0
+
+
+def merge_config_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s values on top; the sections (``aug``, ``method_cfg``,
+    ``backbone_kwargs``) merge key by key, so a file naming one key of a section changes that key only."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _check_same_method(args: argparse.Namespace, saved: dict[str, Any], given: dict[str, Any]) -> None:
+    """A resumed run keeps its method: another one is a one-line error, not an unknown-key error
+    about the saved method's settings."""
+    from .config import split_set_args
+
+    asked = [v.strip() for k, v in split_set_args(args.sets) if k == "method"] or [args.method or given.get("method")]
+    was = saved.get("method")
+    if asked[-1] is not None and was is not None and str(asked[-1]) != str(was):
+        raise UserError(f"--resume: {args.output} was trained with {was}; a run cannot change method (got {asked[-1]}); "
+                        "start a new --output for the other method")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -124,6 +151,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    formatwarning = warnings.formatwarning
+    if not debug:  # a warning is one line on stderr, as errors are (--debug: Python's own format)
+        warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {_one_line(message)}\n"
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -147,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sslbench: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def _one_line(exc: BaseException) -> str:

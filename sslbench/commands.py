@@ -22,6 +22,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,23 @@ def _print_table(rows: list[dict[str, Any]], out: Callable[[str], None]) -> None
             out("  ".join("-" * w for w in widths))
 
 
+def _eval_device(spec: str | None) -> Any:
+    """The evaluation device: ``spec`` checked (a valid, available device), else CUDA when available."""
+    import torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {spec}: no such CUDA device here ({torch.cuda.device_count()} available); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {spec!r}: evaluation runs on cpu or cuda")
+    return device
+
+
 def evaluate_run(
     run_dir: str | Path,
     opts: EvalOptions,
@@ -254,6 +272,8 @@ def evaluate_run(
     from .results import append_row, make_row
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file; pass a run directory (config.yaml + encoder.safetensors)")
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
     cfg = load_run_config(run_dir)
@@ -261,7 +281,7 @@ def evaluate_run(
     tuned = {"finetune", "distill"} & set(opts.protocols)
     projector = projector_layers(run_dir, opts.from_projector_layer) if tuned and opts.from_projector_layer else None
     summary = _read_summary(run_dir)
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _eval_device(opts.device)
     if device.type == "cpu" and cfg.keep_freed_memory:
         keep_freed_memory()  # as in training (sslbench/hostmem.py): feature extraction ~1.6x faster on CPU
     encoder = encoder.to(device)
@@ -406,6 +426,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = _eval_options(args)
     run_dir = Path(args.run_dir)
     results = Path(args.results) if args.results else run_dir.resolve().parent / RESULTS_FILE
+    if results.suffix != ".jsonl":  # before anything is evaluated (append_row refuses it too)
+        raise UserError(f"--results {results} must be a .jsonl file (JSON Lines), e.g. results.jsonl; refusing to append to it")
     evaluate_run(run_dir, opts, results_path=results, command=_command_line(args))
     print(f"appended results to {results}", file=sys.stderr)
     return 0
@@ -422,13 +444,22 @@ def _effective_batch(cfg: Any) -> int:
 
 
 def _same_config(cfg: Any, run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run of exactly this config (so ``compare`` can be re-run)."""
-    from .config import dump_yaml
+    """Whether ``run_dir`` holds a run of exactly this config (so ``compare`` can be re-run): equal
+    in every field but ``output``, which may be spelled differently (relative, absolute, moved)."""
+    import yaml
+
+    from .config import to_dict
 
     try:
-        return (run_dir / "config.yaml").read_text() == dump_yaml(cfg)
-    except OSError:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return False
+    if not isinstance(saved, dict):
+        return False
+    ours = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the same YAML round trip as config.yaml
+    saved.pop("output", None)
+    ours.pop("output", None)
+    return saved == ours
 
 
 def _stored_rows(results: Path, run_dir: Path, cfg: Any, opts: EvalOptions) -> tuple[list[dict[str, Any]], EvalOptions | None]:
@@ -503,6 +534,13 @@ def plan_compare(
 
     from .config import build_config
 
+    from .config import split_set_args
+
+    owned = {"method": "--methods", "seed": "--seeds", "output": "--output", "epochs": "the budget flags",
+             "steps": "the budget flags", "time_budget_s": "the budget flags"}
+    for key, _ in split_set_args(list(sets or [])):
+        if key in owned:
+            raise UserError(f"--set {key}=... is set by compare itself (one value per run); use {owned[key]} instead")
     plans = []
     for method in methods:
         for seed in seeds:
@@ -551,7 +589,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError(f"--{budget[0]} must be >= 1, got {budget[1]}")
     file_values = load_yaml(args.config) if args.config else {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    data_name = (args.data or file_values.get("data") or "digits").replace(":", "-").replace("/", "_").strip("_")[-40:]
+    data_name = str(args.data or file_values.get("data") or "digits").replace(":", "-").replace("/", "_").strip("_")[-40:]
     out_dir = Path(args.output) if args.output else Path("runs") / f"compare-{data_name}-{args.backbone or 'resnet18'}-{stamp}"
 
     flags = {"backbone": args.backbone, "data": args.data, "batch_size": args.batch_size,
@@ -589,7 +627,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         else:
             resume = _same_config(cfg, run_dir)  # an interrupted run of this comparison continues
             print(f"[{i}/{len(plans)}] {'resuming' if resume else 'training'} {method} seed {seed} -> {run_dir}", file=sys.stderr)
-            if train(cfg, resume=resume, quiet=args.quiet).stopped_early:
+            result = train(cfg, resume=resume, quiet=args.quiet, resume_command=f"{command} (the same command)")
+            if result.stopped_early:
+                if result.stop_signal:  # pre-empted: 143/130 as for train, so a scheduler sees a signal
+                    return 128 + result.stop_signal
                 raise UserError(f"training of {run_dir} was interrupted; run the same command again to resume the comparison")
         (run_dir / BUDGET_FILE).write_text(json.dumps({"kind": budget[0], "value": budget[1]}) + "\n")
         rows += evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget)
@@ -614,11 +655,22 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         path = path / RESULTS_FILE
     if not path.is_file():
         raise UserError(f"results file {path} not found; pass the results.jsonl written by `sslbench eval` or `sslbench compare`")
-    rows = read_rows(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = read_rows(path)
+    if not rows and path.stat().st_size > 0:  # not a store with a torn line: the wrong file
+        raise UserError(f"{path} holds no result rows (every line is unreadable); pass a results.jsonl written by `sslbench eval` or `sslbench compare`")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     text = render(rows, args.format)
     if args.output:
+        out = Path(args.output)
+        if out.suffix == ".jsonl" or (out.exists() and out.resolve() == path.resolve()):
+            raise UserError(f"--output {out} would overwrite a results store; write the table to e.g. leaderboard.{args.format}")
         try:
-            Path(args.output).write_text(text)
+            tmp = out.with_name(out.name + ".tmp")  # atomic: an interrupted write never leaves half a table
+            tmp.write_text(text)
+            tmp.replace(out)
         except OSError as exc:
             raise UserError(f"could not write {args.output}: {exc.strerror or exc}") from exc
         print(f"wrote {args.output}", file=sys.stderr)

@@ -11,6 +11,7 @@ augmentation field (``aug.jitter_strength=1.0``) or a timm keyword
 from __future__ import annotations
 
 import ast
+import math
 import dataclasses
 import difflib
 import types
@@ -94,6 +95,12 @@ class TrainConfig:
             _choice("lr_scaling", self.lr_scaling, LR_SCALING)
         _choice("nonfinite", self.nonfinite, NONFINITE)
         _positive("batch_size", self.batch_size)
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"seed must be in 0..{2**32 - 1} (numpy's range), got {self.seed}")
+        if not 0.0 <= self.sgd_momentum < 1.0:
+            raise UserError(f"sgd_momentum must be in [0, 1), got {self.sgd_momentum}")
+        if self.num_workers < 0 or self.max_skipped_steps < 0:
+            raise UserError(f"num_workers and max_skipped_steps must be >= 0, got {self.num_workers} and {self.max_skipped_steps}")
         _positive("image_size", self.image_size)
         if self.image_size < MIN_IMAGE_SIZE:
             raise UserError(
@@ -196,7 +203,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         value = parse_literal(value)
         if value is None and optional:
             return None
+    if isinstance(value, str) and optional and value.strip().lower() in ("none", "null"):
+        return None  # an optional string field (cache_dir, optimizer, ...) is unset like the others
     bad = UserError(f"{key} expects {_type_name(base)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value) and base in (int, float):
+        raise UserError(f"{key} expects a finite {_type_name(base)}, got {value!r}")
     if base is Any:
         return value
     if base is bool:
@@ -248,7 +259,8 @@ def update_dataclass(obj: Any, values: dict[str, Any], *, prefix: str = "") -> A
     names = [f.name for f in fields(obj)]
     changes: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in hints:
+        if not isinstance(key, str) or key not in hints:
+            key = str(key)
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
             raise UserError(f"unknown config key {prefix + key!r}{hint}")
@@ -291,6 +303,10 @@ def build_config(
     from .registry import get_method
 
     file_values = dict(file_values or {})
+    for section in ("method_cfg", "aug", "backbone_kwargs"):
+        value = file_values.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise UserError(f"{section} in the config file must be a mapping of keys to values, got {value!r}")
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     top = {**{k: v for k, v in file_values.items() if k not in ("method_cfg", "aug")}, **flags}
     nested: dict[str, dict[str, Any]] = {
@@ -302,15 +318,22 @@ def build_config(
     for k in list(top):
         if k in ("method_cfg", "aug"):
             nested[k].update(top.pop(k) or {})
+    pairs = split_set_args(sets or [])
+    for key, raw in pairs:
+        if key == "method":  # the method decides which method_cfg keys exist: resolved first
+            top["method"] = raw.strip()
     method_name = str(top.get("method", TrainConfig.method))
     method_cls = get_method(method_name)
     mcfg_names = {f.name for f in fields(method_cls.Config)}
     aug_names = {f.name for f in fields(AugmentConfig)}
     top_names = {f.name for f in fields(TrainConfig)}
-    for key, raw in split_set_args(sets or []):
+    for key, raw in pairs:
         head, _, rest = key.partition(".")
         if rest and head in nested:
             nested[head][rest] = raw
+        elif key in nested:
+            some = sorted(mcfg_names if key == "method_cfg" else aug_names if key == "aug" else {"channels", "drop_path_rate"})
+            raise UserError(f"{key} is a section: set one of its keys with --set {key}.KEY=VALUE (e.g. {', '.join(f'{key}.{n}' for n in some[:3])})")
         elif rest:
             raise UserError(f"unknown config section {head!r} in {key!r}; sections: aug, method_cfg, backbone_kwargs")
         elif key in top_names and key not in nested:
@@ -323,7 +346,8 @@ def build_config(
             allkeys = sorted(top_names | {f"method_cfg.{n}" for n in mcfg_names} | {f"aug.{n}" for n in aug_names})
             close = difflib.get_close_matches(key, allkeys, n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"unknown config key {key!r}{hint}; see `sslbench train --help` and docs/config")
+            raise UserError(f"unknown config key {key!r}{hint}; the keys are the fields of TrainConfig in sslbench/config.py, "
+                            "aug.* (AugmentConfig) and the method's own (`sslbench list methods`)")
     cfg = update_dataclass(TrainConfig(), top)
     cfg.resolve_defaults()
     cfg.backbone_kwargs = {k: parse_literal(v) if isinstance(v, str) else (tuple(v) if isinstance(v, list) else v)
@@ -347,12 +371,16 @@ def apply_recipe(cfg: TrainConfig, method_cls: type) -> None:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory; pass a YAML file")
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a YAML file") from exc
     except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

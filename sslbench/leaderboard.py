@@ -93,8 +93,8 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
         metrics = row.get("metrics")
         if row.get("method") is None or not isinstance(metrics, Mapping):
             continue
-        key = (*(row.get(f) for f in GROUP_FIELDS), str(row["method"]), _variant(row))
-        seed = row.get("seed")
+        key = (*(_hashable(row.get(f)) for f in GROUP_FIELDS), str(row["method"]), _variant(row))
+        seed = _hashable(row.get("seed"))
         for name, value in metrics.items():
             values[key][seed][str(name)] = _as_float(value)
         for field in ("images_per_s", "epochs"):
@@ -123,6 +123,11 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
             }
         )
     return entries
+
+
+def _hashable(value: Any) -> Any:
+    """A group or seed value as stored, or its JSON text when it is a list or mapping (a hand-edited row)."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
 
 
 def _variant(row: Row) -> tuple[tuple[str, str], ...] | None:
@@ -315,6 +320,7 @@ def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
         from matplotlib.figure import Figure  # imported here: plotting is optional
     except ImportError as e:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from e
+    suffix = os.fspath(path).rsplit(".", 1)[-1].lower() if "." in os.path.basename(os.fspath(path)) else ""
     groups = _groups(aggregate(rows))
     if not groups:
         raise UserError("no results to plot")
@@ -335,6 +341,9 @@ def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
         ax.set_title(group_title(group), fontsize=10)
         ax.set_ylabel(metric)
         ax.grid(axis="y", alpha=0.3)
+    formats = sorted(fig.canvas.get_supported_filetypes())
+    if suffix not in formats:
+        raise UserError(f"--plot {path}: name the image with one of the suffixes {', '.join(formats)} (e.g. board.png)")
     try:
         fig.savefig(os.fspath(path), dpi=100)
     except OSError as e:

@@ -97,6 +97,10 @@ def append_row(path: str | os.PathLike[str], row: Mapping[str, Any]) -> None:
             :data:`LOCK_TIMEOUT_S`, or the file system failed (e.g. disk full).
     """
     path = Path(path)
+    if path.suffix != ".jsonl":
+        # a results store is always *.jsonl: never append rows to a run's config.yaml, results.json,
+        # encoder or any other file given by mistake
+        raise UserError(f"results file {path} must be a .jsonl file (JSON Lines), e.g. results.jsonl; refusing to append to it")
     line = _encode(row)  # serialise first: a bad row never touches the file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

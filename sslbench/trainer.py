@@ -354,8 +354,10 @@ def _launched_on_cpu() -> bool:
     return current is not None and current.type == "mps"  # Accelerate has no multi-process MPS backend
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> TrainResult:
-    """Train ``cfg`` and evaluate the encoder with a quick k-NN; returns the run summary."""
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None) -> TrainResult:
+    """Train ``cfg`` and evaluate the encoder with a quick k-NN; returns the run summary.
+    ``resume_command``: what the message after a SIGTERM/SIGINT tells to run to continue
+    (default ``sslbench train --output RUN_DIR --resume``; ``compare`` passes its own command)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
@@ -447,6 +449,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
             resumed_meta = ckpt.load(accelerator, found, model=step_module)
             start_step = resumed_meta["step"]
             resumed_skipped = int(resumed_meta.get("skipped", 0))
+            if resumed_meta.get("final") and cfg.time_budget_s is not None:
+                # A finished run under a time budget: its budget is spent. Resuming it only
+                # rewrites its final files (as after a full disk), it never trains a second budget.
+                sched.total_steps = start_step
+            if start_step > sched.total_steps:
+                raise UserError(
+                    f"{run_dir}'s newest checkpoint is at step {start_step}, beyond this run's {sched.total_steps} steps; "
+                    f"resume with --steps {start_step} or more (or the matching --epochs), or start a new --output"
+                )
             if main:
                 print(f"resuming {run_dir} from step {start_step} ({found.name})", file=sys.stderr)
         elif main:
@@ -456,8 +467,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
         _write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg), "pass a writable --output")
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
-    def save(step: int) -> Path:
+    def save(step: int, final: bool = False) -> Path:
         meta = {"step": step, "epoch": sched.epoch_of(step), "skipped": skipped, "method": cfg.method, "backbone": cfg.backbone}
+        if final:
+            meta["final"] = True  # the end of training (a resume only rewrites the final files)
         return ckpt.save(accelerator, ckpt_dir, step, keep=cfg.keep_checkpoints, meta=meta)
 
     # ---- loop
@@ -568,7 +581,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                 stopped = True
                 if main:
                     name = signal.Signals(stop_signal).name
-                    print(f"{name}: saved checkpoint at step {done} in {last_ckpt}; resume with: sslbench train --output {run_dir} --resume", file=sys.stderr)
+                    again = resume_command or f"sslbench train --output {run_dir} --resume"
+                    print(f"{name}: saved checkpoint at step {done} in {last_ckpt}; resume with: {again}", file=sys.stderr)
                 break
     wall = time.perf_counter() - t0
     if metrics_file is not None:
@@ -588,7 +602,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     if stopped:
         return result
     check_nonfinite()
-    save(sched.total_steps)
+    save(sched.total_steps, final=True)
     accelerator.wait_for_everyone()
     if main:
         from safetensors import SafetensorError

@@ -58,7 +58,33 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "image-below-stride": (["train", "--data", "imagefolder:{data}", "--backbone", "efficientnet_b0", "--image-size", "16",
                             "--batch-size", "16", "--output", "{tmp}/eff"], ["too small for efficientnet_b0", "downsamples by 32"]),
     "backbone-bad-kwarg": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.bogus_kw=1", "--output", "{tmp}/kw"],
-                           ["does not accept these options", "bogus_kw"]),
+                           ["rejected backbone_kwargs", "bogus_kw"]),
+    "backbone-kwarg-breaks-forward": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.in_chans=1",
+                                       "--output", "{tmp}/kw1"], ["forward pass fails", "check backbone_kwargs"]),
+    "backbone-kwarg-bad-value": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.drop_rate=abc",
+                                  "--output", "{tmp}/kw2"], ["forward pass fails", "'abc'"]),
+    # found by an audit (2026-11-23): each was a traceback, a wrong message or a silent change
+    "set-a-whole-section": (["train", "--set", "aug=1"], ["aug is a section", "--set aug.KEY=VALUE"]),
+    "set-infinite-int": (["train", "--set", "batch_size=1e400"], ["batch_size expects a finite int"]),
+    "seed-negative": (["train", "--seed", "-1"], ["seed must be in 0..4294967295"]),
+    "seed-too-large": (["train", "--set", "seed=4294967296"], ["seed must be in 0..4294967295"]),
+    "sgd-momentum-negative": (["train", "--set", "sgd_momentum=-1"], ["sgd_momentum must be in [0, 1)"]),
+    "num-workers-negative": (["train", "--set", "num_workers=-1"], ["num_workers and max_skipped_steps must be >= 0"]),
+    "config-section-not-mapping": (["train", "--config", "{section_yaml}"], ["method_cfg in the config file must be a mapping", "5"]),
+    "config-number-key": (["train", "--config", "{intkey_yaml}"], ["unknown config key '1'"]),
+    "config-not-utf8": (["train", "--config", "{binary_yaml}"], ["is not UTF-8 text"]),
+    "config-a-directory": (["train", "--config", "{tmp}"], ["is a directory"]),
+    "resume-other-method": (["train", "--resume", "--output", "{run}", "--method", "byol"], ["was trained with simclr", "cannot change method"]),
+    "resume-before-the-checkpoint": (["train", "--resume", "--output", "{run}", "--steps", "1"],
+                                     ["newest checkpoint is at step 2, beyond this run's 1 steps", "--steps 2"]),
+    "compare-owns-seed": (["compare", "--methods", "simclr", "--steps", "1", "--set", "seed=5", "--output", "{tmp}/cmp"],
+                          ["--set seed=... is set by compare itself", "--seeds"]),
+    "eval-device-bogus": (["eval", "{run}", "--device", "foo"], ["--device 'foo' is not a device"]),
+    "eval-a-file": (["eval", "{file}"], ["is a file; pass a run directory"]),
+    "eval-results-into-config": (["eval", "{run}", "--results", "{run}/config.yaml"], ["must be a .jsonl file"]),
+    "leaderboard-over-its-input": (["leaderboard", "{results}", "--output", "{results}"], ["would overwrite a results store"]),
+    "leaderboard-no-rows": (["leaderboard", "{garbage_jsonl}"], ["holds no result rows"]),
+    "leaderboard-plot-suffix": (["leaderboard", "{results}", "--plot", "{tmp}/board.txt"], ["name the image with one of the suffixes", "png"]),
     # data
     "data-missing": (["train", "--data", "imagefolder:/nonexistent/images", "--output", "{tmp}/nodata"], ["/nonexistent/images does not exist"]),
     "data-no-images": (["train", "--data", "imagefolder:{empty}", "--output", "{tmp}/empty"], ["has no images"]),
@@ -146,11 +172,19 @@ def table(tmp_path_factory):
     (root / "bad.yaml").write_text("lr: [0.1\nsteps: 3\n")
     (root / "list.yaml").write_text("- lr\n- 0.1\n")
     (root / "typo.yaml").write_text("lrr: 0.1\n")
+    (root / "section.yaml").write_text("method_cfg: 5\n")
+    (root / "intkey.yaml").write_text("1: 2\n")
+    (root / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
+    results = root / "results.jsonl"
+    results.write_text('{"method": "simclr", "backbone": "resnet18", "data": "digits", "metrics": {"knn_top1": 50.0}}\n')
+    (root / "garbage.jsonl").write_text("garbage\n")
     tmp = root / "scratch"
     tmp.mkdir()
     fill = {
         "data": data, "empty": empty, "trainonly": trainonly, "corrupt": corrupt, "file": a_file, "run": run, "tmp": tmp,
         "bad_yaml": root / "bad.yaml", "list_yaml": root / "list.yaml", "typo_yaml": root / "typo.yaml",
+        "section_yaml": root / "section.yaml", "intkey_yaml": root / "intkey.yaml", "binary_yaml": root / "binary.yaml",
+        "results": results, "garbage_jsonl": root / "garbage.jsonl",
         "run_other_backbone": _with_other_backbone(run, root / "run-other-backbone"),
         "eval_other_backbone": _with_other_backbone(run, root / "eval-other-backbone"),
     }
@@ -192,6 +226,11 @@ def test_nothing_half_written_by_failed_commands(table):
     other = fill["run_other_backbone"]
     assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["step-00000002"]  # untouched
     assert not any(p.name.startswith(".tmp") for p in (other / "checkpoints").iterdir())
+    # the refused resume, eval --results and leaderboard --output left the files they named intact
+    run = fill["run"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]
+    assert fill["results"].read_text().startswith('{"method": "simclr"')
 
 
 def test_debug_shows_the_traceback(table):

@@ -148,6 +148,12 @@ def test_time_budget_stops_after_the_step_that_crosses_it(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 1
     assert (tmp_path / "run" / "encoder.safetensors").is_file()
+    # Resuming the finished run (as after a full disk) only rewrites its final files: its budget
+    # is spent. Before, it trained a whole second budget (25 steps became 64).
+    again = train(cfg, resume=True, quiet=True)
+    assert (again.steps, again.images_seen) == (1, 32)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 1
 
 
 def test_compare_with_a_time_budget_shows_the_epochs_reached(tmp_path, capsys):
@@ -189,3 +195,22 @@ def test_rerunning_a_comparison_reuses_stored_rows_and_scores_only_what_is_missi
     assert main([*argv, "--protocol", "knn", "--set", "knn_k=5"]) == 2  # another config: never overwrites the run
     assert "holds a run with another config" in _error_line(capsys)
     assert read_rows(out / "results.jsonl") == rows
+
+
+def test_a_comparison_continues_whatever_its_output_is_spelled_and_a_signal_exits_143(tmp_path, monkeypatch, capsys):
+    """Re-running with --output as an absolute path (or from another directory) was refused as
+    "another config" (config.yaml records output). A comparison pre-empted by SIGTERM exited 2
+    with the train command's resume hint; it exits 143 and names its own command."""
+    from _reliability import child_env, run_forked
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare", "--methods", "simclr", "--steps", "3", "--batch-size", "32", "--quiet", "--protocol", "knn",
+            "--set", TINY, "--set", "train_subset=64", "--set", "checkpoint_every=1"]
+    env = child_env(tmp_path / "cache", SSLBENCH_TEST_SIGNAL_AT="2")
+    r = run_forked([*argv, "--output", "cmp"], env)
+    assert r.returncode == 143, r.describe()
+    assert "resume with: sslbench compare" in r.stderr and "sslbench train --output" not in r.stderr, r.describe()
+    assert main([*argv, "--output", str(tmp_path / "cmp")]) == 0  # the absolute spelling continues it
+    err = capsys.readouterr().err
+    assert "resuming simclr seed 0" in err and "from step 2" in err, err
+    assert [r["seed"] for r in read_rows(tmp_path / "cmp" / "results.jsonl")] == [0]

@@ -202,3 +202,17 @@ def test_rows_without_a_recorded_config_keep_the_old_grouping():
     assert entry["config"] == "" and entry["n_seeds"] == 2
     mixed = [*rows, {**_row("simclr", 0, {"knn_top1": 9.0}), "train_config": _cfg()}]
     assert sorted(e["config"] for e in aggregate(mixed)) == ["config not recorded", "config recorded"]
+
+
+def test_a_hand_edited_row_with_a_list_seed_is_grouped_not_a_crash():
+    rows = [{**_row("simclr", 0, {"knn_top1": 1.0}), "seed": [1]}, _row("simclr", 2, {"knn_top1": 3.0})]
+    (entry,) = aggregate(rows)
+    assert entry["n_seeds"] == 2
+
+
+def test_plot_names_the_formats_it_can_write(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(UserError, match="one of the suffixes .*png"):
+        plot(ROWS, tmp_path / "board.txt")
+    with pytest.raises(UserError, match="one of the suffixes"):
+        plot(ROWS, tmp_path / "board")  # matplotlib would write board.png while we reported "board"
