@@ -58,6 +58,10 @@ DEFAULT_LR = 0.2
 DEFAULT_MIN_STEPS = 200
 MOMENTUM = 0.9
 CROP_SCALE = (0.08, 1.0)
+# How train_classifier optimises, for result rows (fine-tuning and distillation).
+OPTIMIZER_RECORD: dict[str, object] = {
+    "optimizer": "sgd", "momentum": MOMENTUM, "nesterov": True, "weight_decay": 0.0, "schedule": "cosine to 0, no warm-up",
+}
 
 
 def check_fraction(fraction: float) -> float:
@@ -307,12 +311,8 @@ def finetune_protocol(
         "seed": seed,
         "from_projector_layer": from_projector_layer,
         "head": "linear, zero init",
-        "optimizer": "sgd",
-        "momentum": MOMENTUM,
-        "nesterov": True,
-        "weight_decay": 0.0,
+        **OPTIMIZER_RECORD,
         "lr": lr,
-        "schedule": "cosine to 0, no warm-up",
         "epochs": epochs,
         "min_steps": min_steps,
         "steps": finetune_steps(n_labelled, epochs=epochs, batch_size=batch_size, min_steps=min_steps),

@@ -8,19 +8,11 @@ import pytest
 import torch
 from sslbench.evals.distill import distill, distillation_loss, metric_name
 from sslbench.evals.finetune import FinetuneModel, finetune, finetune_model
-from test_finetune import assert_same_state, colour_split, snapshot, tiny_encoder
+from test_finetune import _one_thread, assert_same_state, colour_split, snapshot, tiny_encoder  # noqa: F401 (autouse: one thread)
 
 from sslbench.cli import main
 from sslbench.errors import UserError
 from sslbench.results import read_rows
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
