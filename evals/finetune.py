@@ -259,6 +259,9 @@ def train_classifier(
         image_size,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=0.0)
+    # fp16 gradients underflow without loss scaling (as the trainer's fp16 does through Accelerate);
+    # a pass-through for float32 and bf16
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     batch = min(batch_size, n)
     steps_per_epoch = max(1, n // batch)  # full batches only (BatchNorm never sees a batch of one)
     gen = torch.Generator().manual_seed(seed)
@@ -278,8 +281,9 @@ def train_classifier(
                 if not torch.isfinite(loss):
                     raise UserError(f"{what} diverged (non-finite loss at step {step}); lower the {what} lr (now {lr})")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
             epoch += 1
 

@@ -261,3 +261,13 @@ def test_online_probe_leaves_the_training_run_bitwise_unchanged_also_with_stocha
     off, on = (load_file(str(tmp_path / n / "method.safetensors")) for n in ("off", "on"))
     assert off.keys() == on.keys()
     assert [k for k in off if not torch.equal(off[k], on[k])] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp16 autocast is GPU-only)")
+def test_fp16_fine_tuning_on_a_gpu_scales_the_loss_and_learns():
+    train = colour_split([16] * 4, seed=0)
+    test = colour_split([8] * 4, seed=1, id_offset=1000)
+    encoder = tiny_encoder().cuda()
+    kwargs = {"fraction": 1.0, "image_size": 32, "epochs": 4, "batch_size": 16, "lr": 0.05, "seed": 0, "min_steps": 0}
+    out = finetune(encoder, train, test, device="cuda", precision="fp16", **kwargs)
+    assert out["finetune_100pct_top1"] >= 75.0, out
