@@ -317,14 +317,14 @@ def evaluate_run(
         both the finetune row and the distillation teacher."""
         if fraction in teachers:
             return teachers[fraction]
-        tuned = finetune_model(
+        model_and_metrics = finetune_model(
             encoder, train, test, fraction=fraction, image_size=cfg.image_size, epochs=opts.finetune_epochs,
             batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed, projector=projector,
             device=device, precision=precision, min_steps=opts.finetune_min_steps,
         )
         if "distill" in opts.protocols:  # kept only when a distillation will need it
-            teachers[fraction] = tuned
-        return tuned
+            teachers[fraction] = model_and_metrics
+        return model_and_metrics
 
     def finetune_record(fraction: float) -> dict[str, Any]:
         return finetune_protocol(
