@@ -104,10 +104,13 @@ class BYOL(nn.Module):
     def momentum_at(self, step: int, total_steps: int) -> float:
         return cosine_momentum(step, total_steps, self.cfg.base_momentum, self.cfg.final_momentum)
 
-    def embed(self, views: Sequence[Tensor]) -> Tensor:
+    def embed(self, views: Sequence[Tensor], targets: bool = True) -> Tensor:
         """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample the online predictions p1, p2 and the
-        target projections z1, z2 (computed without gradient)."""
+        target projections z1, z2 (computed without gradient); ``targets=False``: (B, 2, proj_dim),
+        p1 and p2 only (the gradient cache's recomputation)."""
         p = self.predictor(self.projector(torch.cat(encode_views(self.encoder, views))))
+        if not targets:
+            return torch.stack(p.chunk(2), dim=1)
         with torch.no_grad():
             z = self.target_projector(torch.cat(encode_views(self.target_encoder, views)))
         return torch.stack([*p.chunk(2), *z.chunk(2)], dim=1)

@@ -115,10 +115,13 @@ class MoCoV3(nn.Module):
     def momentum_at(self, step: int, total_steps: int) -> float:
         return cosine_momentum(step, total_steps, self.cfg.base_momentum, self.cfg.final_momentum)
 
-    def embed(self, views: Sequence[Tensor]) -> Tensor:
+    def embed(self, views: Sequence[Tensor], targets: bool = True) -> Tensor:
         """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample q1, q2 (with gradient) and k1, k2
-        (momentum encoder, no gradient)."""
+        (momentum encoder, no gradient); ``targets=False``: (B, 2, proj_dim), q1 and q2 only (the
+        gradient cache's recomputation)."""
         q = self.predictor(self.projector(torch.cat(encode_views(self.encoder, views))))
+        if not targets:
+            return torch.stack(q.chunk(2), dim=1)
         with torch.no_grad():
             k = self.momentum_projector(torch.cat(encode_views(self.momentum_encoder, views)))
         return torch.stack([*q.chunk(2), *k.chunk(2)], dim=1)

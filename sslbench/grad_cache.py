@@ -23,7 +23,12 @@ exact:
 * under DDP every chunk but the last runs in ``no_sync`` (gradients are all-reduced once, after the
   last chunk), and the embeddings go through the DDP-wrapped module so its hooks fire;
 * the forward passes run through the same (Accelerate autocast) module as the normal training
-  step and the loss runs under ``accelerator.autocast()``.
+  step and the loss runs under ``accelerator.autocast()``;
+* a method whose embeddings include no-gradient targets (BYOL's target network, MoCo v3's
+  momentum encoder) may accept ``embed(views, targets=False)`` and then return only the columns
+  that carry gradients, which ``embed`` puts first along dim 1: the recomputation skips the
+  target networks (their slice of ``dL/d emb`` reaches no parameter), one target forward per
+  sample and step instead of two. The RNG replay stays exact: the online part draws first.
 
 **BatchNorm caveat.** A chunked forward normalises each chunk with that chunk's batch statistics
 (like per-GPU BatchNorm), so with BatchNorm in training mode the gradient is that of a slightly
@@ -36,6 +41,8 @@ of the per-process batch.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
@@ -45,12 +52,21 @@ from torch import Tensor, nn
 
 from .errors import UserError
 
-__all__ = ["GradCache", "make_grad_cache", "supports_grad_cache"]
+__all__ = ["GradCache", "make_grad_cache", "online_embed", "supports_grad_cache"]
 
 
 def supports_grad_cache(method: type | nn.Module) -> bool:
     """Whether a method (class or instance) defines ``embed`` and ``loss_from_embeddings``."""
     return callable(getattr(method, "embed", None)) and callable(getattr(method, "loss_from_embeddings", None))
+
+
+def online_embed(method: nn.Module) -> Callable[[list[Tensor]], Tensor] | None:
+    """``views -> method.embed(views, targets=False)`` when the method's ``embed`` takes ``targets``
+    (see the module docstring), else ``None``."""
+    embed = getattr(method, "embed", None)
+    if embed is None or "targets" not in inspect.signature(embed).parameters:
+        return None
+    return functools.partial(embed, targets=False)
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -78,6 +94,8 @@ class GradCache:
         no_sync: a zero-argument callable returning the context in which gradients are not
             all-reduced (``lambda: accelerator.no_sync(model)``); default: no DDP.
         autocast: a zero-argument callable returning the loss's autocast context.
+        online_fn: ``views -> emb[:, :k]``, the gradient-carrying first ``k`` columns of
+            ``embed_fn(views)`` without computing the others; used by the recomputation when given.
 
     Use: ``loss, logs = gc.forward(views)``; ``loss.backward()`` (or ``accelerator.backward``);
     ``gc.backward()``. After ``backward`` the parameters' ``.grad`` hold the full-batch gradient.
@@ -92,6 +110,7 @@ class GradCache:
         *,
         no_sync: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        online_fn: Callable[[list[Tensor]], Tensor] | None = None,
     ) -> None:
         if chunk < 1:
             raise UserError(f"gradient-cache chunk must be >= 1, got {chunk}")
@@ -101,6 +120,7 @@ class GradCache:
         self.chunk = chunk
         self.no_sync = no_sync
         self.autocast = autocast
+        self.online_fn = online_fn
         self._reset()
 
     def _reset(self) -> None:
@@ -149,8 +169,12 @@ class GradCache:
         for c, (i, j) in enumerate(self._bounds):
             _set_rng_state(self._rng[c], device)
             with self.no_sync() if c < last else contextlib.nullcontext():
-                emb = self.embed_fn([v[i:j] for v in self._views])
-                torch.autograd.backward(emb, grad[i:j].to(emb.dtype))
+                if self.online_fn is not None:  # the gradient-carrying columns only: no target networks
+                    emb = self.online_fn([v[i:j] for v in self._views])
+                    torch.autograd.backward(emb, grad[i:j, : emb.shape[1]].to(emb.dtype))
+                else:
+                    emb = self.embed_fn([v[i:j] for v in self._views])
+                    torch.autograd.backward(emb, grad[i:j].to(emb.dtype))
         assert self._rng_after is not None
         _set_rng_state(self._rng_after, device)
         with torch.no_grad():
@@ -180,4 +204,5 @@ def make_grad_cache(chunk: int, model: nn.Module, method: nn.Module, accelerator
         chunk,
         no_sync=lambda: accelerator.no_sync(model),
         autocast=accelerator.autocast,
+        online_fn=(lambda views: model(views, embed=True, targets=False)) if online_embed(method) is not None else None,
     )

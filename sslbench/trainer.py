@@ -54,15 +54,16 @@ def build_method(cfg: TrainConfig) -> nn.Module:
 class StepModule(nn.Module):
     """What DDP wraps: ``forward(views)`` is the method's training step, so gradient
     synchronisation hooks fire exactly as for a plain model. ``forward(views, embed=True)`` is
-    ``method.embed(views)``, the gradient cache's forward (:mod:`sslbench.grad_cache`)."""
+    ``method.embed(views)``, the gradient cache's forward (:mod:`sslbench.grad_cache`), and with
+    ``targets=False`` its gradient-carrying part only."""
 
     def __init__(self, method: nn.Module) -> None:
         super().__init__()
         self.method = method
 
-    def forward(self, views: list[Tensor], embed: bool = False) -> Any:
+    def forward(self, views: list[Tensor], embed: bool = False, targets: bool = True) -> Any:
         if embed:
-            return self.method.embed(views)
+            return self.method.embed(views) if targets else self.method.embed(views, targets=False)
         return self.method.training_step(views)
 
 

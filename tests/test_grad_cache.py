@@ -42,7 +42,7 @@ import sslbench
 from sslbench.backbones import create_backbone
 from sslbench.data import load_split
 from sslbench.errors import UserError
-from sslbench.grad_cache import GradCache, make_grad_cache, supports_grad_cache
+from sslbench.grad_cache import GradCache, make_grad_cache, online_embed, supports_grad_cache
 from sslbench.registry import METHODS, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def _grads(model: nn.Module) -> dict[str, Tensor | None]:
 
 
 def _gc_step(model: nn.Module, views: list[Tensor], chunk: int) -> Tensor:
-    gc = GradCache(model.embed, model.loss_from_embeddings, model, chunk)
+    gc = GradCache(model.embed, model.loss_from_embeddings, model, chunk, online_fn=online_embed(model))
     loss, _ = gc.forward(views)
     loss.backward()
     gc.backward()
@@ -110,6 +110,29 @@ def test_loss_and_every_gradient_equal_the_full_batch_float64(method_name: str) 
     _assert_grads_equal(grads, grads_ref, rtol=1e-9)
     for (name, b), (_, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
         assert torch.equal(b, b_ref), name
+
+
+@pytest.mark.parametrize("method_name", [n for n in CACHE_METHODS if online_embed(get_method(n)(create_backbone("resnet18", 32, **TINY), get_method(n).Config())) is not None])
+def test_the_recomputation_skips_the_target_networks(method_name: str) -> None:
+    """BYOL's target and MoCo v3's momentum branch carry no gradient: the recomputation used to
+    run them a second time (8 target forwards for 4 chunks). Now once per chunk, and the
+    gradients are bitwise those of recomputing everything."""
+    cls = get_method(method_name)
+    torch.manual_seed(0)
+    model = _bn_eval(cls(create_backbone("resnet18", 32, **TINY), cls.Config()).double())
+    full = copy.deepcopy(model)
+    target = next(m for name, m in model.named_children() if name in ("target_encoder", "momentum_encoder"))
+    calls = []
+    target.register_forward_hook(lambda *_: calls.append(1))
+    views = _views(12, torch.float64)
+    _gc_step(model, views, chunk=3)  # 4 chunks
+    assert len(calls) == 4, len(calls)
+    gc = GradCache(full.embed, full.loss_from_embeddings, full, 3)  # recomputes everything
+    loss, _ = gc.forward(views)
+    loss.backward()
+    gc.backward()
+    got, want = _grads(model), _grads(full)
+    assert all((got[k] is None) == (want[k] is None) and (want[k] is None or torch.equal(got[k], want[k])) for k in want)
 
 
 def test_vit_float32_and_a_single_chunk_with_batchnorm_in_training_mode() -> None:
