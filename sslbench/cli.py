@@ -116,10 +116,11 @@ def _check_same_method(args: argparse.Namespace, saved: dict[str, Any], given: d
     about the saved method's settings."""
     from .config import split_set_args
 
-    asked = [v.strip() for k, v in split_set_args(args.sets) if k == "method"] or [args.method or given.get("method")]
+    set_methods = [v.strip() for k, v in split_set_args(args.sets) if k == "method"]
+    asked = set_methods[-1] if set_methods else (args.method or given.get("method"))
     was = saved.get("method")
-    if asked[-1] is not None and was is not None and str(asked[-1]) != str(was):
-        raise UserError(f"--resume: {args.output} was trained with {was}; a run cannot change method (got {asked[-1]}); "
+    if asked is not None and was is not None and str(asked) != str(was):
+        raise UserError(f"--resume: {args.output} was trained with {was}; a run cannot change method (got {asked}); "
                         "start a new --output for the other method")
 
 

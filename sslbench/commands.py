@@ -241,6 +241,26 @@ def _eval_device(spec: str | None) -> Any:
     return device
 
 
+def _eval_splits(cfg: Any, data: str, opts: EvalOptions) -> tuple[Any, Any]:
+    """The train and test splits ``opts`` evaluates on: in memory up to ``opts.max_memory_gb`` (the
+    run's ``max_memory_gb`` when unset), else read from disk, which only knn and linear can use:
+    fine-tuning and distillation of such data are a :class:`UserError`."""
+    from .data import ImageSplit, load_split
+
+    limit = cfg.max_memory_gb if opts.max_memory_gb is None else opts.max_memory_gb
+    tuned = sorted({"finetune", "distill"} & set(opts.protocols))
+    splits = []
+    for split in ("train", "test"):
+        s = load_split(data, split, cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=limit)
+        if not isinstance(s, ImageSplit) and tuned:
+            raise UserError(
+                f"{data} {split} does not fit in memory (max_memory_gb={limit:g}); {'/'.join(tuned)} "
+                "needs in-memory splits (knn and linear also read data from disk): raise --max-memory-gb"
+            )
+        splits.append(s)
+    return splits[0], splits[1]
+
+
 def evaluate_run(
     run_dir: str | Path,
     opts: EvalOptions,
@@ -268,7 +288,6 @@ def evaluate_run(
     from sslbench.evals.linear import linear_probe, linear_protocol
 
     from .config import load_run_config
-    from .data import ImageSplit, load_split
     from .results import append_row, make_row
 
     run_dir = Path(run_dir)
@@ -288,17 +307,7 @@ def evaluate_run(
     run_precision = summary.get("precision", cfg.precision)
     precision = run_precision if run_precision in ("bf16", "fp16") and device.type == "cuda" else "no"
     data = opts.data or cfg.data
-    max_memory_gb = cfg.max_memory_gb if opts.max_memory_gb is None else opts.max_memory_gb
-    splits = {}
-    for split in ("train", "test"):
-        s = load_split(data, split, cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=max_memory_gb)
-        if not isinstance(s, ImageSplit) and tuned:
-            raise UserError(
-                f"{data} {split} does not fit in memory (max_memory_gb={max_memory_gb:g}); {'/'.join(sorted(tuned))} "
-                "needs in-memory splits (knn and linear also read data from disk): raise --max-memory-gb"
-            )
-        splits[split] = s
-    train, test = splits["train"], splits["test"]
+    train, test = _eval_splits(cfg, data, opts)
     run = _run_fields(run_dir, cfg, summary, data, budget or run_budget(run_dir, cfg), command, device)
 
     rows: list[dict[str, Any]] = []
@@ -448,7 +457,7 @@ def _same_config(cfg: Any, run_dir: Path) -> bool:
     in every field but ``output``, which may be spelled differently (relative, absolute, moved)."""
     import yaml
 
-    from .config import to_dict
+    from .config import dump_yaml
 
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -456,7 +465,7 @@ def _same_config(cfg: Any, run_dir: Path) -> bool:
         return False
     if not isinstance(saved, dict):
         return False
-    ours = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the same YAML round trip as config.yaml
+    ours = yaml.safe_load(dump_yaml(cfg))  # the same YAML round trip as config.yaml
     saved.pop("output", None)
     ours.pop("output", None)
     return saved == ours
@@ -601,16 +610,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if (run_dir / "config.yaml").is_file() and not _same_config(cfg, run_dir):
             raise UserError(f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
                             "or repeat the original command to continue that comparison")
-    tuned = sorted({"finetune", "distill"} & set(opts.protocols))
-    if tuned and plans:  # before anything trains: these protocols need the data in memory
-        from .data import ImageSplit, load_split
-
-        cfg = plans[0][2]
-        limit = cfg.max_memory_gb if opts.max_memory_gb is None else opts.max_memory_gb
-        for split in ("train", "test"):
-            if not isinstance(load_split(cfg.data, split, cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=limit), ImageSplit):
-                raise UserError(f"{cfg.data} {split} does not fit in memory (max_memory_gb={limit:g}); {'/'.join(tuned)} "
-                                "needs in-memory splits: raise --max-memory-gb, or compare with --protocol knn,linear")
+    if {"finetune", "distill"} & set(opts.protocols) and plans:  # before anything trains: they need the data in memory
+        _eval_splits(plans[0][2], plans[0][2].data, opts)
     results = out_dir / RESULTS_FILE
     command = _command_line(args)
     rows: list[dict[str, Any]] = []

@@ -32,6 +32,7 @@ import json
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -320,7 +321,7 @@ def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
         from matplotlib.figure import Figure  # imported here: plotting is optional
     except ImportError as e:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from e
-    suffix = os.fspath(path).rsplit(".", 1)[-1].lower() if "." in os.path.basename(os.fspath(path)) else ""
+    suffix = Path(path).suffix.lstrip(".").lower()
     groups = _groups(aggregate(rows))
     if not groups:
         raise UserError("no results to plot")

@@ -13,7 +13,6 @@ one process sees, and a resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -572,13 +571,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume
                 loss_n, images_since_log, t_log = 0, 0, now
             else:
                 progress.advance(done)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps:
+            due = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0 and done < sched.total_steps
+            if due or stop_signal is not None:  # a periodic checkpoint, or the one a signal asks for
                 check_nonfinite()
                 last_ckpt = save(done)
             if stop_signal is not None:
-                if not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < sched.total_steps):
-                    check_nonfinite()
-                    last_ckpt = save(done)  # (else it was saved just above)
                 stopped = True
                 if main:
                     name = signal.Signals(stop_signal).name
