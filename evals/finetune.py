@@ -103,7 +103,7 @@ def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     from sslbench.backbones import load_state_strict
 
     from sslbench.config import load_run_config
-    from sslbench.trainer import build_method
+    from sslbench.build import build_method
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

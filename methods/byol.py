@@ -9,43 +9,24 @@ average target (base rate 0.996 raised to 1 on a cosine schedule, Sec. 3.2) prev
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
-from sslbench.method import encode_views, mlp
-from sslbench.momentum import cosine_momentum, freeze_
+from sslbench.heads import encode_views, mlp
+from sslbench.losses import BYOLLoss, byol_loss
+from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, ViewSpec, asymmetric, cosine_schedule
+from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
-if TYPE_CHECKING:
-    from sslbench.augment import AugmentConfig
-
-
-def byol_loss(p: Tensor, z: Tensor) -> Tensor:
-    """BYOL's regression loss (Grill et al. 2020, Eq. 2): ``||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z)``
-    per sample, averaged over the batch; ``z`` is a target and gets no gradient (stop-gradient).
-    Computed in float32. Shapes: ``p``, ``z``: (N, D) -> scalar."""
-    p = F.normalize(p.float(), dim=1)
-    z = F.normalize(z.detach().float(), dim=1)
-    return (2 - 2 * (p * z).sum(dim=1)).mean()
-
-
-class BYOLLoss(nn.Module):
-    """The symmetrised BYOL loss ``L = L(v, v') + L(v', v)`` (Grill et al. 2020, Sec. 3.1): the sum
-    of both directions, as in the paper (values in [0, 8]), each direction the batch mean of
-    :func:`byol_loss` between one view's online prediction and the other view's target
-    projection. Shapes: ``p1``, ``p2``, ``z1``, ``z2``: (N, D), row i the same image -> scalar."""
-
-    def forward(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
-        return byol_loss(p1, z2) + byol_loss(p2, z1)
+__all__ = ["BYOL", "BYOLConfig", "BYOLLoss", "byol_loss"]
 
 
 @dataclass
-class BYOLConfig:
+class BYOLConfig(MethodConfig):
     """BYOL hyper-parameters (defaults for small data; ImageNet values in the comments)."""
 
     base_momentum: float = 0.996  # target EMA rate tau_base at step 0 (paper: 0.996)
@@ -65,12 +46,13 @@ class BYOLConfig:
 
 
 @register_method("byol")
-class BYOL(nn.Module):
+class BYOL(Method):
     """Online backbone, projector and predictor; target = EMA of backbone and projector."""
 
     Config = BYOLConfig
     description = "Non-contrastive: predict an EMA target's projection of the other view (BYOL)"
     paper = "Grill et al., Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning, NeurIPS 2020"
+    supports_grad_cache = True
 
     def __init__(self, backbone: nn.Module, cfg: BYOLConfig | None = None) -> None:
         super().__init__()
@@ -82,32 +64,33 @@ class BYOL(nn.Module):
         self.target_projector = freeze_(copy.deepcopy(self.projector))
         self.criterion = BYOLLoss()
 
-    @staticmethod
-    def recipe(image_size: int) -> dict:
-        """Optimizer defaults: LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256, wd 1.5e-6
+    @classmethod
+    def recipe(cls, image_size: int) -> Recipe:
+        """LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256, wd 1.5e-6
         (BYOL Sec. 3.2). Small images: lr 1.0 x B/256, wd 1e-5 (solo-learn's CIFAR byol config)."""
         if image_size < 96:
-            return {"optimizer": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-5}
-        return {"optimizer": "lars", "lr": 0.2, "lr_scaling": "linear", "weight_decay": 1.5e-6}
+            return Recipe(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-5)
+        return Recipe(optimizer="lars", lr=0.2, lr_scaling="linear", weight_decay=1.5e-6)
 
-    def view_augmentations(self, base: AugmentConfig) -> list[AugmentConfig]:
+    def views(self, base: AugmentConfig, image_size: int) -> list[ViewSpec]:
         """BYOL's asymmetric views (Grill et al. 2020, Table 6): blur p 1.0 / 0.1, solarize p
         0.0 / 0.2; everything else from ``base``. Blur only fires for images of at least
         ``base.blur_min_size`` px (96 by default), so at 32 px only solarization differs."""
         if not self.cfg.asymmetric_augs:
-            return [base, base]
-        return [replace(base, blur_p=1.0, solarize_p=0.0), replace(base, blur_p=0.1, solarize_p=0.2)]
+            return super().views(base, image_size)
+        return asymmetric(base, image_size, {"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.target_encoder), (self.projector, self.target_projector)]
 
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        return cosine_momentum(step, total_steps, self.cfg.base_momentum, self.cfg.final_momentum)
+    def momentum_at(self, info: StepInfo) -> float:
+        return cosine_schedule(info, self.cfg.base_momentum, self.cfg.final_momentum)
 
-    def embed(self, views: Sequence[Tensor], targets: bool = True) -> Tensor:
+    def embed(self, batch: Batch, targets: bool = True) -> Tensor:
         """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample the online predictions p1, p2 and the
         target projections z1, z2 (computed without gradient); ``targets=False``: (B, 2, proj_dim),
         p1 and p2 only (the gradient cache's recomputation)."""
+        views = batch.views
         p = self.predictor(self.projector(torch.cat(encode_views(self.encoder, views))))
         if not targets:
             return torch.stack(p.chunk(2), dim=1)
@@ -119,5 +102,5 @@ class BYOL(nn.Module):
         loss = self.criterion(emb[:, 0], emb[:, 1], emb[:, 2], emb[:, 3])
         return loss, {"loss": loss.detach()}
 
-    def training_step(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.loss_from_embeddings(self.embed(views))
+    def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.loss_from_embeddings(self.embed(batch))

@@ -19,54 +19,26 @@ whole global batch rather than over one process's few samples.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.dist import gather_no_grad
 from sslbench.errors import UserError
-from sslbench.method import encode_views, mlp
-from sslbench.momentum import constant_momentum, freeze_
+from sslbench.heads import encode_views, mlp
+from sslbench.losses import InfoNCELoss
+from sslbench.memory import MemoryBank
+from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo
+from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
-
-class InfoNCELoss(nn.Module):
-    """MoCo's InfoNCE loss (He et al. 2020, Eq. 1).
-
-    Each query's positive is its own key; its negatives are the K keys of the queue. Logits are
-    ``[q . k+, q . queue^T] / tau`` with the positive at index 0, and the loss is the softmax
-    cross-entropy with label 0, averaged over queries. ``q`` and ``k`` are L2-normalised here; the
-    queue must already hold unit vectors. Computed in float32.
-
-    Shapes: ``q``, ``k``: (N, D), row i of both is the same image; ``queue``: (K, D). Returns a
-    scalar.
-    """
-
-    def __init__(self, temperature: float = 0.2) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise UserError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
-    def forward(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
-        with torch.autocast(q.device.type, enabled=False):  # similarities in float32, even under bf16
-            return self._loss(q, k, queue)
-
-    def _loss(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.float(), dim=1)
-        pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-        neg = q @ queue.float().T  # (N, K)
-        logits = torch.cat([pos, neg], dim=1) / self.temperature  # (N, 1 + K)
-        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return F.cross_entropy(logits, labels)
+__all__ = ["InfoNCELoss", "MoCo", "MoCoConfig"]
 
 
 @dataclass
-class MoCoConfig:
+class MoCoConfig(MethodConfig):
     """MoCo v2 hyper-parameters (defaults for small data; ImageNet values in the comments)."""
 
     temperature: float = 0.2  # InfoNCE tau (0.2 in MoCo v2, Sec. 2)
@@ -88,7 +60,7 @@ class MoCoConfig:
 
 
 @register_method("moco")
-class MoCo(nn.Module):
+class MoCo(Method):
     """Query encoder f_q (backbone + MLP head) and momentum key encoder f_k; InfoNCE of each query
     against its key and a FIFO queue of past keys."""
 
@@ -106,24 +78,23 @@ class MoCo(nn.Module):
         self.key_encoder = freeze_(copy.deepcopy(self.encoder))
         self.key_projector = freeze_(copy.deepcopy(self.projector))
         self.criterion = InfoNCELoss(cfg.temperature)
-        # Random unit keys to start with, as in MoCo's code; rows are keys, oldest at queue_ptr.
-        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # Random unit keys to start with, as in MoCo's code; buffers `queue` and `queue_ptr`.
+        self.bank = MemoryBank(self, "queue", cfg.queue_size, cfg.proj_dim)
 
-    @staticmethod
-    def recipe(image_size: int) -> dict:
-        """Optimizer defaults: SGD with linear lr scaling. ImageNet-size: lr 0.03 x B/256, wd 1e-4
+    @classmethod
+    def recipe(cls, image_size: int) -> Recipe:
+        """SGD with linear lr scaling. ImageNet-size: lr 0.03 x B/256, wd 1e-4
         (MoCo v2, Sec. 2, batch 256; wd from MoCo v1, Sec. 4). Small images: lr 0.3 x B/256,
         wd 1e-4 (solo-learn's CIFAR mocov2plus config, batch 256)."""
         if image_size < 96:
-            return {"optimizer": "sgd", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-4}
-        return {"optimizer": "sgd", "lr": 0.03, "lr_scaling": "linear", "weight_decay": 1e-4}
+            return Recipe(optimizer="sgd", lr=0.3, lr_scaling="linear", weight_decay=1e-4)
+        return Recipe(optimizer="sgd", lr=0.03, lr_scaling="linear", weight_decay=1e-4)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.key_encoder), (self.projector, self.key_projector)]
 
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        return constant_momentum(step, total_steps, self.cfg.momentum)
+    def momentum_at(self, info: StepInfo) -> float:
+        return self.cfg.momentum  # constant (MoCo v1/v2)
 
     @torch.no_grad()
     def compute_keys(self, views: Sequence[Tensor]) -> list[Tensor]:
@@ -131,23 +102,11 @@ class MoCo(nn.Module):
         k = self.key_projector(torch.cat(encode_views(self.key_encoder, views)))
         return list(F.normalize(k.float(), dim=1).chunk(len(views)))
 
-    @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
-        """Write the keys of every process (gathered in rank order, so all queues stay identical)
-        over the oldest entries, wrapping around the end; advance the pointer. (n, D) -> None.
-        With more keys than the queue holds, only the newest ``queue_size`` are kept."""
-        keys = gather_no_grad(keys)
-        size = self.queue.shape[0]
-        keys = keys[-size:]
-        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
-
-    def training_step(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Queries from the first view (both when symmetric), keys from the other; the keys are
         enqueued after the loss is computed, so a batch never contrasts with its own keys."""
-        x1, x2 = views[0], views[1]
-        queue = self.queue.clone()  # enqueue() below writes in place; autograd keeps this copy
+        x1, x2 = batch.views[0], batch.views[1]
+        queue = self.bank.rows.clone()  # push() below writes in place; autograd keeps this copy
         if self.cfg.symmetric:
             k1, k2 = self.compute_keys([x1, x2])
             q1, q2 = (self.projector(h) for h in encode_views(self.encoder, [x1, x2]))
@@ -158,5 +117,5 @@ class MoCo(nn.Module):
             q1 = self.projector(self.encoder(x1))
             loss = self.criterion(q1, k2, queue)
             new_keys = k2
-        self.enqueue(new_keys)
+        self.bank.push(new_keys)  # gathered from every process, so all queues stay identical
         return loss, {"loss": loss.detach()}

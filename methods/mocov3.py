@@ -10,52 +10,22 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.dist import gather_with_grad, get_rank
 from sslbench.errors import UserError
-from sslbench.method import encode_views, mlp
-from sslbench.momentum import cosine_momentum, freeze_
+from sslbench.heads import encode_views, mlp
+from sslbench.losses import MoCoV3Loss
+from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, cosine_schedule
+from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
-
-class MoCoV3Loss(nn.Module):
-    """MoCo v3's contrastive loss ``ctr(q, k)`` (Chen et al. 2021, Algorithm 1), scaled by 2 tau.
-
-    Logits are ``q_i . k_j / tau`` between L2-normalised queries and the keys of the *global* batch
-    (gathered in rank order with :func:`sslbench.dist.gather_with_grad`; keys from the momentum
-    encoder carry no gradient, so nothing flows back through the gather). Query i's positive is
-    key i of its own process (labels offset by rank x local batch); the loss is the softmax
-    cross-entropy averaged over local queries, multiplied by ``2 * tau`` as in the paper's code
-    (it makes the gradient scale independent of tau). Computed in float32.
-
-    Shapes: ``q``, ``k``: (N, D), row i of both is the same image. Returns a scalar.
-    """
-
-    def __init__(self, temperature: float = 0.2) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise UserError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
-    def forward(self, q: Tensor, k: Tensor) -> Tensor:
-        with torch.autocast(q.device.type, enabled=False):  # similarities in float32, even under bf16
-            return self._loss(q, k)
-
-    def _loss(self, q: Tensor, k: Tensor) -> Tensor:
-        q = F.normalize(q.float(), dim=1)
-        k_all = gather_with_grad(F.normalize(k.float(), dim=1))  # (N_global, D)
-        logits = q @ k_all.T / self.temperature  # (N, N_global)
-        labels = torch.arange(q.shape[0], device=q.device) + get_rank() * q.shape[0]
-        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+__all__ = ["MoCoV3", "MoCoV3Config", "MoCoV3Loss"]
 
 
 @dataclass
-class MoCoV3Config:
+class MoCoV3Config(MethodConfig):
     """MoCo v3 hyper-parameters (defaults for small data; ImageNet values in the comments)."""
 
     temperature: float = 0.2  # tau (0.2 for ViTs and small data; 1.0 for ResNet-50 on ImageNet)
@@ -77,7 +47,7 @@ class MoCoV3Config:
 
 
 @register_method("mocov3")
-class MoCoV3(nn.Module):
+class MoCoV3(Method):
     """Symmetrised ctr(q1, k2) + ctr(q2, k1): queries from backbone, projector and predictor, keys
     from the momentum copy of backbone and projector, in-batch negatives."""
 
@@ -85,6 +55,7 @@ class MoCoV3(nn.Module):
     description = "Contrastive: in-batch InfoNCE, predictor and momentum encoder, symmetrised (MoCo v3)"
     paper = "Chen, Xie, He, An Empirical Study of Training Self-Supervised Vision Transformers, ICCV 2021"
     min_batch_size = 2  # a contrastive loss needs at least one negative
+    supports_grad_cache = True
 
     def __init__(self, backbone: nn.Module, cfg: MoCoV3Config | None = None) -> None:
         super().__init__()
@@ -99,26 +70,27 @@ class MoCoV3(nn.Module):
         self.momentum_projector = freeze_(copy.deepcopy(self.projector))
         self.criterion = MoCoV3Loss(cfg.temperature)
 
-    @staticmethod
-    def recipe(image_size: int) -> dict:
-        """Optimizer defaults: LARS with linear lr scaling. ImageNet-size: lr 0.6 x B/256, wd 1e-6
+    @classmethod
+    def recipe(cls, image_size: int) -> Recipe:
+        """LARS with linear lr scaling. ImageNet-size: lr 0.6 x B/256, wd 1e-6
         (the ResNet-50 100-epoch setting of the official code; 0.3 for 300+ epochs; ViTs use AdamW
         lr 1.5e-4 x B/256, wd 0.1). Small images: lr 0.3 x B/256, wd 1e-6 (solo-learn's CIFAR
         mocov3 config)."""
         if image_size < 96:
-            return {"optimizer": "lars", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-6}
-        return {"optimizer": "lars", "lr": 0.6, "lr_scaling": "linear", "weight_decay": 1e-6}
+            return Recipe(optimizer="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-6)
+        return Recipe(optimizer="lars", lr=0.6, lr_scaling="linear", weight_decay=1e-6)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector)]
 
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        return cosine_momentum(step, total_steps, self.cfg.base_momentum, self.cfg.final_momentum)
+    def momentum_at(self, info: StepInfo) -> float:
+        return cosine_schedule(info, self.cfg.base_momentum, self.cfg.final_momentum)
 
-    def embed(self, views: Sequence[Tensor], targets: bool = True) -> Tensor:
+    def embed(self, batch: Batch, targets: bool = True) -> Tensor:
         """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample q1, q2 (with gradient) and k1, k2
         (momentum encoder, no gradient); ``targets=False``: (B, 2, proj_dim), q1 and q2 only (the
         gradient cache's recomputation)."""
+        views = batch.views
         q = self.predictor(self.projector(torch.cat(encode_views(self.encoder, views))))
         if not targets:
             return torch.stack(q.chunk(2), dim=1)
@@ -131,5 +103,5 @@ class MoCoV3(nn.Module):
         loss = self.criterion(emb[:, 0], k2) + self.criterion(emb[:, 1], k1)
         return loss, {"loss": loss.detach()}
 
-    def training_step(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.loss_from_embeddings(self.embed(views))
+    def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.loss_from_embeddings(self.embed(batch))

@@ -8,35 +8,23 @@ view's projection to the other's, which is held fixed by a stop-gradient (Sec. 3
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslbench.errors import UserError
-from sslbench.method import encode_views, mlp
+from sslbench.heads import encode_views, mlp
+from sslbench.losses import SimSiamLoss, negative_cosine
+from sslbench.method import Batch, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
 
-
-def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
-    """``D(p, z) = -cos(p, stopgrad(z))`` averaged over the batch (Chen & He 2021, Eq. 1 with the
-    stop-gradient of Eq. 3). Computed in float32. Shapes: ``p``, ``z``: (N, D) -> scalar."""
-    p = F.normalize(p.float(), dim=1)
-    z = F.normalize(z.detach().float(), dim=1)
-    return -(p * z).sum(dim=1).mean()
-
-
-class SimSiamLoss(nn.Module):
-    """The symmetrised SimSiam loss ``L = D(p1, z2) / 2 + D(p2, z1) / 2`` (Chen & He 2021, Eq. 4),
-    minimum -1. Shapes: ``p1``, ``p2``, ``z1``, ``z2``: (N, D), row i the same image -> scalar."""
-
-    def forward(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
-        return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
+__all__ = ["SimSiam", "SimSiamConfig", "SimSiamLoss", "negative_cosine"]
 
 
 @dataclass
-class SimSiamConfig:
+class SimSiamConfig(MethodConfig):
     """SimSiam hyper-parameters (the paper's ImageNet architecture, Sec. 4 "Baseline settings")."""
 
     proj_layers: int = 3  # projector depth, BN on every layer's output (the CIFAR experiments use 2)
@@ -55,12 +43,13 @@ class SimSiamConfig:
 
 
 @register_method("simsiam")
-class SimSiam(nn.Module):
+class SimSiam(Method):
     """Shared encoder f (backbone + projector), predictor h; D(h(z1), sg(z2)) symmetrised."""
 
     Config = SimSiamConfig
     description = "Non-contrastive: predictor + stop-gradient, no negatives, no momentum encoder (SimSiam)"
     paper = "Chen and He, Exploring Simple Siamese Representation Learning, CVPR 2021"
+    supports_grad_cache = True
 
     def __init__(self, backbone: nn.Module, cfg: SimSiamConfig | None = None) -> None:
         super().__init__()
@@ -74,14 +63,14 @@ class SimSiam(nn.Module):
         self.predictor = mlp(cfg.proj_dim, pred_hidden, cfg.proj_dim, 2)
         self.criterion = SimSiamLoss()
 
-    @staticmethod
-    def recipe(image_size: int) -> dict:
-        """Optimizer defaults: SGD with linear lr scaling. ImageNet-size: lr 0.05 x B/256, wd 1e-4
+    @classmethod
+    def recipe(cls, image_size: int) -> Recipe:
+        """SGD with linear lr scaling. ImageNet-size: lr 0.05 x B/256, wd 1e-4
         (Sec. 4 "Baseline settings"). Small images: lr 0.03 x B/256, wd 5e-4 (Appendix D, the
         CIFAR-10 experiments)."""
         if image_size < 96:
-            return {"optimizer": "sgd", "lr": 0.03, "lr_scaling": "linear", "weight_decay": 5e-4}
-        return {"optimizer": "sgd", "lr": 0.05, "lr_scaling": "linear", "weight_decay": 1e-4}
+            return Recipe(optimizer="sgd", lr=0.03, lr_scaling="linear", weight_decay=5e-4)
+        return Recipe(optimizer="sgd", lr=0.05, lr_scaling="linear", weight_decay=1e-4)
 
     def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """With ``fixed_predictor_lr``, move the predictor's parameters into groups of their own
@@ -101,9 +90,11 @@ class SimSiam(nn.Module):
                 out.append({**g, "params": mine, "fixed_lr": True})
         return out
 
-    def embed(self, views: Sequence[Tensor]) -> Tensor:
-        """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample p1, p2, z1, z2."""
-        z = self.projector(torch.cat(encode_views(self.encoder, views)))
+    def embed(self, batch: Batch, targets: bool = True) -> Tensor:
+        """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample p1, p2, z1, z2 (z is the stop-gradient
+        target, but it is computed with the online network, so every column carries gradient and
+        ``targets`` changes nothing)."""
+        z = self.projector(torch.cat(encode_views(self.encoder, batch.views)))
         p = self.predictor(z)
         return torch.stack([*p.chunk(2), *z.chunk(2)], dim=1)
 
@@ -113,5 +104,5 @@ class SimSiam(nn.Module):
         z_std = F.normalize(emb[:, 2].detach().float(), dim=1).std(dim=0).mean()
         return loss, {"loss": loss.detach(), "z_std": z_std}
 
-    def training_step(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.loss_from_embeddings(self.embed(views))
+    def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.loss_from_embeddings(self.embed(batch))

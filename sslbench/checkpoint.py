@@ -25,9 +25,8 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from . import _testhooks
 from .errors import UserError
 
 PREFIX = "step-"
@@ -107,12 +106,15 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / "meta.json").read_text())
 
 
-def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[str, Any]) -> Path:
+def save(
+    accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[str, Any], on_written: Callable[[Path], None] | None = None
+) -> Path:
     """Save the full training state at ``step`` atomically; keep the newest ``keep`` checkpoints.
 
     Everything is written into ``.tmp-step-N/`` and renamed to ``step-N/`` only once complete
     (manifest included). A checkpoint of the same step that already exists is moved aside first and
-    deleted after the rename. An ``OSError`` (disk full, permissions) removes the partial directory
+    deleted after the rename. ``on_written(tmp)`` runs once Accelerate's files are in the temporary
+    directory, before the manifest and the rename (tests crash a run there). An ``OSError`` (disk full, permissions) removes the partial directory
     and becomes a :class:`UserError`; earlier checkpoints are untouched.
     """
     final = ckpt_dir / f"{PREFIX}{step:08d}"
@@ -125,7 +127,8 @@ def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[s
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
-        _testhooks.kill_point("ckpt_write", step)
+        if on_written is not None:
+            on_written(tmp)
         if accelerator.is_main_process:
             (tmp / "meta.json").write_text(json.dumps(meta))
             write_manifest(tmp)

@@ -76,7 +76,7 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import build_config, load_yaml
-    from .trainer import train
+    from .pipeline import train_and_score
 
     file_values: dict[str, Any] = {}
     if args.resume:
@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in _TRAIN_FLAG_KEYS}
     flags["output"] = args.output
     cfg = build_config(file_values=file_values, flags=flags, sets=args.sets)
-    result = train(cfg, resume=args.resume, quiet=args.quiet)
+    result = train_and_score(cfg, resume=args.resume, quiet=args.quiet)
     if result.stopped_early and result.stop_signal:
         return 128 + result.stop_signal  # stopped by SIGTERM/SIGINT after a checkpoint: 143/130, as the shell reports a signal
     return 0
@@ -167,19 +167,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"sslbench: error: {_one_line(exc)}", file=sys.stderr)
+        error_line(f"sslbench: error: {_one_line(exc)}")
         return 2
     except (OSError, MemoryError, RuntimeError) as exc:
         message = None if debug else _environment_error(exc)
         if message is None:
             raise
-        print(f"sslbench: error: {message}", file=sys.stderr)
+        error_line(f"sslbench: error: {message}")
         return 2
     except KeyboardInterrupt:
         print("sslbench: interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = formatwarning
+
+
+def error_line(text: str) -> None:
+    """Write ``text`` and its newline to stderr in one write: the error lines of several processes
+    (torchrun's) never interleave into one line (a pipe write of up to 4 KiB is atomic)."""
+    sys.stderr.flush()
+    data = (text + "\n").encode(errors="replace")
+    try:
+        os.write(sys.stderr.fileno(), data)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured by a test)
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -579,7 +579,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .config import load_yaml
     from .leaderboard import render
     from .registry import get_method
-    from .trainer import train
+    from .pipeline import train_and_score
 
     methods = parse_list(args.methods, "--methods")
     for name in methods:
@@ -628,7 +628,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         else:
             resume = _same_config(cfg, run_dir)  # an interrupted run of this comparison continues
             print(f"[{i}/{len(plans)}] {'resuming' if resume else 'training'} {method} seed {seed} -> {run_dir}", file=sys.stderr)
-            result = train(cfg, resume=resume, quiet=args.quiet, resume_command=f"{command} (the same command)")
+            result = train_and_score(cfg, resume=resume, quiet=args.quiet, resume_command=f"{command} (the same command)")
             if result.stopped_early:
                 if result.stop_signal:  # pre-empted: 143/130 as for train, so a scheduler sees a signal
                     return 128 + result.stop_signal

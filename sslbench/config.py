@@ -24,6 +24,7 @@ import yaml
 
 from .augment import AugmentConfig
 from .errors import UserError
+from .method import MethodConfig, Recipe
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -50,6 +51,8 @@ class TrainConfig:
     lr: float | None = None  # base learning rate before scaling (None: the method's recipe)
     lr_scaling: str | None = None  # linear (lr*B/256) | sqrt (lr*sqrt(B)) | none (None: recipe)
     weight_decay: float | None = None  # weight decay; never on norm and bias parameters (None: recipe)
+    weight_decay_end: float | None = None  # cosine weight-decay schedule from weight_decay to this (None: the recipe's; constant if it has none)
+    betas: tuple[float, float] | None = None  # AdamW betas (None: the method's recipe, else (0.9, 0.999))
     sgd_momentum: float = 0.9  # momentum of SGD and LARS
     lars_eta: float | None = None  # LARS trust coefficient (None: the method's recipe; 0.001 as in SimCLR/BYOL)
     warmup_epochs: float | None = None  # linear warm-up length (None: 10% of training, at most 10 epochs)
@@ -134,9 +137,12 @@ class TrainConfig:
         if self.warmup_epochs is not None and self.warmup_epochs < 0:
             raise UserError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _validate_aug(self.aug)
-        check = getattr(self.method_cfg, "validate", None)
-        if check is not None:
-            check()
+        if self.weight_decay_end is not None and self.weight_decay_end < 0:
+            raise UserError(f"weight_decay_end must be >= 0, got {self.weight_decay_end}")
+        if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"betas must be two numbers in [0, 1), got {self.betas}; pass e.g. --set betas=0.9,0.95")
+        if isinstance(self.method_cfg, MethodConfig):
+            self.method_cfg.validate()
 
 
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -352,21 +358,23 @@ def build_config(
     cfg.resolve_defaults()
     cfg.backbone_kwargs = {k: parse_literal(v) if isinstance(v, str) else (tuple(v) if isinstance(v, list) else v)
                            for k, v in nested["backbone_kwargs"].items()}
-    cfg.aug = update_dataclass(cfg.aug, nested["aug"], prefix="aug.")
+    recipe: Recipe = method_cls.recipe(cfg.image_size)
+    cfg.aug = update_dataclass(dataclasses.replace(cfg.aug, **recipe.aug), nested["aug"], prefix="aug.")
     cfg.method_cfg = update_dataclass(method_cls.Config(), nested["method_cfg"], prefix="method_cfg.")
-    apply_recipe(cfg, method_cls)
+    apply_recipe(cfg, recipe)
     cfg.validate()
     return cfg
 
 
-def apply_recipe(cfg: TrainConfig, method_cls: type) -> None:
-    """Fill the fields left ``None`` (optimizer, lr, lr_scaling, weight_decay) from the method's
-    recipe for this image size (``Method.recipe(image_size) -> dict``)."""
-    recipe = method_cls.recipe(cfg.image_size) if hasattr(method_cls, "recipe") else {}
-    defaults = {"optimizer": "sgd", "lr": 0.05, "lr_scaling": "linear", "weight_decay": 5e-4, "lars_eta": 0.001, **recipe}
-    for key in ("optimizer", "lr", "lr_scaling", "weight_decay", "lars_eta"):
+RECIPE_FIELDS = ("optimizer", "lr", "lr_scaling", "weight_decay", "weight_decay_end", "lars_eta", "betas", "grad_clip")
+
+
+def apply_recipe(cfg: TrainConfig, recipe: Recipe) -> None:
+    """Fill the optimizer fields left ``None`` from the method's :class:`~sslbench.method.Recipe`
+    for this image size (its augmentation defaults are applied before the user's ``aug`` values)."""
+    for key in RECIPE_FIELDS:
         if getattr(cfg, key) is None:
-            setattr(cfg, key, defaults[key])
+            setattr(cfg, key, getattr(recipe, key))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -31,6 +31,8 @@ __all__ = [
     "gather_with_grad",
     "gather_no_grad",
     "all_reduce_mean",
+    "all_reduce_sum",
+    "all_reduce_sum_with_grad",
     "SyncBatchNorm",
     "SyncBatchNormAct2d",
     "convert_sync_batchnorm",
@@ -131,6 +133,17 @@ def all_reduce_mean(x: Tensor, group: Any = None) -> Tensor:
     return out
 
 
+@torch.no_grad()
+def all_reduce_sum(x: Tensor, group: Any = None) -> Tensor:
+    """The sum of ``x`` over processes (any shape; same shape on all ranks), detached: for global
+    statistics that carry no gradient (DINO's centre, Sinkhorn's sums). Returns a new tensor;
+    one process: a detached copy of ``x``."""
+    out = x.detach().clone()
+    if is_distributed(group):
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable all-reduce SUM: forward sums over processes, backward sums the gradients.
 
@@ -152,8 +165,9 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def _all_reduce_sum(x: Tensor, group: Any) -> Tensor:
-    """Differentiable sum over processes; the identity in one process."""
+def all_reduce_sum_with_grad(x: Tensor, group: Any = None) -> Tensor:
+    """Differentiable sum over processes (statistics of the global batch that carry a gradient:
+    cross-correlations, covariances); the identity in one process."""
     return _AllReduceSum.apply(x, group) if is_distributed(group) else x
 
 
@@ -248,11 +262,11 @@ class SyncBatchNorm(_BatchNorm):
         # The count stays a tensor: no host synchronisation. With W >= 2 non-empty batches it is
         # >= 2, so the unbiased correction n / (n - 1) below is finite.
         local_count = torch.full((1,), x.numel() // c, dtype=stat_dtype, device=x.device)
-        sum_count = _all_reduce_sum(torch.cat([xs.sum(dims), local_count]), self.process_group)
+        sum_count = all_reduce_sum_with_grad(torch.cat([xs.sum(dims), local_count]), self.process_group)
         count = sum_count[c].detach()  # () total values per channel over all processes
         mean = sum_count[:c] / count  # (C,)
         dev = xs - mean.view(bshape)
-        var = _all_reduce_sum((dev * dev).sum(dims), self.process_group) / count  # (C,), biased
+        var = all_reduce_sum_with_grad((dev * dev).sum(dims), self.process_group) / count  # (C,), biased
         y = dev * torch.rsqrt(var + self.eps).view(bshape)
         if self.weight is not None:
             y = y * self.weight.to(stat_dtype).view(bshape)

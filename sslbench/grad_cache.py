@@ -24,11 +24,12 @@ exact:
   last chunk), and the embeddings go through the DDP-wrapped module so its hooks fire;
 * the forward passes run through the same (Accelerate autocast) module as the normal training
   step and the loss runs under ``accelerator.autocast()``;
-* a method whose embeddings include no-gradient targets (BYOL's target network, MoCo v3's
-  momentum encoder) may accept ``embed(views, targets=False)`` and then return only the columns
-  that carry gradients, which ``embed`` puts first along dim 1: the recomputation skips the
-  target networks (their slice of ``dL/d emb`` reaches no parameter), one target forward per
-  sample and step instead of two. The RNG replay stays exact: the online part draws first.
+* the recomputation calls ``embed(batch, targets=False)``: a method whose embeddings include
+  no-gradient targets (BYOL's target network, MoCo v3's momentum encoder) then returns only the
+  columns that carry gradients, which ``embed`` puts first along dim 1, and skips the target
+  networks (their slice of ``dL/d emb`` reaches no parameter): one target forward per sample and
+  step instead of two. The RNG replay stays exact: the online part draws first. Methods without
+  targets return all columns either way.
 
 **BatchNorm caveat.** A chunked forward normalises each chunk with that chunk's batch statistics
 (like per-GPU BatchNorm), so with BatchNorm in training mode the gradient is that of a slightly
@@ -41,32 +42,17 @@ of the per-process batch.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .method import Batch, Method
 
-__all__ = ["GradCache", "make_grad_cache", "online_embed", "supports_grad_cache"]
-
-
-def supports_grad_cache(method: type | nn.Module) -> bool:
-    """Whether a method (class or instance) defines ``embed`` and ``loss_from_embeddings``."""
-    return callable(getattr(method, "embed", None)) and callable(getattr(method, "loss_from_embeddings", None))
-
-
-def online_embed(method: nn.Module) -> Callable[[list[Tensor]], Tensor] | None:
-    """``views -> method.embed(views, targets=False)`` when the method's ``embed`` takes ``targets``
-    (see the module docstring), else ``None``."""
-    embed = getattr(method, "embed", None)
-    if embed is None or "targets" not in inspect.signature(embed).parameters:
-        return None
-    return functools.partial(embed, targets=False)
+__all__ = ["GradCache", "make_grad_cache"]
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -86,31 +72,31 @@ class GradCache:
     """One training step's embeddings, loss and chunked backward (see the module docstring).
 
     Args:
-        embed_fn: ``views -> emb`` with ``emb`` of shape (B, ...) for views of batch B; in the
-            trainer the DDP/Accelerate-wrapped module's embedding forward.
+        embed_fn: ``batch -> emb`` with ``emb`` of shape (B, ...) for a :class:`Batch` of B
+            samples; in the trainer the DDP/Accelerate-wrapped module's embedding forward.
         loss_fn: ``emb -> (loss, logs)`` on the whole (per-process) batch.
         module: the module whose buffers the recomputation must not update twice.
         chunk: samples per chunk (>= 1).
         no_sync: a zero-argument callable returning the context in which gradients are not
             all-reduced (``lambda: accelerator.no_sync(model)``); default: no DDP.
         autocast: a zero-argument callable returning the loss's autocast context.
-        online_fn: ``views -> emb[:, :k]``, the gradient-carrying first ``k`` columns of
-            ``embed_fn(views)`` without computing the others; used by the recomputation when given.
+        online_fn: ``batch -> emb[:, :k]``, the gradient-carrying first ``k`` columns of
+            ``embed_fn(batch)`` without computing the others; used by the recomputation when given.
 
-    Use: ``loss, logs = gc.forward(views)``; ``loss.backward()`` (or ``accelerator.backward``);
+    Use: ``loss, logs = gc.forward(batch)``; ``loss.backward()`` (or ``accelerator.backward``);
     ``gc.backward()``. After ``backward`` the parameters' ``.grad`` hold the full-batch gradient.
     """
 
     def __init__(
         self,
-        embed_fn: Callable[[list[Tensor]], Tensor],
+        embed_fn: Callable[[Batch], Tensor],
         loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]],
         module: nn.Module,
         chunk: int,
         *,
         no_sync: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
-        online_fn: Callable[[list[Tensor]], Tensor] | None = None,
+        online_fn: Callable[[Batch], Tensor] | None = None,
     ) -> None:
         if chunk < 1:
             raise UserError(f"gradient-cache chunk must be >= 1, got {chunk}")
@@ -124,29 +110,28 @@ class GradCache:
         self._reset()
 
     def _reset(self) -> None:
-        self._views: list[Tensor] | None = None
+        self._batch: Batch | None = None
         self._bounds: list[tuple[int, int]] = []
         self._rng: list[tuple[Tensor, Tensor | None]] = []
         self._rng_after: tuple[Tensor, Tensor | None] | None = None
         self._buffers: list[tuple[Tensor, Tensor]] = []
         self._emb: Tensor | None = None
 
-    def forward(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Steps 1 and 2: embeddings without a graph, chunk by chunk, then the full-batch loss.
 
-        ``views``: V x (B, ...). Returns ``(loss, logs)`` with ``loss`` differentiable with
-        respect to the cached embeddings only."""
+        ``batch``: B samples (views V x (B, ...)). Returns ``(loss, logs)`` with ``loss``
+        differentiable with respect to the cached embeddings only."""
         self._reset()
-        views = list(views)
-        b = views[0].shape[0]
-        device = views[0].device
-        self._views = views
+        b = batch.views[0].shape[0]
+        device = batch.views[0].device
+        self._batch = batch
         self._bounds = [(i, min(i + self.chunk, b)) for i in range(0, b, self.chunk)]
         parts = []
         with torch.no_grad():
             for i, j in self._bounds:
                 self._rng.append(_rng_state(device))
-                parts.append(self.embed_fn([v[i:j] for v in views]))
+                parts.append(self.embed_fn(batch.slice(i, j)))
         self._rng_after = _rng_state(device)
         # Buffer values after this pass: the recomputation's updates are undone in backward().
         self._buffers = [(buf, buf.detach().clone()) for buf in self.module.buffers()]
@@ -159,21 +144,22 @@ class GradCache:
 
     def backward(self) -> None:
         """Step 3: recompute each chunk with a graph and backpropagate its slice of dL/d emb."""
-        if self._emb is None or self._views is None:
+        if self._emb is None or self._batch is None:
             raise RuntimeError("GradCache.backward() needs forward() first")
         grad = self._emb.grad
         if grad is None:
             raise RuntimeError("GradCache.backward(): call backward on the loss from forward() first")
-        device = self._views[0].device
+        batch = self._batch
+        device = batch.views[0].device
         last = len(self._bounds) - 1
         for c, (i, j) in enumerate(self._bounds):
             _set_rng_state(self._rng[c], device)
             with self.no_sync() if c < last else contextlib.nullcontext():
                 if self.online_fn is not None:  # the gradient-carrying columns only: no target networks
-                    emb = self.online_fn([v[i:j] for v in self._views])
+                    emb = self.online_fn(batch.slice(i, j))
                     torch.autograd.backward(emb, grad[i:j, : emb.shape[1]].to(emb.dtype))
                 else:
-                    emb = self.embed_fn([v[i:j] for v in self._views])
+                    emb = self.embed_fn(batch.slice(i, j))
                     torch.autograd.backward(emb, grad[i:j].to(emb.dtype))
         assert self._rng_after is not None
         _set_rng_state(self._rng_after, device)
@@ -183,26 +169,24 @@ class GradCache:
         self._reset()
 
 
-def make_grad_cache(chunk: int, model: nn.Module, method: nn.Module, accelerator: Any) -> GradCache:
+def make_grad_cache(chunk: int, model: nn.Module, method: Method, accelerator: Any) -> GradCache:
     """The trainer's gradient cache: ``model`` is the prepared (DDP/autocast) module whose
-    ``forward(views, embed=True)`` returns ``method.embed(views)``; raises a :class:`UserError`
-    for a method without ``embed``/``loss_from_embeddings``."""
-    if not supports_grad_cache(method):
+    ``forward(batch, embed=True)`` returns ``method.embed(batch)``; raises a :class:`UserError`
+    for a method whose ``supports_grad_cache`` is False."""
+    if not type(method).supports_grad_cache:
         from .registry import METHODS
 
-        able = [name for name, cls in METHODS.items() if supports_grad_cache(cls)]
-        this = next((name for name, cls in METHODS.items() if cls is type(method)), type(method).__name__)
+        able = [name for name, cls in METHODS.items() if cls.supports_grad_cache]
         raise UserError(
-            f"--grad-cache-chunk needs a method with embed() and loss_from_embeddings(); {this} has "
-            f"neither. Methods that support it: {', '.join(able) or 'none'}"
+            f"--grad-cache-chunk needs a method with embed() and loss_from_embeddings(); {type(method).name or type(method).__name__} "
+            f"does not support the gradient cache. Methods that do: {', '.join(able) or 'none'}"
         )
-    loss_fn = cast(Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]], method.loss_from_embeddings)
     return GradCache(
-        lambda views: model(views, embed=True),
-        loss_fn,
+        lambda batch: model(batch, embed=True),
+        method.loss_from_embeddings,
         method,
         chunk,
         no_sync=lambda: accelerator.no_sync(model),
         autocast=accelerator.autocast,
-        online_fn=(lambda views: model(views, embed=True, targets=False)) if online_embed(method) is not None else None,
+        online_fn=lambda batch: model(batch, embed=True, targets=False),
     )

@@ -1,107 +1,198 @@
-"""The method plugin contract, and the small MLP heads the plugins share.
+"""The method plugin contract: a small base class with do-nothing defaults.
 
-A method is an ``nn.Module`` registered with ``@register_method(name)``. It is built as
+A method is an :class:`Method` subclass registered with ``@register_method(name)``, built as
 ``Method(backbone, cfg)`` from a timm backbone (with ``num_features``) and its own ``Config``
-dataclass, and implements ``training_step(views) -> (loss, logs)``. Everything else is optional;
-the trainer looks the optional hooks up with ``getattr`` and never names a method. A method never
-touches devices, process groups or optimizers: negatives from other processes come through
-:func:`sslbench.dist.gather_with_grad`, which is the identity in one process.
+dataclass. It implements :meth:`Method.training_step`; every other hook has a default that does
+nothing (or the common thing), and the trainer calls every hook unconditionally: nothing is looked
+up by name. A method never touches devices, process groups or optimizers: negatives from other
+processes come through :mod:`sslbench.dist`, which is the identity in one process.
+
+The step's input is a :class:`Batch`: the views (one tensor per :class:`ViewSpec` of
+:meth:`Method.views`, views of several sizes allowed), the global indices of its samples and a
+:class:`StepInfo` (step, epoch, progress, seed). Per-sample randomness inside a method (a mask)
+comes from :meth:`Batch.uniform`, the counter-based generator augmentation uses, so it is a pure
+function of (seed, epoch, sample, stream): N processes draw what one draws and a resumed run
+draws what an unbroken one draws.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar
 
-import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .augment import AugmentConfig
+from .augment import AugmentConfig, counter_uniform
+from .momentum import cosine_momentum, ema_update_
+
+__all__ = ["Batch", "Method", "MethodConfig", "Recipe", "Schedule", "StepInfo", "ViewSpec", "asymmetric", "cosine_schedule", "default_views"]
+
+# Streams of Batch.uniform sit above any view index, so they never repeat an augmentation's draws.
+_METHOD_STREAM_BASE = 1 << 20
 
 
-@runtime_checkable
-class SSLMethod(Protocol):
-    """What the trainer, the evaluators and the CLI rely on."""
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a training step stands; a pure function of the step (and, under a time budget alone,
+    of the elapsed time)."""
 
-    Config: ClassVar[type]  # the method's typed config dataclass
-    description: ClassVar[str]  # one line, for `sslbench list methods`
-    paper: ClassVar[str]  # citation, for `sslbench list methods`
-    encoder: nn.Module  # the backbone: its output h is what downstream evaluation uses
+    step: int  # 0-based index of this optimizer step
+    epoch: int  # 0-based epoch of this step
+    steps_per_epoch: int  # optimizer steps in one epoch
+    total_steps: int  # planned steps (a very large number under a time budget alone)
+    progress: float  # in [0, 1]: step / total_steps, or elapsed / budget under a time budget
+    seed: int  # the run's seed
+    time_based: bool = False  # a time budget alone bounds the run: progress is elapsed / budget
 
-    def training_step(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``views``: augmented, normalised (B, 3, S, S) batches, one per view. Returns the scalar
-        loss to minimise and detached scalars to log."""
-        ...
+    @property
+    def epoch_float(self) -> float:
+        """Epochs done before this step, fractional (step / steps_per_epoch)."""
+        return self.step / self.steps_per_epoch
 
 
-class OptionalHooks(Protocol):
-    """Hooks a method may define; the trainer uses each only when present."""
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view a method trains on: its augmentation and its output side in px."""
 
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """(online, target) module pairs: target <- m * target + (1 - m) * online after each step."""
-        ...
+    aug: AugmentConfig  # augmentation of this view
+    size: int  # output side S: the view is (B, 3, S, S)
 
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        """The momentum m at ``step`` (a pure function of the step)."""
-        ...
+
+@dataclass
+class Batch:
+    """One process's share of a step: ``views[v]`` is (B, 3, S_v, S_v) for ``ViewSpec`` v,
+    ``index`` (B,) the global indices of the samples in the training set, ``info`` the step."""
+
+    views: list[Tensor]
+    index: Tensor
+    info: StepInfo
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Samples ``start:stop`` of every view (the gradient cache's chunks)."""
+        return Batch([v[start:stop] for v in self.views], self.index[start:stop], self.info)
+
+    def uniform(self, stream: int, n: int) -> Tensor:
+        """(B, n) uniforms in [0, 1) for this batch's samples, a pure function of (seed, epoch,
+        sample index, ``stream``); a method picks its own ``stream`` per use (0, 1, ...)."""
+        u = counter_uniform(self.info.seed, self.info.epoch, self.index, _METHOD_STREAM_BASE + stream, n)
+        return u.to(self.views[0].device)
+
+
+@dataclass
+class Recipe:
+    """A method's defaults for one image size: every optimizer setting and augmentation defaults.
+    Fields the user leaves unset (``None`` in :class:`sslbench.config.TrainConfig`) take these."""
+
+    optimizer: str = "sgd"  # sgd | lars | adamw
+    lr: float = 0.05  # base lr before batch scaling
+    lr_scaling: str = "linear"  # linear | sqrt | none
+    weight_decay: float = 5e-4  # weight decay at the start (never on norm and bias parameters)
+    weight_decay_end: float | None = None  # cosine schedule of the weight decay to this value (None: constant)
+    lars_eta: float = 0.001  # LARS trust coefficient
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float | None = None  # global gradient-norm clip (None: off)
+    aug: dict[str, Any] = field(default_factory=dict)  # AugmentConfig fields the method changes by default
+
+
+@dataclass
+class MethodConfig:
+    """Base of the methods' typed config dataclasses: :meth:`validate` is called after every
+    resolution of a config (defaults, files, flags)."""
+
+    def validate(self) -> None:
+        """Range checks that types cannot express; raise :class:`sslbench.errors.UserError`."""
+
+
+Schedule = Callable[[StepInfo], float]  # a parameter-group value as a pure function of the step
+
+
+class Method(nn.Module):
+    """The base of every method plugin: an ``nn.Module`` with do-nothing defaults.
+
+    Subclasses set ``Config``, ``description`` and ``paper``, build their heads in ``__init__``
+    (keeping the backbone as ``self.encoder``: its output h is what evaluation uses) and implement
+    :meth:`training_step`. The trainer calls every other hook unconditionally.
+    """
+
+    Config: ClassVar[type] = MethodConfig  # the method's typed config dataclass
+    description: ClassVar[str] = ""  # one line, for `sslbench list methods`
+    paper: ClassVar[str] = ""  # citation, for `sslbench list methods`
+    min_batch_size: ClassVar[int] = 1  # the smallest global batch the loss is defined for
+    supports_grad_cache: ClassVar[bool] = False  # implements embed() and loss_from_embeddings()
+    name: ClassVar[str] = ""  # set by @register_method
+
+    encoder: nn.Module
+
+    @classmethod
+    def recipe(cls, image_size: int) -> Recipe:
+        """Optimizer and augmentation defaults for ``image_size`` px images."""
+        return Recipe()
+
+    def views(self, base: AugmentConfig, image_size: int) -> list[ViewSpec]:
+        """The views of one sample, in order; default: two views of ``base`` at ``image_size``."""
+        return [ViewSpec(base, image_size), ViewSpec(base, image_size)]
+
+    def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The scalar loss to minimise and detached scalars to log."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch)")
 
     def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Adjust the optimizer's parameter groups (e.g. SimSiam's fixed predictor learning rate)."""
-        ...
+        """Adjust the optimizer's parameter groups (e.g. SimSiam's fixed predictor lr)."""
+        return groups
 
-    def view_augmentations(self, base: AugmentConfig) -> list[AugmentConfig]:
-        """One augmentation config per view (e.g. BYOL's asymmetric blur and solarize)."""
-        ...
+    def schedules(self) -> dict[str, Schedule]:
+        """Extra per-step values for parameter-group keys, ``{key: f(info)}``, applied to every
+        group without ``fixed_<key>`` and scaled by its ``<key>_scale``; default: none."""
+        return {}
 
-    def embed(self, views: Sequence[Tensor]) -> Tensor:
-        """Per-sample embeddings (B, ...) the loss needs: the first half of the gradient cache."""
-        ...
+    def after_backward(self, info: StepInfo) -> None:
+        """Between backward and the optimizer step (e.g. DINO zeroes its last layer's gradients)."""
+
+    def after_optimizer_step(self, info: StepInfo) -> None:
+        """After the optimizer step: by default the EMA of every :meth:`momentum_pairs` pair."""
+        pairs = self.momentum_pairs()
+        if pairs:
+            m = self.momentum_at(info)
+            for online, target in pairs:
+                ema_update_(online, target, m)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, target) pairs: ``target <- m * target + (1 - m) * online`` after each step."""
+        return []
+
+    def momentum_at(self, info: StepInfo) -> float:
+        """The EMA rate m at this step."""
+        return 1.0
+
+    def embed(self, batch: Batch, targets: bool = True) -> Tensor:
+        """Per-sample embeddings (B, ...) the loss needs: the gradient cache's first half. With
+        ``targets=False`` only the gradient-carrying columns (first along dim 1)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support the gradient cache")
 
     def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss from :meth:`embed`'s output on the whole batch: the second half of the gradient cache."""
-        ...
+        """The loss from :meth:`embed`'s output on the whole batch: the gradient cache's second half."""
+        raise NotImplementedError(f"{type(self).__name__} does not support the gradient cache")
 
 
-def default_view_augmentations(method: nn.Module, base: AugmentConfig) -> list[AugmentConfig]:
-    """The method's per-view configs, or two views of ``base``."""
-    hook = getattr(method, "view_augmentations", None)
-    return list(hook(base)) if hook is not None else [base, base]
+def cosine_schedule(info: StepInfo, start: float, end: float) -> float:
+    """Cosine from ``start`` (step 0) to ``end`` (the last step): BYOL's momentum and DINO's
+    schedules, ``end - (end - start) * (cos(pi * k / K) + 1) / 2``. With a known step count
+    ``k / K`` is step / total_steps exactly; under a time budget alone it is the progress."""
+    if not info.time_based:
+        return cosine_momentum(info.step, info.total_steps, start, end)
+    p = min(max(info.progress, 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * p) + 1.0) / 2.0
 
 
-def mlp(
-    in_dim: int,
-    hidden_dim: int,
-    out_dim: int,
-    num_layers: int = 2,
-    *,
-    last_bn: bool = False,
-    last_bn_affine: bool = True,
-    hidden_bn: bool = True,
-) -> nn.Sequential:
-    """An MLP head: ``num_layers`` linear layers with BN + ReLU between them.
-
-    SimCLR v1's projector is ``mlp(d, d, 128, 2)``; SimCLR v2's is 3 layers; SimSiam's projector is
-    3 layers with ``last_bn=True`` and its predictor a 2-layer bottleneck; BYOL's are 2 layers.
-    Shapes: (B, in_dim) -> (B, out_dim).
-    """
-    if num_layers < 1:
-        raise ValueError("an MLP needs at least one layer")
-    layers: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=not hidden_bn)]
-        if hidden_bn:
-            layers += [nn.BatchNorm1d(hidden_dim)]
-        layers += [nn.ReLU(inplace=True)]
-        dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
-    if last_bn:
-        layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
-    return nn.Sequential(*layers)
+def asymmetric(base: AugmentConfig, image_size: int, first: dict[str, Any], second: dict[str, Any]) -> list[ViewSpec]:
+    """Two views of ``base`` at ``image_size`` with ``first``/``second`` field changes (BYOL's blur/solarize)."""
+    return [ViewSpec(replace(base, **first), image_size), ViewSpec(replace(base, **second), image_size)]
 
 
-def encode_views(encoder: nn.Module, views: Sequence[Tensor]) -> list[Tensor]:
-    """Run all views through ``encoder`` in one batch (one BatchNorm group, one kernel launch per
-    layer) and split the features back per view. (V x (B, 3, S, S)) -> V x (B, D)."""
-    h = encoder(torch.cat(list(views), dim=0))
-    return list(h.chunk(len(views), dim=0))
+def default_views(method: Method, base: AugmentConfig, image_size: int) -> list[ViewSpec]:
+    """``method.views(...)``, checked: at least one view, positive sizes."""
+    specs = list(method.views(base, image_size))
+    if not specs:
+        raise ValueError(f"{type(method).__name__}.views() returned no view")
+    return specs

@@ -93,7 +93,8 @@ def param_groups(
     Returns up to two groups (empty ones are dropped), in this order:
     ``{'params': [...], 'weight_decay': weight_decay, 'lars_exclude': False}`` for conv/linear
     weights and other >= 2-D tensors, and ``{'params': [...], 'weight_decay': 0.0,
-    'lars_exclude': True}`` for normalisation parameters and biases (``predicate``). Frozen
+    'lars_exclude': True, 'fixed_weight_decay': True}`` for normalisation parameters and biases
+    (``predicate``; a weight-decay schedule leaves them at 0). Frozen
     parameters (``requires_grad=False``) are left out; a parameter shared by several modules
     appears once.
     """
@@ -108,7 +109,7 @@ def param_groups(
             (no_decay if predicate(module, name, p) else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": float(weight_decay), "lars_exclude": False},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "fixed_weight_decay": True},
     ]
     return [g for g in groups if g["params"]]
 

@@ -96,8 +96,18 @@ METHODS: Registry[type] = Registry("method", loader=_load_methods)
 
 
 def register_method(name: str) -> Callable[[type], type]:
-    """Class decorator: ``@register_method("simclr")`` adds a method plugin to :data:`METHODS`."""
-    return METHODS.register(name)
+    """Class decorator: ``@register_method("simclr")`` adds a method plugin to :data:`METHODS`.
+    The class must subclass :class:`sslbench.method.Method` (the contract the trainer calls)."""
+    from .method import Method
+
+    add = METHODS.register(name)
+
+    def deco(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"method {name!r}: {cls!r} must subclass sslbench.method.Method (see docs/write-your-own-method.md)")
+        return add(cls)
+
+    return deco
 
 
 def get_method(name: str) -> type:

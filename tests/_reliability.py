@@ -32,7 +32,9 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_ENV_VARS = ("SSLBENCH_TEST_KILL_AT", "SSLBENCH_TEST_SIGNAL_AT", "SSLBENCH_TEST_NAN_AT", "SSLBENCH_TEST_DEFERRED_NONFINITE")
+TESTS = REPO / "tests"
+TEST_ENV_VARS = ("SSLBENCH_TEST_KILL_AT", "SSLBENCH_TEST_SIGNAL_AT", "SSLBENCH_TEST_NAN_AT", "SSLBENCH_CALLBACKS")
+FAULTS = "_faults:FaultInjection"  # tests/_faults.py, installed in every CLI process the tests start
 
 # A narrow ResNet-18 at 16 px: each training step takes milliseconds.
 TINY = ["--image-size", "16", "--batch-size", "16", "--set", "backbone_kwargs.channels=8,16,32,64",
@@ -54,9 +56,11 @@ def make_image_folder(root: Path, *, classes: int = 4, train: int = 16, test: in
 
 
 def child_env(cache: Path, **extra: str) -> dict[str, str]:
-    """The environment for a CLI process: its own cache, one thread, no inherited test hooks."""
+    """The environment for a CLI process: its own cache, one thread, no inherited test hooks, and
+    the fault-injection callback installed (inert unless a SSLBENCH_TEST_* variable is set)."""
     env = {k: v for k, v in os.environ.items() if k not in TEST_ENV_VARS}
-    env.update(SSLBENCH_CACHE=str(cache), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update(SSLBENCH_CACHE=str(cache), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]), SSLBENCH_CALLBACKS=FAULTS)
     env.update(extra)
     return env
 

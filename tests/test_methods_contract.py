@@ -1,4 +1,5 @@
-"""The plugin contract, checked for every registered method (and the Barlow Twins doc example).
+"""The plugin contract, checked for every registered method, the Barlow Twins doc example and toy
+methods that use views of two sizes, the step's progress and a per-sample mask (tests/_toy_methods.py).
 
 Parametrised over ``METHODS.names()``, so a method added later is held to the same rules: one SGD
 step on a tiny timm ResNet on the CPU gives a finite scalar loss and gradients on the backbone;
@@ -20,9 +21,12 @@ import pytest
 import torch
 from torch import nn
 
+from _steps import batch as make_batch
+from _steps import info as step_info
+from _toy_methods import TOYS
 from sslbench.augment import AugmentConfig
 from sslbench.backbones import create_backbone
-from sslbench.method import SSLMethod, default_view_augmentations
+from sslbench.method import Method, Recipe, ViewSpec, default_views
 from sslbench.momentum import ema_update_
 from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
 from sslbench.registry import METHODS, get_method
@@ -47,24 +51,22 @@ def one_step(cls: type) -> dict:
     backbone = tiny_backbone()
     method = cls(backbone, cfg)
     method.train()
-    augs = default_view_augmentations(method, AugmentConfig())
-    views = [torch.randn(BATCH, 3, SIZE, SIZE) for _ in augs]
-    groups = param_groups(method, 1e-4)
-    if hasattr(method, "param_groups"):
-        groups = method.param_groups(groups)
+    specs = default_views(method, AugmentConfig(), SIZE)
+    views = [torch.randn(BATCH, 3, spec.size, spec.size) for spec in specs]
+    groups = method.param_groups(param_groups(method, 1e-4))
     opt = build_optimizer("sgd", groups, 0.1, weight_decay=1e-4)
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
-    loss, logs = method.training_step(views)
+    loss, logs = method.training_step(make_batch(views, step=3, total=10))
     loss.backward()
     grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in method.named_parameters()}
     opt.step()
-    return dict(method=method, backbone=backbone, augs=augs, views=views, groups=groups, loss=loss, logs=logs,
+    return dict(method=method, backbone=backbone, specs=specs, views=views, groups=groups, loss=loss, logs=logs,
                 before=before, grads=grads)
 
 
-@pytest.fixture(scope="module", params=METHODS.names())
+@pytest.fixture(scope="module", params=[*METHODS.names(), *TOYS])
 def stepped(request: pytest.FixtureRequest) -> dict:
-    return one_step(get_method(request.param))
+    return one_step(TOYS.get(request.param) or get_method(request.param))
 
 
 def _load_example():
@@ -80,7 +82,7 @@ def check_contract(r: dict) -> None:
     method, backbone, loss, logs = r["method"], r["backbone"], r["loss"], r["logs"]
     cls = type(method)
     # class attributes and the encoder
-    assert isinstance(method, SSLMethod)
+    assert isinstance(method, Method)
     assert isinstance(cls.description, str) and cls.description.strip()
     assert isinstance(cls.paper, str) and cls.paper.strip()
     assert dataclasses.is_dataclass(cls.Config)
@@ -109,22 +111,21 @@ def check_contract(r: dict) -> None:
 def check_momentum(method: nn.Module) -> None:
     """momentum_pairs covers every frozen parameter; one ema_update_ follows its formula exactly."""
     frozen = frozen_ids(method)
-    if not hasattr(method, "momentum_pairs"):
+    pairs = method.momentum_pairs()
+    if not pairs:
         assert not frozen, "frozen parameters but no momentum_pairs()"
         return
-    pairs = method.momentum_pairs()
-    assert pairs and hasattr(method, "momentum_at")
     targets = {id(p) for _, t in pairs for p in t.parameters()}
     assert targets == frozen, "momentum_pairs() must cover exactly the frozen (target) parameters"
     for online, target in pairs:
         assert all(p.requires_grad for p in online.parameters())
     for total in (1, 10, 1000):
         for step in (0, total // 2, total - 1, total):
-            assert 0.0 <= method.momentum_at(step, total) <= 1.0
-    m = method.momentum_at(0, 100)
-    for online, target in pairs:
-        old = [p.detach().clone() for p in target.parameters()]
-        ema_update_(online, target, m)
+            assert 0.0 <= method.momentum_at(step_info(step, total)) <= 1.0
+    m = method.momentum_at(step_info(0, 100))
+    olds = [[p.detach().clone() for p in target.parameters()] for _, target in pairs]
+    method.after_optimizer_step(step_info(0, 100))  # the default hook: the EMA of every pair
+    for (online, target), old in zip(pairs, olds):
         for (name, t), o, p in zip(target.named_parameters(), old, online.parameters()):
             assert torch.equal(t, o * m + p.detach() * (1 - m)), name
 
@@ -145,27 +146,46 @@ def test_momentum_contract(stepped):
 
 def test_views_and_recipes(stepped):
     cls = type(stepped["method"])
-    assert len(stepped["augs"]) >= 2 and all(isinstance(a, AugmentConfig) for a in stepped["augs"])
+    specs = stepped["specs"]
+    assert specs and all(isinstance(s, ViewSpec) and isinstance(s.aug, AugmentConfig) and s.size > 0 for s in specs)
     for size in (32, 224):
         recipe = cls.recipe(size)
-        assert recipe["optimizer"] in OPTIMIZERS
-        assert recipe["lr"] > 0 and recipe["weight_decay"] >= 0
-        assert recipe["lr_scaling"] in LR_SCALING_RULES
-    assert getattr(cls, "min_batch_size", 1) <= BATCH
+        assert isinstance(recipe, Recipe)
+        assert recipe.optimizer in OPTIMIZERS
+        assert recipe.lr > 0 and recipe.weight_decay >= 0
+        assert recipe.lr_scaling in LR_SCALING_RULES
+        assert set(recipe.aug) <= {f.name for f in dataclasses.fields(AugmentConfig)}
+    assert cls.min_batch_size <= BATCH
 
 
 def test_gradient_cache_hooks_agree_with_training_step(stepped):
     method = stepped["method"]
-    if not hasattr(method, "embed"):
-        assert not hasattr(method, "loss_from_embeddings")
-        pytest.skip(f"{type(method).name} has no gradient-cache hooks")
-    views = stepped["views"]
+    if not type(method).supports_grad_cache:
+        with pytest.raises(NotImplementedError):
+            method.embed(make_batch(stepped["views"]))
+        pytest.skip(f"{type(method).__name__} does not support the gradient cache")
+    b = make_batch(stepped["views"], step=3, total=10)
     with torch.no_grad():
-        emb = method.embed(views)
+        emb = method.embed(b)
+        online = method.embed(b, targets=False)
         loss, _ = method.loss_from_embeddings(emb)
-        direct, _ = method.training_step(views)
-    assert emb.shape[0] == BATCH
+        direct, _ = method.training_step(b)
+    assert emb.shape[0] == BATCH and online.shape[0] == BATCH and online.shape[1] <= emb.shape[1]
     assert torch.allclose(loss, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_are_never_looked_up_by_name():
+    """The trainer, config and gradient cache call the Method hooks directly: no getattr/hasattr
+    /inspect lookup of a hook remains (a misspelled hook must not silently do nothing)."""
+    root = Path(__file__).resolve().parents[1] / "sslbench"
+    hooks = ("momentum_pairs", "momentum_at", "param_groups", "views", "view_augmentations", "embed",
+             "loss_from_embeddings", "recipe", "after_backward", "after_optimizer_step", "schedules", "validate")
+    for name in ("trainer.py", "run_setup.py", "callbacks.py", "config.py", "grad_cache.py", "batches.py"):
+        text = (root / name).read_text()
+        for hook in hooks:
+            for lookup in (f'getattr(method, "{hook}"', f'hasattr(method, "{hook}"', f'"{hook}" in inspect'):
+                assert lookup not in text, f"{name} looks up {hook} by name"
+        assert "inspect.signature" not in text and "import inspect" not in text, name
 
 
 @pytest.fixture
@@ -186,7 +206,7 @@ def test_example_barlow_twins_trains(example):
     method = r["method"]
     opt = build_optimizer("sgd", param_groups(method, 1e-4), 1e-3, weight_decay=1e-4)
     before = [p.detach().clone() for p in method.parameters()]
-    loss2, _ = method.training_step([torch.randn(BATCH, 3, SIZE, SIZE) for _ in range(2)])
+    loss2, _ = method.training_step(make_batch([torch.randn(BATCH, 3, SIZE, SIZE) for _ in range(2)]))
     loss2.backward()
     opt.step()
     assert math.isfinite(loss2.item())
@@ -247,7 +267,7 @@ def _recipe_rows(name: str) -> dict[str, tuple[str, str]]:
 def _check_recipe_doc(name: str, cls: type) -> None:
     rows = _recipe_rows(name)
     for size, col in ((32, 0), (224, 1)):
-        recipe = cls.recipe(size)
+        recipe = dataclasses.asdict(cls.recipe(size))
         opt = rows["optimizer"][col].split()[0].lower()
         lr, scaling = re.match(r"([0-9.e-]+) \((\w+)\)", rows["lr (scaling)"][col]).groups()
         wd = re.match(r"[0-9.e-]+", rows["weight decay"][col]).group(0)

@@ -57,9 +57,10 @@ from sslbench.backbones import create_backbone
 from sslbench.config import TrainConfig
 from sslbench.data import ImageSplit
 from sslbench.dist import SyncBatchNorm, SyncBatchNormAct2d, convert_sync_batchnorm
-from sslbench.method import default_view_augmentations
+from sslbench.method import default_views
 from sslbench.registry import METHODS, get_method
-from sslbench.trainer import _batches, data_fits_on_device, make_schedule
+from sslbench.batches import data_fits_on_device, stream_batches
+from sslbench.run_setup import make_plan
 
 METHOD_NAMES = METHODS.names()
 BATCH = 16  # global batch: 8 per process
@@ -94,7 +95,8 @@ def _group_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         **os.environ,
         "SSLBENCH_CACHE": str(tmp_path / "cache"),
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+        "SSLBENCH_CALLBACKS": "_faults:FaultInjection",  # tests/_faults.py: inert unless SSLBENCH_TEST_* is set
         **extra,
     }
 
@@ -204,13 +206,14 @@ def test_each_process_gets_its_half_of_the_global_batch_with_identical_views() -
     split = _tiny_split()
     cfg = TrainConfig(batch_size=BATCH, steps=5, seed=7)  # 40 images: 2 steps per epoch, 3 epochs
     method = get_method("simclr")(create_backbone("resnet18", 32, channels=(8, 16, 32, 64)))
-    augmenters = [BatchAugment(a, 32) for a in default_view_augmentations(method, cfg.aug)]
+    specs = default_views(method, cfg.aug, 32)
     cpu = torch.device("cpu")
 
     def batches(world: int, rank: int) -> list[tuple[int, list[torch.Tensor]]]:
-        sched = make_schedule(cfg, len(split), world, 2)
-        assert sched.global_batch == BATCH and sched.local_batch == BATCH // world
-        return [(item[0], item[1]) for item in _batches(cfg, split, sched, 0, rank, cpu, augmenters, None)]
+        plan = make_plan(cfg, len(split), world, 2)
+        assert plan.global_batch == BATCH and plan.local_batch == BATCH // world
+        items = stream_batches(split, specs, plan, seed=cfg.seed, start_step=0, rank=rank, device=cpu)
+        return [(item[0], item[1]) for item in items]
 
     one = batches(1, 0)
     halves = [batches(2, r) for r in range(2)]
@@ -231,12 +234,13 @@ def test_data_kept_in_host_memory_gives_the_same_batches_as_data_on_the_device()
     split = _tiny_split()
     cfg = TrainConfig(batch_size=BATCH, steps=5, seed=7)
     method = get_method("simclr")(create_backbone("resnet18", 32, channels=(8, 16, 32, 64)))
-    augmenters = [BatchAugment(a, 32) for a in default_view_augmentations(method, cfg.aug)]
-    sched = make_schedule(cfg, len(split), 2, 2)
+    specs = default_views(method, cfg.aug, 32)
+    plan = make_plan(cfg, len(split), 2, 2)
     cpu = torch.device("cpu")
     for rank in range(2):
-        on_device = list(_batches(cfg, split, sched, 1, rank, cpu, augmenters, None, data_on_device=True))
-        on_host = list(_batches(cfg, split, sched, 1, rank, cpu, augmenters, None, data_on_device=False))
+        common = dict(seed=cfg.seed, start_step=1, rank=rank, device=cpu)
+        on_device = list(stream_batches(split, specs, plan, **common, data_on_device=True))
+        on_host = list(stream_batches(split, specs, plan, **common, data_on_device=False))
         assert [b[0] for b in on_device] == [b[0] for b in on_host] == [1, 2, 3, 4]
         for (_, views_d, idx_d), (_, views_h, idx_h) in zip(on_device, on_host):
             assert torch.equal(idx_d, idx_h) and len(views_d) == len(views_h) == 2
@@ -334,13 +338,13 @@ def test_sigterm_in_one_process_stops_every_process_after_the_same_step(tmp_path
 
 
 def test_a_nan_in_one_process_stops_every_process_with_the_same_error(tmp_path: Path) -> None:
-    """With the GPU's deferred check (the NaN flag is read at logging steps), a NaN loss in rank 1
+    """With the deferred check (the NaN flag is read at logging steps), a NaN loss in rank 1
     only, at the logging step 3: each process used to read its own flag, so rank 1 stopped while
     rank 0 went on into the next step's collectives (on NCCL: a hang). The flag is now agreed
     (the earliest bad step of any process): both stop with the same one-line error."""
     out = tmp_path / "run"
     args = [*_common_args("simclr", out), "--steps", "6", "--set", "log_every=3", "--set", "checkpoint_every=0"]
-    env = _group_env(tmp_path, SSLBENCH_TEST_NAN_AT="3@1", SSLBENCH_TEST_DEFERRED_NONFINITE="1")
+    env = _group_env(tmp_path, SSLBENCH_TEST_NAN_AT="3@1")
     proc = _run(_torchrun(args), env, tmp_path / "2proc.log")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "non-finite loss (NaN or inf) at step 3" in line]

@@ -33,17 +33,18 @@ PLUGIN = textwrap.dedent(
     import torch.nn.functional as F
     from torch import nn
 
-    from sslbench.method import encode_views, mlp
+    from sslbench.heads import encode_views, mlp
+    from sslbench.method import Method, MethodConfig
     from sslbench.registry import register_method
 
 
     @dataclass
-    class ToyConfig:
+    class ToyConfig(MethodConfig):
         dim: int = 16  # projector output
 
 
     @register_method("toyplug")
-    class ToyPlug(nn.Module):
+    class ToyPlug(Method):
         Config = ToyConfig
         description = "test plugin: negative cosine between views"
         paper = "none"
@@ -53,8 +54,8 @@ PLUGIN = textwrap.dedent(
             self.encoder = backbone
             self.head = mlp(backbone.num_features, 32, cfg.dim, 2)
 
-        def training_step(self, views):
-            z0, z1 = (self.head(h) for h in encode_views(self.encoder, views))
+        def training_step(self, batch):
+            z0, z1 = (self.head(h) for h in encode_views(self.encoder, batch.views))
             loss = -F.cosine_similarity(z0, z1.detach(), dim=1).mean()
             return loss, {"loss": loss.detach()}
     '''

@@ -12,14 +12,14 @@ imports it from this path and trains it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sslbench.dist import gather_with_grad
 from sslbench.errors import UserError
-from sslbench.method import encode_views, mlp
+from sslbench.heads import encode_views, mlp
+from sslbench.method import Batch, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
 
 
@@ -60,7 +60,7 @@ class BarlowTwinsLoss(nn.Module):
 
 
 @dataclass
-class BarlowTwinsConfig:
+class BarlowTwinsConfig(MethodConfig):
     """Barlow Twins hyper-parameters (defaults for small data; ImageNet values in the comments)."""
 
     off_diagonal_weight: float = 5e-3  # lambda, weight of the redundancy-reduction term (paper: 5e-3)
@@ -75,7 +75,7 @@ class BarlowTwinsConfig:
 
 
 @register_method("barlow_twins")
-class BarlowTwins(nn.Module):
+class BarlowTwins(Method):
     """Two views through a shared backbone and a 3-layer projector; the Barlow Twins loss on z."""
 
     Config = BarlowTwinsConfig
@@ -91,18 +91,18 @@ class BarlowTwins(nn.Module):
         self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, 3)
         self.criterion = BarlowTwinsLoss(cfg.off_diagonal_weight)
 
-    @staticmethod
-    def recipe(image_size: int) -> dict:
-        """Optimizer defaults: LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256, wd 1.5e-6
+    @classmethod
+    def recipe(cls, image_size: int) -> Recipe:
+        """LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256, wd 1.5e-6
         (Zbontar et al. 2021, Sec. 4, "Implementation details"). Small images: lr 0.3 x B/256,
         wd 1e-4 (solo-learn's CIFAR Barlow Twins config)."""
         if image_size < 96:
-            return {"optimizer": "lars", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-4}
-        return {"optimizer": "lars", "lr": 0.2, "lr_scaling": "linear", "weight_decay": 1.5e-6}
+            return Recipe(optimizer="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-4)
+        return Recipe(optimizer="lars", lr=0.2, lr_scaling="linear", weight_decay=1.5e-6)
 
-    def training_step(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``views``: two augmented, normalised (B, 3, S, S) batches -> (scalar loss, logs)."""
-        h1, h2 = encode_views(self.encoder, views)  # one backbone pass over both views
+    def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """``batch.views``: two augmented, normalised (B, 3, S, S) batches -> (scalar loss, logs)."""
+        h1, h2 = encode_views(self.encoder, batch.views)  # one backbone pass over both views
         z1, z2 = self.projector(torch.cat([h1, h2])).chunk(2)  # one projector pass too
         loss = self.criterion(z1, z2)
         return loss, {"loss": loss.detach()}

@@ -1,0 +1,87 @@
+"""Training as the commands run it: the trainer, then the end-of-training k-NN.
+
+This is the layer above both the trainer and the evaluators (neither imports the other): it adds
+the callbacks that come from elsewhere (the online probe from :mod:`sslbench.evals`, those named
+in ``$SSLBENCH_CALLBACKS``), trains, and scores the saved encoder with the same feature extraction
+and k-NN that ``sslbench eval`` uses, recording the figures in ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from torch import nn
+
+from .callbacks import Callback, callbacks_from_env
+from .config import TrainConfig
+from .data import ImageSplit, load_split
+from .trainer import TrainResult, train
+
+__all__ = ["quick_knn", "train_and_score"]
+
+
+def train_and_score(
+    cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None,
+    callbacks: list[Callback] | None = None,
+) -> TrainResult:
+    """Train ``cfg`` (with the online probe when configured) and, when it finishes and
+    ``cfg.quick_knn`` is on, score the encoder with the quick k-NN into ``results.json``."""
+    cbs = [*callbacks_from_env(), *(callbacks or [])]
+    if cfg.online_probe:
+        from sslbench.evals.online_probe import OnlineProbeCallback
+
+        cbs.append(OnlineProbeCallback())
+    result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs)
+    if result.stopped_early or not result.main or not cfg.quick_knn:
+        return result
+    from .backbones import load_encoder
+    from .run_setup import write_text_atomic
+
+    path = result.run_dir / "results.json"
+    summary = json.loads(path.read_text())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the trainer trained
+    precision = "bf16" if summary.get("precision") == "bf16" else "no"
+    result.metrics = quick_knn(cfg, load_encoder(result.run_dir), device, precision, quiet=quiet)
+    summary["metrics"] = result.metrics
+    fix = f"the run is trained; score it with `sslbench eval {result.run_dir}`"
+    write_text_atomic(path, json.dumps(summary, indent=2), fix)
+    return result
+
+
+def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precision: str, *, quiet: bool = False) -> dict[str, float]:
+    """The end-of-training k-NN (k=200, T=0.1, cosine) of h on the test split, and the same for
+    the untrained backbone (same seed) as a baseline."""
+    from accelerate.utils import set_seed
+
+    from sslbench.backbones import create_backbone
+    from sslbench.evals.features import extract_features
+    from sslbench.evals.knn import knn_eval
+
+    assert cfg.image_size is not None
+    size = cfg.image_size
+    train_split = load_split(cfg.data, "train", size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+    test_split = load_split(cfg.data, "test", size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+    if not isinstance(train_split, ImageSplit) or not isinstance(test_split, ImageSplit):
+        if not quiet:
+            print(f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`", file=sys.stderr)
+        return {}
+
+    def score(enc: nn.Module) -> dict[str, float]:
+        enc = enc.to(device)
+        tr = extract_features(enc, train_split.images, image_size=size, device=device, precision=precision)
+        te = extract_features(enc, test_split.images, image_size=size, device=device, precision=precision)
+        return knn_eval(tr.to(device), train_split.labels.to(device), te.to(device), test_split.labels.to(device), k=cfg.knn_k, temperature=cfg.knn_temperature)
+
+    trained = score(encoder)
+    set_seed(cfg.seed)
+    untrained = score(create_backbone(cfg.backbone, size, **cfg.backbone_kwargs))
+    out = dict(trained)
+    out.update({f"untrained_{k}": v for k, v in untrained.items()})
+    if not quiet:
+        print(
+            f"k-NN top-1 on {cfg.data} test (k={cfg.knn_k}, T={cfg.knn_temperature}): trained {trained.get('knn_top1', float('nan')):.2f}%"
+            f"  untrained {untrained.get('knn_top1', float('nan')):.2f}%"
+        )
+    return out
