@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
-from sslbench.heads import encode_views, mlp
+from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import BYOLLoss, byol_loss
 from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, ViewSpec, asymmetric, cosine_schedule
 from sslbench.momentum import freeze_
@@ -58,7 +58,7 @@ class BYOL(Method):
         super().__init__()
         self.cfg = cfg = cfg or BYOLConfig()
         self.encoder = backbone
-        self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, 2)
+        self.projector = mlp(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, 2)
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, 2)
         self.target_encoder = freeze_(copy.deepcopy(self.encoder))
         self.target_projector = freeze_(copy.deepcopy(self.projector))

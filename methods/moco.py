@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslbench.errors import UserError
-from sslbench.heads import encode_views, mlp
+from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import InfoNCELoss
 from sslbench.memory import MemoryBank
 from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo
@@ -74,7 +74,7 @@ class MoCo(Method):
         self.cfg = cfg = cfg or MoCoConfig()
         self.encoder = backbone
         # MoCo v2's head: fc-ReLU-fc, no BatchNorm (Chen et al. 2020, Sec. 2).
-        self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, 2, hidden_bn=False)
+        self.projector = mlp(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, 2, hidden_bn=False)
         self.key_encoder = freeze_(copy.deepcopy(self.encoder))
         self.key_projector = freeze_(copy.deepcopy(self.projector))
         self.criterion = InfoNCELoss(cfg.temperature)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sslbench.errors import UserError
-from sslbench.heads import encode_views, mlp
+from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import MoCoV3Loss
 from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, cosine_schedule
 from sslbench.momentum import freeze_
@@ -63,7 +63,7 @@ class MoCoV3(Method):
         self.encoder = backbone
         # The official heads: hidden layers Linear-BN-ReLU; projector ends in a BN without affine.
         self.projector = mlp(
-            backbone.num_features, cfg.hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False
+            feature_dim(backbone), cfg.hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False
         )
         self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim, 2)
         self.momentum_encoder = freeze_(copy.deepcopy(self.encoder))

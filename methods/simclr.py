@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from sslbench.errors import UserError
-from sslbench.heads import encode_views, mlp
+from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import NTXentLoss
 from sslbench.method import Batch, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
@@ -54,7 +54,7 @@ class SimCLR(Method):
         self.cfg = cfg = cfg or SimCLRConfig()
         self.encoder = backbone
         layers = 2 if cfg.projector == "v1" else 3
-        self.projector = mlp(backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, layers)
+        self.projector = mlp(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, layers)
         self.criterion = NTXentLoss(cfg.temperature)
 
     @classmethod

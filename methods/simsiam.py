@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslbench.errors import UserError
-from sslbench.heads import encode_views, mlp
+from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import SimSiamLoss, negative_cosine
 from sslbench.method import Batch, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
@@ -57,7 +57,7 @@ class SimSiam(Method):
         self.encoder = backbone
         # The official code's output BN has no affine parameters.
         self.projector = mlp(
-            backbone.num_features, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False
+            feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False
         )
         pred_hidden = cfg.pred_hidden_dim or cfg.proj_dim // 4
         self.predictor = mlp(cfg.proj_dim, pred_hidden, cfg.proj_dim, 2)

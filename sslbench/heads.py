@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["encode_views", "mlp"]
+__all__ = ["encode_views", "feature_dim", "mlp"]
 
 
 def mlp(
@@ -45,6 +45,11 @@ def mlp(
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
     return nn.Sequential(*layers)
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The width D of the backbone's features h (timm's ``num_features``)."""
+    return int(backbone.num_features)  # type: ignore[arg-type]  # timm models define it as an int attribute
 
 
 def encode_views(encoder: nn.Module, views: Sequence[Tensor]) -> list[Tensor]:

@@ -72,7 +72,9 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
         enc = enc.to(device)
         tr = extract_features(enc, train_split.images, image_size=size, device=device, precision=precision)
         te = extract_features(enc, test_split.images, image_size=size, device=device, precision=precision)
-        return knn_eval(tr.to(device), train_split.labels.to(device), te.to(device), test_split.labels.to(device), k=cfg.knn_k, temperature=cfg.knn_temperature)
+        out: dict[str, float] = knn_eval(tr.to(device), train_split.labels.to(device), te.to(device), test_split.labels.to(device),
+                                         k=cfg.knn_k, temperature=cfg.knn_temperature)
+        return out
 
     trained = score(encoder)
     set_seed(cfg.seed)

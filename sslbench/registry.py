@@ -14,9 +14,12 @@ import difflib
 import importlib
 import warnings
 from importlib.metadata import entry_points
-from typing import Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, TypeVar
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .method import Method
 
 T = TypeVar("T")
 
@@ -92,17 +95,17 @@ def _load_methods() -> None:
             warnings.warn(f"could not load sslbench method plugin {ep.name!r} ({ep.value}): {exc}", stacklevel=2)
 
 
-METHODS: Registry[type] = Registry("method", loader=_load_methods)
+METHODS: Registry[type[Method]] = Registry("method", loader=_load_methods)
 
 
-def register_method(name: str) -> Callable[[type], type]:
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: ``@register_method("simclr")`` adds a method plugin to :data:`METHODS`.
     The class must subclass :class:`sslbench.method.Method` (the contract the trainer calls)."""
     from .method import Method
 
     add = METHODS.register(name)
 
-    def deco(cls: type) -> type:
+    def deco(cls: type[Method]) -> type[Method]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"method {name!r}: {cls!r} must subclass sslbench.method.Method (see docs/write-your-own-method.md)")
         return add(cls)
@@ -110,6 +113,6 @@ def register_method(name: str) -> Callable[[type], type]:
     return deco
 
 
-def get_method(name: str) -> type:
+def get_method(name: str) -> type[Method]:
     """The registered method class called ``name``; a :class:`UserError` listing valid names otherwise."""
     return METHODS.get(name)

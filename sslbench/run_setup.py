@@ -343,7 +343,7 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
     # computes the variance in one pass (E[x^2] - E[x]^2), which costs up to ~1% relative error in
     # fp32 gradients on inputs with a large mean; tests that compare gradients exactly turn it off.
     if cfg.channels_last:
-        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        module = module.to(memory_format=torch.channels_last)
     module = module.to(accelerator.device)  # before the optimizer, which picks fused CUDA kernels for CUDA parameters
     assert isinstance(module, Method)
     groups = module.param_groups(param_groups(module, cfg.weight_decay or 0.0))

@@ -324,12 +324,12 @@ def test_environment_oserrors_are_one_line_and_bugs_are_not(table):
     assert _environment_error(RuntimeError("shape mismatch")) is None
 
     def read_only_cache() -> None:  # an OSError from deep inside, not wrapped in a UserError
-        import sslbench.trainer
+        import sslbench.run_setup
 
         def load_split(*args, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system", "/cache/decoded/x.pt")
 
-        sslbench.trainer.load_split = load_split
+        sslbench.run_setup.load_split = load_split
 
     r = run_forked(["train", "--data", "imagefolder:{}".format(table["fill"]["data"]), *TINY, "--output",
                     str(table["fill"]["tmp"] / "rofs")], table["env"], before=read_only_cache)

@@ -13,7 +13,8 @@ from sslbench.commands import format_duration, parse_duration, plan_compare
 from sslbench.config import build_config
 from sslbench.errors import UserError
 from sslbench.results import RUN_FIELDS, read_rows
-from sslbench.trainer import UNBOUNDED_STEPS, make_schedule, train
+from sslbench.run_setup import UNBOUNDED_STEPS, make_plan
+from sslbench.trainer import train
 
 TINY = "backbone_kwargs.channels=8,16,32,64"
 FILLED = ("method", "backbone", "data", "image_size", "epochs", "steps", "images_seen", "batch_size", "budget_kind",
@@ -128,10 +129,10 @@ def test_plans_share_data_backbone_and_budget(tmp_path):
 
 def test_time_budget_schedule():
     cfg = build_config(flags={"method": "simclr", "batch_size": 32}, sets=["time_budget_s=60"])
-    sched = make_schedule(cfg, 64, 1, 2)
+    sched = make_plan(cfg, 64, 1, 2)
     assert sched.total_steps == UNBOUNDED_STEPS and sched.warmup_steps == sched.steps_per_epoch == 2
     capped = build_config(flags={"method": "simclr", "batch_size": 32, "steps": 7}, sets=["time_budget_s=60"])
-    assert make_schedule(capped, 64, 1, 2).total_steps == 7  # steps and a time budget: whichever ends first
+    assert make_plan(capped, 64, 1, 2).total_steps == 7  # steps and a time budget: whichever ends first
     with pytest.raises(UserError, match="time_budget_s must be > 0"):
         build_config(sets=["time_budget_s=0"])
 

@@ -151,7 +151,7 @@ def _fake_run(tmp_path, projector):
         flags={"method": "simclr", "backbone": "resnet18", "output": str(tmp_path)},
         sets=[f"projector={projector}", "proj_hidden_dim=32", "proj_dim=16", "backbone_kwargs.channels=8,16,32,64"],
     )
-    from sslbench.trainer import build_method
+    from sslbench.build import build_method
 
     torch.manual_seed(1)
     method = build_method(cfg)

@@ -20,7 +20,7 @@ from sslbench.config import build_config
 from sslbench.data import load_split
 from sslbench.evals.features import extract_features
 from sslbench.registry import METHODS
-from sslbench.trainer import train
+from sslbench.pipeline import train_and_score
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_short_training_does_not_collapse_and_beats_untrained(method, tmp_path, 
         flags={"method": method, "epochs": 4, "batch_size": 128, "seed": 0, "output": str(tmp_path / "run")},
         sets=["backbone_kwargs.channels=16,32,64,128", "checkpoint_every=0"],
     )
-    result = train(cfg, quiet=True)
+    result = train_and_score(cfg, quiet=True)
     metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     assert metrics["knn_top1"] > metrics["untrained_knn_top1"], metrics
     encoder = load_encoder(tmp_path / "run")

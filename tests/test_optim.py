@@ -245,6 +245,7 @@ def test_build_adamw_fused_on_cuda() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_trainer_on_cuda_builds_a_fused_adamw_and_lets_cudnn_pick_its_fastest_kernels(tmp_path, monkeypatch) -> None:
+    import sslbench.run_setup as run_setup
     import sslbench.trainer as trainer
     from sslbench.config import build_config
 
@@ -254,7 +255,7 @@ def test_trainer_on_cuda_builds_a_fused_adamw_and_lets_cudnn_pick_its_fastest_ke
         built.append(build_optimizer(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(trainer, "build_optimizer", spy)
+    monkeypatch.setattr(run_setup, "build_optimizer", spy)
     cfg = build_config(
         flags={"method": "simclr", "steps": 2, "batch_size": 32, "optimizer": "adamw", "output": str(tmp_path / "run")},
         sets=["quick_knn=false"],
