@@ -38,10 +38,10 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 def module_device(module: nn.Module) -> torch.device:
     """The device of the module's first parameter (or buffer); CPU for a state-less module."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -129,7 +129,7 @@ def extract_features(
     return torch.cat(chunks)
 
 
-class _DecodedImages(torch.utils.data.Dataset):
+class _DecodedImages(torch.utils.data.Dataset[Tensor]):
     """The images of a file-backed split as uint8 ``(3, s, s)`` tensors at its storage size: the
     pixels an in-memory split holds."""
 

@@ -777,7 +777,7 @@ def eval_transform(
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> Callable[[PIL.Image.Image], Tensor]:
     """Per-image evaluation view (PIL image or uint8 CHW tensor -> float32 (3, S, S)), as :func:`eval_batch`."""
-    return T.Compose(
+    transform: Callable[[PIL.Image.Image], Tensor] = T.Compose(  # torchvision is untyped (Any)
         [
             T.ToImage(),
             T.ToDtype(torch.float32, scale=True),
@@ -787,6 +787,7 @@ def eval_transform(
             T.ToPureTensor(),
         ]
     )
+    return transform
 
 
 def per_image_transform(
@@ -817,4 +818,5 @@ def per_image_transform(
     if cfg.solarize_p > 0:
         steps.append(T.RandomSolarize(0.5, p=cfg.solarize_p))
     steps += [T.Normalize(list(mean), list(std)), T.ToPureTensor()]
-    return T.Compose(steps)
+    transform: Callable[[PIL.Image.Image], Tensor] = T.Compose(steps)  # torchvision is untyped (Any)
+    return transform

@@ -199,7 +199,8 @@ def balanced_subset(labels: Tensor, n_or_fraction: int | float, seed: int) -> Te
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
     n_total = labels.numel()
-    is_count = isinstance(n_or_fraction, numbers.Integral) and not isinstance(n_or_fraction, bool)
+    value: object = n_or_fraction  # numbers.Integral also admits NumPy integers, which `int | float` does not describe
+    is_count = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if is_count and not 1 <= n_or_fraction <= n_total:
         raise UserError(f"subset count {n_or_fraction} is outside 1..{n_total} (the split's size); pass a count in that range or a fraction in (0, 1]")
     if not is_count and not (isinstance(n_or_fraction, float) and 0.0 < n_or_fraction <= 1.0):
@@ -303,6 +304,7 @@ def _open_rgb(source: str | bytes | dict[str, Any]) -> Image.Image:
     if isinstance(source, dict):
         source = source["bytes"] if source.get("bytes") is not None else source["path"]
     fp = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    img: Image.Image  # Pillow types __enter__ as typing.Self, which Python 3.10 (mypy's target) lacks
     with Image.open(fp) as img:
         img.load()  # decode now, so truncation raises here and not later
         if img.mode == "P" and "transparency" in img.info:
@@ -351,7 +353,11 @@ def _fit_array(images: np.ndarray, size: int) -> Tensor:
     return torch.from_numpy(out)
 
 
-class _DecodeChunks(torch.utils.data.Dataset):
+#: An item of :class:`_DecodeChunks`: ``(start, images, ok, errors)``.
+_Chunk = tuple[int, Tensor, Tensor, list[tuple[int, str]]]
+
+
+class _DecodeChunks(torch.utils.data.Dataset[_Chunk]):
     """Item ``k``: images ``k*chunk .. (k+1)*chunk`` of ``sources`` decoded and fitted to ``size``,
     as ``(start, images uint8 (n, 3, size, size), ok bool (n,), errors [(index, message)])``.
     Unreadable images are zeros with ``ok`` False."""
@@ -362,7 +368,7 @@ class _DecodeChunks(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return -(-len(self.sources) // self.chunk)
 
-    def __getitem__(self, k: int) -> tuple[int, Tensor, Tensor, list[tuple[int, str]]]:
+    def __getitem__(self, k: int) -> _Chunk:
         start = k * self.chunk
         batch = self.sources[start : start + self.chunk]
         images = np.zeros((len(batch), 3, self.size, self.size), dtype=np.uint8)
@@ -551,7 +557,8 @@ def _read_cifar(label_key: str, meta_file: str, meta_key: str, split_files: dict
 
 def _unpickle(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        entry: dict[str, Any] = pickle.load(f, encoding="latin1")
+        return entry
 
 
 def _read_stl10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -778,7 +785,7 @@ def _load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: f
 
 def _hf_column(ds: Any, name: str, role: str, is_kind: Callable[[Any], bool], names: tuple[str, ...]) -> str:
     """Pick the ``role`` column: the single one of the right feature type, else a conventional name."""
-    typed = [c for c, f in ds.features.items() if is_kind(f)]
+    typed: list[str] = [c for c, f in ds.features.items() if is_kind(f)]
     if len(typed) == 1:
         return typed[0]
     named = [c for c in names if c in (typed or ds.column_names)]

@@ -43,7 +43,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} {name!r} is already registered by {old!r}")
             self._items[name] = obj
             try:
-                obj.name = name  # type: ignore[attr-defined]
+                obj.name = name  # type: ignore[attr-defined]  # T is any object; one that refuses the attribute is skipped
             except (AttributeError, TypeError):
                 pass
             return obj
