@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ensure_cifar, hardware  # noqa: E402
+from speed import ensure_cifar, hardware
 
 
 def main() -> None:

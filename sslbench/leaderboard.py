@@ -32,8 +32,8 @@ import json
 import math
 import os
 from collections import defaultdict
-from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError

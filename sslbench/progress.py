@@ -29,7 +29,7 @@ class TrainProgress:
             )
             self._task = self._progress.add_task("train", total=total, completed=start, loss="-", lr="-", ips="-")
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         if self._progress is not None:
             self._progress.start()
         return self

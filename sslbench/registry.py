@@ -13,8 +13,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import UserError
 
