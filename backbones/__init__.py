@@ -74,8 +74,7 @@ def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Modul
     except (TypeError, ValueError) as exc:
         given = sorted(k for k in kwargs if k != "pretrained")  # pretrained is sslbench's own default
         raise UserError(
-            f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); "
-            "check their names and values"
+            f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); check their names and values"
         ) from exc
     if image_size <= SMALL_IMAGE_MAX:
         _cifar_stem_(model)

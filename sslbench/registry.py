@@ -38,9 +38,7 @@ class Registry(Generic[T]):
 
         def deco(obj: T) -> T:
             old = self._items.get(name)
-            if old is not None and old is not obj and getattr(old, "__qualname__", None) != getattr(
-                obj, "__qualname__", object()
-            ):
+            if old is not None and old is not obj and getattr(old, "__qualname__", None) != getattr(obj, "__qualname__", object()):
                 raise ValueError(f"{self.kind} {name!r} is already registered by {old!r}")
             self._items[name] = obj
             try:
