@@ -16,8 +16,9 @@ Small images (``image_size <= 64``):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -40,13 +41,16 @@ def _cifar_stem_(model: nn.Module) -> bool:
 
     if not isinstance(model, ResNet):
         return False
+    # timm's ResNet does not annotate conv1 and maxpool (mypy infers nn.Sequential, their deep-stem
+    # value): replace them through the model as a plain nn.Module.
+    stem: nn.Module = model
     conv1 = model.conv1
     if isinstance(conv1, nn.Conv2d):
-        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        stem.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
     else:  # deep stem: a Sequential whose first layer is a 3x3 stride-2 conv
         first = next(m for m in conv1.modules() if isinstance(m, nn.Conv2d))
         first.stride = (1, 1)
-    model.maxpool = nn.Identity()
+    stem.maxpool = nn.Identity()
     return True
 
 
@@ -70,8 +74,7 @@ def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Modul
     except (TypeError, ValueError) as exc:
         given = sorted(k for k in kwargs if k != "pretrained")  # pretrained is sslbench's own default
         raise UserError(
-            f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); "
-            "check their names and values"
+            f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); check their names and values"
         ) from exc
     if image_size <= SMALL_IMAGE_MAX:
         _cifar_stem_(model)
@@ -93,7 +96,7 @@ def downsampling_factor(model: nn.Module) -> int | None:
     probe = 64
     try:
         with torch.no_grad():
-            feats = model.forward_features(torch.zeros(1, 3, probe, probe))
+            feats = cast("Callable[[torch.Tensor], object]", model.forward_features)(torch.zeros(1, 3, probe, probe))
     except Exception:  # a model that only takes its own input size: nothing to measure
         return None
     if not isinstance(feats, torch.Tensor) or feats.dim() != 4 or feats.shape[-1] < 1:
@@ -135,7 +138,7 @@ def _runs_at(model: nn.Module, image_size: int) -> bool:
     """Whether ``model`` maps a ``(1, 3, S, S)`` image to ``(1, num_features)``."""
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, 3, image_size, image_size))
+            out: torch.Tensor = model(torch.zeros(1, 3, image_size, image_size))
         return out.shape[-1] == model.num_features and out.dim() == 2
     except (RuntimeError, ValueError, TypeError):
         return False
@@ -192,7 +195,8 @@ def load_encoder(run_dir: str | Path, *, map_location: str | torch.device = "cpu
     path = run_dir / ENCODER_FILE
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
-    model = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
+    image_size = cast(int, cfg.image_size)  # never None here: build_config resolves it (TrainConfig.resolve_defaults)
+    model = create_backbone(cfg.backbone, image_size, **cfg.backbone_kwargs)
     try:
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ensure_cifar, hardware  # noqa: E402
+from speed import ensure_cifar, hardware
 
 
 def main() -> None:
@@ -41,12 +41,15 @@ def main() -> None:
     print(f"hardware: {hardware()}", flush=True)
     for method in args.methods.split(","):
         out = Path(args.output) / f"{method}-seed{args.seed}"
+        # The arguments in flag/value pairs, not one per line:
+        # fmt: off
         cmd = [
             sys.executable, "-m", "sslbench", "train", "--method", method, "--backbone", "resnet18",
             "--data", data, "--train-subset", str(args.subset), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--precision", args.precision, "--seed", str(args.seed),
             "--image-size", "32", "--set", "backbone_kwargs.channels=16,32,64,128", "--output", str(out), "--quiet",
         ]
+        # fmt: on
         print("$ " + " ".join(cmd), flush=True)
         t = time.perf_counter()
         subprocess.run(cmd, check=True)

@@ -65,11 +65,14 @@ def measure(
 
     Returns ``{'baseline_mb', 'peak_mb', 'step_mb'}`` (``step_mb = peak - baseline``)."""
     with tempfile.TemporaryDirectory(prefix="sslbench-gcmem-") as tmp:
+        # The arguments in flag/value pairs, not one per line:
+        # fmt: off
         args = [
             "train", "--method", "simclr", "--backbone", backbone, "--image-size", str(image_size),
             "--steps", "1", "--batch-size", str(batch_size), "--precision", "no", "--quiet",
             "--output", str(Path(tmp) / "run"), "--set", "quick_knn=false",
         ]
+        # fmt: on
         if chunk:
             args += ["--grad-cache-chunk", str(chunk)]
         if channels:
@@ -79,9 +82,7 @@ def measure(
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}  # the CPU, even beside a GPU
         if cache_dir is not None:
             env["SSLBENCH_CACHE"] = cache_dir
-        proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, *args], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+        proc = subprocess.run([sys.executable, "-c", _CHILD, *args], env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("GRAD_CACHE_MEMORY ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"measurement run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -103,14 +104,17 @@ def main() -> None:
     print(f"SimCLR, {a.backbone} at {a.image_size} px, batch {a.batch_size}, fp32, CPU, one training step per fresh process")
     rows = []
     for chunk in (0, a.chunk):
-        r = measure(batch_size=a.batch_size, chunk=chunk, backbone=a.backbone, image_size=a.image_size,
-                    channels=a.channels, threads=a.threads)
+        r = measure(batch_size=a.batch_size, chunk=chunk, backbone=a.backbone, image_size=a.image_size, channels=a.channels, threads=a.threads)
         label = "without gradient cache" if chunk == 0 else f"gradient cache, chunk {chunk}"
         rows.append((label, r))
-        print(f"{label:<32} peak RSS {r['peak_mb']:8.0f} MiB   (before training {r['baseline_mb']:6.0f} MiB; step {r['step_mb']:8.0f} MiB)", flush=True)
+        print(
+            f"{label:<32} peak RSS {r['peak_mb']:8.0f} MiB   (before training {r['baseline_mb']:6.0f} MiB; step {r['step_mb']:8.0f} MiB)", flush=True
+        )
     (_, plain), (_, cached) = rows
-    print(f"the training step needs {plain['step_mb'] / max(cached['step_mb'], 1e-9):.1f}x less memory with the gradient cache"
-          f" (peak RSS {plain['peak_mb'] / cached['peak_mb']:.1f}x lower)")
+    print(
+        f"the training step needs {plain['step_mb'] / max(cached['step_mb'], 1e-9):.1f}x less memory with the gradient cache"
+        f" (peak RSS {plain['peak_mb'] / cached['peak_mb']:.1f}x lower)"
+    )
 
 
 if __name__ == "__main__":

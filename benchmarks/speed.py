@@ -109,9 +109,24 @@ def ceiling(setup: Setup, batch: int, precision: str, channels_last: bool, compi
     return statistics.median(rates)
 
 
-def train_argv(setup: Setup, data: str, batch: int, subset: int, precision: str, channels_last: bool, compile_: bool,
-               per_image: bool, steps: int, log_every: int, workers: int, keep_freed: bool, out: str) -> list[str]:
+def train_argv(
+    setup: Setup,
+    data: str,
+    batch: int,
+    subset: int,
+    precision: str,
+    channels_last: bool,
+    compile_: bool,
+    per_image: bool,
+    steps: int,
+    log_every: int,
+    workers: int,
+    keep_freed: bool,
+    out: str,
+) -> list[str]:
     """``sslbench`` arguments of a SimCLR training run of ``setup`` writing to ``out``."""
+    # The arguments in flag/value pairs, not one per line:
+    # fmt: off
     argv = [
         "train", "--method", "simclr", "--backbone", setup.backbone,
         "--data", data, "--image-size", str(setup.image_size), "--batch-size", str(batch),
@@ -121,6 +136,7 @@ def train_argv(setup: Setup, data: str, batch: int, subset: int, precision: str,
         "--set", f"num_workers={workers}", "--set", f"max_memory_gb={0 if per_image else 64}",
         "--set", f"keep_freed_memory={keep_freed}", "--set", "quick_knn=false", "--output", out,
     ]
+    # fmt: on
     for k, v in setup.backbone_kwargs.items():
         argv += ["--set", f"backbone_kwargs.{k}=" + (",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
     return argv
@@ -136,12 +152,28 @@ def _median_rate(out: str) -> float:
     return statistics.median(rates)
 
 
-def full_step(setup: Setup, data: str, batch: int, subset: int, precision: str, channels_last: bool, compile_: bool,
-              per_image: bool, steps: int, log_every: int, workers: int, keep_freed: bool) -> float:
+def full_step(
+    setup: Setup,
+    data: str,
+    batch: int,
+    subset: int,
+    precision: str,
+    channels_last: bool,
+    compile_: bool,
+    per_image: bool,
+    steps: int,
+    log_every: int,
+    workers: int,
+    keep_freed: bool,
+) -> float:
     """(b)/(c): the real trainer; the median of its logged images/s windows after the first."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "sslbench",
-               *train_argv(setup, data, batch, subset, precision, channels_last, compile_, per_image, steps, log_every, workers, keep_freed, out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sslbench",
+            *train_argv(setup, data, batch, subset, precision, channels_last, compile_, per_image, steps, log_every, workers, keep_freed, out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -151,8 +183,9 @@ def full_step(setup: Setup, data: str, batch: int, subset: int, precision: str, 
 SCOPES = ("sslbench.augment", "sslbench.forward", "sslbench.backward", "sslbench.optimizer")
 
 
-def profile_step(setup: Setup, data: str, batch: int, subset: int, precision: str, steps: int, workers: int,
-                 keep_freed: bool, device: torch.device) -> list[str]:
+def profile_step(
+    setup: Setup, data: str, batch: int, subset: int, precision: str, steps: int, workers: int, keep_freed: bool, device: torch.device
+) -> list[str]:
     """Where (b)'s time goes: torch.profiler over an in-process training run of ``steps`` steps.
 
     Reports the trainer's named ranges (augmentation, forward, backward, optimizer) per step
@@ -173,10 +206,12 @@ def profile_step(setup: Setup, data: str, batch: int, subset: int, precision: st
         rows = _metrics(out)
     step_ms = 1000.0 * batch / rows[-1]["images_per_s"]  # one window: all the steps (profiler on)
     events = prof.key_averages()
-    lines = [f"\nProfile of (b), {setup.name}, batch {batch}, {precision}, {steps} steps under torch.profiler "
-             f"(`--profile`): {step_ms:,.1f} ms per step with the profiler on.\n",
-             "| range | CPU ms/step | " + ("GPU ms/step | " if gpu else "") + "share of step |",
-             "|---|---|" + ("---|" if gpu else "") + "---|"]
+    lines = [
+        f"\nProfile of (b), {setup.name}, batch {batch}, {precision}, {steps} steps under torch.profiler "
+        f"(`--profile`): {step_ms:,.1f} ms per step with the profiler on.\n",
+        "| range | CPU ms/step | " + ("GPU ms/step | " if gpu else "") + "share of step |",
+        "|---|---|" + ("---|" if gpu else "") + "---|",
+    ]
     # The host-side range events only: with CUDA activity a range also appears as a GPU-side
     # annotation under the same name, whose span would count its kernels a second time.
     ranges = [e for e in events if e.key in SCOPES and e.device_type == DeviceType.CPU]
@@ -184,13 +219,21 @@ def profile_step(setup: Setup, data: str, batch: int, subset: int, precision: st
         cpu_us = sum(e.cpu_time_total for e in ranges if e.key == scope)
         dev_us = sum(e.device_time_total for e in ranges if e.key == scope)
         main_us = dev_us if gpu else cpu_us
-        lines.append(f"| {scope.split('.')[1]} | {cpu_us / 1000 / steps:,.1f} | "
-                     + (f"{dev_us / 1000 / steps:,.1f} | " if gpu else "") + f"{main_us / 1000 / steps / step_ms:.0%} |")
+        lines.append(
+            f"| {scope.split('.')[1]} | {cpu_us / 1000 / steps:,.1f} | "
+            + (f"{dev_us / 1000 / steps:,.1f} | " if gpu else "")
+            + f"{main_us / 1000 / steps / step_ms:.0%} |"
+        )
     key = "self_device_time_total" if gpu else "self_cpu_time_total"
     ops = sorted((e for e in events if not e.key.startswith("sslbench.") and getattr(e, key) > 0), key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in ops)
-    lines += ["", f"Top operators by self {'GPU' if gpu else 'CPU'} time over the whole run (setup included):", "",
-              "| operator | ms/step | share |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Top operators by self {'GPU' if gpu else 'CPU'} time over the whole run (setup included):",
+        "",
+        "| operator | ms/step | share |",
+        "|---|---|---|",
+    ]
     lines += [f"| `{e.key}` | {getattr(e, key) / 1000 / steps:,.2f} | {getattr(e, key) / total:.1%} |" for e in ops[:12]]
     return lines
 
@@ -237,9 +280,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="training steps for (b)/(c) (default: 6 windows)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile variants of (a) and (b)")
     ap.add_argument("--skip-per-image", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="also profile (b): time per step in augmentation, forward, backward, optimizer; top operators")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc malloc as it is in (a), (b) and (c) (default: keep_freed_memory, as the trainer does on CPU)")
+    ap.add_argument(
+        "--profile", action="store_true", help="also profile (b): time per step in augmentation, forward, backward, optimizer; top operators"
+    )
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is in (a), (b) and (c) (default: keep_freed_memory, as the trainer does on CPU)",
+    )
     ap.add_argument("--workers", type=int, default=2 if not torch.cuda.is_available() else 12)
     ap.add_argument("--out", default=str(REPO / "leaderboards/speed.md"))
     args = ap.parse_args()
@@ -252,12 +300,14 @@ def main() -> None:
 
         keep_freed_memory()  # what the trainer does on CPU, so (a) and (b) share the allocator
     hw = hardware()
-    lines = [f"\n## {time.strftime('%Y-%m-%d')} on {hw}\n",
-             f"torch {torch.__version__}, precision {args.precision}, channels_last, "
-             f"malloc {'default' if args.default_malloc or gpu else 'keep_freed_memory'}, data `{data.split(':')[0]}` (CIFAR-10 JPEG), "
-             f"command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n",
-             "| setup | batch | (a) ceiling img/s | (b) sslbench img/s | (c) per-image img/s | b/a | b/c |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n## {time.strftime('%Y-%m-%d')} on {hw}\n",
+        f"torch {torch.__version__}, precision {args.precision}, channels_last, "
+        f"malloc {'default' if args.default_malloc or gpu else 'keep_freed_memory'}, data `{data.split(':')[0]}` (CIFAR-10 JPEG), "
+        f"command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n",
+        "| setup | batch | (a) ceiling img/s | (b) sslbench img/s | (c) per-image img/s | b/a | b/c |",
+        "|---|---|---|---|---|---|---|",
+    ]
     profiles: list[str] = []
     for key in args.configs.split(","):
         setup = SETUPS[key]
@@ -285,9 +335,11 @@ def main() -> None:
     text = "\n".join(lines + profiles) + "\n"
     out = Path(args.out)
     if not out.exists():
-        out.write_text("# Training speed\n\nMedian images/s (training images, two views each) from `benchmarks/speed.py`.\n"
-                       "(a) backbone forward+backward alone on random tensors, (b) the full sslbench SimCLR step with batched\n"
-                       "augmentation on the training device, (c) the full step on the per-image DataLoader path.\n")
+        out.write_text(
+            "# Training speed\n\nMedian images/s (training images, two views each) from `benchmarks/speed.py`.\n"
+            "(a) backbone forward+backward alone on random tensors, (b) the full sslbench SimCLR step with batched\n"
+            "augmentation on the training device, (c) the full step on the per-image DataLoader path.\n"
+        )
     with open(out, "a") as f:
         f.write(text)
     print(text)

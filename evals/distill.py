@@ -136,8 +136,16 @@ def distill(
         return loss
 
     train_classifier(
-        student, images, loss_fn, steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
-        batch_size=batch_size, lr=lr, seed=seed, image_size=image_size, precision=precision, crop_scale=crop_scale,
+        student,
+        images,
+        loss_fn,
+        steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        image_size=image_size,
+        precision=precision,
+        crop_scale=crop_scale,
         what="distillation",
     )
     acc = _evaluate(student, test, image_size, dev, precision)

@@ -38,10 +38,10 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 def module_device(module: nn.Module) -> torch.device:
     """The device of the module's first parameter (or buffer); CPU for a state-less module."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -93,10 +93,7 @@ def extract_features(
     the linear probe afterwards.)
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise UserError(
-            f"extract_features expects uint8 images (N, 3, H, W); got {images.dtype} "
-            f"{tuple(images.shape)}"
-        )
+        raise UserError(f"extract_features expects uint8 images (N, 3, H, W); got {images.dtype} {tuple(images.shape)}")
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if transform is None:
@@ -108,9 +105,7 @@ def extract_features(
 
     run_device = torch.device(device) if device is not None else module_device(encoder)
     enc_device = module_device(encoder)
-    if enc_device.type != run_device.type or (
-        run_device.index is not None and enc_device.index not in (None, run_device.index)
-    ):
+    if enc_device.type != run_device.type or (run_device.index is not None and enc_device.index not in (None, run_device.index)):
         raise UserError(
             f"the encoder is on {enc_device} but features were requested on {run_device}; "
             "move the encoder first (encoder.to(device)) or pass device=None"
@@ -129,7 +124,7 @@ def extract_features(
     return torch.cat(chunks)
 
 
-class _DecodedImages(torch.utils.data.Dataset):
+class _DecodedImages(torch.utils.data.Dataset[Tensor]):
     """The images of a file-backed split as uint8 ``(3, s, s)`` tensors at its storage size: the
     pixels an in-memory split holds."""
 
@@ -165,13 +160,13 @@ def split_features(
     if isinstance(split, ImageSplit):
         return extract_features(encoder, split.images, image_size=image_size, batch_size=batch_size, device=device, precision=precision)
     loader = torch.utils.data.DataLoader(
-        _DecodedImages(split, image_size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        _DecodedImages(split, image_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
         persistent_workers=False,
     )
-    chunks = [
-        extract_features(encoder, batch, image_size=image_size, batch_size=batch_size, device=device, precision=precision)
-        for batch in loader
-    ]
+    chunks = [extract_features(encoder, batch, image_size=image_size, batch_size=batch_size, device=device, precision=precision) for batch in loader]
     if not chunks:
         raise UserError("split_features got no images (N = 0)")
     return torch.cat(chunks)

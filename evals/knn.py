@@ -63,14 +63,9 @@ def knn_classify(
         highest similarity), which keeps them finite at any temperature and changes no ranking.
     """
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise UserError(
-            f"k-NN needs (N, D) train and (M, D) test features; got {tuple(train_feats.shape)} "
-            f"and {tuple(test_feats.shape)}"
-        )
+        raise UserError(f"k-NN needs (N, D) train and (M, D) test features; got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}")
     if train_labels.shape != (train_feats.shape[0],):
-        raise UserError(
-            f"train_labels must have shape ({train_feats.shape[0]},); got {tuple(train_labels.shape)}"
-        )
+        raise UserError(f"train_labels must have shape ({train_feats.shape[0]},); got {tuple(train_labels.shape)}")
     if train_feats.shape[0] == 0:
         raise UserError("k-NN needs at least one training feature")
     if k < 1 or chunk_size < 1:
@@ -83,9 +78,7 @@ def knn_classify(
     labels = train_labels.to(device=device, dtype=torch.long)
     n_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
-        raise UserError(
-            f"train labels must lie in [0, {n_classes}); got [{int(labels.min())}, {int(labels.max())}]"
-        )
+        raise UserError(f"train labels must lie in [0, {n_classes}); got [{int(labels.min())}, {int(labels.max())}]")
     k = min(k, train_feats.shape[0])
 
     train_t = F.normalize(train_feats.to(dtype), dim=1).t()  # (D, N), normalised once
@@ -130,9 +123,7 @@ def knn_eval(
     Returns ``{"knn_top1": ..., "knn_top5": ...}``; see :func:`knn_classify` for the protocol.
     """
     if test_labels.shape != (test_feats.shape[0],):
-        raise UserError(
-            f"test_labels must have shape ({test_feats.shape[0]},); got {tuple(test_labels.shape)}"
-        )
+        raise UserError(f"test_labels must have shape ({test_feats.shape[0]},); got {tuple(test_labels.shape)}")
     if test_feats.shape[0] == 0:
         raise UserError("k-NN evaluation needs at least one test feature")
     if int(test_labels.min()) < 0:

@@ -145,9 +145,7 @@ def _fit_sgd(
     return [(w.contiguous(), b.contiguous()) for w, b in blocks]
 
 
-def _fit_lbfgs(
-    x: Tensor, y: Tensor, n_classes: int, lr: float, wd: float, *, max_iter: int
-) -> tuple[Tensor, Tensor]:
+def _fit_lbfgs(x: Tensor, y: Tensor, n_classes: int, lr: float, wd: float, *, max_iter: int) -> tuple[Tensor, Tensor]:
     """Full-batch L-BFGS on mean cross-entropy + ``wd / 2 * ||W||^2``. Returns (W, b)."""
     w = torch.zeros(x.shape[1], n_classes, device=x.device, requires_grad=True)
     b = torch.zeros(n_classes, device=x.device, requires_grad=True)
@@ -181,17 +179,13 @@ def _fit(
     with torch.enable_grad():
         if optimizer == "sgd":
             g = torch.Generator().manual_seed(seed)
-            params = _fit_sgd(
-                x, labels, n_classes, configs, epochs=epochs, batch_size=batch_size, generator=g
-            )
+            params = _fit_sgd(x, labels, n_classes, configs, epochs=epochs, batch_size=batch_size, generator=g)
         else:
             params = [_fit_lbfgs(x, labels, n_classes, lr, wd, max_iter=epochs) for lr, wd in configs]
     return [LinearClassifier(w, b, mean, std) for w, b in params]
 
 
-def _evaluate(
-    clf: LinearClassifier, feats: Tensor, labels: Tensor, ks: tuple[int, ...]
-) -> tuple[dict[int, float], float]:
+def _evaluate(clf: LinearClassifier, feats: Tensor, labels: Tensor, ks: tuple[int, ...]) -> tuple[dict[int, float], float]:
     """(top-k accuracies in percent, mean cross-entropy) of ``clf`` on ``feats``."""
     with torch.no_grad():
         logits = clf.logits(feats)
@@ -245,17 +239,11 @@ def linear_probe(
     lr_grid = tuple(float(v) for v in (default_lrs(optimizer) if lrs is None else lrs))
     wd_grid = tuple(float(v) for v in weight_decays)
     if not lr_grid or not wd_grid or min(lr_grid) <= 0 or min(wd_grid) < 0:
-        raise UserError(
-            "the lr grid must be non-empty and > 0, the wd grid non-empty and >= 0; "
-            f"got lrs={lr_grid}, weight_decays={wd_grid}"
-        )
+        raise UserError(f"the lr grid must be non-empty and > 0, the wd grid non-empty and >= 0; got lrs={lr_grid}, weight_decays={wd_grid}")
     if epochs < 1 or batch_size < 1:
         raise UserError(f"epochs and batch_size must be >= 1; got {epochs}, {batch_size}")
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise UserError(
-            "linear probe needs (N, D) train and (M, D) test features; "
-            f"got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}"
-        )
+        raise UserError(f"linear probe needs (N, D) train and (M, D) test features; got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}")
     if train_labels.shape != (train_feats.shape[0],) or test_labels.shape != (test_feats.shape[0],):
         raise UserError("linear probe: labels must be 1-D with one entry per feature row")
     if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
@@ -271,8 +259,13 @@ def linear_probe(
     n_classes = max(int(ytr.max()), int(yte.max())) + 1
     ks = (1, 5) if n_classes >= 5 else (1,)
     fit = functools.partial(
-        _fit, n_classes=n_classes, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
-        standardize=standardize, seed=seed,
+        _fit,
+        n_classes=n_classes,
+        optimizer=optimizer,
+        epochs=epochs,
+        batch_size=batch_size,
+        standardize=standardize,
+        seed=seed,
     )
 
     configs = [(lr, wd) for lr in lr_grid for wd in wd_grid]

@@ -252,9 +252,7 @@ def _per_sample(v: Tensor) -> Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def _filter_geometry(
-    start: Tensor, length: Tensor, out_size: int, flip: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
+def _filter_geometry(start: Tensor, length: Tensor, out_size: int, flip: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample ``(inv_scale (B, 1), support (B, 1), centre (B, out_size))`` of PyTorch's
     antialiased bilinear resize of the span ``[start, start + length)`` to ``out_size`` (span
     coordinates; ``centre`` reversed where ``flip``)."""
@@ -269,9 +267,7 @@ def _filter_geometry(
     return inv_scale, support, centre
 
 
-def _resample_weights(
-    start: Tensor, length: Tensor, in_size: int, out_size: int, flip: Tensor | None = None, gain: float = 1.0
-) -> Tensor:
+def _resample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int, flip: Tensor | None = None, gain: float = 1.0) -> Tensor:
     """``(B, out_size, in_size)`` float32 weights resizing ``[start, start + length)`` to ``out_size``.
 
     These are PyTorch's antialiased bilinear weights (``interpolate(..., antialias=True,
@@ -291,9 +287,7 @@ def _resample_weights(
     return weights.div_(total if gain == 1.0 else total.mul_(1.0 / gain))
 
 
-def _resample_taps(
-    start: Tensor, length: Tensor, out_size: int, flip: Tensor | None = None, gain: float = 1.0
-) -> tuple[Tensor, Tensor]:
+def _resample_taps(start: Tensor, length: Tensor, out_size: int, flip: Tensor | None = None, gain: float = 1.0) -> tuple[Tensor, Tensor]:
     """The nonzero entries of :func:`_resample_weights`' rows: ``(index, weight)``, both
     ``(K, B, out_size)`` (taps first, so no kernel runs with an inner dimension of size K), with
     ``index`` the input position (int32) and ``K`` the most taps any row has (2 when upscaling).
@@ -316,9 +310,7 @@ def _resample_taps(
     return index, weights
 
 
-def _resized_crop(
-    images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int, dense: bool = False
-) -> Tensor:
+def _resized_crop(images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int, dense: bool = False) -> Tensor:
     """Crop each sample's box, resize it to ``size x size``, mirror it where ``flip``.
 
     uint8 (scaled by 1/255, folded into the weights) or float images in; contiguous float32
@@ -358,9 +350,7 @@ def _gather_rows(table: Tensor, index: Tensor, weights: Tensor, rows_per_image: 
     return F.embedding_bag(bags, table, per_sample_weights=per_sample, mode="sum")
 
 
-def _resized_crop_matmul(
-    images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int, gain: float
-) -> Tensor:
+def _resized_crop_matmul(images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, size: int, gain: float) -> Tensor:
     """:func:`_resized_crop` as two batched matmuls with no broadcast copies: the first contracts
     the width of all three channels at once, the second the height, producing the view transposed
     (``(B, S_x, 3, S_y)`` in memory); the clamp writes it out in NCHW order."""
@@ -569,9 +559,7 @@ def _solarize(x: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _channel_stats(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(3, 1, 1) mean and std tensors, cached per device so a call does not copy host -> device."""
     as_tensor = functools.partial(torch.tensor, device=device, dtype=dtype)
     return as_tensor(mean).view(-1, 1, 1), as_tensor(std).view(-1, 1, 1)
@@ -615,9 +603,7 @@ class BatchAugment:
     def __repr__(self) -> str:
         return f"BatchAugment({self.cfg}, image_size={self.image_size})"
 
-    def sample_params(
-        self, index: Tensor, *, seed: int, epoch: int, view: int, height: int, width: int
-    ) -> dict[str, Tensor]:
+    def sample_params(self, index: Tensor, *, seed: int, epoch: int, view: int, height: int, width: int) -> dict[str, Tensor]:
         """The per-sample random parameters for images of ``height x width``, on ``index.device``.
 
         Returns (all ``(B,)`` unless noted):
@@ -668,10 +654,7 @@ class BatchAugment:
         found = fits.any(dim=1)
         fb_top, fb_left, fb_h, fb_w = _fallback_crop(height, width, self.cfg.crop_ratio)
         chosen = {"top": (top, fb_top), "left": (left, fb_left), "height": (h, fb_h), "width": (w, fb_w)}
-        return {
-            name: torch.where(found, value.gather(1, first).squeeze(1), fallback)
-            for name, (value, fallback) in chosen.items()
-        }
+        return {name: torch.where(found, value.gather(1, first).squeeze(1), fallback) for name, (value, fallback) in chosen.items()}
 
     def __call__(self, images: Tensor, index: Tensor, *, seed: int, epoch: int, view: int) -> Tensor:
         """Augment a batch.
@@ -688,9 +671,7 @@ class BatchAugment:
         if index.shape != (images.shape[0],):
             raise ValueError(f"index must be ({images.shape[0]},), got shape {tuple(index.shape)}")
         index = index.to(images.device)
-        p = self.sample_params(
-            index, seed=seed, epoch=epoch, view=view, height=images.shape[2], width=images.shape[3]
-        )
+        p = self.sample_params(index, seed=seed, epoch=epoch, view=view, height=images.shape[2], width=images.shape[3])
         return self.apply(images, p, dense=images.device.type != "cpu")
 
     def apply(self, images: Tensor, params: dict[str, Tensor], *, dense: bool) -> Tensor:
@@ -777,7 +758,7 @@ def eval_transform(
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> Callable[[PIL.Image.Image], Tensor]:
     """Per-image evaluation view (PIL image or uint8 CHW tensor -> float32 (3, S, S)), as :func:`eval_batch`."""
-    return T.Compose(
+    transform: Callable[[PIL.Image.Image], Tensor] = T.Compose(  # torchvision is untyped (Any)
         [
             T.ToImage(),
             T.ToDtype(torch.float32, scale=True),
@@ -787,6 +768,7 @@ def eval_transform(
             T.ToPureTensor(),
         ]
     )
+    return transform
 
 
 def per_image_transform(
@@ -817,4 +799,5 @@ def per_image_transform(
     if cfg.solarize_p > 0:
         steps.append(T.RandomSolarize(0.5, p=cfg.solarize_p))
     steps += [T.Normalize(list(mean), list(std)), T.ToPureTensor()]
-    return T.Compose(steps)
+    transform: Callable[[PIL.Image.Image], Tensor] = T.Compose(steps)  # torchvision is untyped (Any)
+    return transform

@@ -97,6 +97,7 @@ def default_image_size(spec: str) -> int:
     """The resolution a run on data ``spec`` trains at when ``image_size`` is not given."""
     return NATIVE_IMAGE_SIZE.get(str(spec).strip().lower(), FALLBACK_IMAGE_SIZE)
 
+
 #: File name endings read as images in an image folder (torchvision's ImageFolder list).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -199,9 +200,12 @@ def balanced_subset(labels: Tensor, n_or_fraction: int | float, seed: int) -> Te
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
     n_total = labels.numel()
-    is_count = isinstance(n_or_fraction, numbers.Integral) and not isinstance(n_or_fraction, bool)
+    value: object = n_or_fraction  # numbers.Integral also admits NumPy integers, which `int | float` does not describe
+    is_count = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if is_count and not 1 <= n_or_fraction <= n_total:
-        raise UserError(f"subset count {n_or_fraction} is outside 1..{n_total} (the split's size); pass a count in that range or a fraction in (0, 1]")
+        raise UserError(
+            f"subset count {n_or_fraction} is outside 1..{n_total} (the split's size); pass a count in that range or a fraction in (0, 1]"
+        )
     if not is_count and not (isinstance(n_or_fraction, float) and 0.0 < n_or_fraction <= 1.0):
         raise UserError(f"subset size {n_or_fraction!r} is neither a count 1..{n_total} nor a fraction in (0, 1]; pass e.g. 1000 or 0.1")
 
@@ -303,6 +307,7 @@ def _open_rgb(source: str | bytes | dict[str, Any]) -> Image.Image:
     if isinstance(source, dict):
         source = source["bytes"] if source.get("bytes") is not None else source["path"]
     fp = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    img: Image.Image  # Pillow types __enter__ as typing.Self, which Python 3.10 (mypy's target) lacks
     with Image.open(fp) as img:
         img.load()  # decode now, so truncation raises here and not later
         if img.mode == "P" and "transparency" in img.info:
@@ -351,7 +356,11 @@ def _fit_array(images: np.ndarray, size: int) -> Tensor:
     return torch.from_numpy(out)
 
 
-class _DecodeChunks(torch.utils.data.Dataset):
+#: An item of :class:`_DecodeChunks`: ``(start, images, ok, errors)``.
+_Chunk = tuple[int, Tensor, Tensor, list[tuple[int, str]]]
+
+
+class _DecodeChunks(torch.utils.data.Dataset[_Chunk]):
     """Item ``k``: images ``k*chunk .. (k+1)*chunk`` of ``sources`` decoded and fitted to ``size``,
     as ``(start, images uint8 (n, 3, size, size), ok bool (n,), errors [(index, message)])``.
     Unreadable images are zeros with ``ok`` False."""
@@ -362,7 +371,7 @@ class _DecodeChunks(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return -(-len(self.sources) // self.chunk)
 
-    def __getitem__(self, k: int) -> tuple[int, Tensor, Tensor, list[tuple[int, str]]]:
+    def __getitem__(self, k: int) -> _Chunk:
         start = k * self.chunk
         batch = self.sources[start : start + self.chunk]
         images = np.zeros((len(batch), 3, self.size, self.size), dtype=np.uint8)
@@ -451,9 +460,7 @@ def _fingerprint(files: Sequence[str]) -> dict[str, Any]:
     return {"count": len(files), "newest_mtime_ns": newest, "files_sha256": digest.hexdigest()}
 
 
-def _cached(
-    cache_root: Path, source: str, split: str, size: int, fingerprint: dict[str, Any], build: Callable[[], ImageSplit]
-) -> ImageSplit:
+def _cached(cache_root: Path, source: str, split: str, size: int, fingerprint: dict[str, Any], build: Callable[[], ImageSplit]) -> ImageSplit:
     """Return the cached decoded split for this key, or ``build()`` it and cache it atomically."""
     key = json.dumps({"v": _CACHE_VERSION, "source": source, "split": split, "size": size, **fingerprint}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -465,7 +472,9 @@ def _cached(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create cache directory {path.parent} ({err.strerror or err}); set cache_dir or $SSLBENCH_CACHE to a writable place") from err
+        raise UserError(
+            f"cannot create cache directory {path.parent} ({err.strerror or err}); set cache_dir or $SSLBENCH_CACHE to a writable place"
+        ) from err
     with FileLock(str(path) + ".lock"):
         hit = _read_cache(path)  # another process may have written it while we waited
         if hit is not None:
@@ -473,8 +482,10 @@ def _cached(
         result = build()
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            torch.save({"images": result.images, "labels": result.labels, "classes": result.classes,
-                        "skipped_note": getattr(result, "skipped_note", "")}, tmp)
+            torch.save(
+                {"images": result.images, "labels": result.labels, "classes": result.classes, "skipped_note": getattr(result, "skipped_note", "")},
+                tmp,
+            )
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -534,7 +545,9 @@ class _TorchvisionSet:
     fetch: Callable[[Path, str], object]  # (root, split) -> torchvision dataset, downloading
 
 
-def _read_cifar(label_key: str, meta_file: str, meta_key: str, split_files: dict[str, tuple[str, ...]]) -> Callable[[Path, str], tuple[np.ndarray, np.ndarray, list[str]]]:
+def _read_cifar(
+    label_key: str, meta_file: str, meta_key: str, split_files: dict[str, tuple[str, ...]]
+) -> Callable[[Path, str], tuple[np.ndarray, np.ndarray, list[str]]]:
     """Reader for the pickled CIFAR batches (the 'python version' torchvision downloads)."""
 
     def read(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -551,7 +564,8 @@ def _read_cifar(label_key: str, meta_file: str, meta_key: str, split_files: dict
 
 def _unpickle(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        entry: dict[str, Any] = pickle.load(f, encoding="latin1")
+        return entry
 
 
 def _read_stl10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -657,7 +671,9 @@ def _load_imagefolder(arg: str, split: str, size: int, cache_root: Path, max_mem
     for label, name in enumerate(classes):
         found = _image_files(split_dir / name)
         if not found:
-            raise UserError(f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from both splits")
+            raise UserError(
+                f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder from both splits"
+            )
         files.extend(found)
         labels.extend([label] * len(found))
 
@@ -745,7 +761,9 @@ def _load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: f
     label_col = options.get("label") or _hf_column(ds, name, "label", lambda f: isinstance(f, datasets.ClassLabel), _HF_LABEL_NAMES)
     for role, col in (("image", image_col), ("label", label_col)):
         if col not in ds.column_names:
-            raise UserError(f"hf:{name} split {wanted!r} has no column {col!r}{_did_you_mean(col, ds.column_names)}; columns: {', '.join(ds.column_names)}; choose with ?{role}=COLUMN")
+            raise UserError(
+                f"hf:{name} split {wanted!r} has no column {col!r}{_did_you_mean(col, ds.column_names)}; columns: {', '.join(ds.column_names)}; choose with ?{role}=COLUMN"
+            )
     ds = ds.select_columns([image_col, label_col])
     if isinstance(ds.features[image_col], datasets.Image):
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
@@ -778,7 +796,7 @@ def _load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: f
 
 def _hf_column(ds: Any, name: str, role: str, is_kind: Callable[[Any], bool], names: tuple[str, ...]) -> str:
     """Pick the ``role`` column: the single one of the right feature type, else a conventional name."""
-    typed = [c for c, f in ds.features.items() if is_kind(f)]
+    typed: list[str] = [c for c, f in ds.features.items() if is_kind(f)]
     if len(typed) == 1:
         return typed[0]
     named = [c for c in names if c in (typed or ds.column_names)]

@@ -42,6 +42,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    no_mmap = mallopt(_M_MMAP_MAX, 0) == 1
-    no_trim = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    no_mmap: bool = mallopt(_M_MMAP_MAX, 0) == 1  # mallopt comes from ctypes: untyped
+    no_trim: bool = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     return no_mmap and no_trim

@@ -32,8 +32,8 @@ import json
 import math
 import os
 from collections import defaultdict
-from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -116,9 +116,7 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
                 "method": key[-2],
                 "config": _difference(key[-1], variants[key[:-1]]),
                 "n_seeds": len(per_seed),
-                "metrics": {
-                    name: _stats([v[name] for v in per_seed.values() if name in v]) for name in names
-                },
+                "metrics": {name: _stats([v[name] for v in per_seed.values() if name in v]) for name in names},
                 "images_per_s": _mean([i["images_per_s"] for i in info.values() if "images_per_s" in i]),
                 "epochs": _mean([i["epochs"] for i in info.values() if "epochs" in i]),
             }
@@ -242,8 +240,7 @@ def _render_md(groups: list[tuple[tuple[Any, ...], list[dict[str, Any]]]]) -> st
         rule = [":" + "-" * (widths[0] - 1)] + ["-" * (w - 1) + ":" for w in widths[1:]]
         lines.append("| " + " | ".join(rule) + " |")
         for row in cells[1:]:
-            lines.append("| " + row[0].ljust(widths[0]) + " | "
-                         + " | ".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])) + " |")
+            lines.append("| " + row[0].ljust(widths[0]) + " | " + " | ".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])) + " |")
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 

@@ -22,14 +22,19 @@ class TrainProgress:
         self._progress: Progress | None = None
         if self.rich:
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("lr {task.fields[lr]}"),
+                TextColumn("{task.fields[ips]} img/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
                 console=self.console,
             )
             self._task = self._progress.add_task("train", total=total, completed=start, loss="-", lr="-", ips="-")
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         if self._progress is not None:
             self._progress.start()
         return self

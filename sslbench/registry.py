@@ -13,8 +13,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .errors import UserError
 
@@ -40,13 +41,11 @@ class Registry(Generic[T]):
 
         def deco(obj: T) -> T:
             old = self._items.get(name)
-            if old is not None and old is not obj and getattr(old, "__qualname__", None) != getattr(
-                obj, "__qualname__", object()
-            ):
+            if old is not None and old is not obj and getattr(old, "__qualname__", None) != getattr(obj, "__qualname__", object()):
                 raise ValueError(f"{self.kind} {name!r} is already registered by {old!r}")
             self._items[name] = obj
             try:
-                obj.name = name  # type: ignore[attr-defined]
+                obj.name = name  # type: ignore[attr-defined]  # T is any object; one that refuses the attribute is skipped
             except (AttributeError, TypeError):
                 pass
             return obj

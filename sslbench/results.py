@@ -115,9 +115,7 @@ def append_row(path: str | os.PathLike[str], row: Mapping[str, Any]) -> None:
             finally:
                 os.close(fd)
     except filelock.Timeout as e:
-        raise UserError(
-            f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: another process is writing to it"
-        ) from e
+        raise UserError(f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: another process is writing to it") from e
     except OSError as e:
         raise UserError(f"could not append a result row to {path}: {e.strerror or e}") from e
 
@@ -178,7 +176,11 @@ def _git(args: list[str], cwd: Path) -> str | None:
     try:
         done = subprocess.run(
             ["git", "--no-optional-locks", *args],  # read-only: never refreshes the index
-            cwd=cwd, capture_output=True, text=True, timeout=10, check=False,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -237,9 +239,7 @@ def hardware_summary(device: Any) -> str:
     return f"cpu: {_cpu_model() or 'unknown'} ({os.cpu_count()} cores)"
 
 
-def make_row(
-    *, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]
-) -> dict[str, Any]:
+def make_row(*, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
     """A self-describing result row.
 
     Keys, in order: ``time`` (UTC, ISO 8601), the run fields of :data:`RUN_FIELDS` (``None``

@@ -11,6 +11,7 @@ imports it from this path and trains it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
