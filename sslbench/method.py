@@ -195,4 +195,7 @@ def default_views(method: Method, base: AugmentConfig, image_size: int) -> list[
     specs = list(method.views(base, image_size))
     if not specs:
         raise ValueError(f"{type(method).__name__}.views() returned no view")
+    bad = [s.size for s in specs if s.size < 1]
+    if bad:
+        raise ValueError(f"{type(method).__name__}.views() returned views of size {bad}; sizes must be >= 1 px")
     return specs

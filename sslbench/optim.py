@@ -5,15 +5,17 @@ Conventions shared with the trainer and the methods:
 - :func:`param_groups` splits a model into a decayed group and a group of biases and
   normalisation parameters (``weight_decay=0``, ``lars_exclude=True``), selected by module type
   and parameter rank, never by parameter name.
-- A method may edit the groups (``param_groups`` hook, see ``docs/ARCHITECTURE.md``), e.g. give
-  one its own ``'lr'``. Two optional group keys steer the schedule:
+- A method may edit the groups (``Method.param_groups``, see ``docs/ARCHITECTURE.md``), e.g. give
+  one its own ``'lr'``. Every scheduled key K (the lr; the weight decay with ``weight_decay_end``;
+  a method's own ``schedules()``) is steered per group by two optional keys:
 
-  * ``fixed_lr`` (bool, default False): the schedule never changes this group's ``lr``
-    (SimSiam's predictor, Chen & He 2021, Sec. 4.4);
-  * ``lr_scale`` (float, default 1.0): the group follows the schedule scaled by this factor.
+  * ``fixed_K`` (bool, default False): no schedule changes this group's K (``fixed_lr``:
+    SimSiam's predictor, Chen & He 2021, Sec. 4.4; ``fixed_weight_decay``: the no-decay group);
+  * ``K_scale`` (float, default 1.0): the group follows the schedule scaled by this factor.
 
-  Every step the trainer calls :func:`set_lr` with ``lr_at(step, ...)``, which sets
-  ``group['lr'] = lr * group.get('lr_scale', 1.0)`` for every group without ``fixed_lr``.
+  Every step the trainer (``sslbench.run_setup.apply_schedules``) sets
+  ``group[K] = value(step) * group.get('K_scale', 1.0)`` for every group without ``fixed_K``;
+  for the lr, ``value`` is :func:`lr_at` (and :func:`set_lr` does the same for the lr alone).
 """
 
 from __future__ import annotations

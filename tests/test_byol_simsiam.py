@@ -4,16 +4,20 @@ fixed learning rate without losing the no-decay split."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from _steps import batch as make_batch, info as step_info
 from sslbench.augment import AugmentConfig
+from sslbench.method import ViewSpec, default_views
 from sslbench.methods.byol import BYOL, BYOLConfig, BYOLLoss, byol_loss
 from sslbench.methods.simsiam import SimSiam, SimSiamConfig, SimSiamLoss, negative_cosine
-from sslbench.momentum import ema_update_
 from sslbench.optim import build_optimizer, param_groups, set_lr
+from sslbench.run_setup import apply_schedules
 
 N = 8
 
@@ -84,7 +88,7 @@ def test_no_gradient_through_the_target_side(loss_fn):
 def test_step_loss_from_modules_and_zero_grad_on_target_embeddings(make):
     m = make()
     v = views()
-    loss, _ = m.training_step(v)
+    loss, _ = m.training_step(make_batch(v))
     h = m.encoder(torch.cat(v))  # BN statistics over both views, as in training_step
     z = m.projector(h)
     p = m.predictor(z)
@@ -96,7 +100,7 @@ def test_step_loss_from_modules_and_zero_grad_on_target_embeddings(make):
         want = negative_cosine(p[:N], z[N:]) / 2 + negative_cosine(p[N:], z[:N]) / 2
     assert torch.allclose(loss, want, rtol=1e-5, atol=1e-6)
     # through the gradient-cache hooks: the target-side embeddings (slots 2, 3) get exactly zero
-    emb = m.embed(v)
+    emb = m.embed(make_batch(v))
     (g,) = torch.autograd.grad(m.loss_from_embeddings(emb)[0], emb)
     assert torch.count_nonzero(g[:, 2:]) == 0 and torch.count_nonzero(g[:, :2]) > 0
 
@@ -110,13 +114,14 @@ def test_byol_target_is_exact_ema_of_online_after_a_step():
     opt = build_optimizer("sgd", param_groups(m, 1e-4), 0.5, weight_decay=1e-4)
     for t_online, t_target in m.momentum_pairs():
         assert all(torch.equal(a, b) for a, b in zip(t_online.parameters(), t_target.parameters()))
-    loss, _ = m.training_step(views())
+    loss, _ = m.training_step(make_batch(views(), step=3, total=10))
     loss.backward()
     opt.step()
-    rate = m.momentum_at(3, 10)
+    info = step_info(3, 10)
+    rate = m.momentum_at(info)
+    assert abs(rate - (1.0 - (1.0 - 0.996) * (math.cos(math.pi * 3 / 10) + 1) / 2)) < 1e-12  # the cosine at step 3 of 10
     before = {n: p.clone() for n, p in m.named_parameters() if n.startswith("target_")}
-    for online, target in m.momentum_pairs():
-        ema_update_(online, target, rate)
+    m.after_optimizer_step(info)  # what the trainer calls after the optimizer step: the EMA at momentum_at(info)
     online = dict(m.named_parameters())
     assert before
     for name, old in before.items():
@@ -127,21 +132,25 @@ def test_byol_target_is_exact_ema_of_online_after_a_step():
 
 def test_byol_momentum_schedule_endpoints():
     m = small_byol()
-    assert m.momentum_at(0, 1000) == 0.996
-    assert m.momentum_at(1000, 1000) == 1.0
-    assert abs(m.momentum_at(500, 1000) - 0.998) < 1e-12
-    ms = [m.momentum_at(s, 1000) for s in range(0, 1001, 10)]
+    assert m.momentum_at(step_info(0, 1000)) == 0.996
+    assert m.momentum_at(step_info(1000, 1000)) == 1.0
+    assert abs(m.momentum_at(step_info(500, 1000)) - 0.998) < 1e-12
+    ms = [m.momentum_at(step_info(s, 1000)) for s in range(0, 1001, 10)]
     assert all(a < b for a, b in zip(ms, ms[1:]))
-    assert small_byol(base_momentum=0.99, final_momentum=0.999).momentum_at(1000, 1000) == 0.999
+    assert small_byol(base_momentum=0.99, final_momentum=0.999).momentum_at(step_info(1000, 1000)) == 0.999
 
 
 def test_byol_views_are_asymmetric_blur_and_solarize():
     base = AugmentConfig(blur_p=0.5, solarize_p=0.0, grayscale_p=0.3)
-    v1, v2 = small_byol().view_augmentations(base)
+    m = small_byol()
+    specs = m.views(base, 32)
+    assert default_views(m, base, 32) == specs
+    assert [s.size for s in specs] == [32, 32]
+    v1, v2 = (s.aug for s in specs)
     assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     assert v1.grayscale_p == v2.grayscale_p == 0.3 and v1.crop_scale == base.crop_scale
     assert base.blur_p == 0.5  # the base config is not modified
-    assert small_byol(asymmetric_augs=False).view_augmentations(base) == [base, base]
+    assert small_byol(asymmetric_augs=False).views(base, 32) == [ViewSpec(base, 32), ViewSpec(base, 32)]
 
 
 def test_byol_architecture():
@@ -163,7 +172,7 @@ def test_simsiam_heads():
     assert isinstance(m.projector[-1], nn.BatchNorm1d) and not m.projector[-1].affine
     pdims = [(l.in_features, l.out_features) for l in m.predictor if isinstance(l, nn.Linear)]
     assert pdims == [(2048, 512), (512, 2048)]  # bottleneck: hidden = out / 4
-    assert not hasattr(m, "momentum_pairs")
+    assert m.momentum_pairs() == []  # no momentum encoder
 
 
 def test_simsiam_predictor_keeps_a_fixed_lr_and_the_no_decay_split():
@@ -182,4 +191,8 @@ def test_simsiam_predictor_keeps_a_fixed_lr_and_the_no_decay_split():
     opt = build_optimizer("sgd", groups, 0.05, weight_decay=5e-4)
     set_lr(opt, 0.001)
     assert all(g["lr"] == (0.05 if g["fixed_lr"] else 0.001) for g in opt.param_groups)
+    # the trainer's per-step schedules (apply_schedules) likewise leave the predictor's lr alone
+    opt = build_optimizer("sgd", groups, 0.05, weight_decay=5e-4)
+    apply_schedules(opt, {"lr": lambda info: 0.002}, step_info(3, 10))
+    assert all(g["lr"] == (0.05 if g["fixed_lr"] else 0.002) for g in opt.param_groups)
     assert small_simsiam(fixed_predictor_lr=False).param_groups(base) == base

@@ -1,8 +1,9 @@
 """The gradient cache (``--grad-cache-chunk N``, :mod:`sslbench.grad_cache`): the full-batch loss and
 gradient in the memory of one chunk.
 
-* In process, float64: for every method with ``embed``/``loss_from_embeddings``, the loss and every
-  parameter gradient equal the plain full-batch computation (uneven chunks; a backbone with
+* In process, float64: for every method with ``supports_grad_cache`` (``embed`` and
+  ``loss_from_embeddings``), the loss and every parameter gradient equal the plain full-batch
+  computation (uneven chunks; a backbone with
   GroupNorm and the heads' BatchNorm in eval mode, since chunked BatchNorm statistics are per chunk);
   a ViT with drop-path reproduces a chunked forward with a graph exactly (the RNG is replayed) and
   leaves the RNG where that forward left it; BatchNorm buffers are updated once per chunk; with one
@@ -37,17 +38,18 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from _reliability import run_group
+from _steps import batch as make_batch
 
 import sslbench
 from sslbench.backbones import create_backbone
 from sslbench.data import load_split
 from sslbench.errors import UserError
-from sslbench.grad_cache import GradCache, make_grad_cache, online_embed, supports_grad_cache
+from sslbench.grad_cache import GradCache, make_grad_cache
 from sslbench.registry import METHODS, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE_METHODS = [name for name, cls in METHODS.items() if supports_grad_cache(cls)]
-NO_CACHE_METHODS = [name for name, cls in METHODS.items() if not supports_grad_cache(cls)]
+CACHE_METHODS = [name for name, cls in METHODS.items() if cls.supports_grad_cache]
+NO_CACHE_METHODS = [name for name, cls in METHODS.items() if not cls.supports_grad_cache]
 TINY = {"channels": (8, 16, 32, 64), "norm_layer": "groupnorm1"}  # batch-independent normalisation
 RUN_TIMEOUT_S = 420
 BATCH, STEPS, CHUNK = 16, 3, 3  # chunks of 3 over 16 (1 process) or 8 (2 processes) samples: uneven
@@ -75,8 +77,8 @@ def _grads(model: nn.Module) -> dict[str, Tensor | None]:
 
 
 def _gc_step(model: nn.Module, views: list[Tensor], chunk: int) -> Tensor:
-    gc = GradCache(model.embed, model.loss_from_embeddings, model, chunk, online_fn=online_embed(model))
-    loss, _ = gc.forward(views)
+    gc = GradCache(model.embed, model.loss_from_embeddings, model, chunk, online_fn=lambda b: model.embed(b, targets=False))
+    loss, _ = gc.forward(make_batch(views))
     loss.backward()
     gc.backward()
     return loss.detach()
@@ -101,7 +103,7 @@ def test_loss_and_every_gradient_equal_the_full_batch_float64(method_name: str) 
     model = _bn_eval(cls(create_backbone("resnet18", 32, **TINY), cls.Config()).double())
     ref = copy.deepcopy(model)
     views = _views(12, torch.float64)
-    loss_ref, _ = ref.training_step(views)
+    loss_ref, _ = ref.training_step(make_batch(views))
     loss_ref.backward()
     loss = _gc_step(model, views, chunk=5)  # chunks of 5, 5, 2
     assert torch.allclose(loss, loss_ref.detach(), rtol=1e-12, atol=0)
@@ -112,7 +114,13 @@ def test_loss_and_every_gradient_equal_the_full_batch_float64(method_name: str) 
         assert torch.equal(b, b_ref), name
 
 
-@pytest.mark.parametrize("method_name", [n for n in CACHE_METHODS if online_embed(get_method(n)(create_backbone("resnet18", 32, **TINY), get_method(n).Config())) is not None])
+def _has_target_networks(name: str) -> bool:
+    """Whether the method keeps EMA target networks (BYOL's target, MoCo v3's momentum branch)."""
+    cls = get_method(name)
+    return bool(cls(create_backbone("resnet18", 32, **TINY), cls.Config()).momentum_pairs())
+
+
+@pytest.mark.parametrize("method_name", [n for n in CACHE_METHODS if _has_target_networks(n)])
 def test_the_recomputation_skips_the_target_networks(method_name: str) -> None:
     """BYOL's target and MoCo v3's momentum branch carry no gradient: the recomputation used to
     run them a second time (8 target forwards for 4 chunks). Now once per chunk, and the
@@ -128,7 +136,7 @@ def test_the_recomputation_skips_the_target_networks(method_name: str) -> None:
     _gc_step(model, views, chunk=3)  # 4 chunks
     assert len(calls) == 4, len(calls)
     gc = GradCache(full.embed, full.loss_from_embeddings, full, 3)  # recomputes everything
-    loss, _ = gc.forward(views)
+    loss, _ = gc.forward(make_batch(views))
     loss.backward()
     gc.backward()
     got, want = _grads(model), _grads(full)
@@ -142,7 +150,7 @@ def test_vit_float32_and_a_single_chunk_with_batchnorm_in_training_mode() -> Non
     model = _bn_eval(cls(create_backbone("vit_tiny_patch16_224", 32, depth=2), cls.Config(proj_hidden_dim=64)))
     ref = copy.deepcopy(model)
     views = _views(10, torch.float32)
-    loss_ref, _ = ref.training_step(views)
+    loss_ref, _ = ref.training_step(make_batch(views))
     loss_ref.backward()
     loss = _gc_step(model, views, chunk=4)
     assert torch.allclose(loss, loss_ref.detach(), rtol=1e-6, atol=0)
@@ -153,7 +161,7 @@ def test_vit_float32_and_a_single_chunk_with_batchnorm_in_training_mode() -> Non
     model = cls(create_backbone("resnet18", 32, channels=(8, 16, 32, 64)), cls.Config(proj_hidden_dim=64)).double()
     ref = copy.deepcopy(model)
     views = _views(6, torch.float64)
-    loss_ref, _ = ref.training_step(views)
+    loss_ref, _ = ref.training_step(make_batch(views))
     loss_ref.backward()
     loss = _gc_step(model, views, chunk=6)
     assert torch.allclose(loss, loss_ref.detach(), rtol=1e-12, atol=0)
@@ -171,13 +179,13 @@ def test_randomness_is_replayed_in_the_recomputation() -> None:
     views = _views(9, torch.float64)
     with torch.no_grad():  # drop-path is active: two forwards with different RNG states differ
         torch.manual_seed(1)
-        a = model.embed(views)
-        b = model.embed(views)
+        a = model.embed(make_batch(views))
+        b = model.embed(make_batch(views))
         assert not torch.allclose(a, b)
     ref = copy.deepcopy(model)
     torch.manual_seed(123)
     chunks = [(0, 4), (4, 8), (8, 9)]
-    emb = torch.cat([ref.embed([v[i:j] for v in views]) for i, j in chunks])
+    emb = torch.cat([ref.embed(make_batch(views).slice(i, j)) for i, j in chunks])
     loss_ref, _ = ref.loss_from_embeddings(emb)
     loss_ref.backward()
     after_ref = torch.rand(3)
@@ -197,7 +205,7 @@ def test_batchnorm_buffers_are_updated_once_per_chunk() -> None:
     views = _views(10, torch.float32)
     with torch.no_grad():  # what step 1 alone does to the buffers: one forward per chunk
         for i in range(0, 10, 4):
-            first_pass.embed([v[i : i + 4] for v in views])
+            first_pass.embed(make_batch(views).slice(i, i + 4))
     _gc_step(model, views, chunk=4)
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     assert bns and all(int(m.num_batches_tracked) == 3 for m in bns)  # 3 chunks, not 6 forwards

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from _steps import batch as make_batch
 from sslbench.augment import AugmentConfig, BatchAugment
 from sslbench.backbones import create_backbone
-from sslbench.method import default_view_augmentations
-from sslbench.momentum import ema_update_
+from sslbench.method import default_views
 from sslbench.optim import build_optimizer, param_groups
 from sslbench.registry import METHODS, get_method
 
@@ -121,21 +121,19 @@ def test_training_step_backward_and_updates_never_sync(name):
     cfg = cls.Config()
     method = cls(create_backbone("resnet18", 32, channels=(8, 16, 32, 64)), cfg)
     method.train()
-    views = [torch.randn(8, 3, 32, 32) for _ in default_view_augmentations(method, AugmentConfig())]
-    groups = param_groups(method, 1e-4)
-    if hasattr(method, "param_groups"):
-        groups = method.param_groups(groups)
+    views = [torch.randn(8, 3, spec.size, spec.size) for spec in default_views(method, AugmentConfig(), 32)]
+    groups = method.param_groups(param_groups(method, 1e-4))
     opt = build_optimizer("lars", groups, 0.1, weight_decay=1e-4)
-    pairs = method.momentum_pairs() if hasattr(method, "momentum_pairs") else []
     for step in range(3):  # steady state: the first step (buffers, caches) is not audited
+        batch = make_batch(views, step=step, total=10, index=torch.arange(100, 108))
         audit = HostSyncAudit()
         with audit if step else contextlib.nullcontext():
-            loss, logs = method.training_step(views)
+            loss, logs = method.training_step(batch)
             loss.backward()
+            method.after_backward(batch.info)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            for online, target in pairs:
-                ema_update_(online, target, 0.99)
+            method.after_optimizer_step(batch.info)  # the momentum update, as the trainer calls it
         assert audit.calls == [], f"{name}, step {step}: {audit.calls}"
         assert all(isinstance(v, Tensor) for v in logs.values())  # logged values stay on the device
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from _steps import batch as make_batch, info as step_info
+from sslbench.memory import MemoryBank
 from sslbench.methods.moco import InfoNCELoss, MoCo, MoCoConfig
 from sslbench.methods.mocov3 import MoCoV3, MoCoV3Config, MoCoV3Loss
 
@@ -118,7 +120,7 @@ def test_mocov3_loss_matches_reference(n, d, tau):
 def test_mocov3_step_is_symmetrised_ctr_with_momentum_keys():
     m = small_mocov3()
     v = views()
-    loss, _ = m.training_step(v)
+    loss, _ = m.training_step(make_batch(v))
     # BN statistics are over both views together, as in training_step
     z = m.predictor(m.projector(m.encoder(torch.cat(v))))
     with torch.no_grad():
@@ -129,11 +131,11 @@ def test_mocov3_step_is_symmetrised_ctr_with_momentum_keys():
 
 def test_mocov3_momentum_schedule_endpoints():
     m = small_mocov3()
-    assert m.momentum_at(0, 100) == 0.99
-    assert m.momentum_at(100, 100) == 1.0
-    ms = [m.momentum_at(s, 100) for s in range(101)]
+    assert m.momentum_at(step_info(0, 100)) == 0.99
+    assert m.momentum_at(step_info(100, 100)) == 1.0
+    ms = [m.momentum_at(step_info(s, 100)) for s in range(101)]
     assert all(a <= b for a, b in zip(ms, ms[1:]))
-    assert abs(m.momentum_at(50, 100) - 0.995) < 1e-12  # half-way on the cosine
+    assert abs(m.momentum_at(step_info(50, 100)) - 0.995) < 1e-12  # half-way on the cosine
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,11 +144,12 @@ def test_mocov3_momentum_schedule_endpoints():
 
 def test_queue_is_a_fifo_that_wraps_around():
     m = small_moco()  # K = 12
+    assert isinstance(m.bank, MemoryBank) and m.bank.rows is m.queue and m.bank.ptr is m.queue_ptr
     fifo: collections.deque[Tensor] = collections.deque(list(m.queue.clone()), maxlen=12)
     ptr = 0
     for n in (5, 5, 5, 1, 12, 7, 20, 3):  # K not a multiple of n, a full queue's worth, more than K
         keys = F.normalize(torch.randn(n, m.cfg.proj_dim), dim=1)
-        m.enqueue(keys)
+        m.bank.push(keys)
         fifo.extend(list(keys))
         ptr = (ptr + min(n, 12)) % 12  # the pointer moves past the keys written
         assert int(m.queue_ptr) == ptr
@@ -158,8 +161,8 @@ def test_oldest_keys_are_replaced_first():
     m = small_moco()  # K = 12
     first = F.normalize(torch.randn(8, 8), dim=1)
     second = F.normalize(torch.randn(8, 8), dim=1)
-    m.enqueue(first)
-    m.enqueue(second)  # rows 8..11 then 0..3: overwrites the random init first, then first[0:4]
+    m.bank.push(first)
+    m.bank.push(second)  # rows 8..11 then 0..3: overwrites the random init first, then first[0:4]
     assert torch.equal(m.queue[8:], second[:4]) and torch.equal(m.queue[:4], second[4:])
     assert torch.equal(m.queue[4:8], first[4:])  # the newer half of the first batch survives
     assert int(m.queue_ptr) == 4
@@ -172,7 +175,7 @@ def test_step_uses_the_old_queue_then_enqueues_normalised_keys():
     with torch.no_grad():
         k = F.normalize(m.key_projector(m.key_encoder(v[1])), dim=1)
         q = m.projector(m.encoder(v[0]))
-    loss, _ = m.training_step(v)
+    loss, _ = m.training_step(make_batch(v))
     assert torch.allclose(loss, reference_infonce(q, k, old, 0.2), rtol=1e-5, atol=1e-6)
     assert torch.allclose(m.queue[:N], k, atol=1e-6)
     assert torch.allclose(m.queue.norm(dim=1), torch.ones(12), atol=1e-6)
@@ -189,7 +192,7 @@ def test_symmetric_option_averages_both_directions_and_enqueues_both_keys():
     with torch.no_grad():
         k = F.normalize(m.key_projector(m.key_encoder(torch.cat(v))), dim=1)
         q = m.projector(m.encoder(torch.cat(v)))
-    loss, _ = m.training_step(v)
+    loss, _ = m.training_step(make_batch(v))
     want = (reference_infonce(q[:N], k[N:], old, 0.2) + reference_infonce(q[N:], k[:N], old, 0.2)) / 2
     assert torch.allclose(loss, want, rtol=1e-5, atol=1e-6)
     assert torch.allclose(m.queue[: 2 * N], k, atol=1e-6) and int(m.queue_ptr) == 2 * N
@@ -201,8 +204,8 @@ def test_key_encoder_starts_as_a_frozen_copy_and_momentum_is_constant():
         assert online is not target
         for a, b in zip(online.parameters(), target.parameters()):
             assert torch.equal(a, b) and a.data_ptr() != b.data_ptr() and not b.requires_grad
-    assert m.momentum_at(0, 100) == m.momentum_at(99, 100) == m.momentum_at(100, 100) == 0.99
-    assert MoCo(ToyBackbone(), MoCoConfig(momentum=0.999)).momentum_at(5, 10) == 0.999
+    assert m.momentum_at(step_info(0, 100)) == m.momentum_at(step_info(99, 100)) == m.momentum_at(step_info(100, 100)) == 0.99
+    assert MoCo(ToyBackbone(), MoCoConfig(momentum=0.999)).momentum_at(step_info(5, 10)) == 0.999
 
 
 def test_projector_is_mocov2_mlp_without_bn():
@@ -228,14 +231,15 @@ def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
         res: dict[str, Any] = {}
         m = convert_sync_batchnorm(small_moco())
         losses = []
-        for seed in (1, 2):  # two steps: 16 keys through a queue of 12 (wraps)
+        index = torch.arange(rank * n, (rank + 1) * n)  # this rank's share of the global batch
+        for step, seed in enumerate((1, 2)):  # two steps: 16 keys through a queue of 12 (wraps)
             v = [x[rank * n : (rank + 1) * n] for x in views(seed=seed)]
-            losses.append(m.training_step(v)[0].detach())
+            losses.append(m.training_step(make_batch(v, step=step, index=index))[0].detach())
         res["moco_losses"] = torch.stack(losses)
         res["queue"], res["ptr"] = m.queue.clone(), m.queue_ptr.clone()
         m3 = convert_sync_batchnorm(small_mocov3())
         v = [x[rank * n : (rank + 1) * n] for x in views()]
-        loss, _ = m3.training_step(v)
+        loss, _ = m3.training_step(make_batch(v, index=index))
         loss.backward()
         res["v3_loss"] = loss.detach()
         res["v3_grads"] = [p.grad.clone() for p in m3.parameters() if p.requires_grad]
@@ -277,7 +281,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 def test_two_processes_keep_identical_queues_equal_to_one_process(ranks):
     m = small_moco()
-    losses = torch.stack([m.training_step(views(seed=s))[0].detach() for s in (1, 2)])
+    losses = torch.stack([m.training_step(make_batch(views(seed=s), step=step))[0].detach() for step, s in enumerate((1, 2))])
     for r in ranks:
         assert torch.equal(r["queue"], ranks[0]["queue"]) and int(r["ptr"]) == int(m.queue_ptr) == 4
         assert torch.allclose(r["queue"], m.queue, atol=1e-5)
@@ -287,7 +291,7 @@ def test_two_processes_keep_identical_queues_equal_to_one_process(ranks):
 
 def test_two_processes_mocov3_loss_and_grads_equal_one_process(ranks):
     m3 = small_mocov3()
-    loss, _ = m3.training_step(views())
+    loss, _ = m3.training_step(make_batch(views()))
     loss.backward()
     want = [p.grad for p in m3.parameters() if p.requires_grad]
     assert torch.allclose(sum(r["v3_loss"] for r in ranks) / WORLD, loss.detach(), rtol=1e-4, atol=1e-5)
