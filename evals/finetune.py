@@ -100,10 +100,10 @@ def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from sslbench.backbones import load_state_strict
 
-    from sslbench.config import load_run_config
+    from sslbench.backbones import load_state_strict
     from sslbench.build import build_method
+    from sslbench.config import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -148,10 +148,12 @@ class FinetuneModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.projector(self.encoder(x).flatten(1))
+        out: Tensor = self.projector(self.encoder(x).flatten(1))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        out: Tensor = self.head(self.features(x))
+        return out
 
 
 @torch.no_grad()
@@ -255,7 +257,7 @@ def train_classifier(
     dev = images.device
     n = images.shape[0]
     aug = BatchAugment(
-        AugmentConfig(crop_scale=tuple(crop_scale), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0),
+        AugmentConfig(crop_scale=(float(crop_scale[0]), float(crop_scale[1])), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0),
         image_size,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=0.0)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from sslbench.callbacks import Callback
 from sslbench.data import ImageSplit
+from sslbench.heads import feature_dim
 
 from .features import _autocast, eval_mode, extract_features
 from .knn import topk_accuracy
@@ -88,12 +89,12 @@ class OnlineProbe:
         """The probe of a training run: its classes, labels and test split (loaded here)."""
         from sslbench.data import load_split
 
-        test = load_split(cfg.data, "test", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
-        if not isinstance(test, ImageSplit):
+        loaded = load_split(cfg.data, "test", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+        test = loaded if isinstance(loaded, ImageSplit) else None
+        if test is None:
             print("note: the online probe is not evaluated on a test split that does not fit in memory", file=sys.stderr)
-            test = None
         return cls(
-            int(encoder.num_features),
+            feature_dim(encoder),
             len(train_split.classes),
             image_size=cfg.image_size,
             train_labels=train_split.labels,
@@ -105,7 +106,7 @@ class OnlineProbe:
     def features(self, encoder: nn.Module, images: Tensor) -> Tensor:
         """Detached float32 features of normalised ``images`` (B, 3, S, S): eval mode, no grad."""
         with eval_mode(encoder), torch.no_grad(), _autocast(images.device, self.precision):
-            out = encoder(images)
+            out: Tensor = encoder(images)
         return out.flatten(1).float().detach()
 
     def update(self, features: Tensor, labels: Tensor) -> Tensor | None:

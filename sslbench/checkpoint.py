@@ -24,8 +24,9 @@ import pickle
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UserError
 
@@ -103,7 +104,8 @@ def latest_valid(ckpt_dir: Path, *, warn: bool = True) -> Path | None:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((path / "meta.json").read_text())
+    meta: dict[str, Any] = json.loads((path / "meta.json").read_text())
+    return meta
 
 
 def save(
@@ -185,7 +187,10 @@ def _check_model_file(path: Path, model: Any) -> None:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise UserError(f"cannot read {file} ({' '.join(str(exc).split())[:160]}); delete {path} to resume from the checkpoint before it") from exc
-    strip = lambda key: key[len("module."):] if key.startswith("module.") else key  # noqa: E731  (DDP's wrapper prefix)
+
+    def strip(key: str) -> str:  # DDP's wrapper prefix
+        return key[len("module.") :] if key.startswith("module.") else key
+
     shapes = {strip(k): v for k, v in shapes.items()}
     own = {strip(k): tuple(v.shape) for k, v in model.state_dict().items()}
     unexpected = sorted(set(shapes) - set(own))

@@ -11,7 +11,8 @@ import errno
 import os
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import UserError
 
@@ -194,7 +195,7 @@ def error_line(text: str) -> None:
         sys.stderr.flush()
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     """The message on one line (a library's multi-line text, a path with a newline)."""
     return " ".join(str(exc).split())
 

@@ -274,10 +274,9 @@ def evaluate_run(
     per label fraction) to ``results_path`` (``None``: do not store) and return the rows."""
     import torch
 
-    from sslbench.backbones import load_encoder
-    from sslbench.evals.features import split_features
-    from sslbench.backbones import create_backbone
+    from sslbench.backbones import create_backbone, load_encoder
     from sslbench.evals.distill import distill, distill_protocol
+    from sslbench.evals.features import split_features
     from sslbench.evals.finetune import (
         finetune_model,
         finetune_protocol,
@@ -541,9 +540,7 @@ def plan_compare(
     ``("images", N)`` (steps = ceil(N / effective batch)) or ``("time", "10m")``."""
     from sslbench.backbones import _check_name
 
-    from .config import build_config
-
-    from .config import split_set_args
+    from .config import build_config, split_set_args
 
     owned = {"method": "--methods", "seed": "--seeds", "output": "--output", "epochs": "the budget flags",
              "steps": "the budget flags", "time_budget_s": "the budget flags"}
@@ -578,8 +575,8 @@ def plan_compare(
 def cmd_compare(args: argparse.Namespace) -> int:
     from .config import load_yaml
     from .leaderboard import render
-    from .registry import get_method
     from .pipeline import train_and_score
+    from .registry import get_method
 
     methods = parse_list(args.methods, "--methods")
     for name in methods:

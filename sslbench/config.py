@@ -11,9 +11,9 @@ augmentation field (``aug.jitter_strength=1.0``) or a timm keyword
 from __future__ import annotations
 
 import ast
-import math
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -104,6 +104,7 @@ class TrainConfig:
             raise UserError(f"sgd_momentum must be in [0, 1), got {self.sgd_momentum}")
         if self.num_workers < 0 or self.max_skipped_steps < 0:
             raise UserError(f"num_workers and max_skipped_steps must be >= 0, got {self.num_workers} and {self.max_skipped_steps}")
+        assert self.image_size is not None  # resolve_defaults() set it
         _positive("image_size", self.image_size)
         if self.image_size < MIN_IMAGE_SIZE:
             raise UserError(
@@ -354,10 +355,11 @@ def build_config(
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"unknown config key {key!r}{hint}; the keys are the fields of TrainConfig in sslbench/config.py, "
                             "aug.* (AugmentConfig) and the method's own (`sslbench list methods`)")
-    cfg = update_dataclass(TrainConfig(), top)
+    cfg: TrainConfig = update_dataclass(TrainConfig(), top)
     cfg.resolve_defaults()
     cfg.backbone_kwargs = {k: parse_literal(v) if isinstance(v, str) else (tuple(v) if isinstance(v, list) else v)
                            for k, v in nested["backbone_kwargs"].items()}
+    assert cfg.image_size is not None  # resolve_defaults() set it
     recipe: Recipe = method_cls.recipe(cfg.image_size)
     cfg.aug = update_dataclass(dataclasses.replace(cfg.aug, **recipe.aug), nested["aug"], prefix="aug.")
     cfg.method_cfg = update_dataclass(method_cls.Config(), nested["method_cfg"], prefix="method_cfg.")

@@ -70,7 +70,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
         ctx.group = group
         ctx.rank = dist.get_rank(group)
         ctx.n = x.shape[0]
@@ -79,7 +79,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
@@ -100,7 +100,8 @@ def gather_with_grad(x: Tensor, group: Any = None) -> Tensor:
     """
     if not is_distributed(group):
         return x
-    return _GatherWithGrad.apply(x, group)
+    out: Tensor = _GatherWithGrad.apply(x, group)
+    return out
 
 
 @torch.no_grad()
@@ -152,14 +153,14 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
         ctx.group = group
         out = x.contiguous().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad, None
@@ -168,7 +169,10 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum_with_grad(x: Tensor, group: Any = None) -> Tensor:
     """Differentiable sum over processes (statistics of the global batch that carry a gradient:
     cross-correlations, covariances); the identity in one process."""
-    return _AllReduceSum.apply(x, group) if is_distributed(group) else x
+    if not is_distributed(group):
+        return x
+    out: Tensor = _AllReduceSum.apply(x, group)
+    return out
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -300,12 +304,13 @@ class SyncBatchNormAct2d(SyncBatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (N, C, H, W), got {x.dim()}D input")
-        return self.act(self.drop(super().forward(x)))
+        out: Tensor = self.act(self.drop(super().forward(x)))
+        return out
 
 
 def _is_timm_bn_act(module: nn.Module) -> bool:
     try:
-        from timm.layers import BatchNormAct2d
+        from timm.layers.norm_act import BatchNormAct2d
     except ImportError:  # pragma: no cover - timm is a dependency
         return False
     return isinstance(module, BatchNormAct2d)
@@ -335,7 +340,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
             process_group=process_group,
         )
         if _is_timm_bn_act(module):
-            out = SyncBatchNormAct2d(module.num_features, drop=module.drop, act=module.act, **kwargs)
+            drop, act = module.get_submodule("drop"), module.get_submodule("act")
+            out = SyncBatchNormAct2d(module.num_features, drop=drop, act=act, **kwargs)
         elif isinstance(module, SyncBatchNorm):
             out = module
             out.process_group = process_group

@@ -18,8 +18,9 @@ draws what an unbroken one draws.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 

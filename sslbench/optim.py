@@ -24,7 +24,8 @@ import importlib
 import inspect
 import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -179,9 +180,10 @@ class LARS(torch.optim.Optimizer):
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """Update ``params`` (same device and dtype, all with gradients) with ``group``'s settings."""
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if p.grad is not None]  # (the caller passes parameters with gradients only)
+        d: list[Tensor] | tuple[Tensor, ...]
         if group["lars_exclude"]:
-            d: Sequence[Tensor] = grads
+            d = grads
         else:
             wd = group["weight_decay"]
             d = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads

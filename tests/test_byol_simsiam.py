@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _steps import batch as make_batch
+from _steps import info as step_info
 from torch import Tensor, nn
 
-from _steps import batch as make_batch, info as step_info
 from sslbench.augment import AugmentConfig
 from sslbench.method import ViewSpec, default_views
 from sslbench.methods.byol import BYOL, BYOLConfig, BYOLLoss, byol_loss

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
 from _reliability import TINY, child_env, lines, make_image_folder, run_forked, run_many, run_subprocess
+from PIL import Image
 
 # --------------------------------------------------------------------------------------------
 # The table: id -> (argv with {placeholders}, key phrases the one stderr line must contain)

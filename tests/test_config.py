@@ -1,10 +1,10 @@
 """Typed config: overrides are validated, unknown keys rejected, YAML round-trips."""
 
 import pytest
+import yaml
 
 from sslbench.config import build_config, config_from_dict, dump_yaml, to_dict
 from sslbench.errors import UserError
-import yaml
 
 
 def test_defaults_and_recipe_fill():

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from sslbench.evals.distill import distill, distillation_loss, metric_name
-from sslbench.evals.finetune import FinetuneModel, finetune, finetune_model
 from test_finetune import _one_thread, assert_same_state, colour_split, snapshot, tiny_encoder  # noqa: F401 (autouse: one thread)
 
 from sslbench.cli import main
 from sslbench.errors import UserError
+from sslbench.evals.distill import distill, distillation_loss, metric_name
+from sslbench.evals.finetune import FinetuneModel, finetune, finetune_model
 from sslbench.results import read_rows
 
 

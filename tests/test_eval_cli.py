@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 import yaml
-from sslbench.backbones import ENCODER_FILE, create_backbone, save_encoder
 
+from sslbench.backbones import ENCODER_FILE, create_backbone, save_encoder
 from sslbench.cli import main
 from sslbench.config import TrainConfig
 from sslbench.results import RUN_FIELDS, append_row, make_row, read_rows

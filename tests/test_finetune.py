@@ -6,7 +6,13 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
+
+from sslbench.augment import eval_batch
 from sslbench.backbones import ENCODER_FILE, create_backbone, save_encoder
+from sslbench.config import build_config, dump_yaml
+from sslbench.data import ImageSplit
+from sslbench.errors import UserError
 from sslbench.evals.finetune import (
     FinetuneModel,
     finetune,
@@ -17,12 +23,6 @@ from sslbench.evals.finetune import (
     projector_layers,
 )
 from sslbench.evals.online_probe import OnlineProbe
-from torch import nn
-
-from sslbench.augment import eval_batch
-from sslbench.config import build_config, dump_yaml
-from sslbench.data import ImageSplit
-from sslbench.errors import UserError
 
 TINY = (8, 16, 32, 64)
 

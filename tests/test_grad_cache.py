@@ -26,19 +26,18 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from _reliability import run_group
+from _steps import batch as make_batch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-from _reliability import run_group
-from _steps import batch as make_batch
 
 import sslbench
 from sslbench.backbones import create_backbone

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 import torch
+from _steps import batch as make_batch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from _steps import batch as make_batch
 from sslbench.augment import AugmentConfig, BatchAugment
 from sslbench.backbones import create_backbone
 from sslbench.method import default_views

@@ -14,8 +14,6 @@ from sslbench.errors import UserError
 from sslbench.evals.knn import knn_classify, knn_eval, knn_protocol, topk_accuracy
 
 
-
-
 def _data(n_train: int, n_test: int, dim: int, n_classes: int, seed: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     train = torch.randn(n_train, dim, generator=g, dtype=dtype) * 3.0  # not normalised on purpose

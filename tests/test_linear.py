@@ -19,8 +19,6 @@ from sslbench.evals.linear import (
 )
 
 
-
-
 def _separable(n_train: int, n_test: int, dim: int, n_classes: int, seed: int):
     """Gaussian clusters far apart (linearly separable), with an offset and unequal scales so
     that standardisation matters."""

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from _steps import batch as make_batch
 from _steps import info as step_info
 from _toy_methods import TOYS
+from torch import nn
+
 from sslbench.augment import AugmentConfig
 from sslbench.backbones import create_backbone
 from sslbench.method import Method, Recipe, ViewSpec, default_views
-from sslbench.momentum import ema_update_
 from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
 from sslbench.registry import METHODS, get_method
 

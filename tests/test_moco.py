@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _steps import batch as make_batch
+from _steps import info as step_info
 from torch import Tensor, nn
 
-from _steps import batch as make_batch, info as step_info
 from sslbench.memory import MemoryBank
 from sslbench.methods.moco import InfoNCELoss, MoCo, MoCoConfig
 from sslbench.methods.mocov3 import MoCoV3, MoCoV3Config, MoCoV3Loss

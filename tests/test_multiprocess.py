@@ -46,20 +46,18 @@ from typing import Any
 
 import pytest
 import torch
+from _reliability import run_group
 from safetensors.torch import load_file
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from _reliability import run_group
-
 import sslbench
-from sslbench.augment import BatchAugment
 from sslbench.backbones import create_backbone
+from sslbench.batches import data_fits_on_device, stream_batches
 from sslbench.config import TrainConfig
 from sslbench.data import ImageSplit
 from sslbench.dist import SyncBatchNorm, SyncBatchNormAct2d, convert_sync_batchnorm
 from sslbench.method import default_views
 from sslbench.registry import METHODS, get_method
-from sslbench.batches import data_fits_on_device, stream_batches
 from sslbench.run_setup import make_plan
 
 METHOD_NAMES = METHODS.names()

@@ -11,6 +11,7 @@ below it, a method that learns anything clears it by a wide margin.
 """
 
 import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,8 @@ from sslbench.backbones import create_backbone, load_encoder
 from sslbench.config import build_config
 from sslbench.data import load_split
 from sslbench.evals.features import extract_features
-from sslbench.registry import METHODS
 from sslbench.pipeline import train_and_score
+from sslbench.registry import METHODS
 
 
 @pytest.mark.slow

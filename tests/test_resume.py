@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from _reliability import TINY, assert_same_weights, child_env, fork_cli, lines, make_image_folder, run_subprocess
+
 from sslbench import checkpoint as ckpt
 from sslbench.errors import UserError
 
@@ -277,7 +277,6 @@ def test_checkpoint_save_is_atomic_and_a_full_disk_keeps_the_old_ones(tmp_path):
 
 
 def test_model_check_accepts_ddp_prefix_and_names_mismatches(tmp_path):
-    import torch
     from safetensors.torch import save_file
     from torch import nn
 

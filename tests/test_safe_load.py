@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _reliability import TINY, child_env, fork_cli, lines, make_image_folder, run_subprocess
+
 from sslbench import checkpoint as ckpt
 from sslbench.errors import UserError
 

@@ -9,14 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+import _toy_methods
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import _toy_methods
 from _reliability import FAULTS, TESTS, child_env, fork_cli, make_image_folder, run_group
 from _steps import batch as make_batch
 from _steps import info as step_info
+from safetensors.torch import load_file
+
 from sslbench.config import build_config
 from sslbench.heads import encode_views
 from sslbench.method import cosine_schedule
