@@ -122,7 +122,7 @@ def stream_batches(
         first = step - epoch * plan.steps_per_epoch
         last = min(plan.steps_per_epoch, first + (plan.total_steps - step))
 
-        def local(order: Tensor) -> list[Tensor]:
+        def local(order: Tensor, first: int = first, last: int = last) -> list[Tensor]:
             lo, hi = rank * plan.local_batch, (rank + 1) * plan.local_batch
             return [order[p * plan.global_batch + lo : p * plan.global_batch + hi] for p in range(first, last)]
 

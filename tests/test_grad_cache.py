@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -303,10 +302,12 @@ class _Jobs:
         # The memory runs measure one step at 32 px: decode that data set into the cache first, or
         # whichever run decodes it pays ~140 MiB more and the comparison depends on the race.
         load_split("digits", "train", 32, cache_dir=str(root / "cache"))
-        memory_run: Callable[[int], Future[dict[str, float]]] = lambda chunk: self.pool.submit(
-            bench.measure, batch_size=128, chunk=chunk, channels="8,16,32,64", threads=1, timeout_s=RUN_TIMEOUT_S,
-            cache_dir=str(root / "cache"),
-        )
+        def memory_run(chunk: int) -> Future[dict[str, float]]:
+            return self.pool.submit(
+                bench.measure, batch_size=128, chunk=chunk, channels="8,16,32,64", threads=1, timeout_s=RUN_TIMEOUT_S,
+                cache_dir=str(root / "cache"),
+            )
+
         self.memory = {0: memory_run(0), 16: memory_run(16)}
 
     def out(self, name: str) -> Path:

@@ -116,7 +116,7 @@ def check_momentum(method: nn.Module) -> None:
         return
     targets = {id(p) for _, t in pairs for p in t.parameters()}
     assert targets == frozen, "momentum_pairs() must cover exactly the frozen (target) parameters"
-    for online, target in pairs:
+    for online, _ in pairs:
         assert all(p.requires_grad for p in online.parameters())
     for total in (1, 10, 1000):
         for step in (0, total // 2, total - 1, total):
