@@ -102,8 +102,8 @@ def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     from safetensors.torch import load_file
     from sslbench.backbones import load_state_strict
 
+    from sslbench.build import build_method
     from sslbench.config import load_run_config
-    from sslbench.trainer import build_method
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

@@ -28,6 +28,7 @@ from torch.profiler import record_function
 from . import _testhooks
 from . import checkpoint as ckpt
 from .augment import AugmentConfig, BatchAugment, per_image_transform
+from .build import build_method  # (moved to sslbench.build; re-exported here for now)
 from .config import TrainConfig, dump_yaml
 from .data import FileSplit, ImageSplit, balanced_subset, load_split
 from .errors import UserError
@@ -36,18 +37,7 @@ from .hostmem import keep_freed_memory
 from .method import default_view_augmentations
 from .momentum import ema_update_
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
-from .registry import get_method
 from .results import hardware_summary
-
-
-def build_method(cfg: TrainConfig) -> nn.Module:
-    """The configured method around a freshly initialised backbone (seeded by the caller)."""
-    from sslbench.backbones import check_image_size, create_backbone
-
-    method_cls = get_method(cfg.method)
-    backbone = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
-    check_image_size(backbone, cfg.image_size)
-    return method_cls(backbone, cfg.method_cfg)
 
 
 class StepModule(nn.Module):
