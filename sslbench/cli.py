@@ -76,13 +76,14 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import build_config, load_yaml
+    from .rundir import RunDir
     from .trainer import train
 
     file_values: dict[str, Any] = {}
     if args.resume:
         if not args.output:
             raise UserError("--resume needs --output RUN_DIR (the run to continue)")
-        saved = os.path.join(args.output, "config.yaml")
+        saved = RunDir(args.output).config
         if not os.path.isfile(saved):
             raise UserError(f"--resume: {args.output} has no config.yaml; is it an sslbench run directory?")
         file_values = load_yaml(saved)

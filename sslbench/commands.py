@@ -31,11 +31,10 @@ from typing import Any
 from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .hostmem import keep_freed_memory
+from .rundir import RESULTS_STORE, RunDir, write_text_atomic
 
 PROTOCOLS = ("knn", "linear", "finetune", "distill")
-RESULTS_FILE = "results.jsonl"
-BUDGET_FILE = "budget.json"  # written by `compare` into each run dir: the budget as the user gave it
-DEFAULT_LEADERBOARD_RESULTS = Path("runs") / RESULTS_FILE  # where `eval` puts rows of runs/<name>
+DEFAULT_LEADERBOARD_RESULTS = Path("runs") / RESULTS_STORE  # where `eval` puts rows of runs/<name>
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +150,7 @@ def run_budget(run_dir: Path, cfg: Any) -> tuple[str, Any]:
     """``(budget_kind, budget)`` of a run: from ``budget.json`` (written by ``compare``, e.g.
     ``("images", 100000)``) or else from its config: ``("time", "10m")`` for a time budget alone,
     ``("steps", N)`` or ``("epochs", N)``."""
-    path = run_dir / BUDGET_FILE
+    path = RunDir(run_dir).budget
     if path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -166,7 +165,7 @@ def run_budget(run_dir: Path, cfg: Any) -> tuple[str, Any]:
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "results.json"
+    path = RunDir(run_dir).summary
     if not path.is_file():
         print(f"note: {path} not found; the rows will lack the run's wall time and speed", file=sys.stderr)
         return {}
@@ -434,7 +433,7 @@ def _eval_options(args: argparse.Namespace) -> EvalOptions:
 def cmd_eval(args: argparse.Namespace) -> int:
     opts = _eval_options(args)
     run_dir = Path(args.run_dir)
-    results = Path(args.results) if args.results else run_dir.resolve().parent / RESULTS_FILE
+    results = Path(args.results) if args.results else RunDir(run_dir).results_store
     if results.suffix != ".jsonl":  # before anything is evaluated (append_row refuses it too)
         raise UserError(f"--results {results} must be a .jsonl file (JSON Lines), e.g. results.jsonl; refusing to append to it")
     evaluate_run(run_dir, opts, results_path=results, command=_command_line(args))
@@ -460,7 +459,7 @@ def _same_config(cfg: Any, run_dir: Path) -> bool:
     from .config import dump_yaml
 
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = yaml.safe_load(RunDir(run_dir).config.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return False
     if not isinstance(saved, dict):
@@ -523,7 +522,7 @@ def _matches(value: Any, expected: Any) -> bool:
 
 
 def _finished(cfg: Any, run_dir: Path) -> bool:
-    return _same_config(cfg, run_dir) and (run_dir / "results.json").is_file() and (run_dir / "encoder.safetensors").is_file()
+    return _same_config(cfg, run_dir) and RunDir(run_dir).is_finished()
 
 
 def plan_compare(
@@ -607,12 +606,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     for _, _, cfg in plans:  # before anything trains: a comparison never overwrites another one's runs
         run_dir = Path(cfg.output)
-        if (run_dir / "config.yaml").is_file() and not _same_config(cfg, run_dir):
+        if RunDir(run_dir).config.is_file() and not _same_config(cfg, run_dir):
             raise UserError(f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
                             "or repeat the original command to continue that comparison")
     if {"finetune", "distill"} & set(opts.protocols) and plans:  # before anything trains: they need the data in memory
         _eval_splits(plans[0][2], plans[0][2].data, opts)
-    results = out_dir / RESULTS_FILE
+    results = out_dir / RESULTS_STORE
     command = _command_line(args)
     rows: list[dict[str, Any]] = []
     for i, (method, seed, cfg) in enumerate(plans, 1):
@@ -633,14 +632,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 if result.stop_signal:  # pre-empted: 143/130 as for train, so a scheduler sees a signal
                     return 128 + result.stop_signal
                 raise UserError(f"training of {run_dir} was interrupted; run the same command again to resume the comparison")
-        (run_dir / BUDGET_FILE).write_text(json.dumps({"kind": budget[0], "value": budget[1]}) + "\n")
+        write_text_atomic(RunDir(run_dir).budget, json.dumps({"kind": budget[0], "value": budget[1]}) + "\n", "free some space and run the same command again")
         rows += evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget)
 
     text = render(rows, "md")
     board = out_dir / "leaderboard.md"
-    tmp = board.with_name(board.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(board)
+    write_text_atomic(board, text, f"the rows are in {results}: render them with `sslbench leaderboard {results}`")
     print()
     print(text, end="")
     print(f"rows appended to {results}; leaderboard written to {board}", file=sys.stderr)
@@ -653,7 +650,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     path = Path(args.results) if args.results else DEFAULT_LEADERBOARD_RESULTS
     if path.is_dir():
-        path = path / RESULTS_FILE
+        path = path / RESULTS_STORE
     if not path.is_file():
         raise UserError(f"results file {path} not found; pass the results.jsonl written by `sslbench eval` or `sslbench compare`")
     with warnings.catch_warnings(record=True) as caught:
@@ -668,12 +665,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         out = Path(args.output)
         if out.suffix == ".jsonl" or (out.exists() and out.resolve() == path.resolve()):
             raise UserError(f"--output {out} would overwrite a results store; write the table to e.g. leaderboard.{args.format}")
-        try:
-            tmp = out.with_name(out.name + ".tmp")  # atomic: an interrupted write never leaves half a table
-            tmp.write_text(text)
-            tmp.replace(out)
-        except OSError as exc:
-            raise UserError(f"could not write {args.output}: {exc.strerror or exc}") from exc
+        write_text_atomic(out, text, "pass a writable --output")  # an interrupted write never leaves half a table
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text, end="")

@@ -38,6 +38,7 @@ from .method import default_view_augmentations
 from .momentum import ema_update_
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
 from .results import hardware_summary
+from .rundir import RunDir, write_atomic, write_text_atomic
 
 
 class StepModule(nn.Module):
@@ -167,39 +168,12 @@ def _prepare_run_dir(path: Path, *, create: bool = False) -> None:
 def _refuse_existing_run(path: Path) -> None:
     """A new (not resumed) run must not write into a run directory that already holds checkpoints or
     results: its checkpoints would mix with the old ones and the old results would be lost."""
-    if ckpt.list_checkpoints(path / "checkpoints") or (path / "results.json").exists():
+    run = RunDir(path)
+    if ckpt.list_checkpoints(run.checkpoints) or run.summary.exists():
         raise UserError(
             f"{path} already holds a run (checkpoints or results.json); continue it with "
             f"`sslbench train --output {path} --resume`, or pass a new --output"
         )
-
-
-def _write_atomic(path: Path, write: Any, what: str, *, errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader never sees a half-written file, and a
-    failure (disk full) removes the temporary file, keeps the previous ``path`` and raises a
-    one-line UserError ending with ``what`` (how to recover)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except errors as exc:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".tmp")):  # (save_encoder's own temporary name)
-            try:
-                leftover.unlink()
-            except OSError:
-                pass
-        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:160]
-        raise UserError(f"cannot write {path} ({reason}); {what}") from exc
-
-
-def _write_text_atomic(path: Path, text: str, what: str) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _write_atomic(path, write, what)
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
@@ -219,7 +193,7 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
             continue
         if isinstance(row, dict) and int(row.get("step", 0)) <= start_step:
             kept.append(line + "\n")
-    _write_text_atomic(path, "".join(kept), "pass a writable --output")
+    write_text_atomic(path, "".join(kept), "pass a writable --output")
 
 
 class _FileViews(torch.utils.data.Dataset):
@@ -352,7 +326,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume
     from accelerate.utils import set_seed
 
     from sslbench import dist
-    from sslbench.backbones import ENCODER_FILE, save_encoder
+    from sslbench.backbones import save_encoder
 
     cfg.resolve_defaults()
     precision = cfg.precision
@@ -377,6 +351,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume
 
     run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
     cfg.output = str(run_dir)
+    run = RunDir(run_dir)
     if main:
         if not resume:
             _refuse_existing_run(run_dir)
@@ -430,7 +405,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume
             probe = OnlineProbe.for_run(cfg, unwrapped.encoder, train_split, accelerator.device, precision)
 
     # ---- checkpoints
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run.checkpoints
     start_step = 0
     resumed_skipped = 0
     if resume:
@@ -454,8 +429,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume
             print(f"no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
     if main:
         _prepare_run_dir(run_dir, create=True)
-        _write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg), "pass a writable --output")
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        write_text_atomic(run.config, dump_yaml(cfg), "pass a writable --output")
+        _truncate_metrics(run.metrics, start_step)
 
     def save(step: int, final: bool = False) -> Path:
         meta = {"step": step, "epoch": sched.epoch_of(step), "skipped": skipped, "method": cfg.method, "backbone": cfg.backbone}
@@ -467,7 +442,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume
     from .progress import TrainProgress
 
     progress = TrainProgress(sched.total_steps, start_step, enabled=main and not quiet)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
+    metrics_file = open(run.metrics, "a") if main else None
     last_ckpt: Path | None = ckpt.latest_valid(ckpt_dir, warn=False) if main else None
     skipped = resumed_skipped  # non-finite steps skipped so far (nonfinite=skip), kept across resumes
     first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)
@@ -597,9 +572,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume
         from safetensors.torch import save_file
 
         finish = f"the checkpoint of step {sched.total_steps} is saved: free some space and finish with `sslbench train --output {run_dir} --resume`"
-        _write_atomic(run_dir / ENCODER_FILE, lambda tmp: save_encoder(unwrapped.encoder, tmp, meta={"backbone": cfg.backbone, "step": sched.total_steps}), finish, errors=(OSError, SafetensorError))
+        save_encoder(unwrapped.encoder, run.encoder, meta={"backbone": cfg.backbone, "step": sched.total_steps}, what=finish)
         method_state = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()}
-        _write_atomic(run_dir / "method.safetensors", lambda tmp: save_file(method_state, str(tmp)), finish, errors=(OSError, SafetensorError))
+        write_atomic(run.method, lambda tmp: save_file(method_state, str(tmp)), finish, errors=(OSError, SafetensorError))
         if cfg.quick_knn:
             result.metrics = quick_knn(cfg, unwrapped.encoder, accelerator.device, precision, quiet=quiet)
         summary = {
@@ -609,7 +584,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume
             "images_per_s": result.images_per_s, "precision": precision, "seed": cfg.seed,
             "processes": world, "hardware": hardware_summary(accelerator.device), "metrics": result.metrics,
         }
-        _write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2), finish)
+        write_text_atomic(run.summary, json.dumps(summary, indent=2), finish)
     accelerator.wait_for_everyone()
     return result
 
