@@ -212,7 +212,7 @@ def _load_extra_commands() -> None:
     """Import the modules that register eval/compare/leaderboard sub-commands, if present."""
     import importlib
 
-    for mod in ("sslbench.commands",):
+    for mod in ("sslbench.commands", "sslbench.compare"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
