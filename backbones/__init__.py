@@ -26,6 +26,7 @@ from torch import nn
 
 from sslbench.errors import UserError
 from sslbench.registry import unknown_name_message
+from sslbench.rundir import ENCODER, RunDir, write_atomic
 
 SMALL_IMAGE_MAX = 64  # images of this size or less get the small-image adaptations
 
@@ -144,22 +145,19 @@ def _runs_at(model: nn.Module, image_size: int) -> bool:
         return False
 
 
-ENCODER_FILE = "encoder.safetensors"
+ENCODER_FILE = ENCODER  # a run directory's encoder file (sslbench.rundir.RunDir.encoder)
 
 
-def save_encoder(model: nn.Module, path: str | Path, *, meta: dict[str, Any]) -> None:
-    """Write the backbone's state dict (timm's own key names) as safetensors, atomically."""
+def save_encoder(model: nn.Module, path: str | Path, *, meta: dict[str, Any], what: str = "free some space and try again") -> None:
+    """Write the backbone's state dict (timm's own key names) as safetensors, atomically
+    (:func:`sslbench.rundir.write_atomic`: a failure keeps the previous file and is a one-line
+    UserError ending with ``what``)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    try:
-        save_file(state, str(tmp), metadata={"sslbench": json.dumps(meta)})
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written file behind (disk full)
-        raise
+    write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata={"sslbench": json.dumps(meta)}), what,
+                 errors=(OSError, SafetensorError))
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
@@ -192,7 +190,7 @@ def load_encoder(run_dir: str | Path, *, map_location: str | torch.device = "cpu
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    path = run_dir / ENCODER_FILE
+    path = RunDir(run_dir).encoder
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
     image_size = cast(int, cfg.image_size)  # never None here: build_config resolves it (TrainConfig.resolve_defaults)

@@ -104,10 +104,11 @@ def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     from sslbench.backbones import load_state_strict
     from sslbench.build import build_method
     from sslbench.config import load_run_config
+    from sslbench.rundir import RunDir
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    path = run_dir / "method.safetensors"
+    path = RunDir(run_dir).method
     if not path.is_file():
         raise UserError(f"{path} not found: fine-tuning from the projector needs a finished run's method.safetensors")
     torch.manual_seed(0)  # the weights are overwritten; only keeps the global RNG stream predictable

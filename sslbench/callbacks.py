@@ -177,7 +177,7 @@ class MetricsFile(Callback):
 
     def on_train_start(self, run: Run) -> None:
         if run.main:
-            self._file = open(run.run_dir / "metrics.jsonl", "a")
+            self._file = open(run.files.metrics, "a")
 
     def on_record(self, run: Run, record: dict[str, Any]) -> None:
         if self._file is not None:

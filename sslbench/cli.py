@@ -78,12 +78,13 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import build_config, load_yaml
     from .pipeline import train_and_score
+    from .rundir import RunDir
 
     file_values: dict[str, Any] = {}
     if args.resume:
         if not args.output:
             raise UserError("--resume needs --output RUN_DIR (the run to continue)")
-        saved = os.path.join(args.output, "config.yaml")
+        saved = RunDir(args.output).config
         if not os.path.isfile(saved):
             raise UserError(f"--resume: {args.output} has no config.yaml; is it an sslbench run directory?")
         file_values = load_yaml(saved)
@@ -224,7 +225,7 @@ def _load_extra_commands() -> None:
     """Import the modules that register eval/compare/leaderboard sub-commands, if present."""
     import importlib
 
-    for mod in ("sslbench.commands",):
+    for mod in ("sslbench.commands", "sslbench.compare"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

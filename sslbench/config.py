@@ -437,7 +437,9 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
-    path = Path(run_dir) / "config.yaml"
+    from .rundir import RunDir
+
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise UserError(f"{run_dir} is not an sslbench run directory (no config.yaml)")
     return config_from_dict(load_yaml(path))

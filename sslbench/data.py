@@ -24,7 +24,7 @@ image by DataLoader workers. The other specs have no per-file form, so they rais
 Cache. Decoded :class:`ImageSplit` objects are cached under ``cache_dir/decoded/`` keyed by the
 spec, the source files (paths, sizes, modification times), the split and the storage size, so a
 second load reads one file instead of decoding again, and any change to the files decodes anew.
-Files are written atomically (temporary file + ``os.replace``) under a file lock, so processes
+Files are written atomically (:func:`sslbench.rundir.write_atomic`) under a file lock, so processes
 started together (one per GPU) decode once.
 
 Unreadable images. In an image folder or a Hugging Face split, a file that PIL cannot decode
@@ -47,7 +47,6 @@ import os
 import pickle
 import re
 import urllib.parse
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import UserError
+from .rundir import write_atomic
 
 __all__ = [
     "DATASETS",
@@ -480,16 +480,10 @@ def _cached(cache_root: Path, source: str, split: str, size: int, fingerprint: d
         if hit is not None:
             return hit
         result = build()
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            torch.save(
-                {"images": result.images, "labels": result.labels, "classes": result.classes, "skipped_note": getattr(result, "skipped_note", "")},
-                tmp,
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        payload = {"images": result.images, "labels": result.labels, "classes": result.classes,
+                   "skipped_note": getattr(result, "skipped_note", "")}
+        write_atomic(path, lambda tmp: torch.save(payload, tmp),
+                     "free some space, or set cache_dir or $SSLBENCH_CACHE to another disk", errors=(OSError, RuntimeError))
     return result
 
 

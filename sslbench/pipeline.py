@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,9 +38,9 @@ def train_and_score(
     if result.stopped_early or not result.main or not cfg.quick_knn:
         return result
     from .backbones import load_encoder
-    from .run_setup import write_text_atomic
+    from .rundir import RunDir, write_text_atomic
 
-    path = result.run_dir / "results.json"
+    path = RunDir(result.run_dir).summary
     summary = json.loads(path.read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the trainer trained
     precision = "bf16" if summary.get("precision") == "bf16" else "no"
@@ -51,13 +52,15 @@ def train_and_score(
 
 
 def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precision: str, *, quiet: bool = False) -> dict[str, float]:
-    """The end-of-training k-NN (k=200, T=0.1, cosine) of h on the test split, and the same for
+    """The end-of-training k-NN (k=200, T=0.1, cosine) of h on the test split through the
+    registered ``knn`` protocol (the code of ``sslbench eval --protocol knn``), and the same for
     the untrained backbone (same seed) as a baseline."""
     from accelerate.utils import set_seed
 
     from sslbench.backbones import create_backbone
-    from sslbench.evals.features import extract_features
-    from sslbench.evals.knn import knn_eval
+    from sslbench.evals.features import eval_mode
+
+    from .protocols import EvalContext, EvalOptions, get_protocol
 
     assert cfg.image_size is not None
     size = cfg.image_size
@@ -67,14 +70,13 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
         if not quiet:
             print(f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`", file=sys.stderr)
         return {}
+    knn = get_protocol("knn")
+    opts = EvalOptions(protocols=["knn"], data=cfg.data)
 
     def score(enc: nn.Module) -> dict[str, float]:
-        enc = enc.to(device)
-        tr = extract_features(enc, train_split.images, image_size=size, device=device, precision=precision)
-        te = extract_features(enc, test_split.images, image_size=size, device=device, precision=precision)
-        out: dict[str, float] = knn_eval(tr.to(device), train_split.labels.to(device), te.to(device), test_split.labels.to(device),
-                                         k=cfg.knn_k, temperature=cfg.knn_temperature)
-        return out
+        with eval_mode(enc.to(device)):
+            ctx = EvalContext(Path(str(cfg.output)), cfg, opts, enc, device, precision, cfg.data, train_split, test_split)
+            return dict(knn.run(ctx, None).metrics)
 
     trained = score(encoder)
     set_seed(cfg.seed)

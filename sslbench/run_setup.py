@@ -32,6 +32,7 @@ from .hostmem import keep_freed_memory
 from .method import Batch, Method, Schedule, StepInfo, ViewSpec, default_views
 from .momentum import cosine_momentum
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
+from .rundir import RunDir, write_text_atomic
 
 UNBOUNDED_STEPS = 2**62  # the step count of a run bounded only by its time budget (time_budget_s)
 
@@ -129,39 +130,12 @@ def create_run_dir(path: Path) -> None:
 def refuse_existing_run(path: Path) -> None:
     """A new (not resumed) run must not write into a run directory that already holds checkpoints or
     results: its checkpoints would mix with the old ones and the old results would be lost."""
-    if ckpt.list_checkpoints(path / "checkpoints") or (path / "results.json").exists():
+    run = RunDir(path)
+    if ckpt.list_checkpoints(run.checkpoints) or run.summary.exists():
         raise UserError(
             f"{path} already holds a run (checkpoints or results.json); continue it with "
             f"`sslbench train --output {path} --resume`, or pass a new --output"
         )
-
-
-def write_atomic(path: Path, write: Any, what: str, *, errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader never sees a half-written file, and a
-    failure (disk full) removes the temporary file, keeps the previous ``path`` and raises a
-    one-line UserError ending with ``what`` (how to recover)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except errors as exc:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".tmp")):  # (save_encoder's own temporary name)
-            try:
-                leftover.unlink()
-            except OSError:
-                pass
-        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:160]
-        raise UserError(f"cannot write {path} ({reason}); {what}") from exc
-
-
-def write_text_atomic(path: Path, text: str, what: str) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    write_atomic(path, write, what)
 
 
 def truncate_metrics(path: Path, start_step: int) -> None:
@@ -207,6 +181,7 @@ class Run:
     cfg: TrainConfig
     accelerator: Any  # accelerate.Accelerator
     run_dir: Path
+    files: RunDir  # the file names of the run directory
     precision: str  # the effective mixed precision: no | bf16 | fp16
     train_split: ImageSplit | FileSplit
     plan: Plan
@@ -241,7 +216,7 @@ class Run:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.files.checkpoints
 
     def info(self, step: int, progress: float | None = None) -> StepInfo:
         """The :class:`StepInfo` of ``step``; ``progress`` overrides step / total (time budget)."""
@@ -364,7 +339,7 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
         print(f"note: the training images ({train_split.images.nbytes / 2**30:.1f} GiB) stay in host memory (more than "
               f"{DATA_GPU_SHARE:.0%} of the GPU's); each step's batch is copied to the GPU", file=sys.stderr)
     run = Run(
-        cfg=cfg, accelerator=accelerator, run_dir=run_dir, precision=precision, train_split=train_split, plan=plan,
+        cfg=cfg, accelerator=accelerator, run_dir=run_dir, files=RunDir(run_dir), precision=precision, train_split=train_split, plan=plan,
         method=unwrapped, model=model, optimizer=optimizer, schedules=make_schedules(cfg, plan, base_lr, unwrapped),
         specs=specs, grad_cache=grad_cache, data_on_device=data_on_device, channels_last=cfg.channels_last,
         time_based=plan.total_steps == UNBOUNDED_STEPS,
@@ -373,8 +348,8 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
         _restore(run, quiet=quiet)
     if main:
         create_run_dir(run_dir)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg), "pass a writable --output")
-        truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
+        write_text_atomic(run.files.config, dump_yaml(cfg), "pass a writable --output")
+        truncate_metrics(run.files.metrics, run.start_step)
     run.last_ckpt = ckpt.latest_valid(run.ckpt_dir, warn=False) if main else None
     return run
 

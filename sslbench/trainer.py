@@ -29,7 +29,8 @@ from .config import TrainConfig
 from .errors import UserError
 from .method import Batch
 from .results import hardware_summary
-from .run_setup import Run, apply_schedules, channels_last_views, setup_run, write_atomic, write_text_atomic
+from .run_setup import Run, apply_schedules, channels_last_views, setup_run
+from .rundir import write_atomic, write_text_atomic
 
 __all__ = ["NonFiniteGuard", "TrainResult", "finish", "train", "train_loop"]
 
@@ -201,7 +202,7 @@ def finish(run: Run, callbacks: list[Callback], result: TrainResult) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from sslbench.backbones import ENCODER_FILE, save_encoder
+    from sslbench.backbones import save_encoder
 
     cfg, total = run.cfg, run.plan.total_steps
     _save(run, callbacks, total, final=True)
@@ -209,11 +210,10 @@ def finish(run: Run, callbacks: list[Callback], result: TrainResult) -> None:
     if run.main:
         fix = f"the checkpoint of step {total} is saved: free some space and finish with `sslbench train --output {run.run_dir} --resume`"
         encoder_meta = {"backbone": cfg.backbone, "step": total}
-        write_atomic(run.run_dir / ENCODER_FILE, lambda tmp: save_encoder(run.method.encoder, tmp, meta=encoder_meta), fix,
-                     errors=(OSError, SafetensorError))
+        save_encoder(run.method.encoder, run.files.encoder, meta=encoder_meta, what=fix)
         state = {k: v.detach().contiguous().cpu() for k, v in run.method.state_dict().items()}
-        write_atomic(run.run_dir / "method.safetensors", lambda tmp: save_file(state, str(tmp)), fix, errors=(OSError, SafetensorError))
-        write_text_atomic(run.run_dir / "results.json", json.dumps(summary(run, result), indent=2), fix)
+        write_atomic(run.files.method, lambda tmp: save_file(state, str(tmp)), fix, errors=(OSError, SafetensorError))
+        write_text_atomic(run.files.summary, json.dumps(summary(run, result), indent=2), fix)
     run.accelerator.wait_for_everyone()
 
 

@@ -1,0 +1,232 @@
+"""``sslbench compare``: several methods under one data set, backbone, budget and seeds.
+
+It plans one run directory per method and seed under ``--output DIR``, trains each (or resumes an
+interrupted one), evaluates them all with the same protocols (:mod:`sslbench.protocols`), appends
+the rows to ``DIR/results.jsonl`` and renders the comparison to stdout and ``DIR/leaderboard.md``.
+
+Re-running the same command continues it: a run that finished with this config is not trained
+again and its stored rows are reused (each protocol's ``reuse_key``), so only what is missing is
+evaluated; an interrupted run resumes from its last checkpoint; a run directory holding another
+config is refused before anything trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import commands  # (a module, not its names: commands may be importing this module while it loads)
+from .cli import _EXTRA_COMMANDS
+from .errors import UserError
+from .protocols import EvalOptions, add_eval_flags, eval_options, get_protocol, parse_list, reusable
+from .rundir import RESULTS_STORE, RunDir, write_text_atomic
+
+LEADERBOARD_FILE = "leaderboard.md"  # in the comparison's directory, next to its results.jsonl
+# Config keys compare sets itself (one value per run), and the flags that set them.
+OWNED_KEYS = {"method": "--methods", "seed": "--seeds", "output": "--output", "epochs": "the budget flags",
+              "steps": "the budget flags", "time_budget_s": "the budget flags"}
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for part in parse_list(text, "--seeds"):
+        try:
+            seeds.append(int(part))
+        except ValueError:
+            raise UserError(f"--seeds: {part!r} is not an integer; write e.g. --seeds 0,1,2") from None
+    return seeds
+
+
+def _effective_batch(cfg: Any) -> int:
+    """The global batch the trainer will use in one process (clipped to the training set)."""
+    from .data import load_split
+
+    n = len(load_split(cfg.data, "train", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb))
+    if cfg.train_subset is not None:
+        n = min(n, cfg.train_subset)
+    return int(min(cfg.batch_size, n))
+
+
+def plan_compare(
+    methods: list[str],
+    seeds: list[int],
+    budget: tuple[str, Any],
+    *,
+    out_dir: Path,
+    flags: dict[str, Any] | None = None,
+    file_values: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> list[tuple[str, int, Any]]:
+    """One resolved config per (method, seed), all with the same data, backbone and budget, run
+    directory ``out_dir/<method>-seed<seed>``. ``budget``: ``("epochs", N)``, ``("steps", N)``,
+    ``("images", N)`` (steps = ceil(N / effective batch)) or ``("time", "10m")``."""
+    from sslbench.backbones import _check_name
+
+    from .config import build_config, split_set_args
+
+    for key, _ in split_set_args(list(sets or [])):
+        if key in OWNED_KEYS:
+            raise UserError(f"--set {key}=... is set by compare itself (one value per run); use {OWNED_KEYS[key]} instead")
+    plans = []
+    for method in methods:
+        for seed in seeds:
+            run_flags = {**(flags or {}), "method": method, "seed": seed, "output": str(out_dir / f"{method}-seed{seed}")}
+            cfg = build_config(file_values=dict(file_values or {}), flags=run_flags, sets=list(sets or []))
+            _check_name(cfg.backbone)  # an unknown backbone fails before anything trains
+            cfg.epochs = cfg.steps = cfg.time_budget_s = None  # the budget below is the only one
+            kind, value = budget
+            if kind == "epochs":
+                cfg.epochs = value
+            elif kind == "steps":
+                cfg.steps = value
+            elif kind == "images":
+                cfg.steps = math.ceil(value / _effective_batch(cfg))
+            elif kind == "time":
+                cfg.time_budget_s = commands.parse_duration(str(value))
+            else:
+                raise ValueError(f"unknown budget kind {kind!r}")
+            cfg.quick_knn = False  # every run is evaluated afterwards with the comparison's protocols
+            cfg.validate()
+            plans.append((method, seed, cfg))
+    return plans
+
+
+def _same_config(cfg: Any, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run of exactly this config (so ``compare`` can be re-run): equal
+    in every field but ``output``, which may be spelled differently (relative, absolute, moved)."""
+    import yaml
+
+    from .config import dump_yaml
+
+    try:
+        saved = yaml.safe_load(RunDir(run_dir).config.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    if not isinstance(saved, dict):
+        return False
+    ours = yaml.safe_load(dump_yaml(cfg))  # the same YAML round trip as config.yaml
+    saved.pop("output", None)
+    ours.pop("output", None)
+    return bool(saved == ours)
+
+
+def _finished(cfg: Any, run_dir: Path) -> bool:
+    return _same_config(cfg, run_dir) and RunDir(run_dir).is_finished()
+
+
+def _stored_rows(results: Path, run_dir: Path, cfg: Any, opts: EvalOptions) -> tuple[list[dict[str, Any]], EvalOptions | None]:
+    """Split ``opts`` into what ``results`` already holds for ``run_dir`` (the newest row of each
+    protocol and label fraction evaluated exactly so) and what is left to evaluate (``None``: nothing)."""
+    from .results import read_rows
+
+    rows = read_rows(results) if results.is_file() else []
+    return reusable(opts, cfg, [r for r in rows if r.get("run_dir") == str(run_dir.resolve())])
+
+
+def _budget(args: argparse.Namespace) -> tuple[str, Any]:
+    if args.epochs is not None:
+        budget: tuple[str, Any] = ("epochs", args.epochs)
+    elif args.steps is not None:
+        budget = ("steps", args.steps)
+    elif args.images is not None:
+        budget = ("images", args.images)
+    else:
+        budget = ("time", commands.format_duration(commands.parse_duration(args.time_budget)))
+    if budget[0] != "time" and budget[1] < 1:
+        raise UserError(f"--{budget[0]} must be >= 1, got {budget[1]}")
+    return budget
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .config import load_yaml
+    from .leaderboard import render
+    from .pipeline import train_and_score
+    from .registry import get_method
+
+    methods = parse_list(args.methods, "--methods")
+    for name in methods:
+        get_method(name)  # unknown names: the registry's UserError, before anything trains
+    seeds = parse_seeds(args.seeds)
+    opts = eval_options(args)
+    budget = _budget(args)
+    file_values = load_yaml(args.config) if args.config else {}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data_name = str(args.data or file_values.get("data") or "digits").replace(":", "-").replace("/", "_").strip("_")[-40:]
+    out_dir = Path(args.output) if args.output else Path("runs") / f"compare-{data_name}-{args.backbone or 'resnet18'}-{stamp}"
+
+    flags = {"backbone": args.backbone, "data": args.data, "batch_size": args.batch_size,
+             "image_size": args.image_size, "precision": args.precision}
+    plans = plan_compare(methods, seeds, budget, out_dir=out_dir, flags=flags, file_values=file_values, sets=args.sets)
+
+    for _, _, cfg in plans:  # before anything trains: a comparison never overwrites another one's runs
+        run_dir = Path(cfg.output)
+        if RunDir(run_dir).config.is_file() and not _same_config(cfg, run_dir):
+            raise UserError(f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
+                            "or repeat the original command to continue that comparison")
+    if plans and any(get_protocol(p).in_memory for p in opts.protocols):  # before anything trains
+        commands.eval_splits(plans[0][2], plans[0][2].data, opts)
+    results = out_dir / RESULTS_STORE
+    command = commands.command_line(args)
+    rows: list[dict[str, Any]] = []
+    for i, (method, seed, cfg) in enumerate(plans, 1):
+        run_dir = Path(cfg.output)
+        todo: EvalOptions | None = opts
+        if _finished(cfg, run_dir):
+            stored, todo = _stored_rows(results, run_dir, cfg, opts)
+            rows += stored  # a re-run of an interrupted comparison never scores (or stores) a run twice
+            what = "reusing its stored rows" if todo is None else f"evaluating {','.join(todo.protocols)}"
+            print(f"[{i}/{len(plans)}] {method} seed {seed}: {run_dir} already finished with this config; {what}", file=sys.stderr)
+            if todo is None:
+                continue
+        else:
+            resume = _same_config(cfg, run_dir)  # an interrupted run of this comparison continues
+            print(f"[{i}/{len(plans)}] {'resuming' if resume else 'training'} {method} seed {seed} -> {run_dir}", file=sys.stderr)
+            result = train_and_score(cfg, resume=resume, quiet=args.quiet, resume_command=f"{command} (the same command)")
+            if result.stopped_early:
+                if result.stop_signal:  # pre-empted: 143/130 as for train, so a scheduler sees a signal
+                    return 128 + result.stop_signal
+                raise UserError(f"training of {run_dir} was interrupted; run the same command again to resume the comparison")
+        write_text_atomic(RunDir(run_dir).budget, json.dumps({"kind": budget[0], "value": budget[1]}) + "\n",
+                          "free some space and run the same command again")
+        assert todo is not None  # a finished run with nothing left to evaluate continued above
+        rows += commands.evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget)
+
+    text = render(rows, "md")
+    board = out_dir / LEADERBOARD_FILE
+    write_text_atomic(board, text, f"the rows are in {results}: render them with `sslbench leaderboard {results}`")
+    print()
+    print(text, end="")
+    print(f"rows appended to {results}; leaderboard written to {board}", file=sys.stderr)
+    return 0
+
+
+def register_compare(sub: Any) -> None:
+    p = sub.add_parser("compare", help="train several methods under one budget and compare them")
+    p.add_argument("--methods", required=True, help="comma-separated method names, e.g. simclr,moco,byol,simsiam")
+    p.add_argument("--backbone", help="timm model name (default resnet18)")
+    p.add_argument("--data", help="data spec (default digits)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--epochs", type=int, help="passes over the training data")
+    budget.add_argument("--steps", type=int, help="optimizer steps")
+    budget.add_argument("--images", type=int, help="images seen in total (steps = ceil(N / batch size))")
+    budget.add_argument("--time-budget", metavar="DURATION", help="wall-clock training time per run, e.g. 90s, 10m, 1h")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--output", metavar="DIR", help="comparison directory (default runs/compare-<data>-<backbone>-<time>)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 256)")
+    p.add_argument("--image-size", type=int, help="resolution in pixels (default: the data's own; digits 16, cifar 32, stl10 96, else 32)")
+    p.add_argument("--precision", help="auto | no | bf16 | fp16")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values for every run")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run (must be valid for every method)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_eval_flags(p)
+    p.set_defaults(func=cmd_compare)
+
+
+if register_compare not in _EXTRA_COMMANDS:
+    _EXTRA_COMMANDS.append(register_compare)

@@ -1,0 +1,372 @@
+"""Evaluation protocols: one registration each.
+
+A protocol is a function that scores a loaded run (:class:`EvalContext`) and returns its metrics
+and a self-describing record of how they were measured; its registration declares the rest::
+
+    @register_protocol(
+        "knn",
+        options=[],  # the Option flags it adds to `sslbench eval` and `sslbench compare`
+        reuse_key=lambda cfg, opts: {"k": cfg.knn_k, "temperature": cfg.knn_temperature},
+    )
+    def knn(ctx: EvalContext, fraction: float | None) -> Score:
+        train, test = ctx.features()
+        ...
+        return Score({"knn_top1": ...}, {"k": ctx.cfg.knn_k, ...})
+
+The commands do the rest for every protocol alike: ``--protocol NAME`` selects it, its options
+become flags (checked before anything runs) and :class:`EvalOptions` attributes, each call's
+:class:`Score` becomes one result row (``protocol.name`` is the protocol's name), and a re-run of
+``compare`` reuses a stored row of the same run, protocol, label fraction and evaluation data whose
+``protocol`` record holds the ``reuse_key`` fields (a value, or a predicate on the stored value).
+
+With ``per_fraction=True`` the function is called once per ``--label-fractions`` value (the
+row's ``label_fraction``), else once with ``fraction=None``. ``in_memory=True`` refuses data read
+from disk (it needs :class:`sslbench.data.ImageSplit`\\ s) before anything trains or is scored.
+``prepare(ctx)`` runs before the data is loaded (to fail early).
+
+The built-in protocols (knn, linear, finetune, distill) are in ``evals/protocols.py``; packages
+add theirs through the entry-point group ``sslbench.protocols`` (a module whose import registers
+them), as methods do through ``sslbench.methods``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .errors import UserError
+from .registry import unknown_name_message
+
+PROTOCOLS_ENTRY_POINT_GROUP = "sslbench.protocols"
+DEFAULT_PROTOCOLS = "knn,linear"
+DEFAULT_FRACTIONS = "0.01,0.1,1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Declarations
+
+
+@dataclass(frozen=True)
+class Option:
+    """A protocol's flag, e.g. ``Option("--linear-epochs", 100, "linear-probe epochs", type=int,
+    check=at_least(1))``. Its value is ``EvalOptions.<dest>`` (``opts.linear_epochs``); ``check``
+    returns what is wrong with a value (``"must be >= 1"``) or None. Protocols may share an option
+    (distillation uses the fine-tuning flags): it is added once."""
+
+    flag: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] = str
+    choices: Sequence[Any] | None = None
+    metavar: str | None = None
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def validate(self, value: Any) -> Any:
+        problem = self.check(value) if self.check is not None and value is not None else None
+        if problem:
+            raise UserError(f"{self.flag} {problem}, got {value}")
+        return value
+
+
+def at_least(n: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= n else f"must be >= {n:g}"
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"  # (also NaN)
+
+
+def within(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo:g}, {hi:g}]"
+
+
+class Score(NamedTuple):
+    """What a protocol returns: the metrics of one row and the record of how they were measured
+    (the row's ``protocol``, without ``name``, ``eval_data``, ``image_size`` and ``precision``,
+    which the command adds)."""
+
+    metrics: dict[str, float]
+    protocol: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    name: str
+    run: Callable[[EvalContext, float | None], Score]
+    options: tuple[Option, ...] = ()
+    reuse_key: Callable[[Any, EvalOptions], dict[str, Any] | None] | None = None  # None: never reused
+    per_fraction: bool = False
+    in_memory: bool = False
+    prepare: Callable[[EvalContext], None] | None = None
+    description: str = ""
+
+
+class _Registry:
+    """The protocols in registration order (the order of ``--protocol``'s help and of the flags)."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, EvalProtocol] = {}
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        importlib.import_module("sslbench.evals.protocols")  # the built-ins
+        for ep in entry_points(group=PROTOCOLS_ENTRY_POINT_GROUP):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken third-party plugin must not break sslbench
+                warnings.warn(f"could not load sslbench protocol plugin {ep.name!r} ({ep.value}): {exc}", stacklevel=2)
+
+    def add(self, protocol: EvalProtocol) -> None:
+        old = self._items.get(protocol.name)
+        if old is not None and getattr(old.run, "__qualname__", None) != getattr(protocol.run, "__qualname__", object()):
+            raise ValueError(f"protocol {protocol.name!r} is already registered by {old.run!r}")
+        self._items[protocol.name] = protocol
+
+    def remove(self, name: str) -> None:
+        self._items.pop(name, None)
+
+    def all(self) -> list[EvalProtocol]:
+        self._load()
+        return list(self._items.values())
+
+    def get(self, name: str) -> EvalProtocol:
+        self._load()
+        if name not in self._items:
+            raise UserError(unknown_name_message("protocol", name, list(self._items), n_close=1))
+        return self._items[name]
+
+
+PROTOCOLS = _Registry()
+
+
+def register_protocol(
+    name: str,
+    *,
+    options: Iterable[Option] = (),
+    reuse_key: Callable[[Any, EvalOptions], dict[str, Any] | None] | None = None,
+    per_fraction: bool = False,
+    in_memory: bool = False,
+    prepare: Callable[[EvalContext], None] | None = None,
+    description: str = "",
+) -> Callable[[Callable[[EvalContext, float | None], Score]], Callable[[EvalContext, float | None], Score]]:
+    """Decorator registering ``run(ctx, fraction) -> Score`` as the protocol ``name`` (see the
+    module docstring). ``reuse_key(run_cfg, opts)``: the fields of a stored row's ``protocol``
+    record under which ``compare`` reuses it (values, or predicates on the stored value)."""
+
+    def deco(run: Callable[[EvalContext, float | None], Score]) -> Callable[[EvalContext, float | None], Score]:
+        PROTOCOLS.add(EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description))
+        return run
+
+    return deco
+
+
+def unregister_protocol(name: str) -> None:
+    """Remove a registered protocol (tests)."""
+    PROTOCOLS.remove(name)
+
+
+def get_protocol(name: str) -> EvalProtocol:
+    """The protocol ``name``; a :class:`UserError` listing the valid names (and a close match) otherwise."""
+    return PROTOCOLS.get(name)
+
+
+def protocol_names() -> list[str]:
+    return [p.name for p in PROTOCOLS.all()]
+
+
+def protocol_options() -> list[Option]:
+    """Every protocol's options, each once, in registration order."""
+    seen: dict[str, Option] = {}
+    for p in PROTOCOLS.all():
+        for opt in p.options:
+            seen.setdefault(opt.flag, opt)
+    return list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# What `eval` and `compare` are asked to do, and a loaded run
+
+
+@dataclass
+class EvalOptions:
+    """How ``eval`` and ``compare`` score an encoder (the same for every run of a comparison).
+    A protocol option is an attribute too: ``opts.linear_epochs`` is ``settings["linear_epochs"]``,
+    or the option's default when unset."""
+
+    protocols: list[str] = field(default_factory=lambda: DEFAULT_PROTOCOLS.split(","))
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # label fractions (per_fraction protocols)
+    data: str | None = None  # None: the run's own data
+    max_memory_gb: float | None = None  # evaluation data larger than this is read from disk (None: the run's max_memory_gb)
+    seed: int = 0  # linear-probe validation split, fine-tune subsets and batch order (not the run's seed)
+    device: str | None = None  # None: cuda when available, else cpu
+    settings: dict[str, Any] = field(default_factory=dict)  # protocol options by dest
+
+    def __getattr__(self, name: str) -> Any:
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in settings:
+            return settings[name]
+        if not name.startswith("_"):
+            for opt in protocol_options():
+                if opt.dest == name:
+                    return opt.default
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or protocol option {name!r}")
+
+
+@dataclass
+class EvalContext:
+    """A run loaded for evaluation: what a protocol's function gets. ``train`` and ``test`` are
+    loaded after the protocols' ``prepare``; ``cache`` is shared by the protocols of one
+    evaluation (e.g. the fine-tuned teachers that distillation reuses)."""
+
+    run_dir: Path
+    cfg: Any  # the run's TrainConfig
+    opts: EvalOptions
+    encoder: Any  # on ``device``, eval mode
+    device: Any
+    precision: str  # "no", "bf16" or "fp16" (the run's mixed precision on CUDA, else "no")
+    data: str  # the data spec evaluated on
+    train: Any = None
+    test: Any = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def features(self) -> tuple[Any, Any]:
+        """Frozen features of the train and test splits (computed once per evaluation)."""
+        if "features" not in self.cache:
+            from sslbench.evals.features import split_features
+
+            self.cache["features"] = tuple(
+                split_features(self.encoder, s, image_size=self.cfg.image_size, device=self.device,
+                               precision=self.precision, num_workers=self.cfg.num_workers)
+                for s in (self.train, self.test)
+            )
+        feats: tuple[Any, Any] = self.cache["features"]
+        return feats
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+
+def parse_list(text: str, flag: str) -> list[str]:
+    """``'a, b,,c'`` -> ``['a', 'b', 'c']`` (order kept, duplicates dropped); empty -> UserError."""
+    items: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part and part not in items:
+            items.append(part)
+    if not items:
+        raise UserError(f"{flag} needs at least one comma-separated value, got {text!r}")
+    return items
+
+
+def parse_protocols(text: str) -> list[str]:
+    protocols = parse_list(text, "--protocol")
+    for p in protocols:
+        get_protocol(p)
+    return protocols
+
+
+def parse_fractions(text: str) -> list[float]:
+    """``'0.01,0.1,1'`` -> ``[0.01, 0.1, 1.0]``; each must lie in (0, 1]."""
+    from sslbench.evals.finetune import check_fraction
+
+    out: list[float] = []
+    for part in parse_list(text, "--label-fractions"):
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"--label-fractions: {part!r} is not a number; write fractions like 0.01,0.1,1") from None
+        value = check_fraction(value)
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str = DEFAULT_PROTOCOLS) -> None:
+    """The evaluation flags of ``eval`` and ``compare``: the common ones and every protocol's options."""
+    p.add_argument("--protocol", default=default_protocols,
+                   help=f"comma-separated: {', '.join(protocol_names())} (default {default_protocols})")
+    p.add_argument("--label-fractions", default=DEFAULT_FRACTIONS,
+                   help=f"fine-tune and distill label fractions in (0, 1] (default {DEFAULT_FRACTIONS})")
+    for opt in protocol_options():
+        kwargs: dict[str, Any] = {"default": opt.default, "help": opt.help}
+        if opt.choices is not None:
+            kwargs["choices"] = list(opt.choices)
+        else:
+            kwargs["type"] = opt.type
+        if opt.metavar is not None:
+            kwargs["metavar"] = opt.metavar
+        p.add_argument(opt.flag, dest=opt.dest, **kwargs)
+    p.add_argument("--max-memory-gb", type=float, metavar="GB",
+                   help="evaluation data larger than this is read from disk: k-NN and linear only (default: the run's max_memory_gb)")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of validation split, label subsets and batch order (default 0)")
+    p.add_argument("--device", help="evaluation device (default cuda when available, else cpu)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+def eval_options(args: argparse.Namespace, *, data: str | None = None) -> EvalOptions:
+    """:class:`EvalOptions` from the flags of :func:`add_eval_flags`, every value checked."""
+    settings = {opt.dest: opt.validate(getattr(args, opt.dest)) for opt in protocol_options()}
+    if args.max_memory_gb is not None and not args.max_memory_gb >= 0:
+        raise UserError(f"--max-memory-gb must be >= 0, got {args.max_memory_gb}")
+    return EvalOptions(
+        protocols=parse_protocols(args.protocol),
+        fractions=parse_fractions(args.label_fractions),
+        data=data,
+        max_memory_gb=args.max_memory_gb,
+        seed=args.eval_seed,
+        device=args.device,
+        settings=settings,
+    )
+
+
+def reusable(opts: EvalOptions, cfg: Any, stored: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], EvalOptions | None]:
+    """Split ``opts`` into the ``stored`` rows (of one run, oldest first) that it would evaluate
+    again (the newest row of each protocol and label fraction whose record holds the protocol's
+    ``reuse_key``) and what is left to evaluate (``None``: nothing)."""
+    data = opts.data or cfg.data
+    here = [r for r in stored if isinstance(r.get("protocol"), dict)]
+
+    def find(name: str, fraction: float | None, expect: dict[str, Any]) -> dict[str, Any] | None:
+        match = [r for r in here if r["protocol"].get("name") == name and r.get("label_fraction") == fraction
+                 and r["protocol"].get("eval_data") == data and all(_matches(r["protocol"].get(k), v) for k, v in expect.items())]
+        return match[-1] if match else None
+
+    found: list[dict[str, Any]] = []
+    protocols: list[str] = []
+    fractions: list[float] = []
+    for name in opts.protocols:
+        protocol = get_protocol(name)
+        expect = protocol.reuse_key(cfg, opts) if protocol.reuse_key is not None else None
+        missing = False
+        for fraction in opts.fractions if protocol.per_fraction else [None]:
+            row = find(name, fraction, expect) if expect is not None else None
+            found += [row] if row else []
+            if row is None:
+                missing = True
+                if fraction is not None and fraction not in fractions:
+                    fractions.append(fraction)
+        protocols += [name] if missing else []
+    # The per-fraction protocols share one list of fractions: a stored row at a fraction that is
+    # evaluated again for another protocol is replaced by the new row, never counted twice.
+    found = [r for r in found if not (r["protocol"]["name"] in protocols and r.get("label_fraction") in fractions)]
+    return found, (dataclasses.replace(opts, protocols=protocols, fractions=fractions or opts.fractions) if protocols else None)
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """A stored protocol field against what is asked: equal, or accepted by ``expected`` when it is a predicate."""
+    return bool(expected(value)) if callable(expected) else value == expected
