@@ -62,7 +62,7 @@ def test_the_builtin_protocols_are_registered_in_order():
     assert (opts.linear_epochs, opts.finetune_lr, opts.distill_student_init) == (100, 0.2, "random")
     assert EvalOptions(settings={"linear_epochs": 3}).linear_epochs == 3
     with pytest.raises(AttributeError):
-        opts.no_such_option
+        _ = opts.no_such_option
 
 
 def test_a_toy_protocol_is_one_registration_with_flags_rows_and_reuse(toy, tmp_path, capsys):
