@@ -24,11 +24,13 @@ def mlp(
     last_bn: bool = False,
     last_bn_affine: bool = True,
     hidden_bn: bool = True,
+    act: type[nn.Module] = nn.ReLU,
 ) -> nn.Sequential:
-    """An MLP head: ``num_layers`` linear layers with BN + ReLU between them.
+    """An MLP head: ``num_layers`` linear layers with BN + ``act`` (ReLU) between them.
 
     SimCLR v1's projector is ``mlp(d, d, 128, 2)``; SimCLR v2's is 3 layers; SimSiam's projector is
-    3 layers with ``last_bn=True`` and its predictor a 2-layer bottleneck; BYOL's are 2 layers.
+    3 layers with ``last_bn=True`` and its predictor a 2-layer bottleneck; BYOL's are 2 layers;
+    DINO's is 3 layers with GELU and no BN (``hidden_bn=False, act=nn.GELU``).
     Shapes: (B, in_dim) -> (B, out_dim).
     """
     if num_layers < 1:
@@ -39,7 +41,7 @@ def mlp(
         layers += [nn.Linear(dim, hidden_dim, bias=not hidden_bn)]
         if hidden_bn:
             layers += [nn.BatchNorm1d(hidden_dim)]
-        layers += [nn.ReLU(inplace=True)]
+        layers += [nn.ReLU(inplace=True) if act is nn.ReLU else act()]
         dim = hidden_dim
     layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
     if last_bn:

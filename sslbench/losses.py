@@ -7,6 +7,8 @@
 - Cosine regression: :func:`byol_loss` (``2 - 2 cos``, BYOL) and :func:`negative_cosine`
   (``-cos``, SimSiam), each with a stop-gradient on the target, and their symmetrised forms
   :class:`BYOLLoss` and :class:`SimSiamLoss`.
+- :class:`DINOLoss`: DINO's cross-entropy between a centred, sharpened teacher distribution on
+  each global view and the student's distribution on every other view; it keeps the centre.
 
 Every loss computes in float32 (also under bf16 autocast) and returns a scalar.
 """
@@ -17,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dist import gather_with_grad, get_rank
+from .dist import all_reduce_sum, gather_with_grad, get_rank, get_world_size
 from .errors import UserError
 
-__all__ = ["BYOLLoss", "InfoNCELoss", "MoCoV3Loss", "NTXentLoss", "SimSiamLoss", "byol_loss", "negative_cosine"]
+__all__ = ["BYOLLoss", "DINOLoss", "InfoNCELoss", "MoCoV3Loss", "NTXentLoss", "SimSiamLoss", "byol_loss", "negative_cosine"]
 
 
 class NTXentLoss(nn.Module):
@@ -162,3 +164,67 @@ class SimSiamLoss(nn.Module):
 
     def forward(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
         return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
+
+
+class DINOLoss(nn.Module):
+    """DINO's self-distillation loss and its centre (Caron et al. 2021, Eq. 2-3 and Sec. 3.1).
+
+    For teacher outputs ``t_g`` on the G global views and student outputs ``s_v`` on all V views
+    (the global views first, in the same order), with the centre ``c``::
+
+        P_t(g) = softmax((t_g - c) / tau_t)          (centred, sharpened; no gradient)
+        L = mean over pairs (g, v), v != g, of  mean_b  -sum_k P_t(g)[b, k] log softmax(s_v / tau_s)[b, k]
+
+    The mean over pairs and then the batch is the official code's (``main_dino.py``,
+    ``DINOLoss.forward``: the per-pair batch means are summed and divided by the number of
+    pairs); lightly's ``DINOLoss`` computes the same with one einsum over (teacher view, student
+    view) pairs, as here. After the loss, the centre follows the teacher's batch mean over the
+    global views of *every* process (``update_center``, an all-reduced sum over W processes):
+    ``c <- m c + (1 - m) sum_{r,g,b} t / (W G B)`` with ``m = center_momentum`` (0.9), so every
+    process keeps the same centre, the one of one process on the global batch. ``center`` is a
+    registered buffer: checkpoints and resume keep it.
+
+    Computed in float32 (also under bf16 autocast). Each process's loss is the mean over its local
+    samples; DDP's gradient averaging gives the global mean's gradient (the teacher carries none).
+
+    Shapes: ``student`` (V, B, K), ``teacher`` (G, B, K) with G <= V; returns the scalar loss and
+    the teacher distributions P_t (G, B, K) (for logging).
+    """
+
+    center: Tensor
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        if not student_temp > 0:
+            raise UserError(f"student temperature must be > 0, got {student_temp}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise UserError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student: Tensor, teacher: Tensor, teacher_temp: float) -> tuple[Tensor, Tensor]:
+        with torch.autocast(student.device.type, enabled=False):  # softmaxes in float32, even under bf16
+            probs = self.teacher_probs(teacher, teacher_temp)  # (G, B, K)
+            log_p = F.log_softmax(student.float() / self.student_temp, dim=-1)  # (V, B, K)
+            g, v, b = probs.shape[0], log_p.shape[0], probs.shape[1]
+            if not g <= v:
+                raise ValueError(f"DINO needs the teacher's G views among the student's V views; got G={g}, V={v}")
+            ce = -torch.einsum("gbk,vbk->gv", probs, log_p) / b  # (G, V): batch-mean cross-entropy of each pair
+            keep = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)  # drop (g, g): a view against itself
+            loss = (ce * keep).sum() / (g * v - g)
+        self.update_center(teacher)
+        return loss, probs
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher: Tensor, teacher_temp: float) -> Tensor:
+        """The centred, sharpened teacher distributions ``softmax((t - c) / tau_t)``: (G, B, K), float32."""
+        return F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher: Tensor) -> None:
+        """``c <- m c + (1 - m) * batch mean``, the mean over the G global views and the B samples of
+        every process (teacher (G, B, K)); identical on every process."""
+        g, b = teacher.shape[0], teacher.shape[1]
+        batch_center = all_reduce_sum(teacher.float().sum(dim=(0, 1))) / (g * b * get_world_size())  # (K,)
+        self.center.copy_(self.center * self.center_momentum + batch_center * (1 - self.center_momentum))
