@@ -11,10 +11,16 @@ Small images (``image_size <= 64``):
   no max-pool (for deep stems, the first convolution's stride becomes 1).
 * Vision transformers (models with a ``patch_embed``) are built with ``img_size=image_size`` and a
   patch size of ``image_size // 8`` (4 px patches at 32 px), unless given explicitly.
+
+At every size, vision transformers whose timm class takes ``dynamic_img_size`` (VisionTransformer,
+DeiT, Eva, Swin, ...) are built with it on (unless given explicitly): their position embeddings are
+interpolated (bicubic) to the grid of each input, so one model encodes multi-crop views of several
+sizes (DINO's local crops); at the model's own size the output is unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -67,11 +73,16 @@ def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Modul
     kwargs.setdefault("pretrained", False)
     try:
         model = timm.create_model(name, num_classes=0, **kwargs)
-        if hasattr(model, "patch_embed") and image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
-            vit_kwargs = {"img_size": image_size}
-            if image_size <= SMALL_IMAGE_MAX:
-                vit_kwargs["patch_size"] = max(1, image_size // 8)
-            model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
+        if hasattr(model, "patch_embed"):
+            vit_kwargs: dict[str, Any] = {}
+            if image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
+                vit_kwargs["img_size"] = image_size
+                if image_size <= SMALL_IMAGE_MAX:
+                    vit_kwargs["patch_size"] = max(1, image_size // 8)
+            if "dynamic_img_size" in inspect.signature(type(model).__init__).parameters:
+                vit_kwargs["dynamic_img_size"] = True
+            if vit_kwargs:
+                model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
     except (TypeError, ValueError) as exc:
         given = sorted(k for k in kwargs if k != "pretrained")  # pretrained is sslbench's own default
         raise UserError(

@@ -1,0 +1,78 @@
+"""Vision transformers as first-class backbones: the evaluated feature is timm's own pre-logits
+feature, position embeddings are interpolated for inputs of another size (timm's
+``dynamic_img_size``) without changing the output at the model's own size, and every registered
+method trains a ViT on views of two sizes (multi-crop).
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from _steps import batch as make_batch
+from timm.layers import resample_abs_pos_embed
+
+from sslbench.augment import AugmentConfig, eval_batch
+from sslbench.backbones import create_backbone
+from sslbench.evals.features import extract_features
+from sslbench.method import default_views
+from sslbench.registry import METHODS, get_method
+
+VIT = "vit_tiny_patch16_224"
+
+
+def test_encoder_feature_is_timms_pre_logits_feature():
+    """The encoder (``num_classes=0``) and the evaluation's feature extraction give exactly what
+    timm's ``forward_head(forward_features(x), pre_logits=True)`` gives: the final-norm CLS token."""
+    torch.manual_seed(0)
+    m = create_backbone(VIT, 32).eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    x = eval_batch(images, 32)
+    with torch.no_grad():
+        want = m.forward_head(m.forward_features(x), pre_logits=True)
+        assert torch.equal(m(x), want)
+        assert torch.equal(want, m.forward_features(x)[:, 0])  # DINO's feature, the CLS token after the last norm
+    got = extract_features(m, images, image_size=32)
+    assert got.shape == (6, m.num_features) and torch.allclose(got, want, atol=1e-6)
+
+
+def test_position_embeddings_are_interpolated_for_other_sizes_and_unchanged_at_the_own_size():
+    torch.manual_seed(0)
+    m = create_backbone(VIT, 32).eval()
+    assert m.dynamic_img_size and m.patch_embed.patch_size == (4, 4)
+    fixed = timm.create_model(VIT, num_classes=0, img_size=32, patch_size=4).eval()
+    fixed.load_state_dict(m.state_dict())
+    x32, x16 = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16)
+    small = timm.create_model(VIT, num_classes=0, img_size=16, patch_size=4).eval()
+    state = dict(m.state_dict())
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (4, 4), (8, 8), num_prefix_tokens=1)
+    small.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(m(x32), fixed(x32))  # the model's own size: unchanged
+        assert torch.allclose(m(x16), small(x16), atol=1e-5)  # 16 px: the 8x8 grid's embeddings resampled to 4x4
+        with pytest.raises(AssertionError):
+            fixed(x16)  # without dynamic_img_size timm refuses another size
+    big = create_backbone(VIT, 224)
+    assert big.dynamic_img_size and big(torch.zeros(1, 3, 96, 96)).shape == (1, big.num_features)  # DINO's 224/96
+    assert create_backbone(VIT, 32, dynamic_img_size=False).dynamic_img_size is False  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_trains_a_vit_on_views_of_two_sizes(name):
+    """Each registered method on a 2-block ViT-Tiny (patch 4 at 32 px): its own views, and when
+    they all have one size the last view at half the size (16 px, a 4x4 grid): one step gives a
+    finite loss and gradients on the patch and position embeddings."""
+    cls = get_method(name)
+    torch.manual_seed(0)
+    backbone = create_backbone(VIT, 32, depth=2)
+    method = cls(backbone, cls.Config())
+    method.train()
+    sizes = [s.size for s in default_views(method, AugmentConfig(), 32)]
+    if len(set(sizes)) == 1:
+        sizes[-1] //= 2
+    assert len(set(sizes)) == 2
+    loss, _ = method.training_step(make_batch([torch.randn(4, 3, s, s) for s in sizes], step=1, total=10))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for p in (backbone.pos_embed, backbone.patch_embed.proj.weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
