@@ -1,0 +1,215 @@
+"""DINO: self-distillation with no labels, with multi-crop, on vision transformers and ResNets.
+
+Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin. "Emerging Properties in Self-Supervised
+Vision Transformers." ICCV 2021. A student (backbone + DINO head) learns to predict, on every
+view, a teacher's centred and sharpened distribution over K prototypes on each *global* view; the
+teacher is an EMA of the student and gets no gradient (:class:`sslbench.losses.DINOLoss`).
+
+Read against the official code (``facebookresearch/dino``: ``main_dino.py`` for ``DINOLoss``,
+``DataAugmentationDINO`` and the training loop, ``vision_transformer.py`` for ``DINOHead``,
+``utils.py`` for ``MultiCropWrapper``, ``get_params_groups``, ``clip_gradients`` and
+``cancel_gradients_last_layer``) and the peer versions of lightly (``DINOProjectionHead``,
+``DINOLoss``, ``DINOTransform``) and solo-learn (``solo/methods/dino.py``, CIFAR config).
+Where sslbench differs:
+
+- the trainer clips the *global* gradient norm (``grad_clip`` 3.0); the official code clips each
+  parameter's gradient norm to 3.0 separately;
+- the teacher temperature rises linearly in the fractional epoch (``epoch_float``); the official
+  code steps it once per epoch;
+- evaluation uses the student's backbone (``self.encoder``), as for every sslbench method; the
+  paper evaluates the teacher, which is better after long training (it averages the student);
+- blur is applied only to images of at least ``aug.blur_min_size`` (96) px, so at 32 px the two
+  global views differ only by solarization, as BYOL's do; colour jitter is SimCLR's at
+  strength 0.5 (brightness, contrast, saturation 0.4, hue 0.1; DINO's saturation is 0.2).
+
+Short runs: DINO's known uniform plateau (teacher and student near uniform, loss = log K; e.g.
+facebookresearch/dino issues 43 and 246) lasts for the whole of a CPU-sized run on small data
+(docs/recipes.md gives the measurements); the ``teacher_entropy`` log shows it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from sslbench.augment import AugmentConfig
+from sslbench.errors import UserError
+from sslbench.heads import encode_views, feature_dim, mlp
+from sslbench.losses import DINOLoss
+from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
+from sslbench.momentum import freeze_
+from sslbench.registry import register_method
+
+__all__ = ["DINO", "DINOConfig", "DINOHead", "DINOLoss", "WeightNormLinear", "local_crop_size"]
+
+
+@dataclass
+class DINOConfig(MethodConfig):
+    """DINO hyper-parameters (defaults for small data; ImageNet values in the comments)."""
+
+    out_dim: int = 4096  # K prototypes (ImageNet: 65536; small data: 4096, solo-learn's CIFAR value)
+    hidden_dim: int = 2048  # head MLP hidden width (paper: 2048)
+    bottleneck_dim: int = 256  # head output before L2 normalisation and the prototypes (paper: 256)
+    use_bn_in_head: bool = False  # BatchNorm in the head MLP (paper: off for ViTs)
+    norm_last_layer: bool = True  # weight-norm magnitude g of the prototypes fixed at 1 (official default)
+    student_temp: float = 0.1  # tau_s (paper: 0.1)
+    warmup_teacher_temp: float = 0.04  # tau_t at the start (paper: 0.04)
+    teacher_temp: float = 0.07  # tau_t after the warm-up (paper: 0.04 -> 0.07)
+    warmup_teacher_temp_epochs: float = 30.0  # linear tau_t warm-up length in epochs (paper: 30)
+    center_momentum: float = 0.9  # m of the centre's EMA (paper: 0.9)
+    base_momentum: float = 0.996  # teacher EMA rate at step 0, cosine to final_momentum (paper: 0.996)
+    final_momentum: float = 1.0  # teacher EMA rate at the last step (paper: 1)
+    local_crops: int = 6  # N local crops; 0 disables multi-crop (ImageNet: 8; lightly's default: 6)
+    local_crop_size: int | None = None  # px; None: 96/224 of the image size to a multiple of 8 (16 at 32 px)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)  # local crop area range (paper: 0.05-0.4)
+    freeze_last_layer: int = 1  # epochs with the prototypes' gradients zeroed (paper: 1)
+
+    def validate(self) -> None:
+        checks = {
+            "out_dim, hidden_dim and bottleneck_dim must be >= 1": min(self.out_dim, self.hidden_dim, self.bottleneck_dim) >= 1,
+            "student_temp, warmup_teacher_temp and teacher_temp must be > 0": min(self.student_temp, self.warmup_teacher_temp, self.teacher_temp) > 0,
+            "warmup_teacher_temp_epochs, freeze_last_layer and local_crops must be >= 0": min(
+                self.warmup_teacher_temp_epochs, self.freeze_last_layer, self.local_crops
+            )
+            >= 0,
+            "center_momentum must be in [0, 1]": 0.0 <= self.center_momentum <= 1.0,
+            "base_momentum and final_momentum need 0 <= base <= final <= 1": 0.0 <= self.base_momentum <= self.final_momentum <= 1.0,
+            "local_crop_size must be >= 1 px (or None)": self.local_crop_size is None or self.local_crop_size >= 1,
+            "local_crop_scale must satisfy 0 < min <= max <= 1": 0 < self.local_crop_scale[0] <= self.local_crop_scale[1] <= 1,
+        }
+        for what, ok in checks.items():
+            if not ok:
+                raise UserError(f"method_cfg.{what}")
+
+
+def local_crop_size(image_size: int, patch: int = 1) -> int:
+    """DINO's local/global side ratio 96/224 rounded to a multiple of 8 px (16 at 32 px, 8 at 16 px,
+    96 at 224 px), or of a ViT's ``patch`` when 8 is not one (98 for 14 px patches, as DINOv2)."""
+    raw = image_size * 96 / 224
+    size = max(8, 8 * round(raw / 8))
+    return size if size % patch == 0 else patch * max(1, round(raw / patch))
+
+
+class WeightNormLinear(nn.Module):
+    """A linear layer without bias, weight-normalised per output row (Salimans & Kingma 2016):
+    ``W = g * V / ||V||``, the official head's ``nn.utils.weight_norm(nn.Linear(..., bias=False))``
+    with g filled with 1. With ``fixed_g`` g is a buffer of ones (the official
+    ``norm_last_layer``, which freezes the parameter ``weight_g``), else a trained parameter.
+    V starts as ``nn.Linear``'s default. Shapes: (B, in_dim) -> (B, out_dim).
+    """
+
+    weight_g: Tensor
+
+    def __init__(self, in_dim: int, out_dim: int, fixed_g: bool = True) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach())  # (out_dim, in_dim)
+        g = torch.ones(out_dim, 1)
+        if fixed_g:
+            self.register_buffer("weight_g", g)
+        else:
+            self.weight_g = nn.Parameter(g)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (official ``vision_transformer.DINOHead``): a 3-layer MLP with GELU
+    (hidden 2048, bottleneck 256, optional BN), L2 normalisation, then a weight-normalised linear
+    layer to K prototypes (:class:`WeightNormLinear`). The MLP's Linear weights start from a
+    truncated normal (std 0.02) with zero biases. Shapes: (B, in_dim) -> (B, K).
+    """
+
+    def __init__(self, in_dim: int, cfg: DINOConfig) -> None:
+        super().__init__()
+        self.mlp = mlp(in_dim, cfg.hidden_dim, cfg.bottleneck_dim, 3, hidden_bn=cfg.use_bn_in_head, act=nn.GELU)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, fixed_g=cfg.norm_last_layer)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.last_layer(F.normalize(self.mlp(h), dim=-1))  # type: ignore[no-any-return]
+
+
+@register_method("dino")
+class DINO(Method):
+    """Student: backbone + DINO head on all views; teacher: EMA copy on the 2 global views."""
+
+    Config = DINOConfig
+    description = "Self-distillation: a student matches an EMA teacher's centred, sharpened prototypes across multi-crop views (DINO)"
+    paper = "Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021"
+
+    def __init__(self, backbone: nn.Module, cfg: DINOConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or DINOConfig()
+        self.encoder = backbone
+        self.head = DINOHead(feature_dim(backbone), cfg)
+        self.teacher_encoder = freeze_(copy.deepcopy(self.encoder))
+        self.teacher_head = freeze_(copy.deepcopy(self.head))
+        self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)  # holds the centre buffer
+
+    @classmethod
+    def recipe(cls, image_size: int) -> Recipe:
+        """AdamW, lr 5e-4 x B/256, weight decay 0.04 -> 0.4 (cosine), global gradient-norm clip 3,
+        global crops of scale 0.4-1, colour jitter at strength 0.5: the official ViT recipe
+        (``main_dino.py`` defaults, Caron et al. 2021, Sec. 4 / App. C), at every image size."""
+        aug = {"crop_scale": (0.4, 1.0), "jitter_strength": 0.5}
+        return Recipe(optimizer="adamw", lr=5e-4, lr_scaling="linear", weight_decay=0.04, weight_decay_end=0.4, grad_clip=3.0, aug=aug)
+
+    def views(self, base: AugmentConfig, image_size: int) -> list[ViewSpec]:
+        """2 global views at ``image_size`` (blur p 1.0; blur 0.1 + solarize 0.2) and
+        ``local_crops`` local views (crop scale ``local_crop_scale``, blur 0.5) of side
+        ``local_crop_size``, as ``DataAugmentationDINO``; all other settings from ``base``."""
+        patch = int(getattr(getattr(self.encoder, "patch_embed", None), "patch_size", (1,))[0])  # a ViT's patch side
+        size = self.cfg.local_crop_size or local_crop_size(image_size, patch)
+        if size % patch:
+            raise UserError(f"method_cfg.local_crop_size {size} px must be a multiple of the backbone's {patch} px patches")
+        local = ViewSpec(replace(base, crop_scale=self.cfg.local_crop_scale, blur_p=0.5, solarize_p=0.0), size)
+        return [
+            ViewSpec(replace(base, blur_p=1.0, solarize_p=0.0), image_size),
+            ViewSpec(replace(base, blur_p=0.1, solarize_p=0.2), image_size),
+            *[local] * self.cfg.local_crops,
+        ]
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.teacher_encoder), (self.head, self.teacher_head)]
+
+    def momentum_at(self, info: StepInfo) -> float:
+        return cosine_schedule(info, self.cfg.base_momentum, self.cfg.final_momentum)
+
+    def teacher_temp_at(self, info: StepInfo) -> float:
+        """tau_t: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over the first
+        ``warmup_teacher_temp_epochs`` epochs (fractional), then constant."""
+        w = self.cfg.warmup_teacher_temp_epochs
+        t = min(info.epoch_float / w, 1.0) if w > 0 else 1.0
+        return self.cfg.warmup_teacher_temp + t * (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp)
+
+    def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Views (V x (B, 3, S_v, S_v)), the first 2 global: student logits on all V views, teacher
+        logits on the 2 global ones (one backbone pass per view size, as ``MultiCropWrapper``)."""
+        views, n_global = batch.views, 2
+        if len(views) < 2:
+            raise ValueError(f"DINO needs its 2 global views first, got {len(views)} views")
+        with torch.no_grad():
+            t = self.teacher_head(torch.cat(encode_views(self.teacher_encoder, views[:n_global])))
+        s = self.head(torch.cat(encode_views(self.encoder, views)))
+        temp = self.teacher_temp_at(batch.info)
+        loss, probs = self.criterion(rearrange(s, "(v b) k -> v b k", v=len(views)), rearrange(t, "(g b) k -> g b k", g=n_global), temp)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()  # mean per-sample H(P_t), nats
+        return loss, {"loss": loss.detach(), "teacher_entropy": entropy, "teacher_temp": torch.full((), temp, device=loss.device)}
+
+    def after_backward(self, info: StepInfo) -> None:
+        """During the first ``freeze_last_layer`` epochs the prototypes get no update: their
+        gradients are dropped (``cancel_gradients_last_layer``: ``grad = None``, so the optimizer
+        skips them, weight decay and momentum included)."""
+        if info.epoch < self.cfg.freeze_last_layer:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
