@@ -160,7 +160,7 @@ class DINO(Method):
     def recipe(cls, image_size: int) -> Recipe:
         """AdamW, lr 5e-4 x B/256, weight decay 0.04 -> 0.4 (cosine), global gradient-norm clip 3,
         global crops of scale 0.4-1, colour jitter at strength 0.5: the official ViT recipe
-        (``main_dino.py`` defaults, Caron et al. 2021, Sec. 4 / App. C), at every image size."""
+        (``main_dino.py`` defaults; Caron et al. 2021, Sec. 3.2), at every image size."""
         aug = {"crop_scale": (0.4, 1.0), "jitter_strength": 0.5}
         return Recipe(optimizer="adamw", lr=5e-4, lr_scaling="linear", weight_decay=0.04, weight_decay_end=0.4, grad_clip=3.0, aug=aug)
 

@@ -167,7 +167,7 @@ class SimSiamLoss(nn.Module):
 
 
 class DINOLoss(nn.Module):
-    """DINO's self-distillation loss and its centre (Caron et al. 2021, Eq. 2-3 and Sec. 3.1).
+    """DINO's self-distillation loss and its centre (Caron et al. 2021, Eq. 1-4, Sec. 3.1).
 
     For teacher outputs ``t_g`` on the G global views and student outputs ``s_v`` on all V views
     (the global views first, in the same order), with the centre ``c``::

@@ -63,7 +63,7 @@ def multicrop_views(n: int = N, seed: int = 1, local: int = 2) -> list[Tensor]:
 
 
 def reference_dino_loss(s: Tensor, t: Tensor, c: Tensor, tau_s: float, tau_t: float) -> Tensor:
-    """Caron et al. 2021, Eq. 3 with the centre (Sec. 3.1), one (teacher view, student view) pair
+    """Caron et al. 2021, Eq. 3 with the centre of Eq. 4, one (teacher view, student view) pair
     and one sample at a time, skipping a view against itself; float64."""
     v_count, b_count, k_count = s.shape
     total, pairs = s.new_zeros(()), 0
