@@ -60,7 +60,11 @@ MOMENTUM = 0.9
 CROP_SCALE = (0.08, 1.0)
 # How train_classifier optimises, for result rows (fine-tuning and distillation).
 OPTIMIZER_RECORD: dict[str, object] = {
-    "optimizer": "sgd", "momentum": MOMENTUM, "nesterov": True, "weight_decay": 0.0, "schedule": "cosine to 0, no warm-up",
+    "optimizer": "sgd",
+    "momentum": MOMENTUM,
+    "nesterov": True,
+    "weight_decay": 0.0,
+    "schedule": "cosine to 0, no warm-up",
 }
 
 
@@ -124,8 +128,7 @@ def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     relus = [i for i, m in enumerate(projector) if isinstance(m, nn.ReLU)]
     if not 1 <= layers <= len(relus):
         raise UserError(
-            f"from_projector_layer must be in 0..{len(relus)} for this {cfg.method} projector "
-            f"({len(relus)} hidden layer(s)), got {layers}"
+            f"from_projector_layer must be in 0..{len(relus)} for this {cfg.method} projector ({len(relus)} hidden layer(s)), got {layers}"
         )
     head = copy.deepcopy(projector[: relus[layers - 1] + 1])
     for m in head.modules():
@@ -225,8 +228,16 @@ def finetune_model(
         return F.cross_entropy(logits, labels[idx])
 
     train_classifier(
-        model, subset.images.to(dev), loss_fn, steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
-        batch_size=batch_size, lr=lr, seed=seed, image_size=image_size, precision=precision, crop_scale=crop_scale,
+        model,
+        subset.images.to(dev),
+        loss_fn,
+        steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        image_size=image_size,
+        precision=precision,
+        crop_scale=crop_scale,
         what="fine-tuning",
     )
     acc = _evaluate(model, test, image_size, dev, precision)

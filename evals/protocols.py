@@ -54,30 +54,58 @@ FINETUNE_OPTIONS = (
     Option("--finetune-batch-size", 256, "fine-tuning batch size (default 256)", type=int, check=at_least(1)),
     Option("--finetune-lr", 0.2, "fine-tuning learning rate (default 0.2, cosine)", type=float, check=positive),
     Option("--finetune-min-steps", 200, "at least this many fine-tuning steps per fraction (default 200)", type=int, check=at_least(0)),
-    Option("--from-projector-layer", 0, "fine-tune from the K-th hidden projector layer (SimCLR v2: 1); default 0: the encoder",
-           type=int, metavar="K", check=at_least(0)),
+    Option(
+        "--from-projector-layer",
+        0,
+        "fine-tune from the K-th hidden projector layer (SimCLR v2: 1); default 0: the encoder",
+        type=int,
+        metavar="K",
+        check=at_least(0),
+    ),
 )
 DISTILL_OPTIONS = (
     Option("--distill-epochs", 10, "distillation passes over all training images (default 10)", type=int, check=at_least(1)),
     Option("--distill-temperature", 1.0, "distillation softmax temperature (default 1)", type=float, check=positive),
-    Option("--distill-label-weight", 0.0, "weight of the ground-truth loss on the labelled images, in [0, 1] (default 0: distillation only)",
-           type=float, check=within(0, 1)),
-    Option("--distill-student-init", "random", "student encoder: random (from scratch, as SimCLR v2) or pretrained (the run's encoder); default random",
-           choices=("random", "pretrained")),
+    Option(
+        "--distill-label-weight",
+        0.0,
+        "weight of the ground-truth loss on the labelled images, in [0, 1] (default 0: distillation only)",
+        type=float,
+        check=within(0, 1),
+    ),
+    Option(
+        "--distill-student-init",
+        "random",
+        "student encoder: random (from scratch, as SimCLR v2) or pretrained (the run's encoder); default random",
+        choices=("random", "pretrained"),
+    ),
 )
 
 
 def _finetune_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
-    return {"epochs": opts.finetune_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
-            "seed": opts.seed, "from_projector_layer": opts.from_projector_layer, "min_steps": opts.finetune_min_steps}
+    return {
+        "epochs": opts.finetune_epochs,
+        "batch_size": opts.finetune_batch_size,
+        "lr": opts.finetune_lr,
+        "seed": opts.seed,
+        "from_projector_layer": opts.from_projector_layer,
+        "min_steps": opts.finetune_min_steps,
+    }
 
 
 def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
     teacher = _finetune_key(cfg, opts)
-    return {"epochs": opts.distill_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
-            "seed": opts.seed, "min_steps": opts.finetune_min_steps, "temperature": opts.distill_temperature,
-            "label_weight": opts.distill_label_weight, "student_init": opts.distill_student_init,
-            "teacher": lambda t: isinstance(t, dict) and all(t.get(k) == v for k, v in teacher.items())}
+    return {
+        "epochs": opts.distill_epochs,
+        "batch_size": opts.finetune_batch_size,
+        "lr": opts.finetune_lr,
+        "seed": opts.seed,
+        "min_steps": opts.finetune_min_steps,
+        "temperature": opts.distill_temperature,
+        "label_weight": opts.distill_label_weight,
+        "student_init": opts.distill_student_init,
+        "teacher": lambda t: isinstance(t, dict) and all(t.get(k) == v for k, v in teacher.items()),
+    }
 
 
 def _projector(ctx: EvalContext) -> Any:
@@ -102,9 +130,19 @@ def _teacher(ctx: EvalContext, fraction: float) -> tuple[Any, dict[str, float]]:
         return cached
     opts = ctx.opts
     model_and_metrics = finetune_model(
-        ctx.encoder, ctx.train, ctx.test, fraction=fraction, image_size=ctx.cfg.image_size, epochs=opts.finetune_epochs,
-        batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed, projector=_projector(ctx),
-        device=ctx.device, precision=ctx.precision, min_steps=opts.finetune_min_steps,
+        ctx.encoder,
+        ctx.train,
+        ctx.test,
+        fraction=fraction,
+        image_size=ctx.cfg.image_size,
+        epochs=opts.finetune_epochs,
+        batch_size=opts.finetune_batch_size,
+        lr=opts.finetune_lr,
+        seed=opts.seed,
+        projector=_projector(ctx),
+        device=ctx.device,
+        precision=ctx.precision,
+        min_steps=opts.finetune_min_steps,
     )
     if "distill" in opts.protocols:
         teachers[fraction] = model_and_metrics
@@ -116,9 +154,14 @@ def _finetune_record(ctx: EvalContext, fraction: float) -> dict[str, Any]:
 
     opts = ctx.opts
     return finetune_protocol(
-        fraction=fraction, n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]), epochs=opts.finetune_epochs,
-        batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed,
-        from_projector_layer=opts.from_projector_layer, min_steps=opts.finetune_min_steps,
+        fraction=fraction,
+        n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
+        epochs=opts.finetune_epochs,
+        batch_size=opts.finetune_batch_size,
+        lr=opts.finetune_lr,
+        seed=opts.seed,
+        from_projector_layer=opts.from_projector_layer,
+        min_steps=opts.finetune_min_steps,
     )
 
 
@@ -163,14 +206,36 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
         student = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
     model, _ = _teacher(ctx, fraction)
     metrics = run_distill(
-        model, student, ctx.train, ctx.test, fraction=fraction, image_size=cfg.image_size, epochs=opts.distill_epochs,
-        batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, temperature=opts.distill_temperature,
-        label_weight=opts.distill_label_weight, seed=opts.seed, device=ctx.device, precision=ctx.precision,
+        model,
+        student,
+        ctx.train,
+        ctx.test,
+        fraction=fraction,
+        image_size=cfg.image_size,
+        epochs=opts.distill_epochs,
+        batch_size=opts.finetune_batch_size,
+        lr=opts.finetune_lr,
+        temperature=opts.distill_temperature,
+        label_weight=opts.distill_label_weight,
+        seed=opts.seed,
+        device=ctx.device,
+        precision=ctx.precision,
         min_steps=opts.finetune_min_steps,
     )
-    return Score(metrics, distill_protocol(
-        fraction=fraction, n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]), n_images=len(ctx.train),
-        student_init=opts.distill_student_init, epochs=opts.distill_epochs, batch_size=opts.finetune_batch_size,
-        lr=opts.finetune_lr, temperature=opts.distill_temperature, label_weight=opts.distill_label_weight,
-        min_steps=opts.finetune_min_steps, seed=opts.seed, teacher=_finetune_record(ctx, fraction),
-    ))
+    return Score(
+        metrics,
+        distill_protocol(
+            fraction=fraction,
+            n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
+            n_images=len(ctx.train),
+            student_init=opts.distill_student_init,
+            epochs=opts.distill_epochs,
+            batch_size=opts.finetune_batch_size,
+            lr=opts.finetune_lr,
+            temperature=opts.distill_temperature,
+            label_weight=opts.distill_label_weight,
+            min_steps=opts.finetune_min_steps,
+            seed=opts.seed,
+            teacher=_finetune_record(ctx, fraction),
+        ),
+    )

@@ -35,8 +35,7 @@ if TYPE_CHECKING:
     from .progress import TrainProgress
     from .run_setup import Run
 
-__all__ = ["CALLBACKS_ENV", "Callback", "CheckpointPolicy", "Control", "MetricsFile", "ProgressDisplay", "StopControl",
-           "callbacks_from_env"]
+__all__ = ["CALLBACKS_ENV", "Callback", "CheckpointPolicy", "Control", "MetricsFile", "ProgressDisplay", "StopControl", "callbacks_from_env"]
 
 CALLBACKS_ENV = "SSLBENCH_CALLBACKS"
 

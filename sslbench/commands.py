@@ -276,7 +276,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         rows = read_rows(path)
     if not rows and path.stat().st_size > 0:  # not a store with a torn line: the wrong file
-        raise UserError(f"{path} holds no result rows (every line is unreadable); pass a results.jsonl written by `sslbench eval` or `sslbench compare`")
+        raise UserError(
+            f"{path} holds no result rows (every line is unreadable); pass a results.jsonl written by `sslbench eval` or `sslbench compare`"
+        )
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     text = render(rows, args.format)

@@ -28,8 +28,14 @@ from .rundir import RESULTS_STORE, RunDir, write_text_atomic
 
 LEADERBOARD_FILE = "leaderboard.md"  # in the comparison's directory, next to its results.jsonl
 # Config keys compare sets itself (one value per run), and the flags that set them.
-OWNED_KEYS = {"method": "--methods", "seed": "--seeds", "output": "--output", "epochs": "the budget flags",
-              "steps": "the budget flags", "time_budget_s": "the budget flags"}
+OWNED_KEYS = {
+    "method": "--methods",
+    "seed": "--seeds",
+    "output": "--output",
+    "epochs": "the budget flags",
+    "steps": "the budget flags",
+    "time_budget_s": "the budget flags",
+}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -159,15 +165,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     data_name = str(args.data or file_values.get("data") or "digits").replace(":", "-").replace("/", "_").strip("_")[-40:]
     out_dir = Path(args.output) if args.output else Path("runs") / f"compare-{data_name}-{args.backbone or 'resnet18'}-{stamp}"
 
-    flags = {"backbone": args.backbone, "data": args.data, "batch_size": args.batch_size,
-             "image_size": args.image_size, "precision": args.precision}
+    flags = {"backbone": args.backbone, "data": args.data, "batch_size": args.batch_size, "image_size": args.image_size, "precision": args.precision}
     plans = plan_compare(methods, seeds, budget, out_dir=out_dir, flags=flags, file_values=file_values, sets=args.sets)
 
     for _, _, cfg in plans:  # before anything trains: a comparison never overwrites another one's runs
         run_dir = Path(cfg.output)
         if RunDir(run_dir).config.is_file() and not _same_config(cfg, run_dir):
-            raise UserError(f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
-                            "or repeat the original command to continue that comparison")
+            raise UserError(
+                f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
+                "or repeat the original command to continue that comparison"
+            )
     if plans and any(get_protocol(p).in_memory for p in opts.protocols):  # before anything trains
         commands.eval_splits(plans[0][2], plans[0][2].data, opts)
     results = out_dir / RESULTS_STORE
@@ -191,8 +198,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 if result.stop_signal:  # pre-empted: 143/130 as for train, so a scheduler sees a signal
                     return 128 + result.stop_signal
                 raise UserError(f"training of {run_dir} was interrupted; run the same command again to resume the comparison")
-        write_text_atomic(RunDir(run_dir).budget, json.dumps({"kind": budget[0], "value": budget[1]}) + "\n",
-                          "free some space and run the same command again")
+        write_text_atomic(
+            RunDir(run_dir).budget, json.dumps({"kind": budget[0], "value": budget[1]}) + "\n", "free some space and run the same command again"
+        )
         assert todo is not None  # a finished run with nothing left to evaluate continued above
         rows += commands.evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget)
 
@@ -221,8 +229,14 @@ def register_compare(sub: Any) -> None:
     p.add_argument("--image-size", type=int, help="resolution in pixels (default: the data's own; digits 16, cifar 32, stl10 96, else 32)")
     p.add_argument("--precision", help="auto | no | bf16 | fp16")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values for every run")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for every run (must be valid for every method)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every run (must be valid for every method)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_eval_flags(p)
     p.set_defaults(func=cmd_compare)

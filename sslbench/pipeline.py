@@ -24,7 +24,11 @@ __all__ = ["quick_knn", "train_and_score"]
 
 
 def train_and_score(
-    cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    resume_command: str | None = None,
     callbacks: list[Callback] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` (with the online probe when configured) and, when it finishes and
@@ -68,7 +72,10 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
     test_split = load_split(cfg.data, "test", size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
     if not isinstance(train_split, ImageSplit) or not isinstance(test_split, ImageSplit):
         if not quiet:
-            print(f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`", file=sys.stderr)
+            print(
+                f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`",
+                file=sys.stderr,
+            )
         return {}
     knn = get_protocol("knn")
     opts = EvalOptions(protocols=["knn"], data=cfg.data)

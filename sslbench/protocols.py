@@ -249,8 +249,9 @@ class EvalContext:
             from sslbench.evals.features import split_features
 
             self.cache["features"] = tuple(
-                split_features(self.encoder, s, image_size=self.cfg.image_size, device=self.device,
-                               precision=self.precision, num_workers=self.cfg.num_workers)
+                split_features(
+                    self.encoder, s, image_size=self.cfg.image_size, device=self.device, precision=self.precision, num_workers=self.cfg.num_workers
+                )
                 for s in (self.train, self.test)
             )
         feats: tuple[Any, Any] = self.cache["features"]
@@ -298,10 +299,10 @@ def parse_fractions(text: str) -> list[float]:
 
 def add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str = DEFAULT_PROTOCOLS) -> None:
     """The evaluation flags of ``eval`` and ``compare``: the common ones and every protocol's options."""
-    p.add_argument("--protocol", default=default_protocols,
-                   help=f"comma-separated: {', '.join(protocol_names())} (default {default_protocols})")
-    p.add_argument("--label-fractions", default=DEFAULT_FRACTIONS,
-                   help=f"fine-tune and distill label fractions in (0, 1] (default {DEFAULT_FRACTIONS})")
+    p.add_argument("--protocol", default=default_protocols, help=f"comma-separated: {', '.join(protocol_names())} (default {default_protocols})")
+    p.add_argument(
+        "--label-fractions", default=DEFAULT_FRACTIONS, help=f"fine-tune and distill label fractions in (0, 1] (default {DEFAULT_FRACTIONS})"
+    )
     for opt in protocol_options():
         kwargs: dict[str, Any] = {"default": opt.default, "help": opt.help}
         if opt.choices is not None:
@@ -311,8 +312,12 @@ def add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str = DEFAU
         if opt.metavar is not None:
             kwargs["metavar"] = opt.metavar
         p.add_argument(opt.flag, dest=opt.dest, **kwargs)
-    p.add_argument("--max-memory-gb", type=float, metavar="GB",
-                   help="evaluation data larger than this is read from disk: k-NN and linear only (default: the run's max_memory_gb)")
+    p.add_argument(
+        "--max-memory-gb",
+        type=float,
+        metavar="GB",
+        help="evaluation data larger than this is read from disk: k-NN and linear only (default: the run's max_memory_gb)",
+    )
     p.add_argument("--eval-seed", type=int, default=0, help="seed of validation split, label subsets and batch order (default 0)")
     p.add_argument("--device", help="evaluation device (default cuda when available, else cpu)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -342,8 +347,14 @@ def reusable(opts: EvalOptions, cfg: Any, stored: list[dict[str, Any]]) -> tuple
     here = [r for r in stored if isinstance(r.get("protocol"), dict)]
 
     def find(name: str, fraction: float | None, expect: dict[str, Any]) -> dict[str, Any] | None:
-        match = [r for r in here if r["protocol"].get("name") == name and r.get("label_fraction") == fraction
-                 and r["protocol"].get("eval_data") == data and all(_matches(r["protocol"].get(k), v) for k, v in expect.items())]
+        match = [
+            r
+            for r in here
+            if r["protocol"].get("name") == name
+            and r.get("label_fraction") == fraction
+            and r["protocol"].get("eval_data") == data
+            and all(_matches(r["protocol"].get(k), v) for k, v in expect.items())
+        ]
         return match[-1] if match else None
 
     found: list[dict[str, Any]] = []

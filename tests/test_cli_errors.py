@@ -52,16 +52,38 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "keep-zero": (["train", "--set", "keep_checkpoints=0"], ["keep_checkpoints must be >= 1"]),
     "vit-image-size-4": (["train", "--backbone", "vit_tiny_patch16_224", "--image-size", "4"], ["image_size 4 is too small"]),
     "resnet-1px": (["train", "--image-size", "1"], ["image_size 1 is too small"]),
-    "batch-size-1-simclr": (["train", "--data", "imagefolder:{data}", *TINY, "--batch-size", "1", "--output", "{tmp}/b1"],
-                            ["batch size 1 is too small for simclr"]),
-    "image-below-stride": (["train", "--data", "imagefolder:{data}", "--backbone", "efficientnet_b0", "--image-size", "16",
-                            "--batch-size", "16", "--output", "{tmp}/eff"], ["too small for efficientnet_b0", "downsamples by 32"]),
-    "backbone-bad-kwarg": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.bogus_kw=1", "--output", "{tmp}/kw"],
-                           ["rejected backbone_kwargs", "bogus_kw"]),
-    "backbone-kwarg-breaks-forward": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.in_chans=1",
-                                       "--output", "{tmp}/kw1"], ["forward pass fails", "check backbone_kwargs"]),
-    "backbone-kwarg-bad-value": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.drop_rate=abc",
-                                  "--output", "{tmp}/kw2"], ["forward pass fails", "'abc'"]),
+    "batch-size-1-simclr": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--batch-size", "1", "--output", "{tmp}/b1"],
+        ["batch size 1 is too small for simclr"],
+    ),
+    "image-below-stride": (
+        [
+            "train",
+            "--data",
+            "imagefolder:{data}",
+            "--backbone",
+            "efficientnet_b0",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "16",
+            "--output",
+            "{tmp}/eff",
+        ],
+        ["too small for efficientnet_b0", "downsamples by 32"],
+    ),
+    "backbone-bad-kwarg": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.bogus_kw=1", "--output", "{tmp}/kw"],
+        ["rejected backbone_kwargs", "bogus_kw"],
+    ),
+    "backbone-kwarg-breaks-forward": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.in_chans=1", "--output", "{tmp}/kw1"],
+        ["forward pass fails", "check backbone_kwargs"],
+    ),
+    "backbone-kwarg-bad-value": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.drop_rate=abc", "--output", "{tmp}/kw2"],
+        ["forward pass fails", "'abc'"],
+    ),
     # found by an audit (2026-11-23): each was a traceback, a wrong message or a silent change
     "set-a-whole-section": (["train", "--set", "aug=1"], ["aug is a section", "--set aug.KEY=VALUE"]),
     "set-infinite-int": (["train", "--set", "batch_size=1e400"], ["batch_size expects a finite int"]),
@@ -74,10 +96,14 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "config-not-utf8": (["train", "--config", "{binary_yaml}"], ["is not UTF-8 text"]),
     "config-a-directory": (["train", "--config", "{tmp}"], ["is a directory"]),
     "resume-other-method": (["train", "--resume", "--output", "{run}", "--method", "byol"], ["was trained with simclr", "cannot change method"]),
-    "resume-before-the-checkpoint": (["train", "--resume", "--output", "{run}", "--steps", "1"],
-                                     ["newest checkpoint is at step 2, beyond this run's 1 steps", "--steps 2"]),
-    "compare-owns-seed": (["compare", "--methods", "simclr", "--steps", "1", "--set", "seed=5", "--output", "{tmp}/cmp"],
-                          ["--set seed=... is set by compare itself", "--seeds"]),
+    "resume-before-the-checkpoint": (
+        ["train", "--resume", "--output", "{run}", "--steps", "1"],
+        ["newest checkpoint is at step 2, beyond this run's 1 steps", "--steps 2"],
+    ),
+    "compare-owns-seed": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--set", "seed=5", "--output", "{tmp}/cmp"],
+        ["--set seed=... is set by compare itself", "--seeds"],
+    ),
     "eval-device-bogus": (["eval", "{run}", "--device", "foo"], ["--device 'foo' is not a device"]),
     "eval-a-file": (["eval", "{file}"], ["is a file; pass a run directory"]),
     "eval-results-into-config": (["eval", "{run}", "--results", "{run}/config.yaml"], ["must be a .jsonl file"]),
@@ -91,12 +117,17 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "data-all-corrupt": (["train", "--data", "imagefolder:{corrupt}", *TINY, "--output", "{tmp}/corrupt"], ["no readable image in"]),
     "data-spec-no-path": (["train", "--data", "imagefolder:"], ["needs a path"]),
     # files and directories
-    "output-under-a-file": (["train", "--data", "imagefolder:{data}", "--output", "{file}/run"], ["cannot write to output directory", "Not a directory"]),
+    "output-under-a-file": (
+        ["train", "--data", "imagefolder:{data}", "--output", "{file}/run"],
+        ["cannot write to output directory", "Not a directory"],
+    ),
     "output-holds-a-run": (["train", "--data", "imagefolder:{data}", *TINY, "--output", "{run}"], ["already holds a run", "--resume"]),
     "resume-without-output": (["train", "--resume"], ["--resume needs --output"]),
     "resume-not-a-run": (["train", "--resume", "--output", "{tmp}"], ["has no config.yaml"]),
-    "resume-other-backbone": (["train", "--resume", "--output", "{run_other_backbone}", "--quiet"],
-                              ["was made for a different model", "shape mismatches"]),
+    "resume-other-backbone": (
+        ["train", "--resume", "--output", "{run_other_backbone}", "--quiet"],
+        ["was made for a different model", "shape mismatches"],
+    ),
     "config-missing": (["train", "--config", "{tmp}/missing.yaml"], ["missing.yaml not found"]),
     "config-malformed": (["train", "--config", "{bad_yaml}"], ["is not valid YAML"]),
     "config-not-a-mapping": (["train", "--config", "{list_yaml}"], ["must hold a mapping"]),
@@ -113,8 +144,9 @@ SUBPROCESS_CASES = ("unknown-method", "batch-size-abc", "resume-other-backbone")
 
 
 def _train_run(data: Path, out: Path, env: dict[str, str]) -> None:
-    r = run_forked(["train", "--method", "simclr", "--data", f"imagefolder:{data}", "--steps", "2", *TINY,
-                    "--set", "quick_knn=false", "--output", str(out)], env)
+    r = run_forked(
+        ["train", "--method", "simclr", "--data", f"imagefolder:{data}", "--steps", "2", *TINY, "--set", "quick_knn=false", "--output", str(out)], env
+    )
     assert r.returncode == 0, r.describe()
 
 
@@ -180,10 +212,21 @@ def table(tmp_path_factory):
     tmp = root / "scratch"
     tmp.mkdir()
     fill = {
-        "data": data, "empty": empty, "trainonly": trainonly, "corrupt": corrupt, "file": a_file, "run": run, "tmp": tmp,
-        "bad_yaml": root / "bad.yaml", "list_yaml": root / "list.yaml", "typo_yaml": root / "typo.yaml",
-        "section_yaml": root / "section.yaml", "intkey_yaml": root / "intkey.yaml", "binary_yaml": root / "binary.yaml",
-        "results": results, "garbage_jsonl": root / "garbage.jsonl",
+        "data": data,
+        "empty": empty,
+        "trainonly": trainonly,
+        "corrupt": corrupt,
+        "file": a_file,
+        "run": run,
+        "tmp": tmp,
+        "bad_yaml": root / "bad.yaml",
+        "list_yaml": root / "list.yaml",
+        "typo_yaml": root / "typo.yaml",
+        "section_yaml": root / "section.yaml",
+        "intkey_yaml": root / "intkey.yaml",
+        "binary_yaml": root / "binary.yaml",
+        "results": results,
+        "garbage_jsonl": root / "garbage.jsonl",
         "run_other_backbone": _with_other_backbone(run, root / "run-other-backbone"),
         "eval_other_backbone": _with_other_backbone(run, root / "eval-other-backbone"),
     }
@@ -291,8 +334,7 @@ def test_disk_full_while_writing_results_keeps_the_previous_file(table, tmp_path
     errors = [line for line in lines(r.stderr) if line.startswith("sslbench: error")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and "results.json" in errors[0], r.describe()
     assert "--resume" in errors[0]
-    assert [line for line in lines(r.stderr) if not line.startswith("sslbench: error")] == [
-        f"resuming {run} from step 2 (step-00000002)"]
+    assert [line for line in lines(r.stderr) if not line.startswith("sslbench: error")] == [f"resuming {run} from step 2 (step-00000002)"]
     assert (run / "results.json").read_bytes() == before
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
 
@@ -305,8 +347,23 @@ def test_corrupt_grayscale_and_alpha_images_train_with_a_count(table, tmp_path):
     for split in ("train", "test"):
         for c in ("a", "b"):
             _write_odd_images(root / split / c, rng)
-    r = run_forked(["train", "--data", f"imagefolder:{root}", "--steps", "2", *TINY, "--batch-size", "8",
-                    "--set", "quick_knn=false", "--output", str(tmp_path / "run")], table["env"])
+    r = run_forked(
+        [
+            "train",
+            "--data",
+            f"imagefolder:{root}",
+            "--steps",
+            "2",
+            *TINY,
+            "--batch-size",
+            "8",
+            "--set",
+            "quick_knn=false",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        table["env"],
+    )
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.describe()
     warnings = [line for line in lines(r.stderr) if "unreadable" in line]
     assert len(warnings) == 1 and "skipped 4 unreadable image(s)" in warnings[0], r.describe()
@@ -330,6 +387,9 @@ def test_environment_oserrors_are_one_line_and_bugs_are_not(table):
 
         sslbench.run_setup.load_split = load_split
 
-    r = run_forked(["train", "--data", "imagefolder:{}".format(table["fill"]["data"]), *TINY, "--output",
-                    str(table["fill"]["tmp"] / "rofs")], table["env"], before=read_only_cache)
+    r = run_forked(
+        ["train", "--data", "imagefolder:{}".format(table["fill"]["data"]), *TINY, "--output", str(table["fill"]["tmp"] / "rofs")],
+        table["env"],
+        before=read_only_cache,
+    )
     _assert_one_line_error(r, ["Read-only file system: /cache/decoded/x.pt"])
