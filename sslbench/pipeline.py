@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .config import TrainConfig
 from .data import ImageSplit, load_split
 from .trainer import TrainResult, train
 
-__all__ = ["quick_knn", "train_and_score"]
+__all__ = ["OnlineProbeCallback", "quick_knn", "train_and_score"]
 
 
 def train_and_score(
@@ -31,8 +32,6 @@ def train_and_score(
     ``cfg.quick_knn`` is on, score the encoder with the quick k-NN into ``results.json``."""
     cbs = [*callbacks_from_env(), *(callbacks or [])]
     if cfg.online_probe:
-        from sslbench.evals.online_probe import OnlineProbeCallback
-
         cbs.append(OnlineProbeCallback())
     result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs)
     if result.stopped_early or not result.main or not cfg.quick_knn:
@@ -89,3 +88,26 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
             f"  untrained {untrained.get('knn_top1', float('nan')):.2f}%"
         )
     return out
+
+
+class OnlineProbeCallback(Callback):
+    """The online probe (:class:`sslbench.evals.online_probe.OnlineProbe`) as a training callback
+    (main process only): its head is built under a forked RNG, so a run with the probe trains
+    bitwise the run without it (drop-path, dropout), updated on each step's first view, evaluated
+    at the end of every epoch into ``metrics.jsonl``."""
+
+    def __init__(self) -> None:
+        self.probe: Any = None
+
+    def on_train_start(self, run: Any) -> None:
+        from sslbench.evals.online_probe import OnlineProbe
+
+        if run.main:
+            with torch.random.fork_rng(devices=[]):  # its head's init must not shift the run's random stream
+                self.probe = OnlineProbe.for_run(run.cfg, run.method.encoder, run.train_split, run.device, run.precision)
+
+    def on_step_end(self, run: Any, batch: Any, control: Any) -> None:
+        if self.probe is not None:
+            record = self.probe.after_step(run.method.encoder, batch.views[0], batch.index, control.done, run.plan)
+            if record is not None:
+                control.records.append(record)
