@@ -7,8 +7,10 @@ A *spec* names where images come from (see :data:`DATASETS`):
   ``cache_dir/<name>``. Files already there are read as they are (no md5 check, so a copy made
   by hand works offline); torchvision checks the md5 when it downloads.
 - ``imagefolder:PATH``: ``PATH/train`` plus ``PATH/test`` (or ``PATH/val``), one folder per class.
-- ``hf:NAME[?image=COL&label=COL&train=SPLIT&test=SPLIT]``: a Hugging Face dataset, a hub name or
-  a directory written by ``save_to_disk``.
+- ``hf:NAME[?image=COL&label=COL&train=SPLIT&test=SPLIT&...]``: a Hugging Face dataset: a hub
+  name (``?config=CONFIG``), a ``save_to_disk`` directory, a parquet/CSV/JSON/arrow file or a folder
+  of them, or an image folder (datasets' ``imagefolder`` builder); a data set with one split gets a
+  seeded, class-balanced held-out test split. See :mod:`sslbench.hfdata`.
 
 Storage size. Every image of a split is stored at ``store_size(image_size)`` pixels square:
 ``image_size`` below 96, else ``round(image_size / 0.875)`` (room for a 0.875 centre crop at
@@ -46,7 +48,6 @@ import numbers
 import os
 import pickle
 import re
-import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,7 +82,8 @@ DATASETS: dict[str, str] = {
     "cifar100": "CIFAR-100, 32 px (50,000 / 10,000, 100 fine classes); torchvision download into the cache",
     "stl10": "STL-10 labelled splits, 96 px (5,000 / 8,000, 10 classes); torchvision download into the cache",
     "imagefolder:PATH": "PATH/train and PATH/test (or PATH/val), one sub-folder per class",
-    "hf:NAME": "Hugging Face dataset (hub name or save_to_disk folder); options ?image=COL&label=COL&train=SPLIT&test=SPLIT",
+    "hf:NAME": "Hugging Face dataset: hub name (?config=CONFIG), save_to_disk folder, parquet/csv/tsv/json/jsonl/arrow file or folder, "
+    "image folder; options ?image=COL&label=COL&train=SPLIT&test=SPLIT; one split: held-out test part (?heldout=0.2&split_seed=0)",
 }
 
 SPLITS = ("train", "test")
@@ -269,7 +271,9 @@ def load_split(
     if kind == "imagefolder":
         return _load_imagefolder(arg, split, size, cache_root, max_memory_gb)
     if kind == "hf":
-        return _load_hf(arg, split, size, cache_root, max_memory_gb)
+        from .hfdata import load_hf
+
+        return load_hf(arg, split, size, cache_root, max_memory_gb)
     if kind == "digits":
         out = _cached(cache_root, "digits", split, size, {}, lambda: _build_digits(split, size, max_memory_gb))
         _check_memory(len(out), size, max_memory_gb, f"digits {split}")  # also on a cache hit
@@ -690,101 +694,6 @@ def _image_files(folder: Path | str) -> list[str]:
         elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
             found.append(entry.path)
     return found
-
-
-# --------------------------------------------------------------------------------------------
-# hf:NAME
-
-
-_HF_OPTIONS = ("image", "label", "train", "test")
-_HF_LABEL_NAMES = ("label", "labels", "fine_label")
-
-
-class _HFImages(Sequence[Any]):
-    """One image column of a Hugging Face dataset as a sequence of undecoded ``{'bytes', 'path'}``
-    dicts (decoded by :func:`_open_rgb`, so bad images are skipped like bad files)."""
-
-    def __init__(self, ds: Any, column: str) -> None:
-        self.ds, self.column = ds, column
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: Any) -> Any:  # int -> one item, slice -> list (read as one batch)
-        return list(self.ds[index][self.column]) if isinstance(index, slice) else self.ds[index][self.column]
-
-
-def _load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: float) -> ImageSplit:
-    """A Hugging Face dataset: a ``save_to_disk`` directory or a hub name, see :data:`DATASETS`."""
-    import datasets
-
-    name, _, query = arg.partition("?")
-    try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError as err:
-        raise UserError(f"bad options {query!r} in hf:{arg}; write hf:NAME?image=COL&label=COL&train=SPLIT&test=SPLIT") from err
-    options: dict[str, str] = {}
-    for key, value in pairs:
-        if key not in _HF_OPTIONS:
-            raise UserError(f"unknown option {key!r} in hf:{arg}{_did_you_mean(key, _HF_OPTIONS)}; valid: {', '.join(_HF_OPTIONS)}")
-        options[key] = value
-
-    local = Path(name).expanduser()
-    try:
-        dsd = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(name)
-    except Exception as err:  # hub, network, format: all mean "cannot load this name"
-        raise UserError(f"could not load Hugging Face dataset {name!r} ({_one_line(err)}); give a hub name or a save_to_disk directory") from err
-    if not isinstance(dsd, datasets.DatasetDict):
-        raise UserError(f"hf:{name} is a single split without names; save a DatasetDict with 'train' and 'test' splits")
-
-    wanted = options.get(split) or ("train" if split == "train" else next((s for s in ("test", "validation") if s in dsd), "test"))
-    if wanted not in dsd:
-        raise UserError(f"hf:{name} has no split {wanted!r}{_did_you_mean(wanted, list(dsd))}; splits: {', '.join(dsd)}; choose with ?{split}=SPLIT")
-    ds = dsd[wanted]
-    image_col = options.get("image") or _hf_column(ds, name, "image", lambda f: isinstance(f, datasets.Image), ())
-    label_col = options.get("label") or _hf_column(ds, name, "label", lambda f: isinstance(f, datasets.ClassLabel), _HF_LABEL_NAMES)
-    for role, col in (("image", image_col), ("label", label_col)):
-        if col not in ds.column_names:
-            raise UserError(f"hf:{name} split {wanted!r} has no column {col!r}{_did_you_mean(col, ds.column_names)}; columns: {', '.join(ds.column_names)}; choose with ?{role}=COLUMN")
-    ds = ds.select_columns([image_col, label_col])
-    if isinstance(ds.features[image_col], datasets.Image):
-        ds = ds.cast_column(image_col, datasets.Image(decode=False))
-
-    label_feature = ds.features[label_col]
-    raw_labels = list(ds[label_col])
-    if isinstance(label_feature, datasets.ClassLabel):
-        classes = [str(c) for c in label_feature.names]
-        labels = torch.tensor(raw_labels, dtype=torch.int64)
-        if labels.numel() and int(labels.min()) < 0:
-            raise UserError(f"hf:{name} split {wanted!r} has unlabelled rows (label -1); choose a labelled split with ?{split}=SPLIT")
-    else:  # plain values: the classes are the sorted distinct values over all splits
-        values = sorted({v for s in dsd.values() if label_col in s.column_names for v in list(s[label_col])})
-        classes = [str(v) for v in values]
-        position = {v: i for i, v in enumerate(values)}
-        labels = torch.tensor([position[v] for v in raw_labels], dtype=torch.int64)
-    if len(ds) == 0:
-        raise UserError(f"hf:{name} split {wanted!r} is empty; choose another with ?{split}=SPLIT")
-    _check_memory(len(ds), size, max_memory_gb, f"hf:{name} {wanted}")
-
-    def build() -> ImageSplit:
-        return _decode_split(_HFImages(ds, image_col), labels, classes, size, lambda i: f"row {i}", f"hf:{name} split {wanted!r}")
-
-    cache_files = [str(Path(f["filename"]).resolve()) for f in dsd[wanted].cache_files]
-    if not cache_files:  # an in-memory dataset has no files to key a cache on
-        return build()
-    source = f"hf:{local.resolve() if local.is_dir() else name}?image={image_col}&label={label_col}&split={wanted}"
-    return _cached(cache_root, source, split, size, _fingerprint(cache_files), build)
-
-
-def _hf_column(ds: Any, name: str, role: str, is_kind: Callable[[Any], bool], names: tuple[str, ...]) -> str:
-    """Pick the ``role`` column: the single one of the right feature type, else a conventional name."""
-    typed = [c for c, f in ds.features.items() if is_kind(f)]
-    if len(typed) == 1:
-        return typed[0]
-    named = [c for c in names if c in (typed or ds.column_names)]
-    if named:
-        return named[0]
-    raise UserError(f"hf:{name}: cannot tell which column holds the {role} (columns: {', '.join(ds.column_names)}); name it with ?{role}=COLUMN")
 
 
 # --------------------------------------------------------------------------------------------
