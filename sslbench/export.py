@@ -218,7 +218,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
     except Exception as err:  # network, login, permissions: the folder stays complete
         raise UserError(
             f"could not upload {folder} to the Hugging Face Hub as {repo_id} ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
-            f"the folder is complete: log in (`hf auth login` or HF_TOKEN) and run `hf upload {repo_id} {folder}`"
+            f"the folder is complete: log in (HF_TOKEN or `hf auth login`) and upload it with `hf upload {repo_id} {folder}`"
         ) from err
     return str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo}")
 
