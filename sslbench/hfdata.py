@@ -238,6 +238,8 @@ def load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: fl
         raise UserError(f"hf:{name} is not a data set with named splits ({type(dsd).__name__}); {HF_FORMS}")
 
     heldout = len(dsd) == 1 and not options.get("test")
+    if not heldout and ("heldout" in options or "split_seed" in options):
+        raise UserError(f"hf:{name} has a test split of its own (splits: {', '.join(dsd)}); ?heldout= and ?split_seed= apply to data with one split")
     if heldout:
         wanted = options.get("train") or next(iter(dsd))
     else:

@@ -120,6 +120,8 @@ def test_folders_with_their_own_splits_keep_them(files, tmp_path) -> None:
     test = load_split(f"hf:{root / 'split'}", "test", SIZE, cache_dir=tmp_path)
     assert (_ids(train), _ids(test)) == (list(range(16)), list(range(16, 24)))
     assert heldout_record(f"hf:{root / 'split'}") is None
+    with pytest.raises(UserError, match="has a test split of its own .* apply to data with one split"):
+        load_split(f"hf:{root / 'split'}?heldout=0.3", "test", SIZE, cache_dir=tmp_path)
     for split in ("train", "test"):  # an image folder with train/ and test/ through datasets' imagefolder builder
         for row, label in _rows()[:8]:
             d = root / "tree" / split / f"class{label}"
