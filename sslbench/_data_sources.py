@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._data_cache import _cached, _decode_split, _fingerprint
-from ._data_decode import _did_you_mean, _fit_array, _one_line
+from ._data_decode import _fit_array, _one_line
 from ._data_splits import SPLITS, FileSplit, ImageSplit, _check_memory
 from .errors import UserError
 
@@ -228,100 +227,3 @@ def _image_files(folder: Path | str) -> list[str]:
         elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
             found.append(entry.path)
     return found
-
-
-# --------------------------------------------------------------------------------------------
-# hf:NAME
-
-
-_HF_OPTIONS = ("image", "label", "train", "test")
-_HF_LABEL_NAMES = ("label", "labels", "fine_label")
-
-
-class _HFImages(Sequence[Any]):
-    """One image column of a Hugging Face dataset as a sequence of undecoded ``{'bytes', 'path'}``
-    dicts (decoded by :func:`_open_rgb`, so bad images are skipped like bad files)."""
-
-    def __init__(self, ds: Any, column: str) -> None:
-        self.ds, self.column = ds, column
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: Any) -> Any:  # int -> one item, slice -> list (read as one batch)
-        return list(self.ds[index][self.column]) if isinstance(index, slice) else self.ds[index][self.column]
-
-
-def _load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: float) -> ImageSplit:
-    """A Hugging Face dataset: a ``save_to_disk`` directory or a hub name, see :data:`DATASETS`."""
-    import datasets
-
-    name, _, query = arg.partition("?")
-    try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError as err:
-        raise UserError(f"bad options {query!r} in hf:{arg}; write hf:NAME?image=COL&label=COL&train=SPLIT&test=SPLIT") from err
-    options: dict[str, str] = {}
-    for key, value in pairs:
-        if key not in _HF_OPTIONS:
-            raise UserError(f"unknown option {key!r} in hf:{arg}{_did_you_mean(key, _HF_OPTIONS)}; valid: {', '.join(_HF_OPTIONS)}")
-        options[key] = value
-
-    local = Path(name).expanduser()
-    try:
-        dsd = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(name)
-    except Exception as err:  # hub, network, format: all mean "cannot load this name"
-        raise UserError(f"could not load Hugging Face dataset {name!r} ({_one_line(err)}); give a hub name or a save_to_disk directory") from err
-    if not isinstance(dsd, datasets.DatasetDict):
-        raise UserError(f"hf:{name} is a single split without names; save a DatasetDict with 'train' and 'test' splits")
-
-    wanted = options.get(split) or ("train" if split == "train" else next((s for s in ("test", "validation") if s in dsd), "test"))
-    if wanted not in dsd:
-        raise UserError(f"hf:{name} has no split {wanted!r}{_did_you_mean(wanted, list(dsd))}; splits: {', '.join(dsd)}; choose with ?{split}=SPLIT")
-    ds = dsd[wanted]
-    image_col = options.get("image") or _hf_column(ds, name, "image", lambda f: isinstance(f, datasets.Image), ())
-    label_col = options.get("label") or _hf_column(ds, name, "label", lambda f: isinstance(f, datasets.ClassLabel), _HF_LABEL_NAMES)
-    for role, col in (("image", image_col), ("label", label_col)):
-        if col not in ds.column_names:
-            raise UserError(
-                f"hf:{name} split {wanted!r} has no column {col!r}{_did_you_mean(col, ds.column_names)}; columns: {', '.join(ds.column_names)}; choose with ?{role}=COLUMN"
-            )
-    ds = ds.select_columns([image_col, label_col])
-    if isinstance(ds.features[image_col], datasets.Image):
-        ds = ds.cast_column(image_col, datasets.Image(decode=False))
-
-    label_feature = ds.features[label_col]
-    raw_labels = list(ds[label_col])
-    if isinstance(label_feature, datasets.ClassLabel):
-        classes = [str(c) for c in label_feature.names]
-        labels = torch.tensor(raw_labels, dtype=torch.int64)
-        if labels.numel() and int(labels.min()) < 0:
-            raise UserError(f"hf:{name} split {wanted!r} has unlabelled rows (label -1); choose a labelled split with ?{split}=SPLIT")
-    else:  # plain values: the classes are the sorted distinct values over all splits
-        values = sorted({v for s in dsd.values() if label_col in s.column_names for v in list(s[label_col])})
-        classes = [str(v) for v in values]
-        position = {v: i for i, v in enumerate(values)}
-        labels = torch.tensor([position[v] for v in raw_labels], dtype=torch.int64)
-    if len(ds) == 0:
-        raise UserError(f"hf:{name} split {wanted!r} is empty; choose another with ?{split}=SPLIT")
-    _check_memory(len(ds), size, max_memory_gb, f"hf:{name} {wanted}")
-
-    def build() -> ImageSplit:
-        return _decode_split(_HFImages(ds, image_col), labels, classes, size, lambda i: f"row {i}", f"hf:{name} split {wanted!r}")
-
-    cache_files = [str(Path(f["filename"]).resolve()) for f in dsd[wanted].cache_files]
-    if not cache_files:  # an in-memory dataset has no files to key a cache on
-        return build()
-    source = f"hf:{local.resolve() if local.is_dir() else name}?image={image_col}&label={label_col}&split={wanted}"
-    return _cached(cache_root, source, split, size, _fingerprint(cache_files), build)
-
-
-def _hf_column(ds: Any, name: str, role: str, is_kind: Callable[[Any], bool], names: tuple[str, ...]) -> str:
-    """Pick the ``role`` column: the single one of the right feature type, else a conventional name."""
-    typed: list[str] = [c for c, f in ds.features.items() if is_kind(f)]
-    if len(typed) == 1:
-        return typed[0]
-    named = [c for c in names if c in (typed or ds.column_names)]
-    if named:
-        return named[0]
-    raise UserError(f"hf:{name}: cannot tell which column holds the {role} (columns: {', '.join(ds.column_names)}); name it with ?{role}=COLUMN")

@@ -1,4 +1,4 @@
-"""The ``sslbench`` command line: train, eval, compare, leaderboard, list.
+"""The ``sslbench`` command line: train, eval, compare, leaderboard, list, export, plot.
 
 Every mistake a user can make ends as one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead.
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="method name (sslbench list methods); default simclr")
     p.add_argument("--backbone", help="timm model name (sslbench list backbones); default resnet18")
-    p.add_argument("--data", help="digits (default) | cifar10 | cifar100 | stl10 | imagefolder:PATH | hf:NAME")
+    p.add_argument("--data", help="digits (default) | cifar10 | cifar100 | stl10 | imagefolder:PATH | hf:NAME|FILE|DIR")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, help="passes over the training data (default 10)")
     budget.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
@@ -222,10 +222,10 @@ def _environment_error(exc: BaseException) -> str | None:
 
 
 def _load_extra_commands() -> None:
-    """Import the modules that register eval/compare/leaderboard sub-commands, if present."""
+    """Import the modules that register sub-commands (eval/compare/leaderboard, export, plot), if present."""
     import importlib
 
-    for mod in ("sslbench.commands", "sslbench.compare"):
+    for mod in ("sslbench.commands", "sslbench.compare", "sslbench.export", "sslbench.curves"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -7,8 +7,10 @@ A *spec* names where images come from (see :data:`DATASETS`):
   ``cache_dir/<name>``. Files already there are read as they are (no md5 check, so a copy made
   by hand works offline); torchvision checks the md5 when it downloads.
 - ``imagefolder:PATH``: ``PATH/train`` plus ``PATH/test`` (or ``PATH/val``), one folder per class.
-- ``hf:NAME[?image=COL&label=COL&train=SPLIT&test=SPLIT]``: a Hugging Face dataset, a hub name or
-  a directory written by ``save_to_disk``.
+- ``hf:NAME[?image=COL&label=COL&train=SPLIT&test=SPLIT&...]``: a Hugging Face dataset: a hub
+  name (``?config=CONFIG``), a ``save_to_disk`` directory, a parquet/CSV/JSON/arrow file or a folder
+  of them, or an image folder (datasets' ``imagefolder`` builder); a data set with one split gets a
+  seeded, class-balanced held-out test split. See :mod:`sslbench.hfdata`.
 
 Storage size. Every image of a split is stored at ``store_size(image_size)`` pixels square:
 ``image_size`` below 96, else ``round(image_size / 0.875)`` (room for a 0.875 centre crop at
@@ -55,7 +57,7 @@ from ._data_cache import _read_cache as _read_cache  # re-exported (tests)
 from ._data_decode import _did_you_mean
 from ._data_decode import _fit as _fit  # re-exported (evals.features)
 from ._data_decode import _open_rgb as _open_rgb  # re-exported (tests)
-from ._data_sources import _TORCHVISION, _build_digits, _load_hf, _load_imagefolder, _load_torchvision
+from ._data_sources import _TORCHVISION, _build_digits, _load_imagefolder, _load_torchvision
 from ._data_sources import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
 from ._data_splits import SPLITS as SPLITS
 from ._data_splits import FileSplit, ImageSplit, _check_memory
@@ -80,7 +82,8 @@ DATASETS: dict[str, str] = {
     "cifar100": "CIFAR-100, 32 px (50,000 / 10,000, 100 fine classes); torchvision download into the cache",
     "stl10": "STL-10 labelled splits, 96 px (5,000 / 8,000, 10 classes); torchvision download into the cache",
     "imagefolder:PATH": "PATH/train and PATH/test (or PATH/val), one sub-folder per class",
-    "hf:NAME": "Hugging Face dataset (hub name or save_to_disk folder); options ?image=COL&label=COL&train=SPLIT&test=SPLIT",
+    "hf:NAME": "Hugging Face dataset: hub name (?config=CONFIG), save_to_disk folder, parquet/csv/tsv/json/jsonl/arrow file or folder, "
+    "image folder; options ?image=COL&label=COL&train=SPLIT&test=SPLIT; one split: held-out test part (?heldout=0.2&split_seed=0)",
 }
 
 #: Training resolution used when none is given: the data's native size (digits: its 8x8 pixels
@@ -195,7 +198,9 @@ def load_split(
     if kind == "imagefolder":
         return _load_imagefolder(arg, split, size, cache_root, max_memory_gb)
     if kind == "hf":
-        return _load_hf(arg, split, size, cache_root, max_memory_gb)
+        from .hfdata import load_hf
+
+        return load_hf(arg, split, size, cache_root, max_memory_gb)
     if kind == "digits":
         out = _cached(cache_root, "digits", split, size, {}, lambda: _build_digits(split, size, max_memory_gb))
         _check_memory(len(out), size, max_memory_gb, f"digits {split}")  # also on a cache hit

@@ -28,14 +28,24 @@ def train_and_score(
     cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None,
     callbacks: list[Callback] | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` (with the online probe when configured) and, when it finishes and
-    ``cfg.quick_knn`` is on, score the encoder with the quick k-NN into ``results.json``."""
+    """Train ``cfg`` (with the online probe when configured); once it finishes, score the encoder
+    with the quick k-NN into ``results.json`` (when ``cfg.quick_knn``) and draw ``curves.png``."""
     cbs = [*callbacks_from_env(), *(callbacks or [])]
     if cfg.online_probe:
         cbs.append(OnlineProbeCallback())
     result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs)
-    if result.stopped_early or not result.main or not cfg.quick_knn:
+    if result.stopped_early or not result.main:
         return result
+    if cfg.quick_knn:
+        _score(cfg, result, quiet)
+    from .curves import write_curves
+
+    write_curves(result.run_dir)  # curves.png: loss, lr, images/s, probe accuracy (and the k-NN)
+    return result
+
+
+def _score(cfg: TrainConfig, result: TrainResult, quiet: bool) -> None:
+    """The quick k-NN of a finished run, into ``result.metrics`` and its ``results.json``."""
     from .backbones import load_encoder
     from .rundir import RunDir, write_text_atomic
 
@@ -47,7 +57,6 @@ def train_and_score(
     summary["metrics"] = result.metrics
     fix = f"the run is trained; score it with `sslbench eval {result.run_dir}`"
     write_text_atomic(path, json.dumps(summary, indent=2), fix)
-    return result
 
 
 def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precision: str, *, quiet: bool = False) -> dict[str, float]:

@@ -239,13 +239,29 @@ def hardware_summary(device: Any) -> str:
     return f"cpu: {_cpu_model() or 'unknown'} ({os.cpu_count()} cores)"
 
 
-def make_row(*, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
+def _heldout(spec: str) -> dict[str, Any] | None:
+    """The held-out split record of ``spec`` (None when none was made; :mod:`sslbench.hfdata` is
+    only consulted when already imported, i.e. when some data was loaded through it)."""
+    import sys
+
+    hfdata = sys.modules.get("sslbench.hfdata")
+    record: dict[str, Any] | None = hfdata.heldout_record(spec) if hfdata is not None else None
+    return record
+
+
+def make_row(
+    *, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]
+) -> dict[str, Any]:
     """A self-describing result row.
 
     Keys, in order: ``time`` (UTC, ISO 8601), the run fields of :data:`RUN_FIELDS` (``None``
     when ``run`` lacks them; ``method``, ``backbone`` and ``data`` are required), any further
     keys of ``run``, then ``metrics`` (floats), ``protocol`` (how they were measured, e.g.
     :func:`sslbench.evals.knn.knn_protocol`) and ``env`` (:func:`environment_info`).
+
+    When the evaluation data (``run['eval_data']``, else ``run['data']``) is a data set with one
+    split that this process divided into train and held-out test parts, ``heldout`` (before
+    ``metrics``) records how: :func:`sslbench.hfdata.heldout_record`.
     """
     missing = [k for k in REQUIRED_RUN_FIELDS if run.get(k) is None]
     if missing:
@@ -256,6 +272,9 @@ def make_row(*, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: 
     row: dict[str, Any] = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")}
     row.update({k: run.get(k) for k in RUN_FIELDS})
     row.update({k: v for k, v in run.items() if k not in row})
+    heldout = _heldout(str(run.get("eval_data") or run["data"]))
+    if heldout is not None and "heldout" not in row:
+        row["heldout"] = heldout
     row["metrics"] = {str(k): float(v) for k, v in metrics.items()}
     row["protocol"] = dict(protocol)
     row["env"] = environment_info()

@@ -34,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 ENCODER = "encoder.safetensors"
 METHOD = "method.safetensors"
 SUMMARY = "results.json"
+CURVES = "curves.png"
 BUDGET = "budget.json"
 RESULTS_STORE = "results.jsonl"  # a results store (next to run directories, or in a comparison's directory)
 
@@ -56,6 +57,11 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / CONFIG
+
+    @property
+    def curves(self) -> Path:
+        """The picture of the run's curves (:mod:`sslbench.curves`)."""
+        return self.path / CURVES
 
     @property
     def metrics(self) -> Path:
