@@ -39,6 +39,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--grad-cache-chunk", type=int, help="gradient-cache chunk size: exact large batches in less memory")
     p.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    p.add_argument("--log-with", metavar="TRACKERS", help="experiment trackers: tensorboard, wandb, mlflow, comet_ml, aim or all "
+                   "(comma-separated; written to RUN_DIR/trackers; each needs its extra, e.g. sslbench[tensorboard])")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. temperature=0.2, aug.jitter_strength=1.0, "
@@ -46,7 +48,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 _TRAIN_FLAG_KEYS = ("method", "backbone", "data", "epochs", "steps", "batch_size", "lr", "optimizer",
-                    "precision", "image_size", "seed", "grad_cache_chunk", "train_subset")
+                    "precision", "image_size", "seed", "grad_cache_chunk", "train_subset", "log_with")
 
 
 def build_parser() -> argparse.ArgumentParser:

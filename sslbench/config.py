@@ -75,6 +75,7 @@ class TrainConfig:
     max_memory_gb: float = 8.0  # data sets larger than this decoded are read per image from disk
     cache_dir: str | None = None  # download and decode cache (None: $SSLBENCH_CACHE or ~/.cache/sslbench)
     online_probe: bool = False  # train a linear probe on detached features during training, log it each epoch
+    log_with: str | None = None  # experiment trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, all (None: metrics.jsonl only)
     quick_knn: bool = True  # k-NN of the trained and the untrained encoder on the test split at the end
     knn_k: int = 200  # neighbours of the end-of-training k-NN evaluation
     knn_temperature: float = 0.1  # temperature of the weighted k-NN vote
@@ -402,7 +403,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 # training identity (:func:`training_identity`) leaves them out.
 OPERATIONAL_FIELDS = frozenset({
     "seed", "output", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "max_memory_gb",
-    "cache_dir", "online_probe", "quick_knn", "knn_k", "knn_temperature", "keep_freed_memory", "compile",
+    "cache_dir", "online_probe", "log_with", "quick_knn", "knn_k", "knn_temperature", "keep_freed_memory", "compile",
     "deterministic", "channels_last", "nonfinite", "max_skipped_steps",
 })
 

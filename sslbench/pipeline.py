@@ -19,6 +19,7 @@ from torch import nn
 from .callbacks import Callback, callbacks_from_env
 from .config import TrainConfig
 from .data import ImageSplit, load_split
+from .tracking import TrackerCallback, parse_trackers
 from .trainer import TrainResult, train
 
 __all__ = ["OnlineProbeCallback", "quick_knn", "train_and_score"]
@@ -28,16 +29,22 @@ def train_and_score(
     cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None,
     callbacks: list[Callback] | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` (with the online probe when configured); once it finishes, score the encoder
-    with the quick k-NN into ``results.json`` (when ``cfg.quick_knn``) and draw ``curves.png``."""
-    cbs = [*callbacks_from_env(), *(callbacks or [])]
+    """Train ``cfg`` (with the online probe and the experiment trackers when configured); once it
+    finishes, score the encoder with the quick k-NN into ``results.json`` (when ``cfg.quick_knn``)
+    and draw ``curves.png``."""
+    tracker = TrackerCallback(parse_trackers(cfg.log_with))  # an unknown or missing tracker fails here, before any work
+    cbs = [*callbacks_from_env(), *(callbacks or []), tracker]
     if cfg.online_probe:
         cbs.append(OnlineProbeCallback())
-    result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs)
-    if result.stopped_early or not result.main:
-        return result
-    if cfg.quick_knn:
-        _score(cfg, result, quiet)
+    try:
+        result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs)
+        if result.stopped_early or not result.main:
+            return result
+        if cfg.quick_knn:
+            _score(cfg, result, quiet)
+            tracker.log_final(result.metrics)
+    finally:
+        tracker.close()
     from .curves import write_curves
 
     write_curves(result.run_dir)  # curves.png: loss, lr, images/s, probe accuracy (and the k-NN)

@@ -35,6 +35,7 @@ ENCODER = "encoder.safetensors"
 METHOD = "method.safetensors"
 SUMMARY = "results.json"
 CURVES = "curves.png"
+TRACKERS = "trackers"
 BUDGET = "budget.json"
 RESULTS_STORE = "results.jsonl"  # a results store (next to run directories, or in a comparison's directory)
 
@@ -57,6 +58,11 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / CONFIG
+
+    @property
+    def trackers(self) -> Path:
+        """Where the experiment trackers (TensorBoard, W&B offline, ...) write (:mod:`sslbench.tracking`)."""
+        return self.path / TRACKERS
 
     @property
     def curves(self) -> Path:

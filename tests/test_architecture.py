@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINER = {"sslbench.run_setup", "sslbench.trainer", "sslbench.callbacks", "sslbench.batches", "sslbench.grad_cache"}
+TRAINER = {"sslbench.run_setup", "sslbench.trainer", "sslbench.callbacks", "sslbench.batches", "sslbench.grad_cache", "sslbench.tracking"}
 COMMANDS = {"sslbench.cli", "sslbench.commands", "sslbench.compare", "sslbench.pipeline", "sslbench.__main__"}
 EVALUATION = {"sslbench.protocols"}  # plus everything in evals/
 
