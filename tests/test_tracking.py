@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from _reliability import TINY, child_env, fork_cli, make_image_folder
 
 pytest.importorskip("tensorboard", reason="the TensorBoard test needs the tensorboard package (pip install 'sslbench[tensorboard]')")
