@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from .cli import _EXTRA_COMMANDS
 from .errors import UserError
+from .rundir import write_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -126,12 +126,7 @@ def _model_card(config: dict[str, Any], repo: str | None) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), f"pass a writable folder to export into (not {path.parent})")
 
 
 def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, verify: bool = True,
@@ -139,6 +134,7 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     """Write the encoder of ``run_dir`` into ``out_dir`` in timm's hub layout (see the module
     docstring) and return ``out_dir``. An existing non-empty ``out_dir`` needs ``overwrite``.
     ``verify`` loads the folder with timm and compares its features with the run's encoder."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from sslbench.backbones import load_encoder
@@ -164,12 +160,8 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     config = hub_config(cfg, encoder, summary if isinstance(summary, dict) else {})
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / WEIGHTS_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}),
+                 f"pass a writable folder to export into (not {out_dir})", errors=(OSError, SafetensorError))
     _write_atomic(out_dir / CARD_FILE, _model_card(config, repo).encode())
     _write_atomic(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())  # last: a complete folder has it
     if verify:

@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = {"sslbench.run_setup", "sslbench.trainer", "sslbench.callbacks", "sslbench.batches", "sslbench.grad_cache", "sslbench.tracking"}
-COMMANDS = {"sslbench.cli", "sslbench.commands", "sslbench.compare", "sslbench.pipeline", "sslbench.__main__"}
+COMMANDS = {"sslbench.cli", "sslbench.commands", "sslbench.compare", "sslbench.pipeline", "sslbench.__main__",
+            "sslbench.curves", "sslbench.export"}
 EVALUATION = {"sslbench.protocols"}  # plus everything in evals/
 
 
