@@ -223,7 +223,9 @@ class SwAVLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, epsilon: float = 0.05, iterations: int = 3, num_assign: int = 2) -> None:
         super().__init__()
         if not temperature > 0 or not epsilon > 0 or iterations < 1 or num_assign < 1:
-            raise UserError(f"SwAV needs temperature > 0, epsilon > 0, iterations >= 1, num_assign >= 1; got {temperature}, {epsilon}, {iterations}, {num_assign}")
+            raise UserError(
+                f"SwAV needs temperature > 0, epsilon > 0, iterations >= 1, num_assign >= 1; got {temperature}, {epsilon}, {iterations}, {num_assign}"
+            )
         self.temperature, self.epsilon, self.iterations, self.num_assign = temperature, epsilon, iterations, num_assign
 
     def codes(self, scores: Tensor, queue_scores: Tensor | None = None) -> Tensor:
