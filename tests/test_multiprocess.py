@@ -68,6 +68,19 @@ PARALLEL_RUNS = 2  # torchrun launches in flight at once (beside the 1-process r
 RTOL, ATOL = 1e-5, 1e-7
 MIN_SCALE = 0.1  # tensor scale floor for the relative tolerance (see the module docstring)
 KNN_METHOD = "simclr"  # also runs the end-of-training k-NN (main process only)
+# Method settings that make the 3 steps exercise the method's cross-process state: SwAV with 2
+# local crops, its queue (16 rows: filled by step 1, used in steps 2 and 3, each process scoring its
+# half) and prototypes that train from the first step; NNCLR with a support set full of real
+# projections from step 2 on. Barlow Twins with a 128-wide projector: at its default width of 2048
+# against a batch of 16 the cross-correlation's gradients amplify fp32 rounding to ~2e-5 in the
+# backbone's BatchNorm biases after 3 steps (17x the tolerance), while the same runs in float64
+# agree to 6e-14 in every tensor (measured: all tensors float64, loss included); at width 128 fp32
+# stays within 0.16x the tolerance.
+METHOD_SETS = {
+    "swav": ["num_local_crops=2", "queue_size=16", "epoch_queue_starts=0", "freeze_prototypes_epochs=0"],
+    "nnclr": ["queue_size=16"],
+    "barlow_twins": ["proj_dim=128", "proj_hidden_dim=128"],
+}
 
 
 def _common_args(method: str, out: Path) -> list[str]:
@@ -80,6 +93,8 @@ def _common_args(method: str, out: Path) -> list[str]:
     ]
     if method != KNN_METHOD:
         args += ["--set", "quick_knn=false"]
+    for s in METHOD_SETS.get(method, []):
+        args += ["--set", s]
     return args
 
 
