@@ -27,8 +27,9 @@ Aggregation rules:
   probe on ``h``; tables then show a ``features`` column.
 - Ablation grids (``sslbench compare --vary``): rows carry their grid setting as ``vary``
   (``{"method_cfg.temperature": 0.1}``). A group with such rows shows one column per varied key
-  and one table row per (method, setting, depth), ordered by the setting's values; the method's
-  label then names only the other settings in which its entries differ.
+  and one table row per (method, setting, depth), ordered by the setting's values (numbers in
+  numeric order, other values in the order the grid ran them); the method's label then names only
+  the other settings in which its entries differ.
 """
 
 from __future__ import annotations
@@ -139,8 +140,18 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
                 "epochs": _mean([i["epochs"] for i in info.values() if "epochs" in i]),
             }
         )
+    # grid settings: numbers in numeric order, other values in the order the grid ran them (first row)
+    first_seen: dict[tuple[str, str], int] = {}
+    for i, (_, row) in enumerate(indexed):
+        for k, v in (row.get("vary") or {}).items() if isinstance(row.get("vary"), Mapping) else ():
+            first_seen.setdefault((str(k), json.dumps(v, sort_keys=True)), i)
+
+    def setting_order(settings: Mapping[str, Any]) -> tuple[tuple[int, Any], ...]:
+        return tuple((0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, first_seen.get((k, json.dumps(v, sort_keys=True)), 0))
+                     for k, v in settings.items())
+
     entries.sort(key=lambda e: (_group_order(tuple(_hashable(e[f]) for f in GROUP_FIELDS)), e["method"],
-                                tuple(_order(_hashable(v)) for v in e["settings"].values()), _depth_order(e["features"]), e["config"]))
+                                setting_order(e["settings"]), _depth_order(e["features"]), e["config"]))
     return entries
 
 
@@ -461,22 +472,25 @@ def _grid_figure(groups: list[tuple[tuple[Any, ...], list[dict[str, Any]]]]) -> 
             for x in xs_all:
                 categories += [value_text(x)] if value_text(x) not in categories else []
         lines: dict[str, list[tuple[Any, float, float]]] = defaultdict(list)
+        depths = any(e.get("features") for e in entries)
         for e, x in zip(entries, xs_all):
             stats = e["metrics"].get(metric)
             if stats is None:
                 continue
             others = ", ".join(f"{k.removeprefix('method_cfg.')}={value_text(v)}" for k, v in e["settings"].items() if k != x_key)
-            label = " ".join(part for part in (entry_name(e), others, f"@{e['features']}" if e.get("features") else "") if part)
+            label = " ".join(part for part in (entry_name(e), others, f"@{e.get('features') or 'h'}" if depths else "") if part)
             position = x if numeric else categories.index(value_text(x))
             lines[label].append((position, stats["mean"], stats["std"] or 0.0))
         for label, points in lines.items():
             points.sort(key=lambda p: p[0])
             px, py, pe = zip(*points)
             ax.errorbar(px, py, yerr=pe, marker="o", capsize=4, label=label)
+        ticks = sorted(set(xs_all)) if numeric else []
         if numeric and all(float(x) > 0 for x in xs_all) and max(xs_all) >= 8 * min(xs_all):
             ax.set_xscale("log")
-            ticks = sorted(set(xs_all))
+        if numeric and len(ticks) <= 12:
             ax.set_xticks(ticks, [value_text(t) for t in ticks])
+            ax.minorticks_off()
         elif not numeric:
             ax.set_xticks(range(len(categories)), categories)
         ax.set_xlabel((x_key or "method").removeprefix("method_cfg."))
