@@ -331,7 +331,7 @@ def register_leaderboard(sub: Any) -> None:
     p.add_argument("results", nargs="?", metavar="RESULTS", help=f"results.jsonl or a directory holding one (default {DEFAULT_LEADERBOARD_RESULTS})")
     p.add_argument("--format", choices=["md", "csv", "html"], default="md", help="output format (default md)")
     p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart of each group's first metric")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the results: each metric against the varied setting for an ablation grid (compare --vary), else a bar chart of each group's first metric")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_leaderboard)
 
