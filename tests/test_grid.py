@@ -234,3 +234,18 @@ def test_simclr_projector_ablation_heads(projector, depths, z_dim):
     h = torch.randn(4, 64)
     z = depth_head(model.projector, "z")(h)
     assert z.shape == (4, z_dim) and (projector != "none" or torch.equal(z, h))
+
+
+def test_reuse_from_scores_another_grids_finished_run_of_the_same_config_instead_of_training_it(tmp_path, monkeypatch, capsys):
+    base = ["compare", "--methods", "simclr", "--steps", "1", "--batch-size", "16", "--protocol", "knn", "--quiet", *TINY]
+    assert main([*base, "--vary", "method_cfg.temperature=0.2,0.5", "--output", str(tmp_path / "runs" / "tau")]) == 0
+    trained = []
+    real = sslbench.pipeline.train_and_score
+    monkeypatch.setattr(sslbench.pipeline, "train_and_score", lambda cfg, **kw: trained.append(Path(cfg.output).name) or real(cfg, **kw))
+    argv = [*base, "--vary", "method_cfg.projector=v1,linear", "--output", str(tmp_path / "runs" / "head"), "--reuse-from", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    assert trained == ["simclr-projector=linear-seed0"]  # projector v1 at tau 0.5 is the tau grid's run
+    linked = tmp_path / "runs" / "head" / "simclr-projector=v1-seed0"
+    assert linked.is_symlink() and linked.resolve() == (tmp_path / "runs" / "tau" / "simclr-temperature=0.5-seed0").resolve()
+    rows = read_rows(tmp_path / "runs" / "head" / "results.jsonl")
+    assert [r["vary"] for r in rows] == [{"method_cfg.projector": "v1"}, {"method_cfg.projector": "linear"}]
