@@ -92,45 +92,26 @@ def label_subset(train: ImageSplit, fraction: float, seed: int) -> tuple[ImageSp
 
 def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     """The first ``layers`` hidden layers (``Linear -> BatchNorm -> ReLU`` blocks) of the method's
-    projector, with the trained weights of ``RUN_DIR/method.safetensors`` (strictly checked).
+    projector, with the trained weights of ``RUN_DIR/method.safetensors`` (strictly checked): the
+    head of feature depth ``proj<layers>`` (:func:`sslbench.evals.features.depth_head`).
 
     ``layers=1`` on a SimCLR v2 run (``method_cfg.projector=v2``, a 3-layer projector) gives the
     SimCLR v2 fine-tuning start ``projector[0:3]``. Raises :class:`UserError` when the method has no
     ``projector`` or it has fewer hidden layers.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from sslbench.backbones import load_state_strict
-    from sslbench.build import build_method
     from sslbench.config import load_run_config
-    from sslbench.rundir import RunDir
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    path = RunDir(run_dir).method
-    if not path.is_file():
-        raise UserError(f"{path} not found: fine-tuning from the projector needs a finished run's method.safetensors")
-    torch.manual_seed(0)  # the weights are overwritten; only keeps the global RNG stream predictable
-    method = build_method(cfg)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file: {exc}") from exc
-    load_state_strict(method, state, source=str(path))
-    projector = getattr(method, "projector", None)
+    from .features import depth_head, hidden_layer_ends, load_projector
+
+    projector = load_projector(run_dir)
+    method = load_run_config(run_dir).method
     if not isinstance(projector, nn.Sequential):
-        raise UserError(f"method {cfg.method!r} has no projector to fine-tune from; use from_projector_layer=0")
-    relus = [i for i, m in enumerate(projector) if isinstance(m, nn.ReLU)]
-    if not 1 <= layers <= len(relus):
-        raise UserError(
-            f"from_projector_layer must be in 0..{len(relus)} for this {cfg.method} projector "
-            f"({len(relus)} hidden layer(s)), got {layers}"
-        )
-    head = copy.deepcopy(projector[: relus[layers - 1] + 1])
-    for m in head.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
+        raise UserError(f"method {method!r} has no projector to fine-tune from; use from_projector_layer=0")
+    n = len(hidden_layer_ends(projector))
+    if not 1 <= layers <= n:
+        raise UserError(f"from_projector_layer must be in 0..{n} for this {method} projector ({n} hidden layer(s)), got {layers}")
+    head = depth_head(projector, f"proj{layers}", method=method)
+    assert isinstance(head, nn.Sequential)
     return head
 
 
@@ -305,11 +286,12 @@ def finetune_protocol(
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     seed: int = 0,
-    from_projector_layer: int = 0,
+    from_projector_layer: int | str = 0,
     min_steps: int = DEFAULT_MIN_STEPS,
     crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> dict[str, Any]:
-    """A self-describing record of the fine-tuning protocol, for result rows."""
+    """A self-describing record of the fine-tuning protocol, for result rows (``from_projector_layer``:
+    0 for h, K for the first K hidden projector layers, ``"z"`` for the whole projector)."""
     return {
         "name": "finetune",
         "label_fraction": check_fraction(fraction),

@@ -27,7 +27,7 @@ from typing import Any
 from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .hostmem import keep_freed_memory
-from .protocols import EvalContext, EvalOptions, add_eval_flags, eval_options, get_protocol, protocol_names
+from .protocols import DEFAULT_FEATURES, EvalContext, EvalOptions, add_eval_flags, eval_options, get_protocol, protocol_names, row_depth
 from .rundir import RESULTS_STORE, RunDir, write_text_atomic
 
 DEFAULT_LEADERBOARD_RESULTS = Path("runs") / RESULTS_STORE  # where `eval` puts rows of runs/<name>
@@ -136,17 +136,26 @@ def _run_fields(run_dir: Path, cfg: Any, summary: dict[str, Any], data: str, bud
 
 
 def _print_table(rows: list[dict[str, Any]], out: Callable[[str], None]) -> None:
-    lines = [("protocol", "labels", "metric", "value")]
+    lines = [("protocol", "features", "labels", "metric", "value")]
     for row in rows:
         frac = row.get("label_fraction")
         labels = "100%" if frac is None else f"{frac * 100:g}%"
+        depth = row_depth(row) if "features" in row["protocol"] else "-"
         for name, value in row["metrics"].items():
-            lines.append((row["protocol"]["name"], labels, name, "nan" if value is None or math.isnan(value) else f"{value:.2f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+            lines.append((row["protocol"]["name"], depth, labels, name, _value_text(value)))
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
     for i, line in enumerate(lines):
-        out("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        out("  ".join(c.ljust(w) if j < 4 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
         if i == 0:
             out("  ".join("-" * w for w in widths))
+
+
+def _value_text(value: float | None) -> str:
+    """Accuracies (percent) with two decimals; label-free metrics below 1 (alignment, a feature
+    standard deviation) with four significant digits."""
+    if value is None or math.isnan(value):
+        return "nan"
+    return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
 
 
 def _eval_device(spec: str | None) -> Any:
@@ -196,9 +205,11 @@ def evaluate_run(
     command: str,
     budget: tuple[str, Any] | None = None,
     out: Callable[[str], None] = print,
+    run_fields: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Score the encoder of ``run_dir`` with ``opts.protocols``; append one row per protocol (and
-    per label fraction) to ``results_path`` (``None``: do not store) and return the rows."""
+    per label fraction and feature depth) to ``results_path`` (``None``: do not store) and return
+    the rows. ``run_fields`` are added to every row (``compare`` records a grid's settings as ``vary``)."""
     from sslbench.backbones import load_encoder
 
     from .config import load_run_config
@@ -220,23 +231,31 @@ def evaluate_run(
     precision = run_precision if run_precision in ("bf16", "fp16") and device.type == "cuda" else "no"
     data = opts.data or cfg.data
     ctx = EvalContext(run_dir=run_dir, cfg=cfg, opts=opts, encoder=encoder, device=device, precision=precision, data=data)
+    if any(p.per_features for p in protocols):
+        for name in opts.features:  # the projector layers, strictly loaded: fail before loading data
+            ctx.head(name)
     for protocol in protocols:
         if protocol.prepare is not None:
             protocol.prepare(ctx)  # e.g. fine-tuning's projector layers: fail before loading data
     ctx.encoder = encoder.to(device)
     ctx.train, ctx.test = eval_splits(cfg, data, opts)
-    run = _run_fields(run_dir, cfg, summary, data, budget or run_budget(run_dir, cfg), command, device)
+    run = {**_run_fields(run_dir, cfg, summary, data, budget or run_budget(run_dir, cfg), command, device), **(run_fields or {})}
 
     rows: list[dict[str, Any]] = []
     for protocol in protocols:
         t0 = time.perf_counter()
-        for fraction in opts.fractions if protocol.per_fraction else [None]:
-            metrics, record = protocol.run(ctx, fraction)
-            record = {"name": protocol.name, **record, "eval_data": data, "image_size": cfg.image_size, "precision": precision}
-            row = make_row(metrics=metrics, protocol=record, run={**run, "label_fraction": fraction})
-            if results_path is not None:
-                append_row(results_path, row)
-            rows.append(row)
+        depths: list[str | None] = list(opts.features) if protocol.per_features else [None]
+        for depth in depths:
+            ctx.depth = depth or DEFAULT_FEATURES
+            for fraction in opts.fractions if protocol.per_fraction else [None]:
+                metrics, record = protocol.run(ctx, fraction)
+                record = {"name": protocol.name, **record, **({"features": depth} if depth else {}),
+                          "eval_data": data, "image_size": cfg.image_size, "precision": precision}
+                row = make_row(metrics=metrics, protocol=record, run={**run, "label_fraction": fraction})
+                if results_path is not None:
+                    append_row(results_path, row)
+                rows.append(row)
+        ctx.depth = DEFAULT_FEATURES
         print(f"note: {protocol.name} evaluation of {run_dir} took {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     out(f"{run_dir}: {cfg.method} / {cfg.backbone} / {run['data']} / {run['budget_kind']}={run['budget']}")
     _print_table(rows, out)
@@ -312,7 +331,7 @@ def register_leaderboard(sub: Any) -> None:
     p.add_argument("results", nargs="?", metavar="RESULTS", help=f"results.jsonl or a directory holding one (default {DEFAULT_LEADERBOARD_RESULTS})")
     p.add_argument("--format", choices=["md", "csv", "html"], default="md", help="output format (default md)")
     p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart of each group's first metric")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the results: each metric against the varied setting for an ablation grid (compare --vary), else a bar chart of each group's first metric")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_leaderboard)
 
