@@ -16,7 +16,8 @@ Small images (``image_size <= 64``):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -66,12 +67,13 @@ def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Modul
     kwargs.pop("num_classes", None)
     kwargs.setdefault("pretrained", False)
     try:
-        model = timm.create_model(name, num_classes=0, **kwargs)
-        if hasattr(model, "patch_embed") and image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
-            vit_kwargs = {"img_size": image_size}
-            if image_size <= SMALL_IMAGE_MAX:
-                vit_kwargs["patch_size"] = max(1, image_size // 8)
-            model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
+        with _weights_access(name, bool(kwargs["pretrained"])):
+            model = timm.create_model(name, num_classes=0, **kwargs)
+            if hasattr(model, "patch_embed") and image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
+                vit_kwargs = {"img_size": image_size}
+                if image_size <= SMALL_IMAGE_MAX:
+                    vit_kwargs["patch_size"] = max(1, image_size // 8)
+                model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
     except (TypeError, ValueError) as exc:
         given = sorted(k for k in kwargs if k != "pretrained")  # pretrained is sslbench's own default
         raise UserError(
@@ -82,6 +84,30 @@ def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Modul
     if not hasattr(model, "num_features"):
         raise UserError(f"backbone {name!r} has no num_features; sslbench needs a timm feature model")
     return model
+
+
+@contextmanager
+def _weights_access(name: str, pretrained: bool) -> Iterator[None]:
+    """Around ``timm.create_model``: pretrained weights that cannot be downloaded (no network, not
+    in the cache) are one :class:`UserError` line saying what to do instead, at once (no retries)."""
+    if not pretrained:
+        yield
+        return
+    from sslbench.hub import cache_dir, hub_access, offline_reason
+
+    with hub_access() as offline:
+        try:
+            yield
+        except Exception as exc:
+            reason = offline_reason(exc, offline)
+            if reason is None and not isinstance(exc, (OSError, RuntimeError)):
+                raise
+            cause = reason or " ".join(str(exc).split())[:160]
+            raise UserError(
+                f"cannot get the pretrained weights of {name} ({cause}); download them where there is a network "
+                f"(python -c \"import timm; timm.create_model('{name}', pretrained=True)\") and copy {cache_dir()} here, "
+                "pass a local file with --set \"backbone_kwargs.pretrained_cfg_overlay={'file': 'PATH'}\", or leave out pretrained=true"
+            ) from exc
 
 
 def downsampling_factor(model: nn.Module) -> int | None:
@@ -194,7 +220,8 @@ def load_encoder(run_dir: str | Path, *, map_location: str | torch.device = "cpu
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
     image_size = cast(int, cfg.image_size)  # never None here: build_config resolves it (TrainConfig.resolve_defaults)
-    model = create_backbone(cfg.backbone, image_size, **cfg.backbone_kwargs)
+    kwargs = {**cfg.backbone_kwargs, "pretrained": False}  # the weights come from the run: nothing to download
+    model = create_backbone(cfg.backbone, image_size, **kwargs)
     try:
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:

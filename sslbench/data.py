@@ -471,9 +471,10 @@ def _cached(cache_root: Path, source: str, split: str, size: int, fingerprint: d
         return hit
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644))  # a clear error here, not a lock wait
     except OSError as err:
         raise UserError(
-            f"cannot create cache directory {path.parent} ({err.strerror or err}); set cache_dir or $SSLBENCH_CACHE to a writable place"
+            f"cannot write the data cache {path.parent} ({err.strerror or err}); set cache_dir or $SSLBENCH_CACHE to a writable place"
         ) from err
     with FileLock(str(path) + ".lock"):
         hit = _read_cache(path)  # another process may have written it while we waited
@@ -740,10 +741,20 @@ def _load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: f
         options[key] = value
 
     local = Path(name).expanduser()
-    try:
-        dsd = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(name)
-    except Exception as err:  # hub, network, format: all mean "cannot load this name"
-        raise UserError(f"could not load Hugging Face dataset {name!r} ({_one_line(err)}); give a hub name or a save_to_disk directory") from err
+    from .hub import hub_access, offline_reason
+
+    with hub_access() as offline:
+        try:
+            dsd = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(name)
+        except Exception as err:  # hub, network, format: all mean "cannot load this name"
+            reason = None if local.is_dir() else offline_reason(err, offline)
+            if reason is not None:
+                raise UserError(
+                    f"cannot load Hugging Face dataset {name!r} ({reason}); where there is a network run "
+                    f"python -c \"import datasets; datasets.load_dataset('{name}').save_to_disk('DIR')\", copy DIR here "
+                    "and pass --data hf:DIR (or use imagefolder:PATH)"
+                ) from err
+            raise UserError(f"could not load Hugging Face dataset {name!r} ({_one_line(err)[:200]}); give a hub name or a save_to_disk directory") from err
     if not isinstance(dsd, datasets.DatasetDict):
         raise UserError(f"hf:{name} is a single split without names; save a DatasetDict with 'train' and 'test' splits")
 

@@ -342,7 +342,7 @@ def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
     formats = sorted(fig.canvas.get_supported_filetypes())
     if suffix not in formats:
         raise UserError(f"--plot {path}: name the image with one of the suffixes {', '.join(formats)} (e.g. board.png)")
-    try:
-        fig.savefig(os.fspath(path), dpi=100)
-    except OSError as e:
-        raise UserError(f"could not write the plot to {path}: {e.strerror or e}") from e
+    from .rundir import write_atomic
+
+    # atomic: a failed write (disk full) leaves no half image and keeps an earlier one
+    write_atomic(path, lambda tmp: fig.savefig(os.fspath(tmp), dpi=100, format=suffix), "free some space or pass another --plot")
