@@ -34,21 +34,26 @@ def train_and_score(
         from sslbench.evals.online_probe import OnlineProbeCallback
 
         cbs.append(OnlineProbeCallback())
-    result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs)
-    if result.stopped_early or not result.main or not cfg.quick_knn:
-        return result
-    from .backbones import load_encoder
-    from .rundir import RunDir, write_text_atomic
+    result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs, keep_lock=True)
+    try:
+        if result.stopped_early or not result.main or not cfg.quick_knn:
+            return result
+        from .backbones import load_encoder
+        from .rundir import RunDir, write_text_atomic
 
-    path = RunDir(result.run_dir).summary
-    summary = json.loads(path.read_text())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the trainer trained
-    precision = "bf16" if summary.get("precision") == "bf16" else "no"
-    result.metrics = quick_knn(cfg, load_encoder(result.run_dir), device, precision, quiet=quiet)
-    summary["metrics"] = result.metrics
-    fix = f"the run is trained; score it with `sslbench eval {result.run_dir}`"
-    write_text_atomic(path, json.dumps(summary, indent=2), fix)
-    return result
+        path = RunDir(result.run_dir).summary
+        summary = json.loads(path.read_text())
+        device = torch.device(str(summary.get("device", "cuda" if torch.cuda.is_available() else "cpu")))  # where the trainer trained
+        precision = "bf16" if summary.get("precision") == "bf16" else "no"
+        result.metrics = quick_knn(cfg, load_encoder(result.run_dir), device, precision, quiet=quiet)
+        summary["metrics"] = result.metrics
+        fix = f"the run is trained; score it with `sslbench eval {result.run_dir}`"
+        write_text_atomic(path, json.dumps(summary, indent=2), fix)
+        return result
+    finally:
+        if result.lock is not None:
+            result.lock.release()
+            result.lock = None
 
 
 def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precision: str, *, quiet: bool = False) -> dict[str, float]:
@@ -66,6 +71,8 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
     size = cfg.image_size
     train_split = load_split(cfg.data, "train", size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
     test_split = load_split(cfg.data, "test", size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+    if torch.unique(train_split.labels).numel() < 2:
+        return {}  # one class: every accuracy is 100% (setup has warned)
     if not isinstance(train_split, ImageSplit) or not isinstance(test_split, ImageSplit):
         if not quiet:
             print(f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`", file=sys.stderr)
