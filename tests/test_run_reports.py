@@ -134,6 +134,30 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
     assert text[-1].startswith("note: resnet50 (23.5M parameters) is made for images of ~224 px; here it trains at 16 px (the default for digits)")
 
 
+def test_bf16_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
+    import sslbench.report as report
+    from sslbench.batches import Plan
+    from sslbench.config import build_config
+
+    cfg = build_config(flags={"precision": "bf16", "output": "runs/x", "image_size": 32}, sets=["backbone_kwargs.channels=8,16,32,64"])
+    method = torch.nn.Module()
+    method.encoder = torch.nn.Linear(2, 2)
+    run = SimpleNamespace(
+        cfg=cfg,
+        plan=Plan(5, 50, 5, 256, 256),
+        method=method,
+        train_split=_Split(torch.arange(10).repeat(5)),
+        device=torch.device("cpu"),
+        world=1,
+        run_dir="runs/x",
+        time_based=False,
+    )
+    monkeypatch.setattr(report, "cpu_has_bf16", lambda: False)
+    assert report.start_banner(run)[-1].startswith("note: this CPU has no native bf16")  # type: ignore[arg-type]
+    monkeypatch.setattr(report, "cpu_has_bf16", lambda: True)
+    assert not any("bf16" in line for line in report.start_banner(run)[5:])  # type: ignore[arg-type]
+
+
 class _Split:
     def __init__(self, labels: torch.Tensor) -> None:
         self.labels = labels
