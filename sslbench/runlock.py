@@ -114,7 +114,7 @@ class RunLock:
         """Take the lock (creating the directory if needed) or raise a one-line :class:`UserError`
         naming the holder; ``fix`` ends that message."""
         deadline = time.monotonic() + WAIT_S
-        while True:
+        for _ in range(1000):  # (a few rounds at most: each retry is a lock file removed or replaced in between)
             if not self.directory.is_dir():
                 try:
                     self.directory.mkdir(parents=True)
@@ -146,6 +146,7 @@ class RunLock:
             self._fd = fd
             self._write_holder()
             return self
+        raise UserError(f"cannot lock {self.path}: it keeps being removed or replaced by another process; {fix}")
 
     def _write_holder(self) -> None:
         assert self._fd is not None
