@@ -186,3 +186,29 @@ def test_make_row(tmp_path: Path) -> None:
     assert read_rows(tmp_path / "r.jsonl") == [row]
     with pytest.raises(UserError, match="backbone"):
         make_row(metrics={}, protocol={}, run={"method": "simclr", "data": "digits"})
+
+
+def test_an_unwritable_store_is_reported_as_such_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not as lock contention after a 60 s wait, nor as "File exists" (issue 20)."""
+    import time
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match=rf"could not append a result row to {a_file}/r\.jsonl: {a_file} is a file, not a directory"):
+        append_row(a_file / "r.jsonl", {"i": 0})
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(UserError, match="it is a directory, not a file"):
+        append_row(tmp_path / "dir.jsonl", {"i": 0})
+    real_open = os.open
+
+    def no_permission(path, flags, *args, **kwargs):  # a folder this user may not write in (root ignores chmod)
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "open", no_permission)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"could not append a result row to .*ro/r\.jsonl: Permission denied \(.*r\.jsonl\.lock\)"):
+        append_row(tmp_path / "ro" / "r.jsonl", {"i": 0})
+    assert time.monotonic() - t0 < 5
