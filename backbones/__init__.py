@@ -21,6 +21,8 @@ what ``sslbench export`` writes into a timm ``config.json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +69,13 @@ def _create(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.Modu
     kwargs.pop("num_classes", None)
     kwargs.setdefault("pretrained", False)
     try:
-        model = timm.create_model(name, num_classes=0, **kwargs)
-        if hasattr(model, "patch_embed") and image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
-            vit_kwargs: dict[str, Any] = {"img_size": image_size}
-            if image_size <= SMALL_IMAGE_MAX:
-                vit_kwargs["patch_size"] = max(1, image_size // 8)
-            kwargs = {**vit_kwargs, **kwargs}
+        with _weights_access(name, bool(kwargs["pretrained"])):
             model = timm.create_model(name, num_classes=0, **kwargs)
+            if hasattr(model, "patch_embed") and image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
+                vit_kwargs: dict[str, Any] = {"img_size": image_size}
+                if image_size <= SMALL_IMAGE_MAX:
+                    vit_kwargs["patch_size"] = max(1, image_size // 8)
+                model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
     except (TypeError, ValueError) as exc:
         raise UserError(
             f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); check their names and values"
@@ -91,6 +93,30 @@ def timm_architecture(name: str, image_size: int = 224, **kwargs: Any) -> tuple[
     if image_size <= SMALL_IMAGE_MAX and _cifar_stem_(model):
         return SMALL_STEM_ARCHITECTURE, {"base": name, **model_args}
     return name, model_args
+
+
+@contextmanager
+def _weights_access(name: str, pretrained: bool) -> Iterator[None]:
+    """Around ``timm.create_model``: pretrained weights that cannot be downloaded (no network, not
+    in the cache) are one :class:`UserError` line saying what to do instead, at once (no retries)."""
+    if not pretrained:
+        yield
+        return
+    from sslbench.hub import cache_dir, hub_access, offline_reason
+
+    with hub_access() as offline:
+        try:
+            yield
+        except Exception as exc:
+            reason = offline_reason(exc, offline)
+            if reason is None and not isinstance(exc, (OSError, RuntimeError)):
+                raise
+            cause = reason or " ".join(str(exc).split())[:160]
+            raise UserError(
+                f"cannot get the pretrained weights of {name} ({cause}); download them where there is a network "
+                f"(python -c \"import timm; timm.create_model('{name}', pretrained=True)\") and copy {cache_dir()} here, "
+                "pass a local file with --set \"backbone_kwargs.pretrained_cfg_overlay={'file': 'PATH'}\", or leave out pretrained=true"
+            ) from exc
 
 
 def downsampling_factor(model: nn.Module) -> int | None:
@@ -204,7 +230,8 @@ def load_encoder(run_dir: str | Path, *, map_location: str | torch.device = "cpu
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
     assert cfg.image_size is not None  # resolved when the config is loaded
-    model = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
+    kwargs = {**cfg.backbone_kwargs, "pretrained": False}  # the weights come from the run: nothing to download
+    model = create_backbone(cfg.backbone, cfg.image_size, **kwargs)
     try:
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:

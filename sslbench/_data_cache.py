@@ -80,9 +80,10 @@ def _cached(cache_root: Path, source: str, split: str, size: int, fingerprint: d
         return hit
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644))  # a clear error here, not a lock wait
     except OSError as err:
         raise UserError(
-            f"cannot create cache directory {path.parent} ({err.strerror or err}); set cache_dir or $SSLBENCH_CACHE to a writable place"
+            f"cannot write the data cache {path.parent} ({err.strerror or err}); set cache_dir or $SSLBENCH_CACHE to a writable place"
         ) from err
     with FileLock(str(path) + ".lock"):
         hit = _read_cache(path)  # another process may have written it while we waited

@@ -80,27 +80,72 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import build_config, load_yaml
     from .pipeline import train_and_score
+    from .report import end_summary
     from .rundir import RunDir
 
-    file_values: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
     if args.resume:
         if not args.output:
             raise UserError("--resume needs --output RUN_DIR (the run to continue)")
-        saved = RunDir(args.output).config
-        if not os.path.isfile(saved):
+        path = RunDir(args.output).config
+        if not os.path.isfile(path):
             raise UserError(f"--resume: {args.output} has no config.yaml; is it an sslbench run directory?")
-        file_values = load_yaml(saved)
+        saved = load_yaml(path)
     given = load_yaml(args.config) if args.config else {}
-    if args.resume:
-        _check_same_method(args, file_values, given)
-    file_values = merge_config_values(file_values, given)
     flags = {k: getattr(args, k) for k in _TRAIN_FLAG_KEYS}
     flags["output"] = args.output
+    if args.resume:
+        _check_same_method(args, saved, given)
+    if args.config:
+        check_config_file(args.config, given, method=_asked_method(args, saved, given))
+    file_values = merge_config_values(without_budget(saved, given), given)
+    file_values = without_budget(file_values, {**flags, **dict(_set_keys(args.sets))})
     cfg = build_config(file_values=file_values, flags=flags, sets=args.sets)
+    if args.resume:
+        _check_resume_unchanged(args, saved, cfg)
     result = train_and_score(cfg, resume=args.resume, quiet=args.quiet)
     if result.stopped_early and result.stop_signal:
         return 128 + result.stop_signal  # stopped by SIGTERM/SIGINT after a checkpoint: 143/130, as the shell reports a signal
+    if result.main and not args.quiet:
+        print("\n".join(end_summary(result.run_dir)), file=sys.stderr)
     return 0
+
+
+BUDGET_KEYS = ("epochs", "steps")  # one budget: a source that names one of them replaces both of a lower source
+
+
+def without_budget(lower: dict[str, Any], higher: dict[str, Any]) -> dict[str, Any]:
+    """``lower`` without its ``epochs`` and ``steps`` when ``higher`` gives either (not None): a
+    budget given on the command line replaces the config file's, which replaces a resumed run's."""
+    if any(higher.get(k) is not None for k in BUDGET_KEYS):
+        return {k: v for k, v in lower.items() if k not in BUDGET_KEYS}
+    return lower
+
+
+def _set_keys(sets: list[str]) -> list[tuple[str, str]]:
+    from .config import split_set_args
+
+    return split_set_args(sets)
+
+
+def _asked_method(args: argparse.Namespace, saved: dict[str, Any], given: dict[str, Any]) -> str:
+    set_methods = [v.strip() for k, v in _set_keys(args.sets) if k == "method"]
+    return str(set_methods[-1] if set_methods else (args.method or given.get("method") or saved.get("method") or "simclr"))
+
+
+def check_config_file(path: str, values: dict[str, Any], *, method: str) -> None:
+    """The values of a ``--config`` file on their own, so that a mistake in it names the file: an
+    unknown key, a wrong type or range, both ``epochs`` and ``steps``."""
+    from .config import build_config
+    from .registry import get_method
+
+    if values.get("epochs") is not None and values.get("steps") is not None:
+        raise UserError(f"config file {path} gives both epochs ({values['epochs']}) and steps ({values['steps']}); keep one of them")
+    get_method(method)  # an unknown method is the method flag's error, not the file's
+    try:
+        build_config(file_values={**values, "method": values.get("method", method)})
+    except UserError as exc:
+        raise UserError(f"config file {path}: {exc}") from None
 
 
 def merge_config_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -118,14 +163,27 @@ def merge_config_values(base: dict[str, Any], override: dict[str, Any]) -> dict[
 def _check_same_method(args: argparse.Namespace, saved: dict[str, Any], given: dict[str, Any]) -> None:
     """A resumed run keeps its method: another one is a one-line error, not an unknown-key error
     about the saved method's settings."""
-    from .config import split_set_args
-
-    set_methods = [v.strip() for k, v in split_set_args(args.sets) if k == "method"]
+    set_methods = [v.strip() for k, v in _set_keys(args.sets) if k == "method"]
     asked = set_methods[-1] if set_methods else (args.method or given.get("method"))
     was = saved.get("method")
     if asked is not None and was is not None and str(asked) != str(was):
         raise UserError(f"--resume: {args.output} was trained with {was}; a run cannot change method (got {asked}); "
                         "start a new --output for the other method")
+
+
+# What a resumed run cannot change: its checkpoints' data order, batches and records depend on them.
+RESUME_FIXED = {"batch_size": "--batch-size", "data": "--data", "image_size": "--image-size", "seed": "--seed"}
+
+
+def _check_resume_unchanged(args: argparse.Namespace, saved: dict[str, Any], cfg: Any) -> None:
+    from .config import build_config
+
+    was = build_config(file_values=saved)  # the saved run, its defaults resolved as they were when it started
+    for key, flag in RESUME_FIXED.items():
+        old, new = getattr(was, key), getattr(cfg, key)
+        if old != new:
+            raise UserError(f"--resume: {args.output} was trained with {key} {old}; a resumed run keeps it (got {new} from {flag}, "
+                            f"--set or --config); start a new --output to train with {key} {new}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -163,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         args.argv = argv  # the exact command line, recorded in result rows
+        from .runlock import set_command
+
+        set_command(argv)  # and in the lock file of a run directory this command trains
         if args.command is None:
             parser.print_help()
             return 2

@@ -28,7 +28,7 @@ from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .hostmem import keep_freed_memory
 from .protocols import DEFAULT_FEATURES, EvalContext, EvalOptions, add_eval_flags, eval_options, get_protocol, protocol_names, row_depth
-from .rundir import RESULTS_STORE, RunDir, write_text_atomic
+from .rundir import RESULTS_STORE, RunDir, check_writable, write_text_atomic
 
 DEFAULT_LEADERBOARD_RESULTS = Path("runs") / RESULTS_STORE  # where `eval` puts rows of runs/<name>
 
@@ -194,6 +194,11 @@ def eval_splits(cfg: Any, data: str, opts: EvalOptions) -> tuple[Any, Any]:
                 f"needs in-memory splits{also}: raise --max-memory-gb"
             )
         splits.append(s)
+    classes = splits[0].classes
+    present = [classes[i] if i < len(classes) else str(i) for i in sorted(set(splits[0].labels.tolist()))]
+    if len(present) < 2:
+        raise UserError(f"{data} has a single class ({', '.join(present) or 'none'}) in its training split: every accuracy would "
+                        "be 100% and mean nothing; evaluate on data with two or more classes (--data)")
     return splits[0], splits[1]
 
 
@@ -220,6 +225,7 @@ def evaluate_run(
         raise UserError(f"{run_dir} is a file; pass a run directory (config.yaml + encoder.safetensors)")
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
+    check_not_training(run_dir)
     cfg = load_run_config(run_dir)
     encoder = load_encoder(run_dir)  # strict: a mismatched encoder is a UserError, never a partial load
     protocols = [get_protocol(name) for name in opts.protocols]
@@ -262,6 +268,15 @@ def evaluate_run(
     return rows
 
 
+def check_not_training(run_dir: Path) -> None:
+    """Refuse a run that a process is still training (its lock is held): its encoder is not final."""
+    from .runlock import lock_holder
+
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise UserError(f"{run_dir} is still being trained by {holder.describe()}; evaluate it once training has finished")
+
+
 # ---------------------------------------------------------------------------------------------
 # Command handlers
 
@@ -277,6 +292,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = Path(args.results) if args.results else RunDir(run_dir).results_store
     if results.suffix != ".jsonl":  # before anything is evaluated (append_row refuses it too)
         raise UserError(f"--results {results} must be a .jsonl file (JSON Lines), e.g. results.jsonl; refusing to append to it")
+    if run_dir.is_dir():  # (a missing run is evaluate_run's error, which names it)
+        check_writable(results, "--results", fix="pass a writable --results FILE.jsonl")  # before anything is evaluated
     evaluate_run(run_dir, opts, results_path=results, command=command_line(args))
     print(f"appended results to {results}", file=sys.stderr)
     return 0
@@ -298,11 +315,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise UserError(f"{path} holds no result rows (every line is unreadable); pass a results.jsonl written by `sslbench eval` or `sslbench compare`")
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    text = render(rows, args.format)
     if args.output:
         out = Path(args.output)
         if out.suffix == ".jsonl" or (out.exists() and out.resolve() == path.resolve()):
             raise UserError(f"--output {out} would overwrite a results store; write the table to e.g. leaderboard.{args.format}")
+        check_writable(out, "--output", fix="pass a writable --output FILE")
+    if args.plot:
+        check_writable(args.plot, "--plot", fix="pass a writable --plot FILE.png")
+    text = render(rows, args.format)
+    if args.output:
+        out = Path(args.output)
         write_text_atomic(out, text, "pass a writable --output")  # an interrupted write never leaves half a table
         print(f"wrote {args.output}", file=sys.stderr)
     else:

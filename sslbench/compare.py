@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from . import commands  # (a module, not its names: commands may be importing this module while it loads)
-from .cli import _EXTRA_COMMANDS
+from .cli import _EXTRA_COMMANDS, check_config_file
+from .config import check_precision
 from .errors import UserError
 from .protocols import EvalOptions, add_eval_flags, eval_options, get_protocol, parse_list, reusable
-from .rundir import RESULTS_STORE, RunDir, write_text_atomic
+from .rundir import RESULTS_STORE, RunDir, check_writable, write_text_atomic
+from .runlock import RunLock
 
 LEADERBOARD_FILE = "leaderboard.md"  # in the comparison's directory, next to its results.jsonl
 # Config keys compare sets itself (one value per run), and the flags that set them.
@@ -210,13 +212,14 @@ def _same_config(cfg: Any, run_dir: Path) -> bool:
     in every field but ``output``, which may be spelled differently (relative, absolute, moved)."""
     import yaml
 
-    from .config import dump_yaml
+    from .config import config_from_dict, dump_yaml
 
     try:
         saved = yaml.safe_load(RunDir(run_dir).config.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return False
-    if not isinstance(saved, dict):
+        if not isinstance(saved, dict):
+            return False
+        saved = yaml.safe_load(dump_yaml(config_from_dict(saved)))  # its defaults resolved (a config.yaml of an older version)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, UserError):
         return False
     ours = yaml.safe_load(dump_yaml(cfg))  # the same YAML round trip as config.yaml
     saved.pop("output", None)
@@ -253,8 +256,6 @@ def _budget(args: argparse.Namespace) -> tuple[str, Any]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .config import load_yaml
-    from .leaderboard import plot, render
-    from .pipeline import train_and_score
     from .registry import get_method
 
     methods = parse_list(args.methods, "--methods")
@@ -264,6 +265,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     opts = eval_options(args)
     budget = _budget(args)
     file_values = load_yaml(args.config) if args.config else {}
+    if args.config:
+        for name in methods:
+            check_config_file(args.config, {k: v for k, v in file_values.items() if k != "method"}, method=name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data_name = str(args.data or file_values.get("data") or "digits").replace(":", "-").replace("/", "_").strip("_")[-40:]
     out_dir = Path(args.output) if args.output else Path("runs") / f"compare-{data_name}-{args.backbone or 'resnet18'}-{stamp}"
@@ -279,12 +283,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_depths(plans, opts)
 
     for plan in plans:  # before anything trains: a comparison never overwrites another one's runs
+        check_precision(plan.cfg.precision)
         run_dir = Path(plan.cfg.output)
         if RunDir(run_dir).config.is_file() and not _same_config(plan.cfg, run_dir):
             raise UserError(f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
                             "or repeat the original command to continue that comparison")
-    if plans and any(get_protocol(p).in_memory for p in opts.protocols):  # before anything trains
+    if plans:  # before anything trains: the evaluation data (two classes or more; in memory for the protocols that need it)
         commands.eval_splits(plans[0].cfg, plans[0].cfg.data, opts)
+    check_writable(out_dir, "--output", directory=True, fix="pass a writable --output DIR")
+    with RunLock(out_dir, what="compare").acquire(fix="pass another --output"):  # one comparison per directory
+        return _run_compare(args, plans, opts, budget, out_dir, results)
+
+
+def _run_compare(args: argparse.Namespace, plans: list[Any], opts: EvalOptions, budget: tuple[str, Any], out_dir: Path, results: Path) -> int:
+    from .leaderboard import plot, render
+    from .pipeline import train_and_score
+
     command = commands.command_line(args)
     rows: list[dict[str, Any]] = []
     for i, plan in enumerate(plans, 1):

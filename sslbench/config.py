@@ -31,6 +31,7 @@ OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCALING = ("linear", "sqrt", "none")
 NONFINITE = ("stop", "skip")
 MIN_IMAGE_SIZE = 8  # px; smaller images give degenerate random crops
+DEFAULT_EPOCHS = 10  # the budget of a run given neither epochs, steps nor a time budget
 
 
 @dataclass
@@ -43,7 +44,7 @@ class TrainConfig:
     data: str = "digits"  # data spec: digits, cifar10, cifar100, stl10, imagefolder:PATH, hf:NAME
     train_subset: int | None = None  # train on a class-balanced subset of this many images (None: all)
     image_size: int | None = None  # training and evaluation resolution in px (None: the data's own: digits 16, cifar 32, stl10 96, else 32)
-    epochs: int | None = None  # passes over the training set (default 10 when steps is unset)
+    epochs: int | None = None  # passes over the training set (default 10 when neither steps nor time_budget_s is set)
     steps: int | None = None  # optimizer steps; overrides epochs when set
     time_budget_s: float | None = None  # wall-clock budget of the training loop (s): stop after the step that crosses it; alone: lr constant after warm-up
     batch_size: int = 256  # global batch over all processes (clipped to the data set size)
@@ -57,7 +58,7 @@ class TrainConfig:
     lars_eta: float | None = None  # LARS trust coefficient (None: the method's recipe; 0.001 as in SimCLR/BYOL)
     warmup_epochs: float | None = None  # linear warm-up length (None: 10% of training, at most 10 epochs)
     grad_clip: float | None = None  # clip the global gradient norm to this (None: off)
-    precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA, no on CPU; recorded as what it resolved to) | no | bf16 | fp16 (CUDA only)
     channels_last: bool = True  # NHWC layout: ~2x faster convolutions on CUDA and on AVX2 CPUs (CPU BatchNorm then uses a one-pass variance)
     compile: bool = False  # torch.compile the training step's model
     keep_freed_memory: bool = True  # CPU on Linux/glibc: malloc keeps freed activations for reuse instead of unmapping them (~25% faster training steps, ~1.6x faster evaluation; RSS stays at its peak)
@@ -83,11 +84,17 @@ class TrainConfig:
     method_cfg: Any = None  # the method's own config dataclass (filled from `method`)
 
     def resolve_defaults(self) -> None:
-        """Fill the defaults that depend on other fields (``image_size`` from ``data``)."""
+        """Fill the defaults that depend on other fields or on this machine, so that a saved
+        config records what runs: ``image_size`` from ``data``, ``epochs`` (10) when no budget is
+        given, ``precision`` auto as bf16 on CUDA and no elsewhere."""
         if self.image_size is None:
             from .data import default_image_size
 
             self.image_size = default_image_size(self.data)
+        if self.epochs is None and self.steps is None and self.time_budget_s is None:
+            self.epochs = DEFAULT_EPOCHS
+        if self.precision == "auto":
+            self.precision = auto_precision()
 
     def validate(self) -> None:
         """Range checks that dataclass types cannot express; raises :class:`UserError`."""
@@ -147,6 +154,24 @@ class TrainConfig:
             self.method_cfg.validate()
 
 
+def auto_precision() -> str:
+    """What ``precision: auto`` means on this machine: bf16 with CUDA, else no (fp32)."""
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "no"
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision this machine cannot train in (before anything is written). fp16 needs
+    CUDA: on the CPU Accelerate does not autocast to fp16, so such a run would train in fp32 while
+    its records said fp16; an error says so instead of a fallback that would mislabel the run."""
+    import torch
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("precision fp16 needs a CUDA GPU (on the CPU Accelerate does not autocast to fp16: the run would train in fp32); "
+                        "pass --precision no (fp32) or bf16")
+
+
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UserError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
@@ -191,8 +216,13 @@ def parse_literal(text: str) -> Any:
         return False
     if low in ("none", "null"):
         return None
-    if "," in text and not text.strip().startswith(("[", "(")):
-        return tuple(parse_literal(t) for t in text.split(",") if t.strip())
+    if "," in text and not text.strip().startswith(("[", "(", "{")):
+        items = text.split(",")
+        if items[-1].strip() == "":
+            items.pop()  # "16," is a one-element tuple
+        if any(t.strip() == "" for t in items):
+            raise UserError(f"{text!r} has an empty item between commas; separate the items by single commas")
+        return tuple(parse_literal(t) for t in items)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -203,17 +233,21 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from YAML or the command line) to the field type ``tp`` or raise a
     one-line :class:`UserError` naming the key and the expected type."""
     base, optional = _strip_optional(tp)
+    raw = value  # what the user wrote, for messages
     if value is None:
         if optional or base is Any:
             return None
         raise UserError(f"{key} cannot be None")
     if isinstance(value, str) and base is not str:
-        value = parse_literal(value)
+        try:
+            value = parse_literal(value)
+        except UserError as exc:
+            raise UserError(f"{key}: {exc}") from None
         if value is None and optional:
             return None
     if isinstance(value, str) and optional and value.strip().lower() in ("none", "null"):
         return None  # an optional string field (cache_dir, optimizer, ...) is unset like the others
-    bad = UserError(f"{key} expects {_type_name(base)}, got {value!r}")
+    bad = UserError(f"{key} expects {_type_name(base)}, got {_shown(raw)}")
     if isinstance(value, float) and not math.isfinite(value) and base in (int, float):
         raise UserError(f"{key} expects a finite {_type_name(base)}, got {value!r}")
     if base is Any:
@@ -236,11 +270,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(base)
         seq = value if isinstance(value, (list, tuple)) else (value,)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0], key) for v in seq)
-        if len(seq) != len(args):
-            raise bad
-        return tuple(coerce(v, a, key) for v, a in zip(seq, args))
+        bad = UserError(f"{key} expects {_type_name(base)}, got {_shown(raw)}")
+        try:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(coerce(v, args[0], key) for v in seq)
+            if len(seq) != len(args):
+                raise bad
+            return tuple(coerce(v, a, key) for v, a in zip(seq, args))
+        except UserError:
+            raise bad from None
     if origin is Literal:
         if value not in typing.get_args(base):
             raise UserError(f"{key} must be one of {', '.join(map(str, typing.get_args(base)))}; got {value!r}")
@@ -253,7 +291,24 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    """How a field type reads in a message: ``float``, ``2 comma-separated numbers (e.g. 0.2,1.0)``."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        what = {int: "integers", float: "numbers", str: "names"}.get(item, "values")
+        example = {int: "16,32,64", float: "0.2,1.0", str: "a,b"}.get(item, "a,b")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"comma-separated {what} (e.g. {example})"
+        example = ",".join(example.split(",")[: len(args)] + ["1"] * max(0, len(args) - 2))
+        return f"{len(args)} comma-separated {what} (e.g. {example})"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _shown(value: Any) -> str:
+    """A value as the user would write it: ``0.2,0.5,0.9`` for a tuple, ``'abc'`` for a string."""
+    if isinstance(value, (list, tuple)):
+        return repr(",".join(str(v) for v in value))
+    return repr(value)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -358,8 +413,7 @@ def build_config(
                             "aug.* (AugmentConfig) and the method's own (`sslbench list methods`)")
     cfg: TrainConfig = update_dataclass(TrainConfig(), top)
     cfg.resolve_defaults()
-    cfg.backbone_kwargs = {k: parse_literal(v) if isinstance(v, str) else (tuple(v) if isinstance(v, list) else v)
-                           for k, v in nested["backbone_kwargs"].items()}
+    cfg.backbone_kwargs = {k: _backbone_value(k, v) for k, v in nested["backbone_kwargs"].items()}
     assert cfg.image_size is not None  # resolve_defaults() set it
     recipe: Recipe = method_cls.recipe(cfg.image_size)
     cfg.aug = update_dataclass(dataclasses.replace(cfg.aug, **recipe.aug), nested["aug"], prefix="aug.")
@@ -367,6 +421,16 @@ def build_config(
     apply_recipe(cfg, recipe)
     cfg.validate()
     return cfg
+
+
+def _backbone_value(key: Any, value: Any) -> Any:
+    """A ``backbone_kwargs`` value: CLI text parsed (``16,32,64,128`` -> a tuple), YAML lists as tuples."""
+    if isinstance(value, str):
+        try:
+            return parse_literal(value)
+        except UserError as exc:
+            raise UserError(f"backbone_kwargs.{key}: {exc}") from None
+    return tuple(value) if isinstance(value, list) else value
 
 
 RECIPE_FIELDS = ("optimizer", "lr", "lr_scaling", "weight_decay", "weight_decay_end", "lars_eta", "betas", "grad_clip")

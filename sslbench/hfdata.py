@@ -198,7 +198,20 @@ def _open(name: str, options: dict[str, str], cache_root: Path) -> tuple[Any, Pa
             return datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=hf_cache), root, f"imagefolder:{root}"
         if _looks_local(name):
             raise UserError(f"hf:{name}: no such file or folder; {HF_FORMS}")
-        return datasets.load_dataset(name, config), None, f"{name}/{config or ''}"
+        from .hub import hub_access, offline_reason
+
+        with hub_access() as offline:
+            try:
+                return datasets.load_dataset(name, config), None, f"{name}/{config or ''}"
+            except Exception as err:
+                reason = offline_reason(err, offline)
+                if reason is None:
+                    raise
+                raise UserError(
+                    f"cannot load Hugging Face dataset {name!r} ({reason}); where there is a network run "
+                    f"python -c \"import datasets; datasets.load_dataset('{name}').save_to_disk('DIR')\", copy DIR here "
+                    "and pass --data hf:DIR (or use imagefolder:PATH)"
+                ) from err
     except UserError:
         raise
     except Exception as err:  # hub, network, file format: all mean "cannot load this"

@@ -442,10 +442,10 @@ def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
             ax.set_title(group_title(group), fontsize=10)
             ax.set_ylabel(metric)
             ax.grid(axis="y", alpha=0.3)
-    try:
-        fig.savefig(os.fspath(path), dpi=100)
-    except OSError as e:
-        raise UserError(f"could not write the plot to {path}: {e.strerror or e}") from e
+    from .rundir import write_atomic
+
+    # atomic: a failed write (disk full) leaves no half image and keeps an earlier one
+    write_atomic(path, lambda tmp: fig.savefig(os.fspath(tmp), dpi=100, format=suffix), "free some space or pass another --plot")
 
 
 def _grid_figure(groups: list[tuple[tuple[Any, ...], list[dict[str, Any]]]]) -> Any:

@@ -37,18 +37,23 @@ def train_and_score(
     if cfg.online_probe:
         cbs.append(OnlineProbeCallback())
     try:
-        result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs)
-        if result.stopped_early or not result.main:
+        result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs, keep_lock=True)
+        try:  # the run directory stays locked until its last file is written
+            if result.stopped_early or not result.main:
+                return result
+            if cfg.quick_knn:
+                _score(cfg, result, quiet)
+                tracker.log_final(result.metrics)
+            from .curves import write_curves
+
+            write_curves(result.run_dir)  # curves.png: loss, lr, images/s, probe accuracy (and the k-NN)
             return result
-        if cfg.quick_knn:
-            _score(cfg, result, quiet)
-            tracker.log_final(result.metrics)
+        finally:
+            if result.lock is not None:
+                result.lock.release()
+                result.lock = None
     finally:
         tracker.close()
-    from .curves import write_curves
-
-    write_curves(result.run_dir)  # curves.png: loss, lr, images/s, probe accuracy (and the k-NN)
-    return result
 
 
 def _score(cfg: TrainConfig, result: TrainResult, quiet: bool) -> None:
@@ -58,7 +63,7 @@ def _score(cfg: TrainConfig, result: TrainResult, quiet: bool) -> None:
 
     path = RunDir(result.run_dir).summary
     summary = json.loads(path.read_text())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the trainer trained
+    device = torch.device(str(summary.get("device", "cuda" if torch.cuda.is_available() else "cpu")))  # where the trainer trained
     precision = "bf16" if summary.get("precision") == "bf16" else "no"
     result.metrics = quick_knn(cfg, load_encoder(result.run_dir), device, precision, quiet=quiet)
     summary["metrics"] = result.metrics
@@ -81,6 +86,8 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
     size = cfg.image_size
     train_split = load_split(cfg.data, "train", size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
     test_split = load_split(cfg.data, "test", size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+    if torch.unique(train_split.labels).numel() < 2:
+        return {}  # one class: every accuracy is 100% (setup has warned)
     if not isinstance(train_split, ImageSplit) or not isinstance(test_split, ImageSplit):
         if not quiet:
             print(f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`", file=sys.stderr)

@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -364,3 +366,35 @@ def test_a_nan_in_one_process_stops_every_process_with_the_same_error(tmp_path: 
     assert len(errors) == 2, proc.stderr[-4000:]  # one per process
     assert "sslbench/trainer.py" not in proc.stderr, proc.stderr[-4000:]  # (torchrun prints its own traceback)
     assert not (out / "encoder.safetensors").exists()
+
+
+def test_the_main_process_holds_the_run_directory_for_the_group(tmp_path: Path) -> None:
+    """Under torchrun the main process locks the run directory for the group (issue 20): while the
+    two processes train, another `train` on the same --output is one line naming the holder; when
+    the group ends the lock file is gone."""
+    from _reliability import child_env, fork_cli, lines
+
+    from sslbench.runlock import lock_holder
+
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    args = [*_common_args("simclr", out), "--set", "quick_knn=false"]
+    proc = subprocess.Popen(_torchrun(args), env=_group_env(tmp_path, SSLBENCH_TEST_GATE=str(gate)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (out / "config.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        holder = lock_holder(out)
+        assert holder is not None and holder.pid is not None and "train" in (holder.command or ""), proc.poll()
+        second = fork_cli(["train", "--output", str(out), "--steps", "1", "--quiet"], child_env(tmp_path / "cache")).wait()
+        err = lines(second.stderr)
+        assert second.returncode == 2 and len(err) == 1 and f"is in use by pid {holder.pid}" in err[0], second.describe()
+    finally:
+        gate.touch()
+    try:
+        _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stderr[-4000:]
+    assert (out / "encoder.safetensors").is_file() and not (out / "run.lock").exists()
