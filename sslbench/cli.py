@@ -1,4 +1,4 @@
-"""The ``sslbench`` command line: train, eval, compare, leaderboard, list.
+"""The ``sslbench`` command line: train, eval, compare, leaderboard, picture, list.
 
 Every mistake a user can make ends as one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead.
@@ -222,10 +222,10 @@ def _environment_error(exc: BaseException) -> str | None:
 
 
 def _load_extra_commands() -> None:
-    """Import the modules that register eval/compare/leaderboard sub-commands, if present."""
+    """Import the modules that register eval/compare/leaderboard/picture sub-commands, if present."""
     import importlib
 
-    for mod in ("sslbench.commands", "sslbench.compare"):
+    for mod in ("sslbench.commands", "sslbench.compare", "sslbench.picture"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

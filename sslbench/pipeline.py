@@ -1,9 +1,10 @@
-"""Training as the commands run it: the trainer, then the end-of-training k-NN.
+"""Training as the commands run it: the trainer, then the end-of-training picture and k-NN.
 
 This is the layer above both the trainer and the evaluators (neither imports the other): it adds
 the callbacks that come from elsewhere (the online probe from :mod:`sslbench.evals`, those named
-in ``$SSLBENCH_CALLBACKS``), trains, and scores the saved encoder with the same feature extraction
-and k-NN that ``sslbench eval`` uses, recording the figures in ``results.json``.
+in ``$SSLBENCH_CALLBACKS``), trains, draws the reconstruction picture of a method that
+reconstructs images (:mod:`sslbench.picture`, e.g. MAE), and scores the saved encoder with the same
+feature extraction and k-NN that ``sslbench eval`` uses, recording the figures in ``results.json``.
 """
 
 from __future__ import annotations
@@ -27,15 +28,24 @@ def train_and_score(
     cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None,
     callbacks: list[Callback] | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` (with the online probe when configured) and, when it finishes and
-    ``cfg.quick_knn`` is on, score the encoder with the quick k-NN into ``results.json``."""
+    """Train ``cfg`` (with the online probe when configured) and, when it finishes: draw the
+    reconstruction picture into the run directory for a method that reconstructs images, and with
+    ``cfg.quick_knn`` on, score the encoder with the quick k-NN into ``results.json``."""
     cbs = [*callbacks_from_env(), *(callbacks or [])]
     if cfg.online_probe:
         from sslbench.evals.online_probe import OnlineProbeCallback
 
         cbs.append(OnlineProbeCallback())
     result = train(cfg, resume=resume, quiet=quiet, resume_command=resume_command, callbacks=cbs)
-    if result.stopped_early or not result.main or not cfg.quick_knn:
+    if result.stopped_early or not result.main:
+        return result
+    from .picture import supports_picture, write_picture
+
+    if supports_picture(cfg.method):
+        picture = write_picture(result.run_dir)
+        if not quiet:
+            print(f"reconstructions of test images: {picture}", file=sys.stderr)
+    if not cfg.quick_knn:
         return result
     from .backbones import load_encoder
     from .rundir import RunDir, write_text_atomic

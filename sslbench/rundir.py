@@ -9,6 +9,7 @@
       encoder.safetensors   the backbone's weights under timm's own key names
       method.safetensors    the whole method, heads included
       results.json          the training summary (wall time, speed, quick k-NN)
+      reconstructions.png   test images and their reconstructions (methods that reconstruct, e.g. MAE)
       budget.json           the budget as `compare` was given it ({"kind": ..., "value": ...})
 
 Results stores (``results.jsonl``) live next to run directories, not in them:
@@ -35,6 +36,7 @@ ENCODER = "encoder.safetensors"
 METHOD = "method.safetensors"
 SUMMARY = "results.json"
 BUDGET = "budget.json"
+PICTURE = "reconstructions.png"
 RESULTS_STORE = "results.jsonl"  # a results store (next to run directories, or in a comparison's directory)
 
 
@@ -81,6 +83,11 @@ class RunDir:
     @property
     def budget(self) -> Path:
         return self.path / BUDGET
+
+    @property
+    def picture(self) -> Path:
+        """``reconstructions.png``: written by :mod:`sslbench.picture` for methods that reconstruct images."""
+        return self.path / PICTURE
 
     @property
     def results_store(self) -> Path:
