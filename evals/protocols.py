@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sslbench.errors import UserError
 from sslbench.protocols import EvalContext, EvalOptions, Option, Score, at_least, positive, register_protocol, within
 
 
@@ -56,6 +57,8 @@ FINETUNE_OPTIONS = (
     Option("--finetune-min-steps", 200, "at least this many fine-tuning steps per fraction (default 200)", type=int, check=at_least(0)),
     Option("--from-projector-layer", 0, "fine-tune from the K-th hidden projector layer (SimCLR v2: 1); default 0: the encoder",
            type=int, metavar="K", check=at_least(0)),
+    Option("--finetune-layer-decay", 1.0, "layer-wise lr decay for vision transformers, in (0, 1] (MAE: 0.75); default 1: none",
+           type=float, check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
 )
 DISTILL_OPTIONS = (
     Option("--distill-epochs", 10, "distillation passes over all training images (default 10)", type=int, check=at_least(1)),
@@ -68,8 +71,11 @@ DISTILL_OPTIONS = (
 
 
 def _finetune_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
+    decay = opts.finetune_layer_decay
     return {"epochs": opts.finetune_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
-            "seed": opts.seed, "from_projector_layer": opts.from_projector_layer, "min_steps": opts.finetune_min_steps}
+            "seed": opts.seed, "from_projector_layer": opts.from_projector_layer, "min_steps": opts.finetune_min_steps,
+            # rows stored before the option existed were fine-tuned without a layer-wise decay
+            "layer_decay": lambda v: v == decay or (v is None and decay == 1.0)}
 
 
 def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
@@ -91,6 +97,15 @@ def _projector(ctx: EvalContext) -> Any:
     return ctx.cache["projector"]
 
 
+def _prepare_finetune(ctx: EvalContext) -> Any:
+    """Before any data is loaded: a layer-wise lr decay needs a transformer encoder, and the
+    projector layers are loaded (:func:`_projector`)."""
+    if ctx.opts.finetune_layer_decay != 1.0 and not hasattr(ctx.encoder, "blocks"):
+        name = getattr(ctx.encoder, "pretrained_cfg", {}).get("architecture") or type(ctx.encoder).__name__
+        raise UserError(f"--finetune-layer-decay {ctx.opts.finetune_layer_decay:g} needs a vision transformer encoder (timm blocks); {name} has none, use 1")
+    return _projector(ctx)
+
+
 def _teacher(ctx: EvalContext, fraction: float) -> tuple[Any, dict[str, float]]:
     """The encoder fine-tuned on ``fraction`` of the labels and its metrics, trained once for both
     the finetune row and the distillation teacher (kept only when a distillation will need it)."""
@@ -104,7 +119,7 @@ def _teacher(ctx: EvalContext, fraction: float) -> tuple[Any, dict[str, float]]:
     model_and_metrics = finetune_model(
         ctx.encoder, ctx.train, ctx.test, fraction=fraction, image_size=ctx.cfg.image_size, epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed, projector=_projector(ctx),
-        device=ctx.device, precision=ctx.precision, min_steps=opts.finetune_min_steps,
+        device=ctx.device, precision=ctx.precision, min_steps=opts.finetune_min_steps, layer_decay=opts.finetune_layer_decay,
     )
     if "distill" in opts.protocols:
         teachers[fraction] = model_and_metrics
@@ -118,7 +133,7 @@ def _finetune_record(ctx: EvalContext, fraction: float) -> dict[str, Any]:
     return finetune_protocol(
         fraction=fraction, n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]), epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed,
-        from_projector_layer=opts.from_projector_layer, min_steps=opts.finetune_min_steps,
+        from_projector_layer=opts.from_projector_layer, min_steps=opts.finetune_min_steps, layer_decay=opts.finetune_layer_decay,
     )
 
 
@@ -128,7 +143,7 @@ def _finetune_record(ctx: EvalContext, fraction: float) -> dict[str, Any]:
     reuse_key=_finetune_key,
     per_fraction=True,
     in_memory=True,
-    prepare=_projector,
+    prepare=_prepare_finetune,
     description="end-to-end fine-tuning on a class-balanced fraction of the labels",
 )
 def finetune(ctx: EvalContext, fraction: float | None) -> Score:
@@ -142,7 +157,7 @@ def finetune(ctx: EvalContext, fraction: float | None) -> Score:
     reuse_key=_distill_key,
     per_fraction=True,
     in_memory=True,
-    prepare=_projector,
+    prepare=_prepare_finetune,
     description="SimCLR v2 distillation of the fine-tuned model into a student, on all unlabelled images",
 )
 def distill(ctx: EvalContext, fraction: float | None) -> Score:
