@@ -63,6 +63,8 @@ FINETUNE_OPTIONS = (
     Option("--finetune-min-steps", 200, "at least this many fine-tuning steps per fraction (default 200)", type=int, check=at_least(0)),
     Option("--from-projector-layer", 0, "fine-tune from the K-th hidden projector layer (SimCLR v2: 1); default 0: the encoder",
            type=int, metavar="K", check=at_least(0)),
+    Option("--finetune-layer-decay", 1.0, "layer-wise lr decay for vision transformers, in (0, 1] (MAE: 0.75); default 1: none",
+           type=float, check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
 )
 DISTILL_OPTIONS = (
     Option("--distill-epochs", 10, "distillation passes over all training images (default 10)", type=int, check=at_least(1)),
@@ -88,8 +90,11 @@ def start_layer(opts: EvalOptions, depth: str) -> int | str:
 
 
 def _finetune_key_at(opts: EvalOptions, layer: int | str) -> dict[str, Any]:
+    decay = opts.finetune_layer_decay
     return {"epochs": opts.finetune_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
-            "seed": opts.seed, "from_projector_layer": layer, "min_steps": opts.finetune_min_steps}
+            "seed": opts.seed, "from_projector_layer": layer, "min_steps": opts.finetune_min_steps,
+            # rows stored before the option existed were fine-tuned without a layer-wise decay
+            "layer_decay": lambda v: v == decay or (v is None and decay == 1.0)}
 
 
 def _finetune_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
@@ -115,6 +120,15 @@ def _projector(ctx: EvalContext) -> Any:
     return ctx.cache["projector"]
 
 
+def _prepare_finetune(ctx: EvalContext) -> Any:
+    """Before any data is loaded: a layer-wise lr decay needs a transformer encoder, and the
+    projector layers are loaded (:func:`_projector`)."""
+    if ctx.opts.finetune_layer_decay != 1.0 and not hasattr(ctx.encoder, "blocks"):
+        name = getattr(ctx.encoder, "pretrained_cfg", {}).get("architecture") or type(ctx.encoder).__name__
+        raise UserError(f"--finetune-layer-decay {ctx.opts.finetune_layer_decay:g} needs a vision transformer encoder (timm blocks); {name} has none, use 1")
+    return _projector(ctx)
+
+
 def _start_head(ctx: EvalContext, layer: int | str) -> Any:
     """The projector part fine-tuned with the encoder when starting at ``layer`` (None for 0)."""
     if layer == ctx.opts.from_projector_layer:
@@ -136,7 +150,7 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
     model_and_metrics = finetune_model(
         ctx.encoder, ctx.train, ctx.test, fraction=fraction, image_size=ctx.cfg.image_size, epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed, projector=_start_head(ctx, layer),
-        device=ctx.device, precision=ctx.precision, min_steps=opts.finetune_min_steps,
+        device=ctx.device, precision=ctx.precision, min_steps=opts.finetune_min_steps, layer_decay=opts.finetune_layer_decay,
     )
     if "distill" in opts.protocols and layer == opts.from_projector_layer:
         teachers[fraction, layer] = model_and_metrics
@@ -150,7 +164,7 @@ def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str) -> dic
     return finetune_protocol(
         fraction=fraction, n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]), epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed,
-        from_projector_layer=layer, min_steps=opts.finetune_min_steps,
+        from_projector_layer=layer, min_steps=opts.finetune_min_steps, layer_decay=opts.finetune_layer_decay,
     )
 
 
@@ -160,7 +174,7 @@ def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str) -> dic
     reuse_key=_finetune_key,
     per_fraction=True,
     in_memory=True,
-    prepare=_projector,
+    prepare=_prepare_finetune,
     description="end-to-end fine-tuning on a class-balanced fraction of the labels, from h or a projector layer (--features)",
     per_features=True,
 )
@@ -176,7 +190,7 @@ def finetune(ctx: EvalContext, fraction: float | None) -> Score:
     reuse_key=_distill_key,
     per_fraction=True,
     in_memory=True,
-    prepare=_projector,
+    prepare=_prepare_finetune,
     description="SimCLR v2 distillation of the fine-tuned model into a student, on all unlabelled images",
 )
 def distill(ctx: EvalContext, fraction: float | None) -> Score:

@@ -1,4 +1,4 @@
-"""The ``sslbench`` command line: train, eval, compare, leaderboard, list, export, plot.
+"""The ``sslbench`` command line: train, eval, compare, leaderboard, list, export, plot, picture.
 
 Every mistake a user can make ends as one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead.
@@ -285,10 +285,10 @@ def _environment_error(exc: BaseException) -> str | None:
 
 
 def _load_extra_commands() -> None:
-    """Import the modules that register sub-commands (eval/compare/leaderboard, export, plot), if present."""
+    """Import the modules that register sub-commands (eval/compare/leaderboard, export, plot, picture), if present."""
     import importlib
 
-    for mod in ("sslbench.commands", "sslbench.compare", "sslbench.export", "sslbench.curves"):
+    for mod in ("sslbench.commands", "sslbench.compare", "sslbench.export", "sslbench.curves", "sslbench.picture"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

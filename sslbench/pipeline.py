@@ -1,9 +1,10 @@
-"""Training as the commands run it: the trainer, then the end-of-training k-NN.
+"""Training as the commands run it: the trainer, then the end-of-training picture and k-NN.
 
 This is the layer above both the trainer and the evaluators (neither imports the other): it adds
 the callbacks that come from elsewhere (the online probe from :mod:`sslbench.evals`, those named
-in ``$SSLBENCH_CALLBACKS``), trains, and scores the saved encoder with the same feature extraction
-and k-NN that ``sslbench eval`` uses, recording the figures in ``results.json``.
+in ``$SSLBENCH_CALLBACKS``), trains, draws the reconstruction picture of a method that
+reconstructs images (:mod:`sslbench.picture`, e.g. MAE), and scores the saved encoder with the same
+feature extraction and k-NN that ``sslbench eval`` uses, recording the figures in ``results.json``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def train_and_score(
     callbacks: list[Callback] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` (with the online probe and the experiment trackers when configured); once it
-    finishes, score the encoder with the quick k-NN into ``results.json`` (when ``cfg.quick_knn``)
-    and draw ``curves.png``."""
+    finishes, draw the reconstruction picture for a method that reconstructs images, score the
+    encoder with the quick k-NN into ``results.json`` (when ``cfg.quick_knn``) and draw
+    ``curves.png``."""
     tracker = TrackerCallback(parse_trackers(cfg.log_with))  # an unknown or missing tracker fails here, before any work
     cbs = [*callbacks_from_env(), *(callbacks or []), tracker]
     if cfg.online_probe:
@@ -41,6 +43,12 @@ def train_and_score(
         try:  # the run directory stays locked until its last file is written
             if result.stopped_early or not result.main:
                 return result
+            from .picture import supports_picture, write_picture
+
+            if supports_picture(cfg.method):
+                picture = write_picture(result.run_dir)
+                if not quiet:
+                    print(f"reconstructions of test images: {picture}", file=sys.stderr)
             if cfg.quick_knn:
                 _score(cfg, result, quiet)
                 tracker.log_final(result.metrics)

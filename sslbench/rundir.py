@@ -9,6 +9,7 @@
       encoder.safetensors   the backbone's weights under timm's own key names
       method.safetensors    the whole method, heads included
       results.json          the training summary (wall time, speed, quick k-NN)
+      reconstructions.png   test images and their reconstructions (methods that reconstruct, e.g. MAE)
       budget.json           the budget as `compare` was given it ({"kind": ..., "value": ...})
       run.lock              while a process trains the run: who (sslbench.runlock); removed when it ends
 
@@ -44,6 +45,7 @@ CURVES = "curves.png"
 TRACKERS = "trackers"
 BUDGET = "budget.json"
 LOCK = "run.lock"
+PICTURE = "reconstructions.png"
 RESULTS_STORE = "results.jsonl"  # a results store (next to run directories, or in a comparison's directory)
 
 
@@ -105,6 +107,11 @@ class RunDir:
     def lock(self) -> Path:
         """``run.lock``: present while a process trains the run (:mod:`sslbench.runlock`)."""
         return self.path / LOCK
+
+    @property
+    def picture(self) -> Path:
+        """``reconstructions.png``: written by :mod:`sslbench.picture` for methods that reconstruct images."""
+        return self.path / PICTURE
 
     @property
     def results_store(self) -> Path:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _backbones import tiny_backbone as tiny_for
 from _steps import batch as make_batch
 from _steps import info as step_info
 from _toy_methods import TOYS
 from torch import nn
 
 from sslbench.augment import AugmentConfig
-from sslbench.backbones import create_backbone
 from sslbench.method import Method, Recipe, ViewSpec, default_views
 from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
 from sslbench.registry import METHODS, get_method
@@ -36,8 +36,9 @@ EXAMPLE_MODULE = "sslbench_doc_example_align_uniform"
 BATCH, SIZE = 8, 32
 
 
-def tiny_backbone() -> nn.Module:
-    return create_backbone("resnet18", SIZE, channels=(8, 16, 32, 64))
+def tiny_backbone(method: str = "") -> nn.Module:
+    """The narrow ResNet-18, or a two-block ViT for a method that trains ViTs only (tests/_backbones.py)."""
+    return tiny_for(method, SIZE)
 
 
 def frozen_ids(method: nn.Module) -> set[int]:
@@ -49,7 +50,7 @@ def one_step(cls: type) -> dict:
     torch.manual_seed(0)
     cfg = cls.Config()
     cfg.validate()
-    backbone = tiny_backbone()
+    backbone = tiny_backbone(cls.name)
     method = cls(backbone, cfg)
     method.train()
     specs = default_views(method, AugmentConfig(), SIZE)

@@ -27,7 +27,8 @@ gradients; every BatchNorm (heads' BatchNorm1d, timm's BatchNormAct2d) is synchr
 updates run identically on every rank; MoCo enqueues the gathered keys; only the main process
 writes the run files and runs the k-NN; the logged loss is the mean over processes.
 
-The runs use a narrow ResNet-18 (channels 8,16,32,64), digits at 32 px and one thread per process.
+The runs use a narrow ResNet-18 (channels 8,16,32,64), or a two-block ViT for a method that trains ViTs
+only (MAE; tests/_backbones.py), digits at 32 px and one thread per process.
 They start in the background when the first CLI test runs: the 1-process references one after the
 other in one Python process (``sslbench.cli.main``; imports dominate such tiny runs), the
 ``torchrun`` launches two at a time; each test waits for its own method's pair.
@@ -48,6 +49,7 @@ from typing import Any
 
 import pytest
 import torch
+from _backbones import VIT_ONLY, tiny_cli_args
 from _reliability import run_group
 from safetensors.torch import load_file
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -88,8 +90,8 @@ METHOD_SETS = {
 def _common_args(method: str, out: Path) -> list[str]:
     args = [
         "train", "--method", method, "--steps", str(STEPS), "--batch-size", str(BATCH), "--precision", "no",
-        "--seed", "3", "--image-size", "32", "--quiet", "--output", str(out),
-        "--set", "log_every=1", "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "checkpoint_every=0",
+        "--seed", "3", "--image-size", "32", "--quiet", "--output", str(out), *tiny_cli_args(method),
+        "--set", "log_every=1", "--set", "checkpoint_every=0",
         # NCHW: torch's channels-last CPU BatchNorm uses a one-pass variance (~1e-2 relative gradient error)
         "--set", "channels_last=false",
     ]
@@ -272,6 +274,8 @@ def test_data_kept_in_host_memory_gives_the_same_batches_as_data_on_the_device()
 def test_sync_bn_conversion_covers_every_batchnorm(method_name: str, backbone: str) -> None:
     """What the trainer converts when world > 1: every BatchNorm of the method (backbone, heads'
     BatchNorm1d, momentum copies, timm's BatchNormAct2d) becomes a SyncBatchNorm."""
+    if method_name in VIT_ONLY:
+        pytest.skip(f"{method_name} trains vision transformers only: no BatchNorm to convert")
     kwargs = {"channels": (8, 16, 32, 64)} if backbone == "resnet18" else {}
     cls = get_method(method_name)
     method = cls(create_backbone(backbone, 32, **kwargs), cls.Config())
