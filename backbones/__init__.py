@@ -75,7 +75,8 @@ def _create(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.Modu
                 vit_kwargs: dict[str, Any] = {"img_size": image_size}
                 if image_size <= SMALL_IMAGE_MAX:
                     vit_kwargs["patch_size"] = max(1, image_size // 8)
-                model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
+                kwargs = {**vit_kwargs, **kwargs}  # what the model is built with (recorded for the export)
+                model = timm.create_model(name, num_classes=0, **kwargs)
     except (TypeError, ValueError) as exc:
         raise UserError(
             f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); check their names and values"

@@ -264,6 +264,7 @@ def _record(ctx: EvalContext, **fields: Any) -> dict[str, Any]:
     reuse_key=lambda cfg, opts: {"seed": opts.seed, "alpha": opts.alignment_alpha, "max_samples": opts.metric_samples},
     in_memory=True,
     per_features=True,
+    uses_labels=False,
     description="Wang & Isola alignment: E||f(x)-f(y)||^alpha over two augmented views of each test image (no labels)",
 )
 def alignment(ctx: EvalContext, fraction: float | None) -> Score:
@@ -298,6 +299,7 @@ def alignment(ctx: EvalContext, fraction: float | None) -> Score:
     options=[METRIC_SAMPLES, UNIFORMITY_T],
     reuse_key=lambda cfg, opts: {"seed": opts.seed, "t": opts.uniformity_t, "max_samples": opts.metric_samples},
     per_features=True,
+    uses_labels=False,
     description="Wang & Isola uniformity: log E exp(-t||f(x)-f(y)||^2) over pairs of test images (no labels)",
 )
 def uniformity(ctx: EvalContext, fraction: float | None) -> Score:
@@ -314,6 +316,7 @@ def uniformity(ctx: EvalContext, fraction: float | None) -> Score:
     options=[METRIC_SAMPLES],
     reuse_key=lambda cfg, opts: {"seed": opts.seed, "max_samples": opts.metric_samples},
     per_features=True,
+    uses_labels=False,
     description="RankMe (Garrido et al.): effective rank of the test embedding matrix (no labels)",
 )
 def rankme(ctx: EvalContext, fraction: float | None) -> Score:
@@ -332,6 +335,7 @@ def rankme(ctx: EvalContext, fraction: float | None) -> Score:
     options=[METRIC_SAMPLES],
     reuse_key=lambda cfg, opts: {"seed": opts.seed, "max_samples": opts.metric_samples},
     per_features=True,
+    uses_labels=False,
     description="collapse check: per-dimension std of L2-normalised test embeddings (1/sqrt(D) healthy, 0 collapsed; no labels)",
 )
 def feature_std(ctx: EvalContext, fraction: float | None) -> Score:

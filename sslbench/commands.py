@@ -196,8 +196,9 @@ def eval_splits(cfg: Any, data: str, opts: EvalOptions) -> tuple[Any, Any]:
         splits.append(s)
     classes = splits[0].classes
     present = [classes[i] if i < len(classes) else str(i) for i in sorted(set(splits[0].labels.tolist()))]
-    if len(present) < 2:
-        raise UserError(f"{data} has a single class ({', '.join(present) or 'none'}) in its training split: every accuracy would "
+    labelled = [p for p in opts.protocols if get_protocol(p).uses_labels]
+    if len(present) < 2 and labelled:
+        raise UserError(f"{'/'.join(labelled)}: "f"{data} has a single class ({', '.join(present) or 'none'}) in its training split: every accuracy would "
                         "be 100% and mean nothing; evaluate on data with two or more classes (--data)")
     return splits[0], splits[1]
 

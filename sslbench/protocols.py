@@ -116,6 +116,7 @@ class EvalProtocol:
     prepare: Callable[[EvalContext], None] | None = None
     description: str = ""
     per_features: bool = False  # called once per --features depth (ctx.depth), the row's protocol.features
+    uses_labels: bool = True  # False: scores data without labels (a single class is fine)
 
 
 class _Registry:
@@ -169,6 +170,7 @@ def register_protocol(
     prepare: Callable[[EvalContext], None] | None = None,
     description: str = "",
     per_features: bool = False,
+    uses_labels: bool = True,
 ) -> Callable[[Callable[[EvalContext, float | None], Score]], Callable[[EvalContext, float | None], Score]]:
     """Decorator registering ``run(ctx, fraction) -> Score`` as the protocol ``name`` (see the
     module docstring). ``reuse_key(run_cfg, opts)``: the fields of a stored row's ``protocol``
@@ -176,7 +178,8 @@ def register_protocol(
     ``per_features`` protocol ``opts.features`` is then the one depth being matched."""
 
     def deco(run: Callable[[EvalContext, float | None], Score]) -> Callable[[EvalContext, float | None], Score]:
-        PROTOCOLS.add(EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features))
+        PROTOCOLS.add(EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features,
+                                   uses_labels))
         return run
 
     return deco
