@@ -193,8 +193,7 @@ def save_encoder(model: nn.Module, path: str | Path, *, meta: dict[str, Any], wh
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata={"sslbench": json.dumps(meta)}), what,
-                 errors=(OSError, SafetensorError))
+    write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata={"sslbench": json.dumps(meta)}), what, errors=(OSError, SafetensorError))
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:

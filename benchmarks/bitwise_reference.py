@@ -50,18 +50,42 @@ def sha256_metrics(path: Path) -> str:
 def train_and_hash(method: str, work: Path) -> dict[str, str]:
     """Train ``method`` in a fresh subprocess (1 thread, CPU only) and hash its artefacts."""
     run_dir = work / method
-    cmd = [sys.executable, "-m", "sslbench", "train", "--method", method, "--backbone", "resnet18", "--steps", "20",
-           "--batch-size", "32", "--image-size", "32", "--precision", "no", "--seed", "0", "--output", str(run_dir),
-           "--quiet", "--set", f"cache_dir={work / 'cache'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sslbench",
+        "train",
+        "--method",
+        method,
+        "--backbone",
+        "resnet18",
+        "--steps",
+        "20",
+        "--batch-size",
+        "32",
+        "--image-size",
+        "32",
+        "--precision",
+        "no",
+        "--seed",
+        "0",
+        "--output",
+        str(run_dir),
+        "--quiet",
+        "--set",
+        f"cache_dir={work / 'cache'}",
+    ]
     for setting in SETTINGS:
         cmd += ["--set", setting]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"):
         env.pop(var, None)
     subprocess.run(cmd, env=env, check=True)
-    return {"encoder": sha256_file(run_dir / "encoder.safetensors"),
-            "method": sha256_file(run_dir / "method.safetensors"),
-            "metrics": sha256_metrics(run_dir / "metrics.jsonl")}
+    return {
+        "encoder": sha256_file(run_dir / "encoder.safetensors"),
+        "method": sha256_file(run_dir / "method.safetensors"),
+        "metrics": sha256_metrics(run_dir / "metrics.jsonl"),
+    }
 
 
 def environment() -> dict[str, str]:

@@ -86,13 +86,26 @@ CLAIMS = (
         "With few epochs the crop-only model may not yet have exploited the colour shortcut fully, which narrows "
         "the gap; at 16 px the colour histogram is also a larger share of what an image holds.",
         (
-            Comparison(Arm("crop + colour (jitter + drop) = full", FULL), Arm("crop only", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.0}), "linear_top1"),
-            Comparison(Arm("crop + colour jitter", {"aug.jitter_p": 0.8, "aug.grayscale_p": 0.0}),
-                       Arm("crop only", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.0}), "linear_top1"),
-            Comparison(Arm("crop + colour drop", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.2}),
-                       Arm("crop only", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.0}), "linear_top1", primary=False),
-            Comparison(Arm("crop + colour (jitter + drop) = full", FULL), Arm("crop only", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.0}), "knn_top1",
-                       primary=False),
+            Comparison(
+                Arm("crop + colour (jitter + drop) = full", FULL), Arm("crop only", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.0}), "linear_top1"
+            ),
+            Comparison(
+                Arm("crop + colour jitter", {"aug.jitter_p": 0.8, "aug.grayscale_p": 0.0}),
+                Arm("crop only", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.0}),
+                "linear_top1",
+            ),
+            Comparison(
+                Arm("crop + colour drop", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.2}),
+                Arm("crop only", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.0}),
+                "linear_top1",
+                primary=False,
+            ),
+            Comparison(
+                Arm("crop + colour (jitter + drop) = full", FULL),
+                Arm("crop only", {"aug.jitter_p": 0.0, "aug.grayscale_p": 0.0}),
+                "knn_top1",
+                primary=False,
+            ),
         ),
     ),
     Claim(
@@ -107,12 +120,19 @@ CLAIMS = (
         "projector's benefit for h needs the contrastive loss to have shaped z long enough to discard information; "
         "after a few epochs the three heads can still be close. With no projector, z is h (the same numbers twice).",
         (
-            Comparison(Arm("nonlinear (v1) @ h", {"method_cfg.projector": "v1"}), Arm("nonlinear (v1) @ z", {"method_cfg.projector": "v1"}, "z"),
-                       "linear_top1"),
+            Comparison(
+                Arm("nonlinear (v1) @ h", {"method_cfg.projector": "v1"}),
+                Arm("nonlinear (v1) @ z", {"method_cfg.projector": "v1"}, "z"),
+                "linear_top1",
+            ),
             Comparison(Arm("nonlinear @ h", {"method_cfg.projector": "v1"}), Arm("linear @ h", {"method_cfg.projector": "linear"}), "linear_top1"),
             Comparison(Arm("nonlinear @ h", {"method_cfg.projector": "v1"}), Arm("none @ h", {"method_cfg.projector": "none"}), "linear_top1"),
-            Comparison(Arm("nonlinear (v1) @ h", {"method_cfg.projector": "v1"}), Arm("nonlinear (v1) @ z", {"method_cfg.projector": "v1"}, "z"),
-                       "knn_top1", primary=False),
+            Comparison(
+                Arm("nonlinear (v1) @ h", {"method_cfg.projector": "v1"}),
+                Arm("nonlinear (v1) @ z", {"method_cfg.projector": "v1"}, "z"),
+                "knn_top1",
+                primary=False,
+            ),
         ),
     ),
     Claim(
@@ -143,7 +163,9 @@ CLAIMS = (
         "at batch 256 and a few epochs a low temperature's focus on hard negatives has few negatives to work on.",
         (
             Comparison(Arm("tau 0.5", {"method_cfg.temperature": 0.5}), Arm("tau 1.0", {"method_cfg.temperature": 1.0}), "linear_top1"),
-            Comparison(Arm("tau 0.1", {"method_cfg.temperature": 0.1}), Arm("tau 0.5", {"method_cfg.temperature": 0.5}), "linear_top1", primary=False),
+            Comparison(
+                Arm("tau 0.1", {"method_cfg.temperature": 0.1}), Arm("tau 0.5", {"method_cfg.temperature": 0.5}), "linear_top1", primary=False
+            ),
             Comparison(Arm("tau 0.5", {"method_cfg.temperature": 0.5}), Arm("tau 1.0", {"method_cfg.temperature": 1.0}), "knn_top1", primary=False),
         ),
     ),
@@ -159,12 +181,22 @@ CLAIMS = (
         "Fine-tuning 50 (1%) or 500 (10%) labelled images for 100 steps is noisy, and the first projector layer "
         "(2,048 wide) adds parameters that a short fine-tuning of so few labels can overfit.",
         (
-            Comparison(Arm("3-layer (v2) from proj1", {"method_cfg.projector": "v2"}, "proj1"),
-                       Arm("2-layer (v1) from h", {"method_cfg.projector": "v1"}), "finetune_1pct_top1"),
-            Comparison(Arm("3-layer (v2) from proj1", {"method_cfg.projector": "v2"}, "proj1"),
-                       Arm("2-layer (v1) from h", {"method_cfg.projector": "v1"}), "finetune_10pct_top1"),
-            Comparison(Arm("2-layer (v1) from proj1", {"method_cfg.projector": "v1"}, "proj1"),
-                       Arm("2-layer (v1) from h", {"method_cfg.projector": "v1"}), "finetune_1pct_top1", primary=False),
+            Comparison(
+                Arm("3-layer (v2) from proj1", {"method_cfg.projector": "v2"}, "proj1"),
+                Arm("2-layer (v1) from h", {"method_cfg.projector": "v1"}),
+                "finetune_1pct_top1",
+            ),
+            Comparison(
+                Arm("3-layer (v2) from proj1", {"method_cfg.projector": "v2"}, "proj1"),
+                Arm("2-layer (v1) from h", {"method_cfg.projector": "v1"}),
+                "finetune_10pct_top1",
+            ),
+            Comparison(
+                Arm("2-layer (v1) from proj1", {"method_cfg.projector": "v1"}, "proj1"),
+                Arm("2-layer (v1) from h", {"method_cfg.projector": "v1"}),
+                "finetune_1pct_top1",
+                primary=False,
+            ),
         ),
     ),
 )
@@ -229,8 +261,14 @@ def welch(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float]:
     se = math.sqrt(va + vb)
     if se == 0.0:
         p_more = 0.0 if diff > 0 else 1.0 if diff < 0 else 0.5
-        return {"diff": diff, "se": 0.0, "t": math.copysign(math.inf, diff) if diff else 0.0, "df": math.nan,
-                "p_more": p_more, "p_less": 1.0 - p_more if diff else 0.5}
+        return {
+            "diff": diff,
+            "se": 0.0,
+            "t": math.copysign(math.inf, diff) if diff else 0.0,
+            "df": math.nan,
+            "p_more": p_more,
+            "p_less": 1.0 - p_more if diff else 0.5,
+        }
     den = (va**2 / (a["n"] - 1) if a["n"] > 1 else 0.0) + (vb**2 / (b["n"] - 1) if b["n"] > 1 else 0.0)
     df = (va + vb) ** 2 / den if den > 0 else math.inf
     t = diff / se
@@ -322,12 +360,17 @@ def claim_section(claim: Claim, rows: list[dict[str, Any]], script: Path) -> str
         return "\n".join(out)
     entries = aggregate(rows)
     seeds = sorted({r.get("seed") for r in rows}, key=str)
-    out += [f"**Numbers** (mean ± sample std over seeds {', '.join(map(str, seeds))}; "
-            f"training took {_training_minutes(rows):.0f} min for the runs behind this table):", ""]
+    out += [
+        f"**Numbers** (mean ± sample std over seeds {', '.join(map(str, seeds))}; "
+        f"training took {_training_minutes(rows):.0f} min for the runs behind this table):",
+        "",
+    ]
     table = render(rows, "md")
     out += [line for line in table.splitlines() if line.startswith("|")] + [""]
-    out += ["| comparison (paper: A > B) | metric | A | B | A − B ± SE | p (one-sided Welch) | verdict |",
-            "| :-- | :-- | --: | --: | --: | --: | :-- |"]
+    out += [
+        "| comparison (paper: A > B) | metric | A | B | A − B ± SE | p (one-sided Welch) | verdict |",
+        "| :-- | :-- | --: | --: | --: | --: | :-- |",
+    ]
     primary: list[str] = []
     for c in claim.comparisons:
         a, b = _pick(entries, c.a, c.metric), _pick(entries, c.b, c.metric)
@@ -337,8 +380,10 @@ def claim_section(claim: Claim, rows: list[dict[str, Any]], script: Path) -> str
         else:
             s = welch(a, b)
             v = verdict(s, a["n"], b["n"])
-            out.append(f"| {c.a.label} > {c.b.label}{'' if c.primary else ' (secondary)'} | {c.metric} | {_cell(a)} | {_cell(b)} | "
-                       f"{s['diff']:+.2f} ± {s['se']:.2f} | {s['p_more']:.3f} | {v} |")
+            out.append(
+                f"| {c.a.label} > {c.b.label}{'' if c.primary else ' (secondary)'} | {c.metric} | {_cell(a)} | {_cell(b)} | "
+                f"{s['diff']:+.2f} ± {s['se']:.2f} | {s['p_more']:.3f} | {v} |"
+            )
         if c.primary:
             primary.append(v)
     overall = claim_verdict(primary)

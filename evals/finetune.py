@@ -63,7 +63,11 @@ MOMENTUM = 0.9
 CROP_SCALE = (0.08, 1.0)
 # How train_classifier optimises, for result rows (fine-tuning and distillation).
 OPTIMIZER_RECORD: dict[str, object] = {
-    "optimizer": "sgd", "momentum": MOMENTUM, "nesterov": True, "weight_decay": 0.0, "schedule": "cosine to 0, no warm-up",
+    "optimizer": "sgd",
+    "momentum": MOMENTUM,
+    "nesterov": True,
+    "weight_decay": 0.0,
+    "schedule": "cosine to 0, no warm-up",
 }
 
 
@@ -247,9 +251,18 @@ def finetune_model(
         return F.cross_entropy(logits, labels[idx])
 
     train_classifier(
-        model, subset.images.to(dev), loss_fn, steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
-        batch_size=batch_size, lr=lr, seed=seed, image_size=image_size, precision=precision, crop_scale=crop_scale,
-        what="fine-tuning", groups=layer_decay_groups(model, layer_decay),
+        model,
+        subset.images.to(dev),
+        loss_fn,
+        steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        image_size=image_size,
+        precision=precision,
+        crop_scale=crop_scale,
+        what="fine-tuning",
+        groups=layer_decay_groups(model, layer_decay),
     )
     acc = _evaluate(model, test, image_size, dev, precision)
     return model.eval(), {metric_name(fraction, k): v for k, v in acc.items()}

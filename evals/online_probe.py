@@ -150,4 +150,3 @@ class OnlineProbe:
             return None
         self.last_top1 = self.evaluate(encoder)
         return {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "online_probe_top1": self.last_top1}
-

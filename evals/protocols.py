@@ -61,18 +61,38 @@ FINETUNE_OPTIONS = (
     Option("--finetune-batch-size", 256, "fine-tuning batch size (default 256)", type=int, check=at_least(1)),
     Option("--finetune-lr", 0.2, "fine-tuning learning rate (default 0.2, cosine)", type=float, check=positive),
     Option("--finetune-min-steps", 200, "at least this many fine-tuning steps per fraction (default 200)", type=int, check=at_least(0)),
-    Option("--from-projector-layer", 0, "fine-tune from the K-th hidden projector layer (SimCLR v2: 1); default 0: the encoder",
-           type=int, metavar="K", check=at_least(0)),
-    Option("--finetune-layer-decay", 1.0, "layer-wise lr decay for vision transformers, in (0, 1] (MAE: 0.75); default 1: none",
-           type=float, check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+    Option(
+        "--from-projector-layer",
+        0,
+        "fine-tune from the K-th hidden projector layer (SimCLR v2: 1); default 0: the encoder",
+        type=int,
+        metavar="K",
+        check=at_least(0),
+    ),
+    Option(
+        "--finetune-layer-decay",
+        1.0,
+        "layer-wise lr decay for vision transformers, in (0, 1] (MAE: 0.75); default 1: none",
+        type=float,
+        check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+    ),
 )
 DISTILL_OPTIONS = (
     Option("--distill-epochs", 10, "distillation passes over all training images (default 10)", type=int, check=at_least(1)),
     Option("--distill-temperature", 1.0, "distillation softmax temperature (default 1)", type=float, check=positive),
-    Option("--distill-label-weight", 0.0, "weight of the ground-truth loss on the labelled images, in [0, 1] (default 0: distillation only)",
-           type=float, check=within(0, 1)),
-    Option("--distill-student-init", "random", "student encoder: random (from scratch, as SimCLR v2) or pretrained (the run's encoder); default random",
-           choices=("random", "pretrained")),
+    Option(
+        "--distill-label-weight",
+        0.0,
+        "weight of the ground-truth loss on the labelled images, in [0, 1] (default 0: distillation only)",
+        type=float,
+        check=within(0, 1),
+    ),
+    Option(
+        "--distill-student-init",
+        "random",
+        "student encoder: random (from scratch, as SimCLR v2) or pretrained (the run's encoder); default random",
+        choices=("random", "pretrained"),
+    ),
 )
 
 
@@ -84,17 +104,25 @@ def start_layer(opts: EvalOptions, depth: str) -> int | str:
     if depth == "h":
         return int(legacy)
     if legacy:
-        raise UserError(f"--from-projector-layer {legacy} and --features {depth} name two starting layers for finetune; "
-                        f"give one (--features proj{legacy} is --from-projector-layer {legacy})")
+        raise UserError(
+            f"--from-projector-layer {legacy} and --features {depth} name two starting layers for finetune; "
+            f"give one (--features proj{legacy} is --from-projector-layer {legacy})"
+        )
     return "z" if depth == "z" else int(depth[4:])
 
 
 def _finetune_key_at(opts: EvalOptions, layer: int | str) -> dict[str, Any]:
     decay = opts.finetune_layer_decay
-    return {"epochs": opts.finetune_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
-            "seed": opts.seed, "from_projector_layer": layer, "min_steps": opts.finetune_min_steps,
-            # rows stored before the option existed were fine-tuned without a layer-wise decay
-            "layer_decay": lambda v: v == decay or (v is None and decay == 1.0)}
+    return {
+        "epochs": opts.finetune_epochs,
+        "batch_size": opts.finetune_batch_size,
+        "lr": opts.finetune_lr,
+        "seed": opts.seed,
+        "from_projector_layer": layer,
+        "min_steps": opts.finetune_min_steps,
+        # rows stored before the option existed were fine-tuned without a layer-wise decay
+        "layer_decay": lambda v: v == decay or (v is None and decay == 1.0),
+    }
 
 
 def _finetune_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
@@ -103,10 +131,17 @@ def _finetune_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
 
 def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
     teacher = _finetune_key_at(opts, opts.from_projector_layer)
-    return {"epochs": opts.distill_epochs, "batch_size": opts.finetune_batch_size, "lr": opts.finetune_lr,
-            "seed": opts.seed, "min_steps": opts.finetune_min_steps, "temperature": opts.distill_temperature,
-            "label_weight": opts.distill_label_weight, "student_init": opts.distill_student_init,
-            "teacher": lambda t: isinstance(t, dict) and all(t.get(k) == v for k, v in teacher.items())}
+    return {
+        "epochs": opts.distill_epochs,
+        "batch_size": opts.finetune_batch_size,
+        "lr": opts.finetune_lr,
+        "seed": opts.seed,
+        "min_steps": opts.finetune_min_steps,
+        "temperature": opts.distill_temperature,
+        "label_weight": opts.distill_label_weight,
+        "student_init": opts.distill_student_init,
+        "teacher": lambda t: isinstance(t, dict) and all(t.get(k) == v for k, v in teacher.items()),
+    }
 
 
 def _projector(ctx: EvalContext) -> Any:
@@ -125,7 +160,9 @@ def _prepare_finetune(ctx: EvalContext) -> Any:
     projector layers are loaded (:func:`_projector`)."""
     if ctx.opts.finetune_layer_decay != 1.0 and not hasattr(ctx.encoder, "blocks"):
         name = getattr(ctx.encoder, "pretrained_cfg", {}).get("architecture") or type(ctx.encoder).__name__
-        raise UserError(f"--finetune-layer-decay {ctx.opts.finetune_layer_decay:g} needs a vision transformer encoder (timm blocks); {name} has none, use 1")
+        raise UserError(
+            f"--finetune-layer-decay {ctx.opts.finetune_layer_decay:g} needs a vision transformer encoder (timm blocks); {name} has none, use 1"
+        )
     return _projector(ctx)
 
 
@@ -148,9 +185,20 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
         return cached
     opts = ctx.opts
     model_and_metrics = finetune_model(
-        ctx.encoder, ctx.train, ctx.test, fraction=fraction, image_size=ctx.cfg.image_size, epochs=opts.finetune_epochs,
-        batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed, projector=_start_head(ctx, layer),
-        device=ctx.device, precision=ctx.precision, min_steps=opts.finetune_min_steps, layer_decay=opts.finetune_layer_decay,
+        ctx.encoder,
+        ctx.train,
+        ctx.test,
+        fraction=fraction,
+        image_size=ctx.cfg.image_size,
+        epochs=opts.finetune_epochs,
+        batch_size=opts.finetune_batch_size,
+        lr=opts.finetune_lr,
+        seed=opts.seed,
+        projector=_start_head(ctx, layer),
+        device=ctx.device,
+        precision=ctx.precision,
+        min_steps=opts.finetune_min_steps,
+        layer_decay=opts.finetune_layer_decay,
     )
     if "distill" in opts.protocols and layer == opts.from_projector_layer:
         teachers[fraction, layer] = model_and_metrics
@@ -162,9 +210,15 @@ def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str) -> dic
 
     opts = ctx.opts
     return finetune_protocol(
-        fraction=fraction, n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]), epochs=opts.finetune_epochs,
-        batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, seed=opts.seed,
-        from_projector_layer=layer, min_steps=opts.finetune_min_steps, layer_decay=opts.finetune_layer_decay,
+        fraction=fraction,
+        n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
+        epochs=opts.finetune_epochs,
+        batch_size=opts.finetune_batch_size,
+        lr=opts.finetune_lr,
+        seed=opts.seed,
+        from_projector_layer=layer,
+        min_steps=opts.finetune_min_steps,
+        layer_decay=opts.finetune_layer_decay,
     )
 
 
@@ -212,25 +266,48 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
     layer = opts.from_projector_layer
     model, _ = _teacher(ctx, fraction, layer)
     metrics = run_distill(
-        model, student, ctx.train, ctx.test, fraction=fraction, image_size=cfg.image_size, epochs=opts.distill_epochs,
-        batch_size=opts.finetune_batch_size, lr=opts.finetune_lr, temperature=opts.distill_temperature,
-        label_weight=opts.distill_label_weight, seed=opts.seed, device=ctx.device, precision=ctx.precision,
+        model,
+        student,
+        ctx.train,
+        ctx.test,
+        fraction=fraction,
+        image_size=cfg.image_size,
+        epochs=opts.distill_epochs,
+        batch_size=opts.finetune_batch_size,
+        lr=opts.finetune_lr,
+        temperature=opts.distill_temperature,
+        label_weight=opts.distill_label_weight,
+        seed=opts.seed,
+        device=ctx.device,
+        precision=ctx.precision,
         min_steps=opts.finetune_min_steps,
     )
-    return Score(metrics, distill_protocol(
-        fraction=fraction, n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]), n_images=len(ctx.train),
-        student_init=opts.distill_student_init, epochs=opts.distill_epochs, batch_size=opts.finetune_batch_size,
-        lr=opts.finetune_lr, temperature=opts.distill_temperature, label_weight=opts.distill_label_weight,
-        min_steps=opts.finetune_min_steps, seed=opts.seed, teacher=_finetune_record(ctx, fraction, layer),
-    ))
+    return Score(
+        metrics,
+        distill_protocol(
+            fraction=fraction,
+            n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
+            n_images=len(ctx.train),
+            student_init=opts.distill_student_init,
+            epochs=opts.distill_epochs,
+            batch_size=opts.finetune_batch_size,
+            lr=opts.finetune_lr,
+            temperature=opts.distill_temperature,
+            label_weight=opts.distill_label_weight,
+            min_steps=opts.finetune_min_steps,
+            seed=opts.seed,
+            teacher=_finetune_record(ctx, fraction, layer),
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Label-free feature metrics (evals/label_free.py): no label is read, so they score unlabelled data
 # too (an image folder with one class folder). Each uses a seeded subset of the test split.
 
-METRIC_SAMPLES = Option("--metric-samples", 4096, "label-free metrics: test images used, a seeded subset (default 4096; all when fewer)",
-                        type=int, check=at_least(2))
+METRIC_SAMPLES = Option(
+    "--metric-samples", 4096, "label-free metrics: test images used, a seeded subset (default 4096; all when fewer)", type=int, check=at_least(2)
+)
 ALIGNMENT_ALPHA = Option("--alignment-alpha", 2.0, "alignment exponent alpha (default 2, Wang & Isola)", type=float, check=positive)
 UNIFORMITY_T = Option("--uniformity-t", 2.0, "uniformity temperature t (default 2, Wang & Isola)", type=float, check=positive)
 LABEL_FREE_RECORD = {"labels": "not used", "split": "test", "normalisation": "L2 per sample"}
@@ -288,10 +365,16 @@ def alignment(ctx: EvalContext, fraction: float | None) -> Score:
                     h = ctx.encoder(aug(images, batch_idx, seed=ctx.opts.seed, epoch=0, view=v)).flatten(1).float()
                 views[v].append((h if head is None else head(h)).float().cpu())
     metric = align(torch.cat(views[0]), torch.cat(views[1]), alpha=ctx.opts.alignment_alpha)
-    return Score({"alignment": metric}, _record(
-        ctx, alpha=ctx.opts.alignment_alpha, max_samples=ctx.opts.metric_samples,
-        pairs="two views of each test image by the run's training augmentation (aug.*), seeded by --eval-seed",
-        reference="Wang & Isola, ICML 2020"))
+    return Score(
+        {"alignment": metric},
+        _record(
+            ctx,
+            alpha=ctx.opts.alignment_alpha,
+            max_samples=ctx.opts.metric_samples,
+            pairs="two views of each test image by the run's training augmentation (aug.*), seeded by --eval-seed",
+            reference="Wang & Isola, ICML 2020",
+        ),
+    )
 
 
 @register_protocol(
@@ -306,9 +389,16 @@ def uniformity(ctx: EvalContext, fraction: float | None) -> Score:
     from .label_free import uniformity as uniform
 
     metric = uniform(_test_embeddings(ctx), t=ctx.opts.uniformity_t)
-    return Score({"uniformity": metric}, _record(
-        ctx, t=ctx.opts.uniformity_t, max_samples=ctx.opts.metric_samples,
-        pairs="all pairs of distinct test images, features without augmentation", reference="Wang & Isola, ICML 2020"))
+    return Score(
+        {"uniformity": metric},
+        _record(
+            ctx,
+            t=ctx.opts.uniformity_t,
+            max_samples=ctx.opts.metric_samples,
+            pairs="all pairs of distinct test images, features without augmentation",
+            reference="Wang & Isola, ICML 2020",
+        ),
+    )
 
 
 @register_protocol(
@@ -324,10 +414,13 @@ def rankme(ctx: EvalContext, fraction: float | None) -> Score:
     from .label_free import rankme as effective_rank
 
     z = _test_embeddings(ctx)
-    return Score({"rankme": effective_rank(z)}, {
-        **_record(ctx, max_samples=ctx.opts.metric_samples, eps=RANKME_EPS, dim=int(z.shape[1]),
-                  reference="Garrido et al., ICML 2023"),
-        "normalisation": "none (raw embeddings)"})
+    return Score(
+        {"rankme": effective_rank(z)},
+        {
+            **_record(ctx, max_samples=ctx.opts.metric_samples, eps=RANKME_EPS, dim=int(z.shape[1]), reference="Garrido et al., ICML 2023"),
+            "normalisation": "none (raw embeddings)",
+        },
+    )
 
 
 @register_protocol(
@@ -345,6 +438,13 @@ def feature_std(ctx: EvalContext, fraction: float | None) -> Score:
 
     z = _test_embeddings(ctx)
     value = std(z)
-    return Score({"feature_std": value, "feature_std_sqrt_d": value * math.sqrt(z.shape[1])}, _record(
-        ctx, max_samples=ctx.opts.metric_samples, dim=int(z.shape[1]), std="population (1/N), averaged over dimensions",
-        reference="Chen & He, SimSiam, CVPR 2021, Sec. 4.1"))
+    return Score(
+        {"feature_std": value, "feature_std_sqrt_d": value * math.sqrt(z.shape[1])},
+        _record(
+            ctx,
+            max_samples=ctx.opts.metric_samples,
+            dim=int(z.shape[1]),
+            std="population (1/N), averaged over dimensions",
+            reference="Chen & He, SimSiam, CVPR 2021, Sec. 4.1",
+        ),
+    )

@@ -38,9 +38,7 @@ class BYOLConfig(MethodConfig):
 
     def validate(self) -> None:
         if not 0.0 <= self.base_momentum <= self.final_momentum <= 1.0:
-            raise UserError(
-                f"method_cfg needs 0 <= base_momentum <= final_momentum <= 1, got {self.base_momentum}, {self.final_momentum}"
-            )
+            raise UserError(f"method_cfg needs 0 <= base_momentum <= final_momentum <= 1, got {self.base_momentum}, {self.final_momentum}")
         if min(self.proj_hidden_dim, self.proj_dim, self.pred_hidden_dim) < 1:
             raise UserError("method_cfg.proj_hidden_dim, proj_dim and pred_hidden_dim must be >= 1")
 

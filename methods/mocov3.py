@@ -39,9 +39,7 @@ class MoCoV3Config(MethodConfig):
         if not self.temperature > 0:
             raise UserError(f"method_cfg.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.base_momentum <= self.final_momentum <= 1.0:
-            raise UserError(
-                f"method_cfg needs 0 <= base_momentum <= final_momentum <= 1, got {self.base_momentum}, {self.final_momentum}"
-            )
+            raise UserError(f"method_cfg needs 0 <= base_momentum <= final_momentum <= 1, got {self.base_momentum}, {self.final_momentum}")
         if self.proj_layers < 1 or self.hidden_dim < 1 or self.proj_dim < 1:
             raise UserError("method_cfg.proj_layers, hidden_dim and proj_dim must be >= 1")
 
@@ -62,9 +60,7 @@ class MoCoV3(Method):
         self.cfg = cfg = cfg or MoCoV3Config()
         self.encoder = backbone
         # The official heads: hidden layers Linear-BN-ReLU; projector ends in a BN without affine.
-        self.projector = mlp(
-            feature_dim(backbone), cfg.hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False
-        )
+        self.projector = mlp(feature_dim(backbone), cfg.hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False)
         self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim, 2)
         self.momentum_encoder = freeze_(copy.deepcopy(self.encoder))
         self.momentum_projector = freeze_(copy.deepcopy(self.projector))

@@ -56,9 +56,7 @@ class SimSiam(Method):
         self.cfg = cfg = cfg or SimSiamConfig()
         self.encoder = backbone
         # The official code's output BN has no affine parameters.
-        self.projector = mlp(
-            feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False
-        )
+        self.projector = mlp(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True, last_bn_affine=False)
         pred_hidden = cfg.pred_hidden_dim or cfg.proj_dim // 4
         self.predictor = mlp(cfg.proj_dim, pred_hidden, cfg.proj_dim, 2)
         self.criterion = SimSiamLoss()

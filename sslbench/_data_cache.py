@@ -90,10 +90,13 @@ def _cached(cache_root: Path, source: str, split: str, size: int, fingerprint: d
         if hit is not None:
             return hit
         result = build()
-        payload = {"images": result.images, "labels": result.labels, "classes": result.classes,
-                   "skipped_note": getattr(result, "skipped_note", "")}
-        write_atomic(path, lambda tmp: torch.save(payload, tmp),
-                     "free some space, or set cache_dir or $SSLBENCH_CACHE to another disk", errors=(OSError, RuntimeError))
+        payload = {"images": result.images, "labels": result.labels, "classes": result.classes, "skipped_note": getattr(result, "skipped_note", "")}
+        write_atomic(
+            path,
+            lambda tmp: torch.save(payload, tmp),
+            "free some space, or set cache_dir or $SSLBENCH_CACHE to another disk",
+            errors=(OSError, RuntimeError),
+        )
     return result
 
 

@@ -35,8 +35,7 @@ if TYPE_CHECKING:
     from .progress import TrainProgress
     from .run_setup import Run
 
-__all__ = ["CALLBACKS_ENV", "Callback", "CheckpointPolicy", "Control", "MetricsFile", "ProgressDisplay", "StopControl",
-           "callbacks_from_env"]
+__all__ = ["CALLBACKS_ENV", "Callback", "CheckpointPolicy", "Control", "MetricsFile", "ProgressDisplay", "StopControl", "callbacks_from_env"]
 
 CALLBACKS_ENV = "SSLBENCH_CALLBACKS"
 
@@ -205,8 +204,10 @@ class MetricsFile(Callback):
     @staticmethod
     def _error(run: Run, exc: OSError) -> UserError:
         last = f"the last checkpoint ({run.last_ckpt.name}) is intact; " if run.last_ckpt else ""
-        return UserError(f"cannot write {run.files.metrics} ({exc.strerror or exc}); {last}free some space and continue with "
-                         f"`sslbench train --output {run.run_dir} --resume`")
+        return UserError(
+            f"cannot write {run.files.metrics} ({exc.strerror or exc}); {last}free some space and continue with "
+            f"`sslbench train --output {run.run_dir} --resume`"
+        )
 
 
 class ProgressDisplay(Callback):
@@ -222,8 +223,9 @@ class ProgressDisplay(Callback):
         from .progress import TrainProgress
 
         budget = run.cfg.time_budget_s
-        self._bar = TrainProgress(run.plan.total_steps, run.start_step, enabled=run.main and not self.quiet,
-                                  time_budget_s=budget, unbounded=run.time_based)
+        self._bar = TrainProgress(
+            run.plan.total_steps, run.start_step, enabled=run.main and not self.quiet, time_budget_s=budget, unbounded=run.time_based
+        )
         self._bar.__enter__()
 
     def on_step_end(self, run: Run, batch: Batch, control: Control) -> None:

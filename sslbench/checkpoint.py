@@ -89,8 +89,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Finished checkpoints, newest first."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
 
 def latest_valid(ckpt_dir: Path, *, warn: bool = True) -> Path | None:
@@ -109,9 +109,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def save(
-    accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[str, Any], on_written: Callable[[Path], None] | None = None
-) -> Path:
+def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[str, Any], on_written: Callable[[Path], None] | None = None) -> Path:
     """Save the full training state at ``step`` atomically; keep the newest ``keep`` checkpoints.
 
     Everything is written into ``.tmp-step-N/`` and renamed to ``step-N/`` only once complete
@@ -171,14 +169,18 @@ def _load_pickle(path: Path) -> Any:
             return accelerate_load(str(path), map_location="cpu")
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        reason = next((line.strip().rstrip(".") for line in text.splitlines()
-                       if "global" in line.lower() or "unsupported" in line.lower()), "torch.load(weights_only=True) refused it")
+        reason = next(
+            (line.strip().rstrip(".") for line in text.splitlines() if "global" in line.lower() or "unsupported" in line.lower()),
+            "torch.load(weights_only=True) refused it",
+        )
         raise UserError(
             f"refusing to load {path}: it is not a weights-only checkpoint file ({reason}) and may have been tampered with; "
             f"nothing from it was run. Delete {path.parent} to resume from the checkpoint before it"
         ) from exc
     except (OSError, EOFError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); delete {path.parent} to resume from the checkpoint before it") from exc
+        raise UserError(
+            f"cannot read {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); delete {path.parent} to resume from the checkpoint before it"
+        ) from exc
 
 
 def _check_model_file(path: Path, model: Any) -> None:
@@ -238,7 +240,9 @@ def load(accelerator: Any, path: Path, *, model: Any = None) -> dict[str, Any]:
         if "Error(s) in loading state_dict" not in str(exc):
             raise
         first = " ".join(str(exc).split())[:200]
-        raise UserError(f"checkpoint {path} was made for a different model ({first}); resume with the run's own config.yaml or start a new --output") from exc
+        raise UserError(
+            f"checkpoint {path} was made for a different model ({first}); resume with the run's own config.yaml or start a new --output"
+        ) from exc
     states = loaded.get(f"random_states_{accelerator.process_index}.pkl")
     if states is None:
         if accelerator.is_main_process:

@@ -39,16 +39,39 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--grad-cache-chunk", type=int, help="gradient-cache chunk size: exact large batches in less memory")
     p.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
-    p.add_argument("--log-with", metavar="TRACKERS", help="experiment trackers: tensorboard, wandb, mlflow, comet_ml, aim or all "
-                   "(comma-separated; written to RUN_DIR/trackers; each needs its extra, e.g. sslbench[tensorboard])")
+    p.add_argument(
+        "--log-with",
+        metavar="TRACKERS",
+        help="experiment trackers: tensorboard, wandb, mlflow, comet_ml, aim or all "
+        "(comma-separated; written to RUN_DIR/trackers; each needs its extra, e.g. sslbench[tensorboard])",
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. temperature=0.2, aug.jitter_strength=1.0, "
-                        "backbone_kwargs.channels=16,32,64,128 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. temperature=0.2, aug.jitter_strength=1.0, backbone_kwargs.channels=16,32,64,128 (repeatable)",
+    )
 
 
-_TRAIN_FLAG_KEYS = ("method", "backbone", "data", "epochs", "steps", "batch_size", "lr", "optimizer",
-                    "precision", "image_size", "seed", "grad_cache_chunk", "train_subset", "log_with")
+_TRAIN_FLAG_KEYS = (
+    "method",
+    "backbone",
+    "data",
+    "epochs",
+    "steps",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "precision",
+    "image_size",
+    "seed",
+    "grad_cache_chunk",
+    "train_subset",
+    "log_with",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +190,9 @@ def _check_same_method(args: argparse.Namespace, saved: dict[str, Any], given: d
     asked = set_methods[-1] if set_methods else (args.method or given.get("method"))
     was = saved.get("method")
     if asked is not None and was is not None and str(asked) != str(was):
-        raise UserError(f"--resume: {args.output} was trained with {was}; a run cannot change method (got {asked}); "
-                        "start a new --output for the other method")
+        raise UserError(
+            f"--resume: {args.output} was trained with {was}; a run cannot change method (got {asked}); start a new --output for the other method"
+        )
 
 
 # What a resumed run cannot change: its checkpoints' data order, batches and records depend on them.
@@ -182,8 +206,10 @@ def _check_resume_unchanged(args: argparse.Namespace, saved: dict[str, Any], cfg
     for key, flag in RESUME_FIXED.items():
         old, new = getattr(was, key), getattr(cfg, key)
         if old != new:
-            raise UserError(f"--resume: {args.output} was trained with {key} {old}; a resumed run keeps it (got {new} from {flag}, "
-                            f"--set or --config); start a new --output to train with {key} {new}")
+            raise UserError(
+                f"--resume: {args.output} was trained with {key} {old}; a resumed run keeps it (got {new} from {flag}, "
+                f"--set or --config); start a new --output to train with {key} {new}"
+            )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -267,8 +293,7 @@ def _one_line(exc: BaseException | str) -> str:
 # OSErrors about the user's environment, whatever the path: a full or read-only disk.
 _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 # OSErrors that are the user's when they name a path (a path given on the command line or below it).
-_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
-                errno.ELOOP, errno.EEXIST, errno.ENOTEMPTY}
+_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST, errno.ENOTEMPTY}
 
 
 def _environment_error(exc: BaseException) -> str | None:

@@ -198,8 +198,11 @@ def eval_splits(cfg: Any, data: str, opts: EvalOptions) -> tuple[Any, Any]:
     present = [classes[i] if i < len(classes) else str(i) for i in sorted(set(splits[0].labels.tolist()))]
     labelled = [p for p in opts.protocols if get_protocol(p).uses_labels]
     if len(present) < 2 and labelled:
-        raise UserError(f"{'/'.join(labelled)}: "f"{data} has a single class ({', '.join(present) or 'none'}) in its training split: every accuracy would "
-                        "be 100% and mean nothing; evaluate on data with two or more classes (--data)")
+        raise UserError(
+            f"{'/'.join(labelled)}: "
+            f"{data} has a single class ({', '.join(present) or 'none'}) in its training split: every accuracy would "
+            "be 100% and mean nothing; evaluate on data with two or more classes (--data)"
+        )
     return splits[0], splits[1]
 
 
@@ -256,8 +259,14 @@ def evaluate_run(
             ctx.depth = depth or DEFAULT_FEATURES
             for fraction in opts.fractions if protocol.per_fraction else [None]:
                 metrics, record = protocol.run(ctx, fraction)
-                record = {"name": protocol.name, **record, **({"features": depth} if depth else {}),
-                          "eval_data": data, "image_size": cfg.image_size, "precision": precision}
+                record = {
+                    "name": protocol.name,
+                    **record,
+                    **({"features": depth} if depth else {}),
+                    "eval_data": data,
+                    "image_size": cfg.image_size,
+                    "precision": precision,
+                }
                 row = make_row(metrics=metrics, protocol=record, run={**run, "label_fraction": fraction})
                 if results_path is not None:
                     append_row(results_path, row)
@@ -313,7 +322,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         rows = read_rows(path)
     if not rows and path.stat().st_size > 0:  # not a store with a torn line: the wrong file
-        raise UserError(f"{path} holds no result rows (every line is unreadable); pass a results.jsonl written by `sslbench eval` or `sslbench compare`")
+        raise UserError(
+            f"{path} holds no result rows (every line is unreadable); pass a results.jsonl written by `sslbench eval` or `sslbench compare`"
+        )
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if args.output:
@@ -354,7 +365,11 @@ def register_leaderboard(sub: Any) -> None:
     p.add_argument("results", nargs="?", metavar="RESULTS", help=f"results.jsonl or a directory holding one (default {DEFAULT_LEADERBOARD_RESULTS})")
     p.add_argument("--format", choices=["md", "csv", "html"], default="md", help="output format (default md)")
     p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw the results: each metric against the varied setting for an ablation grid (compare --vary), else a bar chart of each group's first metric")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the results: each metric against the varied setting for an ablation grid (compare --vary), else a bar chart of each group's first metric",
+    )
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_leaderboard)
 

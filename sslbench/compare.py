@@ -34,8 +34,14 @@ from .runlock import RunLock
 
 LEADERBOARD_FILE = "leaderboard.md"  # in the comparison's directory, next to its results.jsonl
 # Config keys compare sets itself (one value per run), and the flags that set them.
-OWNED_KEYS = {"method": "--methods", "seed": "--seeds", "output": "--output", "epochs": "the budget flags",
-              "steps": "the budget flags", "time_budget_s": "the budget flags"}
+OWNED_KEYS = {
+    "method": "--methods",
+    "seed": "--seeds",
+    "output": "--output",
+    "epochs": "the budget flags",
+    "steps": "the budget flags",
+    "time_budget_s": "the budget flags",
+}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -203,8 +209,9 @@ def check_depths(plans: list[Plan], opts: EvalOptions) -> None:
         valid = projector_depths(projector)
         missing = [d for d in opts.features if d not in valid]
         if missing:
-            raise UserError(f"--features {','.join(missing)}: {plan.cfg.output} ({plan.method}) would have the depths "
-                            f"{', '.join(valid)} only; score it at those")
+            raise UserError(
+                f"--features {','.join(missing)}: {plan.cfg.output} ({plan.method}) would have the depths {', '.join(valid)} only; score it at those"
+            )
 
 
 def _same_config(cfg: Any, run_dir: Path) -> bool:
@@ -277,8 +284,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.plot:
         _check_plot_path(args.plot)
 
-    flags = {"backbone": args.backbone, "data": args.data, "batch_size": args.batch_size,
-             "image_size": args.image_size, "precision": args.precision}
+    flags = {"backbone": args.backbone, "data": args.data, "batch_size": args.batch_size, "image_size": args.image_size, "precision": args.precision}
     plans = plan_grid(methods, seeds, budget, out_dir=out_dir, flags=flags, file_values=file_values, sets=args.sets, vary=args.vary)
     check_depths(plans, opts)
 
@@ -286,8 +292,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_precision(plan.cfg.precision)
         run_dir = Path(plan.cfg.output)
         if RunDir(run_dir).config.is_file() and not _same_config(plan.cfg, run_dir):
-            raise UserError(f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
-                            "or repeat the original command to continue that comparison")
+            raise UserError(
+                f"{run_dir} holds a run with another config than this comparison's; pass a new --output, "
+                "or repeat the original command to continue that comparison"
+            )
     if plans:  # before anything trains: the evaluation data (two classes or more; in memory for the protocols that need it)
         commands.eval_splits(plans[0].cfg, plans[0].cfg.data, opts)
     check_writable(out_dir, "--output", directory=True, fix="pass a writable --output DIR")
@@ -323,8 +331,9 @@ def _run_compare(args: argparse.Namespace, plans: list[Any], opts: EvalOptions, 
                 if result.stop_signal:  # pre-empted: 143/130 as for train, so a scheduler sees a signal
                     return 128 + result.stop_signal
                 raise UserError(f"training of {run_dir} was interrupted; run the same command again to resume the comparison")
-        write_text_atomic(RunDir(run_dir).budget, json.dumps({"kind": budget[0], "value": budget[1]}) + "\n",
-                          "free some space and run the same command again")
+        write_text_atomic(
+            RunDir(run_dir).budget, json.dumps({"kind": budget[0], "value": budget[1]}) + "\n", "free some space and run the same command again"
+        )
         assert todo is not None  # a finished run with nothing left to evaluate continued above
         extra = {"vary": plan.settings} if args.vary else None
         rows += commands.evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget, run_fields=extra)
@@ -392,17 +401,33 @@ def register_compare(sub: Any) -> None:
     p.add_argument("--image-size", type=int, help="resolution in pixels (default: the data's own; digits 16, cifar 32, stl10 96, else 32)")
     p.add_argument("--precision", help="auto | no | bf16 | fp16")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values for every run")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for every run (must be valid for every method)")
-    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="an ablation axis: train every method with each value of KEY (any --set key, e.g. "
-                        "method_cfg.temperature=0.1,0.5 or aug.jitter_p=0,0.8; a tuple value in brackets: "
-                        "aug.crop_scale=[0.08,1],[0.5,1]); repeat for a grid (the product of the axes)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every run (must be valid for every method)",
+    )
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="an ablation axis: train every method with each value of KEY (any --set key, e.g. "
+        "method_cfg.temperature=0.1,0.5 or aug.jitter_p=0,0.8; a tuple value in brackets: "
+        "aug.crop_scale=[0.08,1],[0.5,1]); repeat for a grid (the product of the axes)",
+    )
     p.add_argument("--results", metavar="FILE.jsonl", help="results store to append to (default DIR/results.jsonl)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw each metric against the varied setting (or per method), with error bars")
-    p.add_argument("--reuse-from", action="append", default=[], metavar="DIR",
-                   help="before training a run, look for a finished run of exactly its config (seed included) in the run "
-                        "directories under DIR (or one level deeper) and score that one instead (linked in)")
+    p.add_argument(
+        "--reuse-from",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="before training a run, look for a finished run of exactly its config (seed included) in the run "
+        "directories under DIR (or one level deeper) and score that one instead (linked in)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_eval_flags(p)
     p.set_defaults(func=cmd_compare)

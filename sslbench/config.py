@@ -23,8 +23,20 @@ from .config_values import coerce, parse_literal, split_set_args, to_dict, updat
 from .errors import UserError
 from .method import MethodConfig, Recipe
 
-__all__ = ["TrainConfig", "build_config", "coerce", "config_from_dict", "dump_yaml", "load_run_config", "load_yaml",
-           "parse_literal", "split_set_args", "to_dict", "training_identity", "update_dataclass"]
+__all__ = [
+    "TrainConfig",
+    "build_config",
+    "coerce",
+    "config_from_dict",
+    "dump_yaml",
+    "load_run_config",
+    "load_yaml",
+    "parse_literal",
+    "split_set_args",
+    "to_dict",
+    "training_identity",
+    "update_dataclass",
+]
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -46,7 +58,9 @@ class TrainConfig:
     image_size: int | None = None  # training and evaluation resolution in px (None: the data's own: digits 16, cifar 32, stl10 96, else 32)
     epochs: int | None = None  # passes over the training set (default 10 when neither steps nor time_budget_s is set)
     steps: int | None = None  # optimizer steps; overrides epochs when set
-    time_budget_s: float | None = None  # wall-clock budget of the training loop (s): stop after the step that crosses it; alone: lr constant after warm-up
+    time_budget_s: float | None = (
+        None  # wall-clock budget of the training loop (s): stop after the step that crosses it; alone: lr constant after warm-up
+    )
     batch_size: int = 256  # global batch over all processes (clipped to the data set size)
     optimizer: str | None = None  # sgd | lars | adamw (None: the method's recipe)
     lr: float | None = None  # base learning rate before scaling (None: the method's recipe)
@@ -168,8 +182,10 @@ def check_precision(precision: str) -> None:
     import torch
 
     if precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("precision fp16 needs a CUDA GPU (on the CPU Accelerate does not autocast to fp16: the run would train in fp32); "
-                        "pass --precision no (fp32) or bf16")
+        raise UserError(
+            "precision fp16 needs a CUDA GPU (on the CPU Accelerate does not autocast to fp16: the run would train in fp32); "
+            "pass --precision no (fp32) or bf16"
+        )
 
 
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -251,8 +267,10 @@ def build_config(
             allkeys = sorted(top_names | {f"method_cfg.{n}" for n in mcfg_names} | {f"aug.{n}" for n in aug_names})
             close = difflib.get_close_matches(key, allkeys, n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"unknown config key {key!r}{hint}; the keys are the fields of TrainConfig in sslbench/config.py, "
-                            "aug.* (AugmentConfig) and the method's own (`sslbench list methods`)")
+            raise UserError(
+                f"unknown config key {key!r}{hint}; the keys are the fields of TrainConfig in sslbench/config.py, "
+                "aug.* (AugmentConfig) and the method's own (`sslbench list methods`)"
+            )
     cfg: TrainConfig = update_dataclass(TrainConfig(), top)
     cfg.resolve_defaults()
     cfg.backbone_kwargs = {k: _backbone_value(k, v) for k, v in nested["backbone_kwargs"].items()}
@@ -307,11 +325,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 # Fields that decide how a run is executed, logged, stored or scored, not what it learns; the
 # training identity (:func:`training_identity`) leaves them out.
-OPERATIONAL_FIELDS = frozenset({
-    "seed", "output", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "max_memory_gb",
-    "cache_dir", "online_probe", "log_with", "quick_knn", "knn_k", "knn_temperature", "keep_freed_memory", "compile",
-    "deterministic", "channels_last", "nonfinite", "max_skipped_steps",
-})
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "seed",
+        "output",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "num_workers",
+        "max_memory_gb",
+        "cache_dir",
+        "online_probe",
+        "log_with",
+        "quick_knn",
+        "knn_k",
+        "knn_temperature",
+        "keep_freed_memory",
+        "compile",
+        "deterministic",
+        "channels_last",
+        "nonfinite",
+        "max_skipped_steps",
+    }
+)
 
 
 def training_identity(cfg: TrainConfig) -> dict[str, Any]:

@@ -30,7 +30,12 @@ FIGSIZE = (10.0, 7.5)  # inches
 DPI = 100
 CURVES_SIZE = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))  # (width, height) in pixels
 #: (metrics.jsonl key, panel title)
-PANELS = (("loss", "SSL loss"), ("lr", "learning rate"), ("images_per_s", "training images/s"), ("online_probe_top1", "top-1 (%): online probe; star: k-NN at the end"))
+PANELS = (
+    ("loss", "SSL loss"),
+    ("lr", "learning rate"),
+    ("images_per_s", "training images/s"),
+    ("online_probe_top1", "top-1 (%): online probe; star: k-NN at the end"),
+)
 
 __all__ = ["CURVES_FILE", "CURVES_SIZE", "plot_runs", "read_metrics", "write_curves"]
 

@@ -91,9 +91,16 @@ def hub_config(cfg: Any, model: Any, summary: dict[str, Any] | None = None) -> d
     }
     summary = summary or {}
     provenance = {
-        "method": cfg.method, "backbone": cfg.backbone, "backbone_kwargs": _jsonable(dict(cfg.backbone_kwargs)),
-        "data": cfg.data, "image_size": size, "steps": summary.get("steps", cfg.steps), "epochs": summary.get("epochs", cfg.epochs),
-        "batch_size": summary.get("batch_size", cfg.batch_size), "seed": cfg.seed, "metrics": summary.get("metrics") or {},
+        "method": cfg.method,
+        "backbone": cfg.backbone,
+        "backbone_kwargs": _jsonable(dict(cfg.backbone_kwargs)),
+        "data": cfg.data,
+        "image_size": size,
+        "steps": summary.get("steps", cfg.steps),
+        "epochs": summary.get("epochs", cfg.epochs),
+        "batch_size": summary.get("batch_size", cfg.batch_size),
+        "seed": cfg.seed,
+        "metrics": summary.get("metrics") or {},
         "sslbench_version": __version__,
     }
     return {
@@ -111,8 +118,9 @@ def _model_card(config: dict[str, Any], repo: str | None) -> str:
     source = f"hf-hub:{repo}" if repo else "local-dir:PATH/TO/THIS/FOLDER"
     prov = config["sslbench"]
     needs_import = config["architecture"].startswith("sslbench_")
-    load = (f"import sslbench.backbones, timm  # registers {config['architecture']} (sslbench's small-image stem)\n"
-            if needs_import else "import timm\n")
+    load = (
+        f"import sslbench.backbones, timm  # registers {config['architecture']} (sslbench's small-image stem)\n" if needs_import else "import timm\n"
+    )
     load += f'model = timm.create_model("{source}", pretrained=True).eval()  # features: model(images)'
     return (
         "---\ntags:\n- image-feature-extraction\n- timm\n- sslbench\nlibrary_name: timm\n---\n\n"
@@ -129,8 +137,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data), f"pass a writable folder to export into (not {path.parent})")
 
 
-def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, verify: bool = True,
-                   repo: str | None = None) -> Path:
+def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, verify: bool = True, repo: str | None = None) -> Path:
     """Write the encoder of ``run_dir`` into ``out_dir`` in timm's hub layout (see the module
     docstring) and return ``out_dir``. An existing non-empty ``out_dir`` needs ``overwrite``.
     ``verify`` loads the folder with timm and compares its features with the run's encoder."""
@@ -160,8 +167,12 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     config = hub_config(cfg, encoder, summary if isinstance(summary, dict) else {})
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    write_atomic(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}),
-                 f"pass a writable folder to export into (not {out_dir})", errors=(OSError, SafetensorError))
+    write_atomic(
+        out_dir / WEIGHTS_FILE,
+        lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}),
+        f"pass a writable folder to export into (not {out_dir})",
+        errors=(OSError, SafetensorError),
+    )
     _write_atomic(out_dir / CARD_FILE, _model_card(config, repo).encode())
     _write_atomic(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())  # last: a complete folder has it
     if verify:
@@ -205,8 +216,13 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
     try:
         created = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         repo = str(getattr(created, "repo_id", "") or repo_id)
-        info = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
-                                 commit_message="sslbench export", allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE])
+        info = api.upload_folder(
+            repo_id=repo,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message="sslbench export",
+            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE],
+        )
     except Exception as err:  # network, login, permissions: the folder stays complete
         raise UserError(
             f"could not upload {folder} to the Hugging Face Hub as {repo_id} ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
@@ -222,7 +238,9 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise UserError(f"--push-to-hub {repo_id!r} is not a Hub repository id; write NAME or OWNER/NAME ({' '.join(str(err).split())[:160]})") from err
+        raise UserError(
+            f"--push-to-hub {repo_id!r} is not a Hub repository id; write NAME or OWNER/NAME ({' '.join(str(err).split())[:160]})"
+        ) from err
 
 
 def cmd_export(args: argparse.Namespace) -> int:

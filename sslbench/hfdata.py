@@ -258,7 +258,9 @@ def load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: fl
     label_col = options.get("label") or _column(ds, name, "label", lambda f: isinstance(f, datasets.ClassLabel), _LABEL_COLUMN_NAMES)
     for role, col in (("image", image_col), ("label", label_col)):
         if col not in ds.column_names:
-            raise UserError(f"hf:{name} split {wanted!r} has no column {col!r}{_did_you_mean(col, ds.column_names)}; columns: {', '.join(ds.column_names)}; choose with ?{role}=COLUMN")
+            raise UserError(
+                f"hf:{name} split {wanted!r} has no column {col!r}{_did_you_mean(col, ds.column_names)}; columns: {', '.join(ds.column_names)}; choose with ?{role}=COLUMN"
+            )
     ds = ds.select_columns([image_col, label_col])
     if isinstance(ds.features[image_col], datasets.Image):
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
@@ -275,7 +277,11 @@ def load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: fl
         keep[test_rows] = False
         train_rows = torch.nonzero(keep).flatten()
         _HELDOUT[f"hf:{arg}"] = {
-            "from_split": wanted, "fraction": fraction, "seed": seed, "train_size": len(train_rows), "test_size": len(test_rows),
+            "from_split": wanted,
+            "fraction": fraction,
+            "seed": seed,
+            "train_size": len(train_rows),
+            "test_size": len(test_rows),
             "test_indices_sha256": hashlib.sha256(test_rows.numpy().tobytes()).hexdigest()[:16],
         }
         rows = test_rows if split == "test" else train_rows

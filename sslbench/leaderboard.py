@@ -146,11 +146,20 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
             first_seen.setdefault((str(k), json.dumps(v, sort_keys=True)), i)
 
     def setting_order(settings: Mapping[str, Any]) -> tuple[tuple[int, Any], ...]:
-        return tuple((0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, first_seen.get((k, json.dumps(v, sort_keys=True)), 0))
-                     for k, v in settings.items())
+        return tuple(
+            (0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, first_seen.get((k, json.dumps(v, sort_keys=True)), 0))
+            for k, v in settings.items()
+        )
 
-    entries.sort(key=lambda e: (_group_order(tuple(_hashable(e[f]) for f in GROUP_FIELDS)), e["method"],
-                                setting_order(e["settings"]), _depth_order(e["features"]), e["config"]))
+    entries.sort(
+        key=lambda e: (
+            _group_order(tuple(_hashable(e[f]) for f in GROUP_FIELDS)),
+            e["method"],
+            setting_order(e["settings"]),
+            _depth_order(e["features"]),
+            e["config"],
+        )
+    )
     return entries
 
 
@@ -192,8 +201,9 @@ def _variant(row: Row) -> tuple[tuple[str, str], ...] | None:
     return tuple(sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in cfg.items()))
 
 
-def _difference(variant: tuple[tuple[str, str], ...] | None, others: list[tuple[tuple[str, str], ...] | None],
-                exclude: set[str] | None = None) -> str:
+def _difference(
+    variant: tuple[tuple[str, str], ...] | None, others: list[tuple[tuple[str, str], ...] | None], exclude: set[str] | None = None
+) -> str:
     """The settings in which ``variant`` differs from the other configurations of its method in
     its group, e.g. ``backbone_kwargs.channels=8,16,32,64, lr=0.5``; ``''`` when it is the only one
     (or differs only in the ``exclude`` keys, which a grid's table shows as columns)."""

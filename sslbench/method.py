@@ -28,7 +28,16 @@ from .augment import AugmentConfig, counter_uniform
 from .momentum import cosine_momentum, ema_update_
 
 __all__ = [
-    "Batch", "Method", "MethodConfig", "Recipe", "Reconstruction", "Schedule", "StepInfo", "ViewSpec", "asymmetric", "cosine_schedule",
+    "Batch",
+    "Method",
+    "MethodConfig",
+    "Recipe",
+    "Reconstruction",
+    "Schedule",
+    "StepInfo",
+    "ViewSpec",
+    "asymmetric",
+    "cosine_schedule",
     "default_views",
 ]
 

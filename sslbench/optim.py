@@ -155,9 +155,7 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay}, eta={eta}")
         if nesterov and momentum == 0:
             raise ValueError("LARS: nesterov needs momentum > 0")
-        defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov, lars_exclude=False
-        )
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov, lars_exclude=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -189,9 +187,7 @@ class LARS(torch.optim.Optimizer):
             d = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads
             w_norm = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
             d_norm = torch.stack(torch._foreach_norm(d, 2, dtype=torch.float32))
-            trust = torch.where(
-                (w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, torch.ones_like(w_norm)
-            )
+            trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
             d = torch._foreach_mul(d, list(trust.to(params[0].dtype).unbind()))
 
         m = group["momentum"]
@@ -309,7 +305,5 @@ def build_optimizer(
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
     if name == "adamw":
-        return torch.optim.AdamW(
-            groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda, foreach=None if on_cuda else True
-        )
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda, foreach=None if on_cuda else True)
     raise UserError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")

@@ -27,7 +27,11 @@ __all__ = ["OnlineProbeCallback", "quick_knn", "train_and_score"]
 
 
 def train_and_score(
-    cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    resume_command: str | None = None,
     callbacks: list[Callback] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` (with the online probe and the experiment trackers when configured); once it
@@ -98,7 +102,10 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
         return {}  # one class: every accuracy is 100% (setup has warned)
     if not isinstance(train_split, ImageSplit) or not isinstance(test_split, ImageSplit):
         if not quiet:
-            print(f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`", file=sys.stderr)
+            print(
+                f"note: quick k-NN skipped for data read from disk (it would take two more passes over it); score the run with `sslbench eval {cfg.output}`",
+                file=sys.stderr,
+            )
         return {}
     knn = get_protocol("knn")
     opts = EvalOptions(protocols=["knn"], data=cfg.data)

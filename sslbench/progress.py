@@ -14,8 +14,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainProgress:
     """``update`` with fresh loss / lr / images-per-second at logging steps, ``advance`` otherwise."""
 
-    def __init__(self, total: int, start: int, *, enabled: bool = True, plain_every_s: float = 10.0,
-                 time_budget_s: float | None = None, unbounded: bool = False) -> None:
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        *,
+        enabled: bool = True,
+        plain_every_s: float = 10.0,
+        time_budget_s: float | None = None,
+        unbounded: bool = False,
+    ) -> None:
         self.total, self.start, self.enabled = total, start, enabled
         self.time_budget_s, self.unbounded = time_budget_s, unbounded
         self._t0 = time.monotonic()
@@ -61,8 +69,11 @@ class TrainProgress:
         if now - self._last_plain >= self.plain_every_s or done == self.total:
             self._last_plain = now
             where = f"step {done}" if self.unbounded else f"step {done}/{self.total}"
-            print(f"{where}  loss {loss:.4f}  lr {lr:.3g}  {ips:,.0f} img/s  elapsed {clock(now - self._t0)}  {self.eta(done, now)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{where}  loss {loss:.4f}  lr {lr:.3g}  {ips:,.0f} img/s  elapsed {clock(now - self._t0)}  {self.eta(done, now)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def eta(self, done: int, now: float) -> str:
         """``eta 1m05s``: the steps left at the speed so far, or the time budget left if that ends sooner."""

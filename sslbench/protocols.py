@@ -178,8 +178,7 @@ def register_protocol(
     ``per_features`` protocol ``opts.features`` is then the one depth being matched."""
 
     def deco(run: Callable[[EvalContext, float | None], Score]) -> Callable[[EvalContext, float | None], Score]:
-        PROTOCOLS.add(EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features,
-                                   uses_labels))
+        PROTOCOLS.add(EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features, uses_labels))
         return run
 
     return deco
@@ -271,9 +270,14 @@ class EvalContext:
             if depth == DEFAULT_FEATURES:
                 from sslbench.evals.features import split_features
 
-                self.cache[key] = split_features(self.encoder, self.train if split == "train" else self.test,
-                                                 image_size=self.cfg.image_size, device=self.device,
-                                                 precision=self.precision, num_workers=self.cfg.num_workers)
+                self.cache[key] = split_features(
+                    self.encoder,
+                    self.train if split == "train" else self.test,
+                    image_size=self.cfg.image_size,
+                    device=self.device,
+                    precision=self.precision,
+                    num_workers=self.cfg.num_workers,
+                )
             else:
                 from sslbench.evals.features import apply_head
 
@@ -349,13 +353,17 @@ def parse_features(text: str) -> list[str]:
 
 def add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str = DEFAULT_PROTOCOLS) -> None:
     """The evaluation flags of ``eval`` and ``compare``: the common ones and every protocol's options."""
-    p.add_argument("--protocol", default=default_protocols,
-                   help=f"comma-separated: {', '.join(protocol_names())} (default {default_protocols})")
-    p.add_argument("--label-fractions", default=DEFAULT_FRACTIONS,
-                   help=f"fine-tune and distill label fractions in (0, 1] (default {DEFAULT_FRACTIONS})")
-    p.add_argument("--features", default=DEFAULT_FEATURES, metavar="DEPTHS",
-                   help="comma-separated feature depths the per-depth protocols score: h (the encoder's output), projK (the K-th "
-                        "hidden projector layer, after its activation), z (the projector's output); default h")
+    p.add_argument("--protocol", default=default_protocols, help=f"comma-separated: {', '.join(protocol_names())} (default {default_protocols})")
+    p.add_argument(
+        "--label-fractions", default=DEFAULT_FRACTIONS, help=f"fine-tune and distill label fractions in (0, 1] (default {DEFAULT_FRACTIONS})"
+    )
+    p.add_argument(
+        "--features",
+        default=DEFAULT_FEATURES,
+        metavar="DEPTHS",
+        help="comma-separated feature depths the per-depth protocols score: h (the encoder's output), projK (the K-th "
+        "hidden projector layer, after its activation), z (the projector's output); default h",
+    )
     for opt in protocol_options():
         kwargs: dict[str, Any] = {"default": opt.default, "help": opt.help}
         if opt.choices is not None:
@@ -365,8 +373,12 @@ def add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str = DEFAU
         if opt.metavar is not None:
             kwargs["metavar"] = opt.metavar
         p.add_argument(opt.flag, dest=opt.dest, **kwargs)
-    p.add_argument("--max-memory-gb", type=float, metavar="GB",
-                   help="evaluation data larger than this is read from disk: k-NN and linear only (default: the run's max_memory_gb)")
+    p.add_argument(
+        "--max-memory-gb",
+        type=float,
+        metavar="GB",
+        help="evaluation data larger than this is read from disk: k-NN and linear only (default: the run's max_memory_gb)",
+    )
     p.add_argument("--eval-seed", type=int, default=0, help="seed of validation split, label subsets and batch order (default 0)")
     p.add_argument("--device", help="evaluation device (default cuda when available, else cpu)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -397,9 +409,15 @@ def reusable(opts: EvalOptions, cfg: Any, stored: list[dict[str, Any]]) -> tuple
     here = [r for r in stored if isinstance(r.get("protocol"), dict)]
 
     def find(name: str, fraction: float | None, depth: str | None, expect: dict[str, Any]) -> dict[str, Any] | None:
-        match = [r for r in here if r["protocol"].get("name") == name and r.get("label_fraction") == fraction
-                 and r["protocol"].get("eval_data") == data and (depth is None or row_depth(r) == depth)
-                 and all(_matches(r["protocol"].get(k), v) for k, v in expect.items())]
+        match = [
+            r
+            for r in here
+            if r["protocol"].get("name") == name
+            and r.get("label_fraction") == fraction
+            and r["protocol"].get("eval_data") == data
+            and (depth is None or row_depth(r) == depth)
+            and all(_matches(r["protocol"].get(k), v) for k, v in expect.items())
+        ]
         return match[-1] if match else None
 
     found: list[dict[str, Any]] = []

@@ -272,9 +272,7 @@ def _heldout(spec: str) -> dict[str, Any] | None:
     return record
 
 
-def make_row(
-    *, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]
-) -> dict[str, Any]:
+def make_row(*, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
     """A self-describing result row.
 
     Keys, in order: ``time`` (UTC, ISO 8601), the run fields of :data:`RUN_FIELDS` (``None``

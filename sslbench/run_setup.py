@@ -228,17 +228,22 @@ class Run:
     def info(self, step: int, progress: float | None = None) -> StepInfo:
         """The :class:`StepInfo` of ``step``; ``progress`` overrides step / total (time budget)."""
         p = step / self.plan.total_steps if progress is None else progress
-        return StepInfo(step, self.plan.epoch_of(step), self.plan.steps_per_epoch, self.plan.total_steps,
-                        min(max(p, 0.0), 1.0), self.cfg.seed, self.time_based)
+        return StepInfo(
+            step, self.plan.epoch_of(step), self.plan.steps_per_epoch, self.plan.total_steps, min(max(p, 0.0), 1.0), self.cfg.seed, self.time_based
+        )
 
     def save(self, step: int, *, final: bool = False, on_written: Any = None) -> Path:
         """A checkpoint of the full training state after ``step`` steps."""
-        meta: dict[str, Any] = {"step": step, "epoch": self.plan.epoch_of(step), "skipped": self.skipped,
-                                "method": self.cfg.method, "backbone": self.cfg.backbone}
+        meta: dict[str, Any] = {
+            "step": step,
+            "epoch": self.plan.epoch_of(step),
+            "skipped": self.skipped,
+            "method": self.cfg.method,
+            "backbone": self.cfg.backbone,
+        }
         if final:
             meta["final"] = True  # the end of training (a resume only rewrites the final files)
-        self.last_ckpt = ckpt.save(self.accelerator, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints, meta=meta,
-                                   on_written=on_written)
+        self.last_ckpt = ckpt.save(self.accelerator, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints, meta=meta, on_written=on_written)
         return self.last_ckpt
 
 
@@ -272,8 +277,11 @@ def _load_train_split(cfg: TrainConfig, *, warn: bool) -> ImageSplit | FileSplit
             )
         split = split.subset(balanced_subset(split.labels, cfg.train_subset, cfg.seed))
     if classes < 2 and warn:
-        print(f"warning: {cfg.data} has a single class: training works (labels are not used), but every k-NN, linear or "
-              "fine-tuning accuracy would be 100% and mean nothing, so the quick k-NN is skipped", file=sys.stderr)
+        print(
+            f"warning: {cfg.data} has a single class: training works (labels are not used), but every k-NN, linear or "
+            "fine-tuning accuracy would be 100% and mean nothing, so the quick k-NN is skipped",
+            file=sys.stderr,
+        )
     return split
 
 
@@ -379,8 +387,13 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
     assert cfg.lr is not None and cfg.lr_scaling is not None and cfg.optimizer is not None
     base_lr = scale_lr(cfg.lr, plan.global_batch, cfg.lr_scaling)
     optimizer = build_optimizer(
-        cfg.optimizer, groups, base_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay or 0.0,
-        lars_eta=cfg.lars_eta or 0.001, betas=cfg.betas or (0.9, 0.999),
+        cfg.optimizer,
+        groups,
+        base_lr,
+        momentum=cfg.sgd_momentum,
+        weight_decay=cfg.weight_decay or 0.0,
+        lars_eta=cfg.lars_eta or 0.001,
+        betas=cfg.betas or (0.9, 0.999),
     )
     model, optimizer = accelerator.prepare(StepModule(module), optimizer)
     unwrapped: Method = accelerator.unwrap_model(model).method
@@ -390,20 +403,38 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
     specs = default_views(unwrapped, cfg.aug, cfg.image_size)
     data_on_device = isinstance(train_split, ImageSplit) and data_fits_on_device(train_split.images.nbytes, accelerator.device)
     if isinstance(train_split, ImageSplit) and not data_on_device and main and not quiet:
-        print(f"note: the training images ({train_split.images.nbytes / 2**30:.1f} GiB) stay in host memory (more than "
-              f"{DATA_GPU_SHARE:.0%} of the GPU's); each step's batch is copied to the GPU", file=sys.stderr)
+        print(
+            f"note: the training images ({train_split.images.nbytes / 2**30:.1f} GiB) stay in host memory (more than "
+            f"{DATA_GPU_SHARE:.0%} of the GPU's); each step's batch is copied to the GPU",
+            file=sys.stderr,
+        )
     run = Run(
-        cfg=cfg, accelerator=accelerator, run_dir=run_dir, files=RunDir(run_dir), precision=cfg.precision, train_split=train_split, plan=plan,
-        method=unwrapped, model=model, optimizer=optimizer, schedules=make_schedules(cfg, plan, base_lr, unwrapped),
-        specs=specs, grad_cache=grad_cache, data_on_device=data_on_device, channels_last=cfg.channels_last,
+        cfg=cfg,
+        accelerator=accelerator,
+        run_dir=run_dir,
+        files=RunDir(run_dir),
+        precision=cfg.precision,
+        train_split=train_split,
+        plan=plan,
+        method=unwrapped,
+        model=model,
+        optimizer=optimizer,
+        schedules=make_schedules(cfg, plan, base_lr, unwrapped),
+        specs=specs,
+        grad_cache=grad_cache,
+        data_on_device=data_on_device,
+        channels_last=cfg.channels_last,
         time_based=plan.total_steps == UNBOUNDED_STEPS,
     )
     if resume:
         _restore(run, quiet=quiet)
     if main:
         create_run_dir(run_dir)
-        again = (f"the checkpoints are intact: free some space and continue with `sslbench train --output {run_dir} --resume`" if resume
-                 else "nothing was trained yet: free some space (or pass another --output) and run the command again")
+        again = (
+            f"the checkpoints are intact: free some space and continue with `sslbench train --output {run_dir} --resume`"
+            if resume
+            else "nothing was trained yet: free some space (or pass another --output) and run the command again"
+        )
         write_text_atomic(run.files.config, dump_yaml(cfg), again)
         truncate_metrics(run.files.metrics, run.start_step, again)
     run.last_ckpt = ckpt.latest_valid(run.ckpt_dir, warn=False) if main else None

@@ -55,7 +55,7 @@ def parse_trackers(spec: str | None) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"unknown tracker {name!r} in log_with{hint}; valid: {', '.join(TRACKERS)}, all")
         if not _installed(name):
-            raise UserError(f"log_with={name}: the {TRACKERS[name][0]} package is not installed; pip install \"sslbench[{TRACKERS[name][1]}]\"")
+            raise UserError(f'log_with={name}: the {TRACKERS[name][0]} package is not installed; pip install "sslbench[{TRACKERS[name][1]}]"')
     return list(dict.fromkeys(names))
 
 

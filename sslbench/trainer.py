@@ -106,8 +106,10 @@ class NonFiniteGuard:
         if run.skipped:
             what += f" after {run.skipped} skipped steps (max_skipped_steps={cfg.max_skipped_steps})"
         if run.last_ckpt:
-            where = (f"the last good checkpoint is {run.last_ckpt}; lower the lr (or set grad_clip) and continue from it with "
-                     f"`sslbench train --output {cfg.output} --resume --lr LR`")
+            where = (
+                f"the last good checkpoint is {run.last_ckpt}; lower the lr (or set grad_clip) and continue from it with "
+                f"`sslbench train --output {cfg.output} --resume --lr LR`"
+            )
         else:
             where = "no checkpoint was saved yet; lower --lr or set grad_clip"
         raise UserError(f"{what}; {where}, or pass --set nonfinite=skip")
@@ -131,8 +133,17 @@ def train_loop(run: Run, callbacks: list[Callback], *, resume_command: str | Non
     for cb in callbacks:
         cb.on_train_start(run)
     run.model.train()
-    stream = stream_batches(run.train_split, run.specs, plan, seed=cfg.seed, start_step=run.start_step, rank=run.rank,
-                            device=run.device, num_workers=cfg.num_workers, data_on_device=run.data_on_device)
+    stream = stream_batches(
+        run.train_split,
+        run.specs,
+        plan,
+        seed=cfg.seed,
+        start_step=run.start_step,
+        rank=run.rank,
+        device=run.device,
+        num_workers=cfg.num_workers,
+        data_on_device=run.data_on_device,
+    )
     for step, views, idx in stream:
         batch = Batch(channels_last_views(views, run.channels_last), idx, run.info(step, progress if run.time_based else None))
         values = apply_schedules(run.optimizer, run.schedules, batch.info)
@@ -169,8 +180,13 @@ def train_loop(run: Run, callbacks: list[Callback], *, resume_command: str | Non
             guard.check()
             now = time.perf_counter()
             ips = images_since_log / max(now - t_log, 1e-9)
-            record = {"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": float(mean_loss),
-                      "lr": values["lr"], "images_per_s": round(ips, 2)}
+            record = {
+                "step": done,
+                "epoch": round(done / plan.steps_per_epoch, 4),
+                "loss": float(mean_loss),
+                "lr": values["lr"],
+                "images_per_s": round(ips, 2),
+            }
             # Other scheduled values, then the method's logged scalars (last step), averaged over processes.
             record.update({k: v for k, v in values.items() if k != "lr"})
             record.update({k: float(dist.all_reduce_mean(v) if run.world > 1 else v) for k, v in logs.items() if k != "loss"})
@@ -224,13 +240,28 @@ def summary(run: Run, result: TrainResult) -> dict[str, Any]:
     size, batch, lr and schedule lengths), not only what was asked."""
     cfg, plan = run.cfg, run.plan
     return {
-        "method": cfg.method, "backbone": cfg.backbone, "data": cfg.data, "image_size": cfg.image_size,
-        "steps": result.steps, "epochs": result.epochs, "images_seen": result.images_seen,
-        "batch_size": plan.global_batch, "wall_time_s": result.wall_time_s,
-        "images_per_s": result.images_per_s, "precision": run.precision, "seed": cfg.seed,
-        "processes": run.world, "device": run.device.type, "hardware": hardware_summary(run.device),
-        "train_images": len(run.train_split), "steps_per_epoch": plan.steps_per_epoch, "warmup_steps": plan.warmup_steps,
-        "optimizer": cfg.optimizer, "lr": cfg.lr, "lr_scaling": cfg.lr_scaling, "metrics": result.metrics,
+        "method": cfg.method,
+        "backbone": cfg.backbone,
+        "data": cfg.data,
+        "image_size": cfg.image_size,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "images_seen": result.images_seen,
+        "batch_size": plan.global_batch,
+        "wall_time_s": result.wall_time_s,
+        "images_per_s": result.images_per_s,
+        "precision": run.precision,
+        "seed": cfg.seed,
+        "processes": run.world,
+        "device": run.device.type,
+        "hardware": hardware_summary(run.device),
+        "train_images": len(run.train_split),
+        "steps_per_epoch": plan.steps_per_epoch,
+        "warmup_steps": plan.warmup_steps,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "lr_scaling": cfg.lr_scaling,
+        "metrics": result.metrics,
     }
 
 
@@ -267,10 +298,15 @@ def train(
         wall = time.perf_counter() - t0
         plan = run.plan
         result = TrainResult(
-            run_dir=run.run_dir, steps=steps_done, epochs=round(steps_done / plan.steps_per_epoch, 4),
-            images_seen=steps_done * plan.global_batch, wall_time_s=round(wall, 3),
+            run_dir=run.run_dir,
+            steps=steps_done,
+            epochs=round(steps_done / plan.steps_per_epoch, 4),
+            images_seen=steps_done * plan.global_batch,
+            wall_time_s=round(wall, 3),
             images_per_s=round((steps_done - run.start_step) * plan.global_batch / max(wall, 1e-9), 2),
-            stopped_early=stop_signal is not None, stop_signal=stop_signal, main=run.main,
+            stopped_early=stop_signal is not None,
+            stop_signal=stop_signal,
+            main=run.main,
         )
         if stop_signal is None:
             finish(run, cbs, result)

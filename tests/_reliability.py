@@ -37,8 +37,7 @@ TEST_ENV_VARS = ("SSLBENCH_TEST_KILL_AT", "SSLBENCH_TEST_SIGNAL_AT", "SSLBENCH_T
 FAULTS = "_faults:FaultInjection"  # tests/_faults.py, installed in every CLI process the tests start
 
 # A narrow ResNet-18 at 16 px: each training step takes milliseconds.
-TINY = ["--image-size", "16", "--batch-size", "16", "--set", "backbone_kwargs.channels=8,16,32,64",
-        "--precision", "no", "--quiet"]
+TINY = ["--image-size", "16", "--batch-size", "16", "--set", "backbone_kwargs.channels=8,16,32,64", "--precision", "no", "--quiet"]
 
 
 def make_image_folder(root: Path, *, classes: int = 4, train: int = 16, test: int = 8, size: int = 16, seed: int = 0) -> Path:
@@ -59,8 +58,13 @@ def child_env(cache: Path, **extra: str) -> dict[str, str]:
     """The environment for a CLI process: its own cache, one thread, no inherited test hooks, and
     the fault-injection callback installed (inert unless a SSLBENCH_TEST_* variable is set)."""
     env = {k: v for k, v in os.environ.items() if k not in TEST_ENV_VARS}
-    env.update(SSLBENCH_CACHE=str(cache), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]), SSLBENCH_CALLBACKS=FAULTS)
+    env.update(
+        SSLBENCH_CACHE=str(cache),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]),
+        SSLBENCH_CALLBACKS=FAULTS,
+    )
     env.update(extra)
     return env
 
@@ -82,8 +86,7 @@ class Result:
 
 
 def run_subprocess(argv: Sequence[str], env: dict[str, str], *, timeout: float = 600) -> Result:
-    proc = subprocess.run([sys.executable, "-m", "sslbench", *argv], env=env, cwd=str(REPO),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "sslbench", *argv], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
     return Result(list(argv), proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -167,9 +170,21 @@ def preload() -> None:
     with it (otherwise each would spend ~5 CPU-seconds importing torch, timm and accelerate)."""
     import importlib
 
-    for name in ("torch", "timm", "accelerate", "safetensors.torch", "rich.console", "rich.progress",
-                 "sslbench.cli", "sslbench.config", "sslbench.trainer", "sslbench.progress", "sslbench.backbones",
-                 "sslbench.evals.features", "sslbench.evals.knn"):
+    for name in (
+        "torch",
+        "timm",
+        "accelerate",
+        "safetensors.torch",
+        "rich.console",
+        "rich.progress",
+        "sslbench.cli",
+        "sslbench.config",
+        "sslbench.trainer",
+        "sslbench.progress",
+        "sslbench.backbones",
+        "sslbench.evals.features",
+        "sslbench.evals.knn",
+    ):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -220,8 +235,9 @@ def run_forked(argv: Sequence[str], env: dict[str, str], *, before: Callable[[],
     return fork_cli(argv, env, before=before).wait(timeout)
 
 
-def run_many(jobs: dict[str, tuple[list[str], dict[str, str], Callable[[], None] | None]], *, max_running: int = 6,
-             timeout: float = 600) -> dict[str, Result]:
+def run_many(
+    jobs: dict[str, tuple[list[str], dict[str, str], Callable[[], None] | None]], *, max_running: int = 6, timeout: float = 600
+) -> dict[str, Result]:
     """Run ``{key: (argv, env, before)}`` as forked children, at most ``max_running`` at a time."""
     pending = list(jobs.items())
     running: dict[str, Forked] = {}

@@ -10,10 +10,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINER = {"sslbench.run_setup", "sslbench.trainer", "sslbench.callbacks", "sslbench.batches", "sslbench.grad_cache", "sslbench.tracking",
-           "sslbench.report"}
-COMMANDS = {"sslbench.cli", "sslbench.commands", "sslbench.compare", "sslbench.pipeline", "sslbench.__main__",
-            "sslbench.curves", "sslbench.export", "sslbench.picture"}
+TRAINER = {
+    "sslbench.run_setup",
+    "sslbench.trainer",
+    "sslbench.callbacks",
+    "sslbench.batches",
+    "sslbench.grad_cache",
+    "sslbench.tracking",
+    "sslbench.report",
+}
+COMMANDS = {
+    "sslbench.cli",
+    "sslbench.commands",
+    "sslbench.compare",
+    "sslbench.pipeline",
+    "sslbench.__main__",
+    "sslbench.curves",
+    "sslbench.export",
+    "sslbench.picture",
+}
 EVALUATION = {"sslbench.protocols"}  # plus everything in evals/
 
 

@@ -111,9 +111,7 @@ def test_counter_uniform_matches_exact_integer_reference():
     for seed, epoch, view in [(0, 0, 0), (1234, 7, 1), (-5, 2**40, 3)]:
         got = counter_uniform(seed, epoch, index, view, 5)
         assert got.dtype == torch.float32 and got.shape == (len(index), 5)
-        want = torch.tensor(
-            [[_splitmix_reference(seed, epoch, i, view, c) for c in range(5)] for i in index.tolist()]
-        )
+        want = torch.tensor([[_splitmix_reference(seed, epoch, i, view, c) for c in range(5)] for i in index.tolist()])
         assert torch.equal(got, want)
 
 
@@ -381,9 +379,7 @@ def test_cpu_row_gather_crop_matches_matmul_crop(src, size):
     # weight matrices: the same weights, so the same crops (up- and downscaled, flipped).
     n = 12 if size > 100 else 64
     x = _images(n, *src, seed=8)
-    p = BatchAugment(AugmentConfig(flip_p=0.5), size).sample_params(
-        torch.arange(n), seed=4, epoch=0, view=0, height=src[0], width=src[1]
-    )
+    p = BatchAugment(AugmentConfig(flip_p=0.5), size).sample_params(torch.arange(n), seed=4, epoch=0, view=0, height=src[0], width=src[1])
     box = (p["top"], p["left"], p["height"], p["width"], p["flip"], size)
     gathered = _resized_crop(x, *box)
     assert gathered.shape == (n, 3, size, size) and gathered.dtype == torch.float32

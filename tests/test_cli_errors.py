@@ -55,16 +55,38 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "keep-zero": (["train", "--set", "keep_checkpoints=0"], ["keep_checkpoints must be >= 1"]),
     "vit-image-size-4": (["train", "--backbone", "vit_tiny_patch16_224", "--image-size", "4"], ["image_size 4 is too small"]),
     "resnet-1px": (["train", "--image-size", "1"], ["image_size 1 is too small"]),
-    "batch-size-1-simclr": (["train", "--data", "imagefolder:{data}", *TINY, "--batch-size", "1", "--output", "{tmp}/b1"],
-                            ["batch size 1 is too small for simclr"]),
-    "image-below-stride": (["train", "--data", "imagefolder:{data}", "--backbone", "efficientnet_b0", "--image-size", "16",
-                            "--batch-size", "16", "--output", "{tmp}/eff"], ["too small for efficientnet_b0", "downsamples by 32"]),
-    "backbone-bad-kwarg": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.bogus_kw=1", "--output", "{tmp}/kw"],
-                           ["rejected backbone_kwargs", "bogus_kw"]),
-    "backbone-kwarg-breaks-forward": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.in_chans=1",
-                                       "--output", "{tmp}/kw1"], ["forward pass fails", "check backbone_kwargs"]),
-    "backbone-kwarg-bad-value": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.drop_rate=abc",
-                                  "--output", "{tmp}/kw2"], ["forward pass fails", "'abc'"]),
+    "batch-size-1-simclr": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--batch-size", "1", "--output", "{tmp}/b1"],
+        ["batch size 1 is too small for simclr"],
+    ),
+    "image-below-stride": (
+        [
+            "train",
+            "--data",
+            "imagefolder:{data}",
+            "--backbone",
+            "efficientnet_b0",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "16",
+            "--output",
+            "{tmp}/eff",
+        ],
+        ["too small for efficientnet_b0", "downsamples by 32"],
+    ),
+    "backbone-bad-kwarg": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.bogus_kw=1", "--output", "{tmp}/kw"],
+        ["rejected backbone_kwargs", "bogus_kw"],
+    ),
+    "backbone-kwarg-breaks-forward": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.in_chans=1", "--output", "{tmp}/kw1"],
+        ["forward pass fails", "check backbone_kwargs"],
+    ),
+    "backbone-kwarg-bad-value": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.drop_rate=abc", "--output", "{tmp}/kw2"],
+        ["forward pass fails", "'abc'"],
+    ),
     # found by an audit (2026-11-23): each was a traceback, a wrong message or a silent change
     "set-a-whole-section": (["train", "--set", "aug=1"], ["aug is a section", "--set aug.KEY=VALUE"]),
     "set-infinite-int": (["train", "--set", "batch_size=1e400"], ["batch_size expects a finite int"]),
@@ -77,10 +99,14 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "config-not-utf8": (["train", "--config", "{binary_yaml}"], ["is not UTF-8 text"]),
     "config-a-directory": (["train", "--config", "{tmp}"], ["is a directory"]),
     "resume-other-method": (["train", "--resume", "--output", "{run}", "--method", "byol"], ["was trained with simclr", "cannot change method"]),
-    "resume-before-the-checkpoint": (["train", "--resume", "--output", "{run_busy}", "--steps", "1"],
-                                     ["newest checkpoint is at step 2, beyond this run's 1 steps", "--steps 2"]),
-    "compare-owns-seed": (["compare", "--methods", "simclr", "--steps", "1", "--set", "seed=5", "--output", "{tmp}/cmp"],
-                          ["--set seed=... is set by compare itself", "--seeds"]),
+    "resume-before-the-checkpoint": (
+        ["train", "--resume", "--output", "{run_busy}", "--steps", "1"],
+        ["newest checkpoint is at step 2, beyond this run's 1 steps", "--steps 2"],
+    ),
+    "compare-owns-seed": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--set", "seed=5", "--output", "{tmp}/cmp"],
+        ["--set seed=... is set by compare itself", "--seeds"],
+    ),
     "eval-device-bogus": (["eval", "{run}", "--device", "foo"], ["--device 'foo' is not a device"]),
     "eval-a-file": (["eval", "{file}"], ["is a file; pass a run directory"]),
     "eval-results-into-config": (["eval", "{run}", "--results", "{run}/config.yaml"], ["must be a .jsonl file"]),
@@ -94,12 +120,17 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "data-all-corrupt": (["train", "--data", "imagefolder:{corrupt}", *TINY, "--output", "{tmp}/corrupt"], ["no readable image in"]),
     "data-spec-no-path": (["train", "--data", "imagefolder:"], ["needs a path"]),
     # files and directories
-    "output-under-a-file": (["train", "--data", "imagefolder:{data}", "--output", "{file}/run"], ["cannot write to output directory", "Not a directory"]),
+    "output-under-a-file": (
+        ["train", "--data", "imagefolder:{data}", "--output", "{file}/run"],
+        ["cannot write to output directory", "Not a directory"],
+    ),
     "output-holds-a-run": (["train", "--data", "imagefolder:{data}", *TINY, "--output", "{run_busy}"], ["already holds a run", "--resume"]),
     "resume-without-output": (["train", "--resume"], ["--resume needs --output"]),
     "resume-not-a-run": (["train", "--resume", "--output", "{tmp}"], ["has no config.yaml"]),
-    "resume-other-backbone": (["train", "--resume", "--output", "{run_other_backbone}", "--quiet"],
-                              ["was made for a different model", "shape mismatches"]),
+    "resume-other-backbone": (
+        ["train", "--resume", "--output", "{run_other_backbone}", "--quiet"],
+        ["was made for a different model", "shape mismatches"],
+    ),
     "config-missing": (["train", "--config", "{tmp}/missing.yaml"], ["missing.yaml not found"]),
     "config-malformed": (["train", "--config", "{bad_yaml}"], ["is not valid YAML"]),
     "config-not-a-mapping": (["train", "--config", "{list_yaml}"], ["must hold a mapping"]),
@@ -110,41 +141,64 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "eval-not-a-run": (["eval", "{tmp}/nothing-here"], ["nothing-here"]),
     "eval-encoder-mismatch": (["eval", "{eval_other_backbone}", "--protocol", "knn"], ["does not match the backbone"]),
     # ---- issue 20: one writer per run directory
-    "train-into-a-run-in-use": (["train", "--data", "imagefolder:{data}", *TINY, "--output", "{locked_run}"],
-                                ["is in use by pid", "since", "running `", "pass another --output"]),
+    "train-into-a-run-in-use": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--output", "{locked_run}"],
+        ["is in use by pid", "since", "running `", "pass another --output"],
+    ),
     "resume-a-run-in-use": (["train", "--resume", "--output", "{locked_run}", "--quiet"], ["is in use by pid", "once that process has stopped"]),
-    "compare-into-a-directory-in-use": (["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4],
-                                         "--output", "{locked_cmp}"], ["is in use by pid", "pass another --output"]),
+    "compare-into-a-directory-in-use": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4], "--output", "{locked_cmp}"],
+        ["is in use by pid", "pass another --output"],
+    ),
     "eval-a-run-still-training": (["eval", "{locked_run}"], ["is still being trained by pid", "once training has finished"]),
     # ---- records equal what ran; settings that cannot take effect here
     "precision-fp16-on-cpu": (["train", "--precision", "fp16", "--output", "{tmp}/fp16"], ["precision fp16 needs a CUDA GPU", "--precision no"]),
     "precision-fp16-in-config": (["train", "--config", "{fp16_yaml}", "--output", "{tmp}/fp16c"], ["precision fp16 needs a CUDA GPU"]),
-    "compare-precision-fp16": (["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", "--precision", "fp16",
-                                "--output", "{tmp}/cmp16"], ["precision fp16 needs a CUDA GPU"]),
+    "compare-precision-fp16": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", "--precision", "fp16", "--output", "{tmp}/cmp16"],
+        ["precision fp16 needs a CUDA GPU"],
+    ),
     # ---- questionable inputs
-    "warmup-longer-than-the-run": (["train", "--data", "imagefolder:{data}", *TINY, "--steps", "2", "--set", "warmup_epochs=5",
-                                    "--output", "{tmp}/warm"], ["warmup_epochs=5 is 20 steps", "never decay"]),
-    "subset-smaller-than-classes": (["train", "--data", "imagefolder:{data}", *TINY, "--train-subset", "2", "--output", "{tmp}/sub"],
-                                    ["--train-subset 2 is smaller than the 4 classes", "--train-subset 4"]),
+    "warmup-longer-than-the-run": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--steps", "2", "--set", "warmup_epochs=5", "--output", "{tmp}/warm"],
+        ["warmup_epochs=5 is 20 steps", "never decay"],
+    ),
+    "subset-smaller-than-classes": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--train-subset", "2", "--output", "{tmp}/sub"],
+        ["--train-subset 2 is smaller than the 4 classes", "--train-subset 4"],
+    ),
     "resume-other-batch-size": (["train", "--resume", "--output", "{run}", "--batch-size", "8"], ["was trained with batch_size 16", "got 8"]),
     "resume-other-seed": (["train", "--resume", "--output", "{run}", "--seed", "3"], ["was trained with seed 0", "got 3"]),
     "resume-other-image-size": (["train", "--resume", "--output", "{run}", "--image-size", "32"], ["was trained with image_size 16"]),
     "resume-other-data": (["train", "--resume", "--output", "{run}", "--data", "imagefolder:{onecls}"], ["was trained with data imagefolder:"]),
     "resume-other-batch-size-by-set": (["train", "--resume", "--output", "{run}", "--set", "batch_size=32"], ["batch_size 16", "got 32"]),
     "config-epochs-and-steps": (["train", "--config", "{both_yaml}"], ["config file", "both.yaml", "gives both epochs (2) and steps (3)"]),
-    "compare-config-epochs-and-steps": (["compare", "--methods", "simclr", "--steps", "1", "--config", "{both_yaml}"], ["both.yaml", "gives both epochs"]),
+    "compare-config-epochs-and-steps": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--config", "{both_yaml}"],
+        ["both.yaml", "gives both epochs"],
+    ),
     "eval-one-class-data": (["eval", "{run}", "--data", "imagefolder:{onecls}"], ["has a single class (c0)", "two or more classes"]),
-    "compare-one-class-data": (["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{onecls}", *TINY[:4],
-                               "--output", "{tmp}/cmp1"], ["has a single class", "two or more classes"]),
+    "compare-one-class-data": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{onecls}", *TINY[:4], "--output", "{tmp}/cmp1"],
+        ["has a single class", "two or more classes"],
+    ),
     # ---- a config file's mistakes name the file
-    "config-method-key-typo": (["train", "--config", "{methodkey_yaml}"], ["methodkey.yaml", "unknown config key 'method_cfg.temprature'", "temperature"]),
+    "config-method-key-typo": (
+        ["train", "--config", "{methodkey_yaml}"],
+        ["methodkey.yaml", "unknown config key 'method_cfg.temprature'", "temperature"],
+    ),
     "config-wrong-type": (["train", "--config", "{badtype_yaml}"], ["badtype.yaml", "lr expects float, got 'fast'"]),
     "config-out-of-range": (["train", "--config", "{badrange_yaml}"], ["badrange.yaml", "epochs must be > 0"]),
     "config-bad-tuple": (["train", "--config", "{badtuple_yaml}"], ["badtuple.yaml", "aug.crop_scale expects 2 comma-separated numbers"]),
-    "compare-config-unknown-key": (["compare", "--methods", "simclr,byol", "--steps", "1", "--config", "{methodkey_yaml}"],
-                                   ["methodkey.yaml", "unknown config key 'method_cfg.temprature'"]),
+    "compare-config-unknown-key": (
+        ["compare", "--methods", "simclr,byol", "--steps", "1", "--config", "{methodkey_yaml}"],
+        ["methodkey.yaml", "unknown config key 'method_cfg.temprature'"],
+    ),
     # ---- malformed tuple values: the expected form and the text as written
-    "tuple-three-numbers": (["train", "--set", "aug.crop_scale=0.2,0.5,0.9"], ["aug.crop_scale expects 2 comma-separated numbers (e.g. 0.2,1.0), got '0.2,0.5,0.9'"]),
+    "tuple-three-numbers": (
+        ["train", "--set", "aug.crop_scale=0.2,0.5,0.9"],
+        ["aug.crop_scale expects 2 comma-separated numbers (e.g. 0.2,1.0), got '0.2,0.5,0.9'"],
+    ),
     "tuple-one-number": (["train", "--set", "betas=0.9"], ["betas expects 2 comma-separated numbers", "got '0.9'"]),
     "tuple-unclosed-bracket": (["train", "--set", "aug.crop_scale=(0.2,"], ["aug.crop_scale expects 2 comma-separated numbers", "'(0.2,'"]),
     "tuple-empty-item": (["train", "--set", "betas=0.9,,0.99"], ["betas: '0.9,,0.99' has an empty item between commas"]),
@@ -186,25 +240,50 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "eval-results-a-directory": (["eval", "{run}", "--results", "{dir_jsonl}"], ["cannot write --results", "it is a directory"]),
     "eval-results-permission": (["eval", "{run}", "--results", "{noperm}/r.jsonl"], ["cannot write --results", "Permission denied"]),
     "eval-results-read-only": (["eval", "{run}", "--results", "{rofs}/r.jsonl"], ["cannot write --results", "Read-only file system"]),
-    "leaderboard-output-under-a-file": (["leaderboard", "{results}", "--output", "{file}/board.md"], ["cannot write --output", "is a file, not a directory"]),
+    "leaderboard-output-under-a-file": (
+        ["leaderboard", "{results}", "--output", "{file}/board.md"],
+        ["cannot write --output", "is a file, not a directory"],
+    ),
     "leaderboard-output-a-directory": (["leaderboard", "{results}", "--output", "{root}"], ["cannot write --output", "it is a directory"]),
     "leaderboard-output-read-only": (["leaderboard", "{results}", "--output", "{rofs}/board.md"], ["cannot write --output", "Read-only file system"]),
-    "leaderboard-plot-under-a-file": (["leaderboard", "{results}", "--plot", "{file}/board.png"], ["cannot write --plot", "is a file, not a directory"]),
+    "leaderboard-plot-under-a-file": (
+        ["leaderboard", "{results}", "--plot", "{file}/board.png"],
+        ["cannot write --plot", "is a file, not a directory"],
+    ),
     "leaderboard-plot-permission": (["leaderboard", "{results}", "--plot", "{noperm}/board.png"], ["cannot write --plot", "Permission denied"]),
-    "compare-output-under-a-file": (["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4],
-                                     "--output", "{file}/cmp"], ["cannot write --output", "is a file, not a directory"]),
-    "compare-output-read-only": (["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4],
-                                  "--output", "{rofs}/cmp"], ["cannot write --output", "Read-only file system"]),
-    "train-output-permission": (["train", "--data", "imagefolder:{data}", *TINY, "--output", "{noperm}/run"], ["cannot write to output directory", "Permission denied"]),
-    "train-output-read-only": (["train", "--data", "imagefolder:{data}", *TINY, "--output", "{rofs}/run"], ["cannot write to output directory", "Read-only file system"]),
-    "data-cache-read-only": (["train", "--data", "imagefolder:{data}", *TINY, "--output", "{tmp}/rocache"], ["cannot write the data cache", "Read-only file system", "cache_dir"]),
+    "compare-output-under-a-file": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4], "--output", "{file}/cmp"],
+        ["cannot write --output", "is a file, not a directory"],
+    ),
+    "compare-output-read-only": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4], "--output", "{rofs}/cmp"],
+        ["cannot write --output", "Read-only file system"],
+    ),
+    "train-output-permission": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--output", "{noperm}/run"],
+        ["cannot write to output directory", "Permission denied"],
+    ),
+    "train-output-read-only": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--output", "{rofs}/run"],
+        ["cannot write to output directory", "Read-only file system"],
+    ),
+    "data-cache-read-only": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--output", "{tmp}/rocache"],
+        ["cannot write the data cache", "Read-only file system", "cache_dir"],
+    ),
     # ---- offline
-    "pretrained-weights-offline": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.pretrained=true", "--output", "{tmp}/pre"],
-                                   ["cannot get the pretrained weights of resnet18", "no network", "pretrained_cfg_overlay"]),
-    "pretrained-weights-no-dns": (["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.pretrained=true", "--output", "{tmp}/pre2"],
-                                  ["cannot get the pretrained weights of resnet18", "no network"]),
-    "hub-dataset-offline": (["train", "--data", "hf:nobody/no-such-set", "--output", "{tmp}/hf"],
-                            ["cannot load Hugging Face dataset 'nobody/no-such-set'", "no network", "save_to_disk"]),
+    "pretrained-weights-offline": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.pretrained=true", "--output", "{tmp}/pre"],
+        ["cannot get the pretrained weights of resnet18", "no network", "pretrained_cfg_overlay"],
+    ),
+    "pretrained-weights-no-dns": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.pretrained=true", "--output", "{tmp}/pre2"],
+        ["cannot get the pretrained weights of resnet18", "no network"],
+    ),
+    "hub-dataset-offline": (
+        ["train", "--data", "hf:nobody/no-such-set", "--output", "{tmp}/hf"],
+        ["cannot load Hugging Face dataset 'nobody/no-such-set'", "no network", "save_to_disk"],
+    ),
     "callbacks-env-unknown": (["train", "--output", "{tmp}/cb"], ["$SSLBENCH_CALLBACKS: cannot import 'no_such_module:Thing'"]),
     # ---- eval
     "eval-encoder-missing": (["eval", "{run_no_encoder}"], ["encoder.safetensors not found"]),
@@ -223,8 +302,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "compare-no-budget": (["compare", "--methods", "simclr"], ["one of the arguments --epochs --steps --images --time-budget is required"]),
     "compare-owns-output": (["compare", "--methods", "simclr", "--steps", "1", "--set", "output=x"], ["--set output=... is set by compare itself"]),
     "compare-unknown-protocol": (["compare", "--methods", "simclr", "--steps", "1", "--protocol", "knnn"], ["unknown protocol 'knnn'"]),
-    "compare-other-config-in-the-way": (["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4],
-                                         "--output", "{cmp_other}"], ["holds a run with another config"]),
+    "compare-other-config-in-the-way": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4], "--output", "{cmp_other}"],
+        ["holds a run with another config"],
+    ),
     # ---- leaderboard and list
     "leaderboard-missing-file": (["leaderboard", "{tmp}/none.jsonl"], ["results file", "none.jsonl not found"]),
     "leaderboard-dir-without-store": (["leaderboard", "{data}"], ["results.jsonl not found"]),
@@ -274,8 +355,9 @@ def _no_dns() -> None:
 
 
 def _train_run(data: Path, out: Path, env: dict[str, str]) -> None:
-    r = run_forked(["train", "--method", "simclr", "--data", f"imagefolder:{data}", "--steps", "2", *TINY,
-                    "--set", "quick_knn=false", "--output", str(out)], env)
+    r = run_forked(
+        ["train", "--method", "simclr", "--data", f"imagefolder:{data}", "--steps", "2", *TINY, "--set", "quick_knn=false", "--output", str(out)], env
+    )
     assert r.returncode == 0, r.describe()
 
 
@@ -353,11 +435,13 @@ def table(tmp_path_factory):
     for name in ("rofs", "noperm", "dir.jsonl"):
         (root / name).mkdir()
     copies = {}
-    for name, change in (("no_encoder", lambda d: (d / "encoder.safetensors").unlink()),
-                         ("bad_encoder", lambda d: (d / "encoder.safetensors").write_bytes(b"not safetensors")),
-                         ("bad_budget", lambda d: (d / "budget.json").write_text("{oops")),
-                         ("bad_config", lambda d: (d / "config.yaml").write_text("lr: [0.1\n")),
-                         ("busy", lambda d: None)):  # (refused commands that lock it for a moment: the eval cases use "run")
+    for name, change in (
+        ("no_encoder", lambda d: (d / "encoder.safetensors").unlink()),
+        ("bad_encoder", lambda d: (d / "encoder.safetensors").write_bytes(b"not safetensors")),
+        ("bad_budget", lambda d: (d / "budget.json").write_text("{oops")),
+        ("bad_config", lambda d: (d / "config.yaml").write_text("lr: [0.1\n")),
+        ("busy", lambda d: None),
+    ):  # (refused commands that lock it for a moment: the eval cases use "run")
         copies[f"run_{name}"] = root / f"run-{name}"
         shutil.copytree(run, copies[f"run_{name}"])
         change(copies[f"run_{name}"])
@@ -369,14 +453,32 @@ def table(tmp_path_factory):
     (cmp_other / "simclr-seed0").mkdir(parents=True)
     shutil.copy(run / "config.yaml", cmp_other / "simclr-seed0" / "config.yaml")
     fill = {
-        "data": data, "empty": empty, "trainonly": trainonly, "corrupt": corrupt, "file": a_file, "run": run, "tmp": tmp,
-        "bad_yaml": root / "bad.yaml", "list_yaml": root / "list.yaml", "typo_yaml": root / "typo.yaml",
-        "section_yaml": root / "section.yaml", "intkey_yaml": root / "intkey.yaml", "binary_yaml": root / "binary.yaml",
-        "results": results, "garbage_jsonl": root / "garbage.jsonl",
+        "data": data,
+        "empty": empty,
+        "trainonly": trainonly,
+        "corrupt": corrupt,
+        "file": a_file,
+        "run": run,
+        "tmp": tmp,
+        "bad_yaml": root / "bad.yaml",
+        "list_yaml": root / "list.yaml",
+        "typo_yaml": root / "typo.yaml",
+        "section_yaml": root / "section.yaml",
+        "intkey_yaml": root / "intkey.yaml",
+        "binary_yaml": root / "binary.yaml",
+        "results": results,
+        "garbage_jsonl": root / "garbage.jsonl",
         "run_other_backbone": _with_other_backbone(run, root / "run-other-backbone"),
         "eval_other_backbone": _with_other_backbone(run, root / "eval-other-backbone"),
-        "onecls": onecls, "differ": differ, "root": root, "rofs": root / "rofs", "noperm": root / "noperm", "dir_jsonl": root / "dir.jsonl",
-        "locked_run": locked_run, "locked_cmp": locked_cmp, "cmp_other": cmp_other,
+        "onecls": onecls,
+        "differ": differ,
+        "root": root,
+        "rofs": root / "rofs",
+        "noperm": root / "noperm",
+        "dir_jsonl": root / "dir.jsonl",
+        "locked_run": locked_run,
+        "locked_cmp": locked_cmp,
+        "cmp_other": cmp_other,
         **{f"{name}_yaml": root / f"{name}.yaml" for name in ("both", "fp16", "methodkey", "badtype", "badrange", "badtuple")},
         **copies,
     }
@@ -509,8 +611,7 @@ def test_disk_full_while_writing_results_keeps_the_previous_file(table, tmp_path
     errors = [line for line in lines(r.stderr) if line.startswith("sslbench: error")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and "results.json" in errors[0], r.describe()
     assert "--resume" in errors[0]
-    assert [line for line in lines(r.stderr) if not line.startswith("sslbench: error")] == [
-        f"resuming {run} from step 2 (step-00000002)"]
+    assert [line for line in lines(r.stderr) if not line.startswith("sslbench: error")] == [f"resuming {run} from step 2 (step-00000002)"]
     assert (run / "results.json").read_bytes() == before
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
 
@@ -523,8 +624,23 @@ def test_corrupt_grayscale_and_alpha_images_train_with_a_count(table, tmp_path):
     for split in ("train", "test"):
         for c in ("a", "b"):
             _write_odd_images(root / split / c, rng)
-    r = run_forked(["train", "--data", f"imagefolder:{root}", "--steps", "2", *TINY, "--batch-size", "8",
-                    "--set", "quick_knn=false", "--output", str(tmp_path / "run")], table["env"])
+    r = run_forked(
+        [
+            "train",
+            "--data",
+            f"imagefolder:{root}",
+            "--steps",
+            "2",
+            *TINY,
+            "--batch-size",
+            "8",
+            "--set",
+            "quick_knn=false",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        table["env"],
+    )
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.describe()
     warnings = [line for line in lines(r.stderr) if "unreadable" in line]
     assert len(warnings) == 1 and "skipped 4 unreadable image(s)" in warnings[0], r.describe()
@@ -548,6 +664,9 @@ def test_environment_oserrors_are_one_line_and_bugs_are_not(table):
 
         sslbench.run_setup.load_split = load_split
 
-    r = run_forked(["train", "--data", "imagefolder:{}".format(table["fill"]["data"]), *TINY, "--output",
-                    str(table["fill"]["tmp"] / "rofs")], table["env"], before=read_only_cache)
+    r = run_forked(
+        ["train", "--data", "imagefolder:{}".format(table["fill"]["data"]), *TINY, "--output", str(table["fill"]["tmp"] / "rofs")],
+        table["env"],
+        before=read_only_cache,
+    )
     _assert_one_line_error(r, ["Read-only file system: /cache/decoded/x.pt"])

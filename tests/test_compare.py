@@ -17,8 +17,25 @@ from sslbench.run_setup import UNBOUNDED_STEPS, make_plan
 from sslbench.trainer import train
 
 TINY = "backbone_kwargs.channels=8,16,32,64"
-FILLED = ("method", "backbone", "data", "image_size", "epochs", "steps", "images_seen", "batch_size", "budget_kind",
-          "budget", "wall_time_s", "images_per_s", "precision", "seed", "run_dir", "command", "hardware")
+FILLED = (
+    "method",
+    "backbone",
+    "data",
+    "image_size",
+    "epochs",
+    "steps",
+    "images_seen",
+    "batch_size",
+    "budget_kind",
+    "budget",
+    "wall_time_s",
+    "images_per_s",
+    "precision",
+    "seed",
+    "run_dir",
+    "command",
+    "hardware",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +55,28 @@ def _error_line(capsys):
 
 def test_compare_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "simclr,byol", "--backbone", "resnet18", "--data", "digits", "--steps", "3",
-            "--batch-size", "32", "--set", TINY, "--set", "train_subset=64", "--protocol", "knn",
-            "--output", str(out), "--quiet"]
+    argv = [
+        "compare",
+        "--methods",
+        "simclr,byol",
+        "--backbone",
+        "resnet18",
+        "--data",
+        "digits",
+        "--steps",
+        "3",
+        "--batch-size",
+        "32",
+        "--set",
+        TINY,
+        "--set",
+        "train_subset=64",
+        "--protocol",
+        "knn",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     rows = read_rows(out / "results.jsonl")
@@ -77,8 +113,23 @@ def test_compare_that_would_fine_tune_data_read_from_disk_fails_before_training(
 
     data = make_image_folder(tmp_path / "data", classes=2, train=4, test=2)
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "simclr,byol", "--steps", "1", "--output", str(out), "--set", TINY,
-            "--data", f"imagefolder:{data}", "--set", "max_memory_gb=0", "--protocol", "knn,finetune"]
+    argv = [
+        "compare",
+        "--methods",
+        "simclr,byol",
+        "--steps",
+        "1",
+        "--output",
+        str(out),
+        "--set",
+        TINY,
+        "--data",
+        f"imagefolder:{data}",
+        "--set",
+        "max_memory_gb=0",
+        "--protocol",
+        "knn,finetune",
+    ]
     assert main(argv) == 2
     err = _error_line(capsys)
     assert "train does not fit in memory (max_memory_gb=0); finetune needs in-memory splits" in err, err
@@ -109,21 +160,22 @@ def test_durations():
 
 def test_plans_share_data_backbone_and_budget(tmp_path):
     flags = {"backbone": "resnet18", "data": "digits", "batch_size": 32}
-    plans = plan_compare(["simclr", "moco", "byol", "simsiam"], [0, 1], ("images", 100), out_dir=tmp_path,
-                         flags=flags, sets=[TINY, "train_subset=64"])
+    plans = plan_compare(
+        ["simclr", "moco", "byol", "simsiam"], [0, 1], ("images", 100), out_dir=tmp_path, flags=flags, sets=[TINY, "train_subset=64"]
+    )
     assert [(m, s) for m, s, _ in plans] == [(m, s) for m in ("simclr", "moco", "byol", "simsiam") for s in (0, 1)]
     for method, seed, cfg in plans:
         assert (cfg.method, cfg.seed, cfg.backbone, cfg.data) == (method, seed, "resnet18", "digits")
         assert cfg.steps == math.ceil(100 / 32) and cfg.epochs is None and cfg.time_budget_s is None
         assert cfg.output == str(tmp_path / f"{method}-seed{seed}")
     # a batch larger than the (subset) training set is clipped by the trainer; the images budget follows
-    (_, _, cfg), = plan_compare(["simclr"], [0], ("images", 100), out_dir=tmp_path,
-                                flags={**flags, "batch_size": 256}, sets=[TINY, "train_subset=64"])
+    ((_, _, cfg),) = plan_compare(
+        ["simclr"], [0], ("images", 100), out_dir=tmp_path, flags={**flags, "batch_size": 256}, sets=[TINY, "train_subset=64"]
+    )
     assert cfg.steps == math.ceil(100 / 64)
-    (_, _, cfg), = plan_compare(["byol"], [0], ("time", "10m"), out_dir=tmp_path, flags=flags, sets=[TINY])
+    ((_, _, cfg),) = plan_compare(["byol"], [0], ("time", "10m"), out_dir=tmp_path, flags=flags, sets=[TINY])
     assert cfg.time_budget_s == 600 and cfg.steps is None and cfg.epochs is None
-    (_, _, cfg), = plan_compare(["byol"], [0], ("epochs", 2), out_dir=tmp_path, flags=flags,
-                                file_values={"steps": 50}, sets=[TINY])
+    ((_, _, cfg),) = plan_compare(["byol"], [0], ("epochs", 2), out_dir=tmp_path, flags=flags, file_values={"steps": 50}, sets=[TINY])
     assert cfg.epochs == 2 and cfg.steps is None  # the comparison's budget replaces the file's
 
 
@@ -159,8 +211,29 @@ def test_time_budget_stops_after_the_step_that_crosses_it(tmp_path):
 
 def test_compare_with_a_time_budget_shows_the_epochs_reached(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--methods", "simsiam", "--time-budget", "1s", "--batch-size", "32", "--set", TINY,
-                 "--set", "train_subset=64", "--protocol", "knn", "--output", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "simsiam",
+                "--time-budget",
+                "1s",
+                "--batch-size",
+                "32",
+                "--set",
+                TINY,
+                "--set",
+                "train_subset=64",
+                "--protocol",
+                "knn",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     (row,) = read_rows(out / "results.jsonl")
     assert (row["budget_kind"], row["budget"]) == ("time", "1s")
     assert row["steps"] >= 1 and row["epochs"] == row["steps"] / 2 and row["wall_time_s"] >= 1.0
@@ -174,8 +247,24 @@ def test_compare_with_a_time_budget_shows_the_epochs_reached(tmp_path, capsys):
 
 def test_rerunning_a_comparison_reuses_stored_rows_and_scores_only_what_is_missing(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "simclr", "--steps", "2", "--batch-size", "16", "--set", TINY,
-            "--set", "train_subset=32", "--output", str(out), "--quiet", "--linear-epochs", "2"]
+    argv = [
+        "compare",
+        "--methods",
+        "simclr",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--set",
+        TINY,
+        "--set",
+        "train_subset=32",
+        "--output",
+        str(out),
+        "--quiet",
+        "--linear-epochs",
+        "2",
+    ]
     assert main([*argv, "--protocol", "knn"]) == 0
     first = read_rows(out / "results.jsonl")
     assert [r["protocol"]["name"] for r in first] == ["knn"]
@@ -205,8 +294,24 @@ def test_a_comparison_continues_whatever_its_output_is_spelled_and_a_signal_exit
     from _reliability import child_env, run_forked
 
     monkeypatch.chdir(tmp_path)
-    argv = ["compare", "--methods", "simclr", "--steps", "3", "--batch-size", "32", "--quiet", "--protocol", "knn",
-            "--set", TINY, "--set", "train_subset=64", "--set", "checkpoint_every=1"]
+    argv = [
+        "compare",
+        "--methods",
+        "simclr",
+        "--steps",
+        "3",
+        "--batch-size",
+        "32",
+        "--quiet",
+        "--protocol",
+        "knn",
+        "--set",
+        TINY,
+        "--set",
+        "train_subset=64",
+        "--set",
+        "checkpoint_every=1",
+    ]
     env = child_env(tmp_path / "cache", SSLBENCH_TEST_SIGNAL_AT="2")
     r = run_forked([*argv, "--output", "cmp"], env)
     assert r.returncode == 143, r.describe()

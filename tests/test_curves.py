@@ -11,8 +11,25 @@ from PIL import Image
 from sslbench.cli import main
 from sslbench.curves import CURVES_FILE, CURVES_SIZE, read_metrics, write_curves
 
-TINY = ["--steps", "4", "--batch-size", "16", "--train-subset", "32", "--image-size", "16", "--precision", "no", "--quiet",
-        "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "log_every=1", "--set", "online_probe=true"]
+TINY = [
+    "--steps",
+    "4",
+    "--batch-size",
+    "16",
+    "--train-subset",
+    "32",
+    "--image-size",
+    "16",
+    "--precision",
+    "no",
+    "--quiet",
+    "--set",
+    "backbone_kwargs.channels=8,16,32,64",
+    "--set",
+    "log_every=1",
+    "--set",
+    "online_probe=true",
+]
 
 
 @pytest.fixture(scope="module")

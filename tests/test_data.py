@@ -48,8 +48,18 @@ def folder(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels, mode=mode).save(path) if mode else Image.fromarray(pixels).save(path)
 
-    for rel in ("train/cat/a_rgb.png", "train/cat/d_rgb.png", "train/cat/e_rgb.png", "train/dog/c_rgb.png",
-                "train/dog/e_rgb.png", "train/dog/f_rgb.png", "test/cat/0.png", "test/cat/1.png", "test/dog/0.png", "test/dog/1.png"):
+    for rel in (
+        "train/cat/a_rgb.png",
+        "train/cat/d_rgb.png",
+        "train/cat/e_rgb.png",
+        "train/dog/c_rgb.png",
+        "train/dog/e_rgb.png",
+        "train/dog/f_rgb.png",
+        "test/cat/0.png",
+        "test/cat/1.png",
+        "test/dog/0.png",
+        "test/dog/1.png",
+    ):
         expected[rel] = _noise(rng, 16, 16)
         save(rel, expected[rel])
     gray = _noise(rng, 16, 16, channels=1)
@@ -118,8 +128,17 @@ def test_imagefolder_decodes_converts_and_skips_bad_files(folder, tmp_path: Path
     assert isinstance(train, ImageSplit)
     assert train.classes == ["cat", "dog"]
     assert train.labels.tolist() == [0] * 5 + [1] * 4
-    order = ["train/cat/a_rgb.png", "train/cat/b_gray.png", "train/cat/c_rgba.png", "train/cat/d_rgb.png", "train/cat/e_rgb.png",
-             "train/dog/b_pal.png", "train/dog/c_rgb.png", "train/dog/e_rgb.png", "train/dog/f_rgb.png"]
+    order = [
+        "train/cat/a_rgb.png",
+        "train/cat/b_gray.png",
+        "train/cat/c_rgba.png",
+        "train/cat/d_rgb.png",
+        "train/cat/e_rgb.png",
+        "train/dog/b_pal.png",
+        "train/dog/c_rgb.png",
+        "train/dog/e_rgb.png",
+        "train/dog/f_rgb.png",
+    ]
     for i, rel in enumerate(order):  # same-size images are kept bit-exact
         assert np.array_equal(train.images[i].permute(1, 2, 0).numpy(), expected[rel]), rel
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -217,8 +236,10 @@ def test_unreadable_cache_file_is_rebuilt(tmp_path: Path) -> None:
         (lambda r: (r / "train" / "a").mkdir(parents=True), r"no test \(or val\) folder"),
         (lambda r: [(r / s).mkdir(parents=True) for s in ("train", "test")], r"train has no class folders; expected"),
         (lambda r: [(r / s / "a").mkdir(parents=True) for s in ("train", "test")], r"class folder .*train/a has no images"),
-        (lambda r: [(r / s / c).mkdir(parents=True) for s, c in (("train", "a"), ("train", "b"), ("test", "a"))],
-         r"class folders differ.*only in train: \['b'\]"),
+        (
+            lambda r: [(r / s / c).mkdir(parents=True) for s, c in (("train", "a"), ("train", "b"), ("test", "a"))],
+            r"class folders differ.*only in train: \['b'\]",
+        ),
     ],
     ids=["missing", "no-test", "empty", "no-images", "class-mismatch"],
 )
@@ -378,13 +399,25 @@ def test_hf_query_options_plain_labels_and_validation_fallback(tmp_path: Path) -
 @pytest.mark.parametrize(
     "spec,split,size,kwargs,match",
     [
-        ("cifar-10", "train", 32, {}, r"unknown data set 'cifar-10' \(did you mean 'cifar10' or 'cifar100'\?\); valid: digits, cifar10, .*imagefolder:PATH, hf:NAME"),
+        (
+            "cifar-10",
+            "train",
+            32,
+            {},
+            r"unknown data set 'cifar-10' \(did you mean 'cifar10' or 'cifar100'\?\); valid: digits, cifar10, .*imagefolder:PATH, hf:NAME",
+        ),
         ("svhn", "train", 32, {}, r"unknown data set 'svhn'; valid: digits"),
         ("imagefolder", "train", 32, {}, r"needs a path: write imagefolder:PATH"),
         ("hf:", "train", 32, {}, r"needs a name: write hf:NAME"),
         ("digits", "tset", 32, {}, r"unknown split 'tset' \(did you mean 'test'\?\); valid: train, test"),
         ("digits", "train", 0, {}, r"image_size must be a positive int"),
-        ("digits", "train", 32, {"max_memory_gb": 0.001}, r"digits train needs 0.00414 GB in memory at 32 px, more than max_memory_gb=0.001; raise max_memory_gb"),
+        (
+            "digits",
+            "train",
+            32,
+            {"max_memory_gb": 0.001},
+            r"digits train needs 0.00414 GB in memory at 32 px, more than max_memory_gb=0.001; raise max_memory_gb",
+        ),
     ],
 )
 def test_user_errors(tmp_path: Path, spec, split, size, kwargs, match) -> None:

@@ -153,9 +153,7 @@ def _bn_train(bn: nn.Module, x: Tensor, t: Tensor, device: str, mean_loss: bool)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: Path, device: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
-    )
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         res: dict[str, Any] = {
             "rank": sdist.get_rank(),

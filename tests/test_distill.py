@@ -88,10 +88,34 @@ def test_bad_distillation_settings_are_user_errors(bad, message):
 def test_eval_cli_distills_with_the_finetune_teacher_and_a_rerun_of_compare_reuses_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "simclr", "--steps", "2", "--batch-size", "32", "--output", str(out), "--quiet",
-            "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "train_subset=64",
-            "--protocol", "finetune,distill", "--label-fractions", "0.5", "--finetune-min-steps", "3",
-            "--finetune-epochs", "1", "--distill-epochs", "1", "--finetune-batch-size", "32"]
+    argv = [
+        "compare",
+        "--methods",
+        "simclr",
+        "--steps",
+        "2",
+        "--batch-size",
+        "32",
+        "--output",
+        str(out),
+        "--quiet",
+        "--set",
+        "backbone_kwargs.channels=8,16,32,64",
+        "--set",
+        "train_subset=64",
+        "--protocol",
+        "finetune,distill",
+        "--label-fractions",
+        "0.5",
+        "--finetune-min-steps",
+        "3",
+        "--finetune-epochs",
+        "1",
+        "--distill-epochs",
+        "1",
+        "--finetune-batch-size",
+        "32",
+    ]
     assert main(argv) == 0
     rows = read_rows(out / "results.jsonl")
     by_name = {r["protocol"]["name"]: r for r in rows}

@@ -16,8 +16,25 @@ from sslbench.results import RUN_FIELDS, append_row, make_row, read_rows
 TINY = "backbone_kwargs.channels=8,16,32,64"
 ENV_KEYS = {"cpu", "cpu_count", "gpus", "platform", "python", "torch", "timm", "accelerate", "sslbench", "git_commit"}
 # Run fields every eval row must fill (run_dir is a path; command is checked separately).
-FILLED = ("method", "backbone", "data", "image_size", "epochs", "steps", "images_seen", "batch_size", "budget_kind",
-          "budget", "wall_time_s", "images_per_s", "precision", "seed", "run_dir", "command", "hardware")
+FILLED = (
+    "method",
+    "backbone",
+    "data",
+    "image_size",
+    "epochs",
+    "steps",
+    "images_seen",
+    "batch_size",
+    "budget_kind",
+    "budget",
+    "wall_time_s",
+    "images_per_s",
+    "precision",
+    "seed",
+    "run_dir",
+    "command",
+    "hardware",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,8 +56,7 @@ def run_dir(tmp_path_factory, _one_thread):
     sets = ["--set", TINY, "--set", "online_probe=true"]
     if "quick_knn" in {f.name for f in dataclasses.fields(TrainConfig)}:
         sets += ["--set", "quick_knn=false"]  # eval computes the k-NN below
-    rc = main(["train", "--method", "simclr", "--steps", "4", "--batch-size", "32", "--train-subset", "64",
-               "--output", str(out), "--quiet", *sets])
+    rc = main(["train", "--method", "simclr", "--steps", "4", "--batch-size", "32", "--train-subset", "64", "--output", str(out), "--quiet", *sets])
     assert rc == 0
     yield out
     mp.undo()
@@ -62,8 +78,20 @@ def test_online_probe_logged_each_epoch(run_dir):
 
 
 def test_eval_writes_one_complete_row_per_protocol_and_fraction(run_dir, capsys):
-    argv = ["eval", str(run_dir), "--protocol", "knn,linear,finetune", "--label-fractions", "0.01,0.02",
-            "--finetune-epochs", "1", "--finetune-min-steps", "2", "--linear-epochs", "5"]
+    argv = [
+        "eval",
+        str(run_dir),
+        "--protocol",
+        "knn,linear,finetune",
+        "--label-fractions",
+        "0.01,0.02",
+        "--finetune-epochs",
+        "1",
+        "--finetune-min-steps",
+        "2",
+        "--linear-epochs",
+        "5",
+    ]
     encoder_bytes = (run_dir / ENCODER_FILE).read_bytes()
     assert main(argv) == 0
     assert (run_dir / ENCODER_FILE).read_bytes() == encoder_bytes  # fine-tuning works on a copy
@@ -148,8 +176,17 @@ def test_eval_of_a_directory_that_is_not_a_run(tmp_path, capsys):
 
 def _rows(path):
     for method, seed, top1 in [("simclr", 0, 80.0), ("simclr", 1, 82.0), ("byol", 0, 85.5)]:
-        run = {"method": method, "backbone": "resnet18", "data": "digits", "image_size": 32, "budget_kind": "steps",
-               "budget": 3, "seed": seed, "epochs": 1.5, "images_per_s": 100.0}
+        run = {
+            "method": method,
+            "backbone": "resnet18",
+            "data": "digits",
+            "image_size": 32,
+            "budget_kind": "steps",
+            "budget": 3,
+            "seed": seed,
+            "epochs": 1.5,
+            "images_per_s": 100.0,
+        }
         append_row(path, make_row(metrics={"knn_top1": top1}, protocol={"name": "knn"}, run=run))
 
 
@@ -163,8 +200,7 @@ def test_leaderboard_cli_renders_md_csv_html_and_a_plot(tmp_path, capsys):
     assert main(["leaderboard", str(tmp_path), "--format", "csv"]) == 0  # a directory holding results.jsonl
     csv_lines = capsys.readouterr().out.splitlines()
     assert csv_lines[0].startswith("data,backbone,budget_kind,budget,image_size,method") and len(csv_lines) == 3
-    assert main(["leaderboard", str(results), "--format", "html", "--output", str(tmp_path / "lb.html"),
-                 "--plot", str(tmp_path / "lb.png")]) == 0
+    assert main(["leaderboard", str(results), "--format", "html", "--output", str(tmp_path / "lb.html"), "--plot", str(tmp_path / "lb.png")]) == 0
     html = (tmp_path / "lb.html").read_text()
     assert "<table>" in html and "<td>byol</td>" in html
     assert (tmp_path / "lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -212,9 +248,32 @@ def test_data_read_from_disk_is_scored_by_knn_and_linear_like_in_memory_data(tmp
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "data", classes=3, train=8, test=4, size=20)
     run = tmp_path / "runs" / "disk"
-    assert main(["train", "--method", "simclr", "--data", f"imagefolder:{data}", "--image-size", "16", "--steps", "2",
-                 "--batch-size", "8", "--output", str(run), "--set", TINY, "--set", "max_memory_gb=0",
-                 "--set", "num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "simclr",
+                "--data",
+                f"imagefolder:{data}",
+                "--image-size",
+                "16",
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--output",
+                str(run),
+                "--set",
+                TINY,
+                "--set",
+                "max_memory_gb=0",
+                "--set",
+                "num_workers=0",
+            ]
+        )
+        == 0
+    )
     assert "score the run with `sslbench eval" in capsys.readouterr().err
     common = ["--protocol", "knn,linear", "--linear-epochs", "3"]
     assert main(["eval", str(run), *common, "--results", str(tmp_path / "disk.jsonl")]) == 0

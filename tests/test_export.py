@@ -36,7 +36,9 @@ CASES = {
 
 def _fake_run(root: Path, name: str, backbone: str, image_size: int, kwargs: dict) -> Path:
     """A finished-looking run: config.yaml and an encoder whose every weight and BN statistic differs from init."""
-    cfg = build_config(file_values={"backbone_kwargs": kwargs}, flags={"method": "simclr", "backbone": backbone, "image_size": image_size, "steps": 1})
+    cfg = build_config(
+        file_values={"backbone_kwargs": kwargs}, flags={"method": "simclr", "backbone": backbone, "image_size": image_size, "steps": 1}
+    )
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_yaml(cfg))

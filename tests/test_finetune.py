@@ -34,6 +34,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
 COLOURS = torch.tensor([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40], [40, 220, 220]], dtype=torch.float32)
 
 
@@ -253,9 +255,26 @@ def test_online_probe_leaves_the_training_run_bitwise_unchanged_also_with_stocha
     from sslbench.cli import main
 
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
-    common = ["train", "--method", "simclr", "--steps", "2", "--batch-size", "16", "--train-subset", "32", "--quiet",
-              "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "backbone_kwargs.drop_path_rate=0.2",
-              "--set", "quick_knn=false", "--set", "deterministic=true"]
+    common = [
+        "train",
+        "--method",
+        "simclr",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--train-subset",
+        "32",
+        "--quiet",
+        "--set",
+        "backbone_kwargs.channels=8,16,32,64",
+        "--set",
+        "backbone_kwargs.drop_path_rate=0.2",
+        "--set",
+        "quick_knn=false",
+        "--set",
+        "deterministic=true",
+    ]
     for name, probe in (("off", "false"), ("on", "true")):
         assert main([*common, "--set", f"online_probe={probe}", "--output", str(tmp_path / name)]) == 0
     off, on = (load_file(str(tmp_path / n / "method.safetensors")) for n in ("off", "on"))

@@ -248,10 +248,30 @@ def _register_ln_method() -> None:
 
 def _train_args(method: str, out: Path, chunk: int) -> list[str]:
     args = [
-        "train", "--method", method, "--steps", str(STEPS), "--batch-size", str(BATCH), "--precision", "no",
-        "--seed", "5", "--quiet", "--output", str(out), "--set", "log_every=1", "--set", "quick_knn=false",
-        "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "backbone_kwargs.norm_layer=groupnorm1",
-        "--set", "proj_hidden_dim=64",
+        "train",
+        "--method",
+        method,
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        str(BATCH),
+        "--precision",
+        "no",
+        "--seed",
+        "5",
+        "--quiet",
+        "--output",
+        str(out),
+        "--set",
+        "log_every=1",
+        "--set",
+        "quick_knn=false",
+        "--set",
+        "backbone_kwargs.channels=8,16,32,64",
+        "--set",
+        "backbone_kwargs.norm_layer=groupnorm1",
+        "--set",
+        "proj_hidden_dim=64",
     ]
     return args + (["--grad-cache-chunk", str(chunk)] if chunk else [])
 
@@ -283,9 +303,24 @@ class _Jobs:
         self.pool = ThreadPoolExecutor(max_workers=4)
         # One process: the error case, then the plain and the cached run (imports dominate).
         argvs = [
-            ["train", "--method", NO_CACHE_METHODS[0] if NO_CACHE_METHODS else "simclr", "--steps", "1",
-             "--batch-size", "8", "--grad-cache-chunk", "4", "--output", str(root / "error-run"), "--quiet",
-             "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "quick_knn=false"],
+            [
+                "train",
+                "--method",
+                NO_CACHE_METHODS[0] if NO_CACHE_METHODS else "simclr",
+                "--steps",
+                "1",
+                "--batch-size",
+                "8",
+                "--grad-cache-chunk",
+                "4",
+                "--output",
+                str(root / "error-run"),
+                "--quiet",
+                "--set",
+                "backbone_kwargs.channels=8,16,32,64",
+                "--set",
+                "quick_knn=false",
+            ],
             _train_args(LN_METHOD, self.out("plain"), 0),
             _train_args(LN_METHOD, self.out("cached"), CHUNK),
         ]
@@ -294,17 +329,31 @@ class _Jobs:
         )
         self.two: Future[subprocess.CompletedProcess[str]] = self.pool.submit(
             _run,
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "--driver",
-             json.dumps([_train_args(LN_METHOD, self.out("cached-2proc"), CHUNK)])],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                __file__,
+                "--driver",
+                json.dumps([_train_args(LN_METHOD, self.out("cached-2proc"), CHUNK)]),
+            ],
             self.env,
         )
         bench = _load_benchmark()
         # The memory runs measure one step at 32 px: decode that data set into the cache first, or
         # whichever run decodes it pays ~140 MiB more and the comparison depends on the race.
         load_split("digits", "train", 32, cache_dir=str(root / "cache"))
+
         def memory_run(chunk: int) -> Future[dict[str, float]]:
             return self.pool.submit(
-                bench.measure, batch_size=128, chunk=chunk, channels="8,16,32,64", threads=1, timeout_s=RUN_TIMEOUT_S,
+                bench.measure,
+                batch_size=128,
+                chunk=chunk,
+                channels="8,16,32,64",
+                threads=1,
+                timeout_s=RUN_TIMEOUT_S,
                 cache_dir=str(root / "cache"),
             )
 

@@ -16,8 +16,23 @@ from sslbench.leaderboard import aggregate, render
 from sslbench.results import read_rows
 
 TINY = ["--set", "backbone_kwargs.channels=8,16,32,64", "--set", "train_subset=32"]
-GRID = ["compare", "--methods", "simclr", "--steps", "1", "--seeds", "0,1", "--protocol", "knn", "--quiet",
-        "--vary", "method_cfg.temperature=0.2,0.5", "--vary", "batch_size=8,16", *TINY]
+GRID = [
+    "compare",
+    "--methods",
+    "simclr",
+    "--steps",
+    "1",
+    "--seeds",
+    "0,1",
+    "--protocol",
+    "knn",
+    "--quiet",
+    "--vary",
+    "method_cfg.temperature=0.2,0.5",
+    "--vary",
+    "batch_size=8,16",
+    *TINY,
+]
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +132,10 @@ def test_rerunning_a_finished_grid_trains_and_scores_nothing(grid, monkeypatch, 
 @pytest.mark.parametrize(
     "vary, message",
     [
-        (["--vary", "method_cfg.temprature=0.1,0.5"], "--vary method_cfg.temprature=0.1: unknown config key 'method_cfg.temprature' (did you mean method_cfg.temperature?)"),
+        (
+            ["--vary", "method_cfg.temprature=0.1,0.5"],
+            "--vary method_cfg.temprature=0.1: unknown config key 'method_cfg.temprature' (did you mean method_cfg.temperature?)",
+        ),
         (["--vary", "temperature=0.1,hot"], "--vary temperature=hot: method_cfg.temperature expects float, got 'hot'"),
         (["--vary", "temperature=0.1,-1"], "--vary temperature=-1: method_cfg.temperature must be > 0"),
         (["--vary", "aug.jitter_p=0,2"], "--vary aug.jitter_p=2: aug.jitter_p is a probability in [0, 1]"),
@@ -139,8 +157,7 @@ def test_a_bad_vary_is_one_line_naming_the_flag_before_anything_trains(tmp_path,
 
 def test_a_depth_the_grid_would_not_have_fails_before_anything_trains(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "simclr", "--steps", "1", "--output", str(out), "--vary", "method_cfg.projector=none,v1",
-            "--features", "h,proj1"]
+    argv = ["compare", "--methods", "simclr", "--steps", "1", "--output", str(out), "--vary", "method_cfg.projector=none,v1", "--features", "h,proj1"]
     assert main(argv) == 2
     assert "--features proj1:" in _error_line(capsys) and not out.exists()
 
@@ -151,7 +168,10 @@ def test_values_names_and_parsing():
     assert parse_vary(["aug.crop_scale=[0.08,1.0],[0.5,1.0]"]) == [("aug.crop_scale", ["[0.08,1.0]", "[0.5,1.0]"])]
     named = ["method_cfg.temperature", "aug.crop_scale", "backbone_kwargs.channels", "data"]
     settings = {"method_cfg.temperature": 0.1, "aug.crop_scale": [0.08, 1.0], "backbone_kwargs.channels": [8, 16], "data": "imagefolder:/a b/c"}
-    assert run_name("simclr", 3, settings, named) == "simclr-temperature=0.1-aug.crop_scale=0.08_1-backbone_kwargs.channels=8_16-data=imagefolder_a_b_c-seed3"
+    assert (
+        run_name("simclr", 3, settings, named)
+        == "simclr-temperature=0.1-aug.crop_scale=0.08_1-backbone_kwargs.channels=8_16-data=imagefolder_a_b_c-seed3"
+    )
     long = run_name("simclr", 0, {"data": "x" * 300}, ["data"])
     assert len(long) <= 120 and long.endswith("-seed0") and long != run_name("simclr", 0, {"data": "x" * 299}, ["data"])
 
@@ -167,9 +187,19 @@ def test_a_tuple_valued_key_can_be_varied(tmp_path):
 
 def _row(seed, value, *, vary=None, features=None, method="simclr", **protocol):
     record = {"name": "linear", **({"features": features} if features else {}), **protocol}
-    row = {"time": f"2026-01-01T00:00:0{seed}", "method": method, "backbone": "resnet18", "data": "digits", "budget_kind": "epochs",
-           "budget": 1, "image_size": 16, "seed": seed, "metrics": {"linear_top1": value}, "protocol": record,
-           "train_config": {"method_cfg.projector": (vary or {}).get("method_cfg.projector", "v1")}}
+    row = {
+        "time": f"2026-01-01T00:00:0{seed}",
+        "method": method,
+        "backbone": "resnet18",
+        "data": "digits",
+        "budget_kind": "epochs",
+        "budget": 1,
+        "image_size": 16,
+        "seed": seed,
+        "metrics": {"linear_top1": value},
+        "protocol": record,
+        "train_config": {"method_cfg.projector": (vary or {}).get("method_cfg.projector", "v1")},
+    }
     if vary is not None:
         row["vary"] = vary
     return row
@@ -178,7 +208,11 @@ def _row(seed, value, *, vary=None, features=None, method="simclr", **protocol):
 def test_depths_are_separate_entries_with_a_features_column():
     rows = [_row(0, 50.0), _row(1, 52.0), _row(0, 40.0, features="z"), _row(1, 41.0, features="z"), _row(0, 45.0, features="proj1")]
     entries = aggregate(rows)
-    assert [(e["features"], e["n_seeds"], e["metrics"]["linear_top1"]["mean"]) for e in entries] == [(None, 2, 51.0), ("proj1", 1, 45.0), ("z", 2, 40.5)]
+    assert [(e["features"], e["n_seeds"], e["metrics"]["linear_top1"]["mean"]) for e in entries] == [
+        (None, 2, 51.0),
+        ("proj1", 1, 45.0),
+        ("z", 2, 40.5),
+    ]
     table = render(rows, "md")
     assert "| method | features | linear_top1 |" in table.replace("  ", " ").replace("  ", " ")
     assert [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| simclr")] == ["h", "proj1", "z"]
@@ -199,7 +233,10 @@ def test_a_grid_table_has_one_row_per_setting_in_value_order_and_the_plot_draws_
     table = render(rows, "md")
     lines = [line for line in table.splitlines() if line.startswith("| simclr")]
     assert [[c.strip() for c in line.strip("|").split("|")][:3] for line in lines] == [
-        ["simclr", "64", "42.00 ± 1.00"], ["simclr", "128", "43.00 ± 1.00"], ["simclr", "512", "49.00 ± 1.00"]]
+        ["simclr", "64", "42.00 ± 1.00"],
+        ["simclr", "128", "43.00 ± 1.00"],
+        ["simclr", "512", "49.00 ± 1.00"],
+    ]
     from sslbench.leaderboard import plot
 
     plot(rows, tmp_path / "grid.png")
@@ -221,8 +258,10 @@ def test_a_compare_scored_at_h_then_at_h_and_z_scores_only_z(tmp_path, capsys):
     assert [line.split("|")[2].strip() for line in board.splitlines() if line.startswith("| simclr")] == ["h", "z"]
 
 
-@pytest.mark.parametrize("projector, depths, z_dim", [("none", ["h", "z"], 64), ("linear", ["h", "z"], 16),
-                                                     ("v1", ["h", "proj1", "z"], 16), ("v2", ["h", "proj1", "proj2", "z"], 16)])
+@pytest.mark.parametrize(
+    "projector, depths, z_dim",
+    [("none", ["h", "z"], 64), ("linear", ["h", "z"], 16), ("v1", ["h", "proj1", "z"], 16), ("v2", ["h", "proj1", "proj2", "z"], 16)],
+)
 def test_simclr_projector_ablation_heads(projector, depths, z_dim):
     """SimCLR Fig. 8's heads: none (z = h), linear, nonlinear (v1) and SimCLR v2's 3-layer one."""
     from sslbench.backbones import create_backbone

@@ -24,8 +24,19 @@ from sslbench.hfdata import HF_FORMS, heldout_indices, heldout_record
 from sslbench.results import read_rows
 
 CLASSES, PER_CLASS, SIZE = 4, 6, 16
-TINY = ["--image-size", "16", "--batch-size", "8", "--set", "backbone_kwargs.channels=8,16,32,64",
-        "--precision", "no", "--quiet", "--set", "quick_knn=false"]
+TINY = [
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--set",
+    "backbone_kwargs.channels=8,16,32,64",
+    "--precision",
+    "no",
+    "--quiet",
+    "--set",
+    "quick_knn=false",
+]
 
 
 def _image(row: int, label: int) -> np.ndarray:
@@ -66,13 +77,22 @@ def files(tmp_path_factory) -> dict[str, Path]:
         Image.fromarray(_image(row, label)).save(d / f"{row}.png")
         Image.fromarray(_image(row, label)).save(root / "pics" / f"{row}.png")
         paths.append(f"pics/{row}.png")
-    pd.DataFrame({"img": [{"bytes": _png(_image(r, c)), "path": None} for r, c in rows], "label": [c for _, c in rows]}).to_parquet(root / "set.parquet")
+    pd.DataFrame({"img": [{"bytes": _png(_image(r, c)), "path": None} for r, c in rows], "label": [c for _, c in rows]}).to_parquet(
+        root / "set.parquet"
+    )
     pd.DataFrame({"image": paths, "label": [f"class{c}" for _, c in rows]}).to_csv(root / "set.csv", index=False)
     (root / "set.jsonl").write_text("".join(json.dumps({"file_name": p, "target": c}) + "\n" for p, (_, c) in zip(paths, rows)))
     single = Dataset.from_dict({"image": [str(root / p) for p in paths], "label": [c for _, c in rows]}).cast_column("image", HFImage())
     single.save_to_disk(str(root / "saved"))
-    return {"parquet": root / "set.parquet", "csv": root / "set.csv", "jsonl": root / "set.jsonl", "saved": root / "saved",
-            "arrow": next((root / "saved").glob("*.arrow")), "folder": root / "folder", "root": root}
+    return {
+        "parquet": root / "set.parquet",
+        "csv": root / "set.csv",
+        "jsonl": root / "set.jsonl",
+        "saved": root / "saved",
+        "arrow": next((root / "saved").glob("*.arrow")),
+        "folder": root / "folder",
+        "root": root,
+    }
 
 
 @pytest.mark.parametrize("form", ["parquet", "csv", "jsonl", "saved", "arrow", "folder"])
@@ -136,8 +156,9 @@ def test_hub_name_with_a_config(monkeypatch, tmp_path) -> None:
     import datasets
 
     calls = []
-    ds = datasets.Dataset.from_dict({"img": [{"bytes": _png(_image(r, c)), "path": None} for r, c in _rows()],
-                                     "label": [c for _, c in _rows()]}).cast_column("img", datasets.Image())
+    ds = datasets.Dataset.from_dict(
+        {"img": [{"bytes": _png(_image(r, c)), "path": None} for r, c in _rows()], "label": [c for _, c in _rows()]}
+    ).cast_column("img", datasets.Image())
 
     def fake_load(name, config=None, **kwargs):
         calls.append((name, config))

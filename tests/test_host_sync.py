@@ -34,10 +34,25 @@ from sslbench.registry import METHODS, get_method
 
 # Calls that read a device value on the host, or whose output shape depends on the data.
 _READS = {
-    Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__, Tensor.__index__,
-    Tensor.numpy, Tensor.cpu, Tensor.nonzero, torch.nonzero, torch.argwhere, Tensor.argwhere,
-    torch.unique, Tensor.unique, torch.unique_consecutive, torch.bincount, Tensor.bincount,
-    torch.masked_select, Tensor.masked_select,
+    Tensor.item,
+    Tensor.tolist,
+    Tensor.__bool__,
+    Tensor.__int__,
+    Tensor.__float__,
+    Tensor.__index__,
+    Tensor.numpy,
+    Tensor.cpu,
+    Tensor.nonzero,
+    torch.nonzero,
+    torch.argwhere,
+    Tensor.argwhere,
+    torch.unique,
+    Tensor.unique,
+    torch.unique_consecutive,
+    torch.bincount,
+    Tensor.bincount,
+    torch.masked_select,
+    Tensor.masked_select,
 }
 # Factories that copy host data to a device (a blocking copy unless staged through pinned memory).
 _FROM_HOST = {torch.tensor, torch.as_tensor}
@@ -149,8 +164,7 @@ def test_trainer_steps_do_not_synchronise_on_a_gpu(tmp_path):
 
     def syncs(steps: int) -> int:
         cfg = build_config(
-            flags={"method": "simclr", "backbone": "resnet18", "steps": steps, "batch_size": 64,
-                   "output": str(tmp_path / str(steps))},
+            flags={"method": "simclr", "backbone": "resnet18", "steps": steps, "batch_size": 64, "output": str(tmp_path / str(steps))},
             sets=["log_every=1000", "checkpoint_every=0", "quick_knn=false"],
         )
         with warnings.catch_warnings(record=True) as caught:

@@ -59,8 +59,27 @@ def test_cpu_training_follows_the_setting(tmp_path, monkeypatch, keep) -> None:
     calls = []
     monkeypatch.setattr(run_setup, "keep_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
-    rc = main(["train", "--method", "simclr", "--steps", "1", "--batch-size", "16", "--train-subset", "32", "--quiet",
-               "--output", str(tmp_path / "run"), "--set", "backbone_kwargs.channels=8,16,32,64", "--set", "quick_knn=false",
-               "--set", f"keep_freed_memory={keep}"])
+    rc = main(
+        [
+            "train",
+            "--method",
+            "simclr",
+            "--steps",
+            "1",
+            "--batch-size",
+            "16",
+            "--train-subset",
+            "32",
+            "--quiet",
+            "--output",
+            str(tmp_path / "run"),
+            "--set",
+            "backbone_kwargs.channels=8,16,32,64",
+            "--set",
+            "quick_knn=false",
+            "--set",
+            f"keep_freed_memory={keep}",
+        ]
+    )
     assert rc == 0
     assert len(calls) == (1 if keep else 0)

@@ -106,8 +106,30 @@ def run(tmp_path_factory):
     out = tmp / "runs" / "simclr"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSLBENCH_CACHE", str(tmp / "cache"))
-        assert main(["train", "--steps", "2", "--batch-size", "32", "--output", str(out), "--quiet", *TINY,
-                     "--set", "train_subset=64", "--set", "quick_knn=false", "--set", "proj_hidden_dim=64", "--set", "proj_dim=16"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--steps",
+                    "2",
+                    "--batch-size",
+                    "32",
+                    "--output",
+                    str(out),
+                    "--quiet",
+                    *TINY,
+                    "--set",
+                    "train_subset=64",
+                    "--set",
+                    "quick_knn=false",
+                    "--set",
+                    "proj_hidden_dim=64",
+                    "--set",
+                    "proj_dim=16",
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -119,8 +141,25 @@ def test_a_probe_at_proj1_equals_the_probe_on_that_layers_output_computed_by_han
     from sslbench.evals.linear import linear_probe
 
     results = tmp_path / "results.jsonl"
-    assert main(["eval", str(run), "--protocol", "knn,linear", "--features", "proj1", "--linear-epochs", "3",
-                 "--results", str(results), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--protocol",
+                "knn,linear",
+                "--features",
+                "proj1",
+                "--linear-epochs",
+                "3",
+                "--results",
+                str(results),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rows = {r["protocol"]["name"]: r for r in read_rows(results)}
     assert rows["linear"]["protocol"]["features"] == rows["knn"]["protocol"]["features"] == "proj1"
 
@@ -167,12 +206,25 @@ def test_the_label_free_metrics_score_data_without_labels(run, tmp_path):
 
     data = make_image_folder(tmp_path / "unlabelled", classes=1, train=6, test=40, size=16)
     results = tmp_path / "results.jsonl"
-    argv = ["eval", str(run), "--data", f"imagefolder:{data}", "--protocol", "alignment,uniformity,rankme,feature_std",
-            "--features", "h,z", "--metric-samples", "32", "--results", str(results)]
+    argv = [
+        "eval",
+        str(run),
+        "--data",
+        f"imagefolder:{data}",
+        "--protocol",
+        "alignment,uniformity,rankme,feature_std",
+        "--features",
+        "h,z",
+        "--metric-samples",
+        "32",
+        "--results",
+        str(results),
+    ]
     assert main(argv) == 0
     rows = read_rows(results)
     assert [(r["protocol"]["name"], r["protocol"]["features"]) for r in rows] == [
-        (name, depth) for name in ("alignment", "uniformity", "rankme", "feature_std") for depth in ("h", "z")]
+        (name, depth) for name in ("alignment", "uniformity", "rankme", "feature_std") for depth in ("h", "z")
+    ]
     for r in rows:
         assert r["protocol"]["labels"] == "not used" and r["protocol"]["samples"] == 32 and r["data"].endswith("unlabelled")
         assert all(math.isfinite(v) for v in r["metrics"].values())

@@ -13,11 +13,22 @@ from sslbench.errors import UserError
 from sslbench.leaderboard import aggregate, plot, render
 
 
-def _row(method, seed, metrics, *, data="digits", budget_kind="epochs", budget=10,
-         time="2026-01-01T00:00:00.000+00:00", epochs=10, images_per_s=1000.0):
-    return {"time": time, "method": method, "backbone": "resnet18", "data": data, "image_size": 32,
-            "budget_kind": budget_kind, "budget": budget, "seed": seed, "epochs": epochs,
-            "images_per_s": images_per_s, "metrics": metrics}
+def _row(
+    method, seed, metrics, *, data="digits", budget_kind="epochs", budget=10, time="2026-01-01T00:00:00.000+00:00", epochs=10, images_per_s=1000.0
+):
+    return {
+        "time": time,
+        "method": method,
+        "backbone": "resnet18",
+        "data": data,
+        "image_size": 32,
+        "budget_kind": budget_kind,
+        "budget": budget,
+        "seed": seed,
+        "epochs": epochs,
+        "images_per_s": images_per_s,
+        "metrics": metrics,
+    }
 
 
 ROWS = [
@@ -28,10 +39,8 @@ ROWS = [
     _row("moco", 0, {"knn_top1": 70.0, "linear_top1": 75.0}),
     _row("moco", 1, {"knn_top1": 72.0, "linear_top1": 77.0}),
     _row("moco", 2, {"knn_top1": 74.0}),  # no linear probe for this seed
-    _row("simsiam", 0, {"knn_top1": 50.0}, data="cifar10", budget_kind="time", budget=60,
-         epochs=2.5, images_per_s=512.4),
-    _row("a|<b>", 0, {"knn_top1": 40.0}, data="cifar10", budget_kind="time", budget=60,
-         epochs=3, images_per_s=None),
+    _row("simsiam", 0, {"knn_top1": 50.0}, data="cifar10", budget_kind="time", budget=60, epochs=2.5, images_per_s=512.4),
+    _row("a|<b>", 0, {"knn_top1": 40.0}, data="cifar10", budget_kind="time", budget=60, epochs=3, images_per_s=None),
 ]
 
 GOLDEN_MD = """\
@@ -174,8 +183,7 @@ def test_runs_that_trained_differently_are_separate_entries_never_merged_or_drop
         {**_row("byol", 0, {"knn_top1": 60.0}), "train_config": {**narrow, "method": "byol"}},
     ]
     entries = {(e["method"], e["config"]): e for e in aggregate(rows)}
-    assert set(entries) == {("byol", ""), ("simclr", "backbone_kwargs.channels=8,16,32,64"),
-                            ("simclr", "backbone_kwargs.channels=16,32,64,128")}
+    assert set(entries) == {("byol", ""), ("simclr", "backbone_kwargs.channels=8,16,32,64"), ("simclr", "backbone_kwargs.channels=16,32,64,128")}
     first = entries["simclr", "backbone_kwargs.channels=8,16,32,64"]
     assert first["n_seeds"] == 1 and first["metrics"]["knn_top1"]["mean"] == 47.78
     assert first["metrics"]["linear_top1"]["mean"] == 64.44

@@ -89,8 +89,7 @@ def test_grid_choice_is_in_grid_and_sensible(optimizer: str) -> None:
     y = torch.randint(0, 4, (300,), generator=g)
     x = torch.randn(300, 16, generator=g) + torch.nn.functional.one_hot(y, 16).float() * 1.5
     lrs = (1e-7, 0.5) if optimizer == "sgd" else (1e-9, 1.0)
-    out = linear_probe(x[:240], y[:240], x[240:], y[240:], lrs=lrs, weight_decays=(0.0, 1e-3),
-                       optimizer=optimizer, epochs=20, batch_size=32)
+    out = linear_probe(x[:240], y[:240], x[240:], y[240:], lrs=lrs, weight_decays=(0.0, 1e-3), optimizer=optimizer, epochs=20, batch_size=32)
     assert out["linear_best_lr"] == lrs[1]
     assert out["linear_best_wd"] in (0.0, 1e-3)
     assert "linear_top5" not in out  # only 4 classes
@@ -170,8 +169,9 @@ def test_probe_encoder_leaves_encoder_untouched() -> None:
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     xtr, xte = _images(24, 16, seed=1), _images(8, 16, seed=2)
     ytr, yte = torch.arange(3).repeat(8), torch.arange(2).repeat(4)
-    out = probe_encoder(encoder, xtr, ytr, xte, yte, image_size=16, transform=_to_unit,
-                        extract_batch_size=8, epochs=3, lrs=(0.1, 1.0), weight_decays=(0.0,))
+    out = probe_encoder(
+        encoder, xtr, ytr, xte, yte, image_size=16, transform=_to_unit, extract_batch_size=8, epochs=3, lrs=(0.1, 1.0), weight_decays=(0.0,)
+    )
     after = encoder.state_dict()
     assert before.keys() == after.keys()
     for k in before:

@@ -62,8 +62,7 @@ def one_step(cls: type) -> dict:
     loss.backward()
     grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in method.named_parameters()}
     opt.step()
-    return dict(method=method, backbone=backbone, specs=specs, views=views, groups=groups, loss=loss, logs=logs,
-                before=before, grads=grads)
+    return dict(method=method, backbone=backbone, specs=specs, views=views, groups=groups, loss=loss, logs=logs, before=before, grads=grads)
 
 
 @pytest.fixture(scope="module", params=[*METHODS.names(), *TOYS])
@@ -180,8 +179,20 @@ def test_hooks_are_never_looked_up_by_name():
     """The trainer, config and gradient cache call the Method hooks directly: no getattr/hasattr
     /inspect lookup of a hook remains (a misspelled hook must not silently do nothing)."""
     root = Path(__file__).resolve().parents[1] / "sslbench"
-    hooks = ("momentum_pairs", "momentum_at", "param_groups", "views", "view_augmentations", "embed",
-             "loss_from_embeddings", "recipe", "after_backward", "after_optimizer_step", "schedules", "validate")
+    hooks = (
+        "momentum_pairs",
+        "momentum_at",
+        "param_groups",
+        "views",
+        "view_augmentations",
+        "embed",
+        "loss_from_embeddings",
+        "recipe",
+        "after_backward",
+        "after_optimizer_step",
+        "schedules",
+        "validate",
+    )
     for name in ("trainer.py", "run_setup.py", "callbacks.py", "config.py", "grad_cache.py", "batches.py"):
         text = (root / name).read_text()
         for hook in hooks:
@@ -247,9 +258,17 @@ def test_example_loss_matches_formula(example, n, d, alpha, t):
 def test_configs_reject_bad_values():
     from sslbench.errors import UserError
 
-    bad = {"moco": {"queue_size": 0}, "mocov3": {"temperature": 0.0}, "byol": {"base_momentum": 1.5},
-           "simsiam": {"proj_dim": 0}, "simclr": {"temperature": -1.0}, "swav": {"epsilon": 0.01},
-           "barlow_twins": {"lambd": -1.0}, "vicreg": {"var_weight": -1.0}, "nnclr": {"queue_size": 0}}
+    bad = {
+        "moco": {"queue_size": 0},
+        "mocov3": {"temperature": 0.0},
+        "byol": {"base_momentum": 1.5},
+        "simsiam": {"proj_dim": 0},
+        "simclr": {"temperature": -1.0},
+        "swav": {"epsilon": 0.01},
+        "barlow_twins": {"lambd": -1.0},
+        "vicreg": {"var_weight": -1.0},
+        "nnclr": {"queue_size": 0},
+    }
     for name, change in bad.items():
         cfg = dataclasses.replace(get_method(name).Config(), **change)
         with pytest.raises(UserError):
@@ -267,7 +286,7 @@ def test_walkthrough_quotes_the_example_file_verbatim():
     for block in blocks:
         assert block in source, f"docs/write-your-own-method.md quotes code that is not in {EXAMPLE.name}:\n{block[:200]}"
     # together the quotes cover the whole file from the imports on
-    body = source[source.index("from __future__ import annotations"):]
+    body = source[source.index("from __future__ import annotations") :]
     assert sum(len(b) for b in blocks) >= len(body) - 50
 
 
@@ -291,9 +310,9 @@ def _check_recipe_doc(name: str, cls: type) -> None:
         opt = rows["optimizer"][col].split()[0].lower()
         lr, scaling = re.match(r"([0-9.e-]+) \((\w+)\)", rows["lr (scaling)"][col]).groups()
         wd = re.match(r"[0-9.e-]+", rows["weight decay"][col]).group(0)
-        assert (opt, float(lr), scaling, float(wd)) == (
-            recipe["optimizer"], recipe["lr"], recipe["lr_scaling"], recipe["weight_decay"]
-        ), f"{name} at {size} px"
+        assert (opt, float(lr), scaling, float(wd)) == (recipe["optimizer"], recipe["lr"], recipe["lr_scaling"], recipe["weight_decay"]), (
+            f"{name} at {size} px"
+        )
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS.names() if get_method(n).__module__.startswith("sslbench.methods")])

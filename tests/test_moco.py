@@ -224,9 +224,7 @@ def test_projector_is_mocov2_mlp_without_bn():
 def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
     from sslbench.dist import convert_sync_batchnorm
 
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         n = N // world
         res: dict[str, Any] = {}
@@ -262,8 +260,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--worker"]
     procs = [
-        subprocess.Popen(cmd + [str(r), str(WORLD), str(port), str(tmp)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(cmd + [str(r), str(WORLD), str(port), str(tmp)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(WORLD)
     ]
     logs = []

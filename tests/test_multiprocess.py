@@ -89,11 +89,30 @@ METHOD_SETS = {
 
 def _common_args(method: str, out: Path) -> list[str]:
     args = [
-        "train", "--method", method, "--steps", str(STEPS), "--batch-size", str(BATCH), "--precision", "no",
-        "--seed", "3", "--image-size", "32", "--quiet", "--output", str(out), *tiny_cli_args(method),
-        "--set", "log_every=1", "--set", "checkpoint_every=0",
+        "train",
+        "--method",
+        method,
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        str(BATCH),
+        "--precision",
+        "no",
+        "--seed",
+        "3",
+        "--image-size",
+        "32",
+        "--quiet",
+        "--output",
+        str(out),
+        *tiny_cli_args(method),
+        "--set",
+        "log_every=1",
+        "--set",
+        "checkpoint_every=0",
         # NCHW: torch's channels-last CPU BatchNorm uses a one-pass variance (~1e-2 relative gradient error)
-        "--set", "channels_last=false",
+        "--set",
+        "channels_last=false",
     ]
     if method != KNN_METHOD:
         args += ["--set", "quick_knn=false"]
@@ -146,9 +165,7 @@ class _Runs:
         self._slots = threading.BoundedSemaphore(PARALLEL_RUNS)
         self.pool = ThreadPoolExecutor(max_workers=PARALLEL_RUNS + 1)
         self.reference = self.pool.submit(self._reference)
-        self.futures: dict[str, Future[subprocess.CompletedProcess[str]]] = {
-            m: self.pool.submit(self._two_processes, m) for m in methods
-        }
+        self.futures: dict[str, Future[subprocess.CompletedProcess[str]]] = {m: self.pool.submit(self._two_processes, m) for m in methods}
 
     def out(self, method: str, world: int) -> Path:
         return self.root / f"{method}-{world}proc"
@@ -306,7 +323,9 @@ def test_two_processes_equal_one(runs: _Runs, method_name: str) -> None:
         # The logged loss is the mean over processes of the local losses = the 1-process loss.
         # (Other logged scalars are averaged over processes too, but a per-process statistic such
         # as SimSiam's z_std, a std over the local batch, is not the global one: not compared.)
-        assert abs(r2["loss"] - r1["loss"]) <= RTOL * abs(r1["loss"]) + ATOL, f"step {r1['step']}: loss {r2['loss']!r} (2 proc) vs {r1['loss']!r} (1 proc)"
+        assert abs(r2["loss"] - r1["loss"]) <= RTOL * abs(r1["loss"]) + ATOL, (
+            f"step {r1['step']}: loss {r2['loss']!r} (2 proc) vs {r1['loss']!r} (1 proc)"
+        )
 
     for fname in ("encoder.safetensors", "method.safetensors"):
         t1, t2 = load_file(str(one / fname)), load_file(str(two / fname))
@@ -382,8 +401,14 @@ def test_the_main_process_holds_the_run_directory_for_the_group(tmp_path: Path) 
 
     out, gate = tmp_path / "run", tmp_path / "gate"
     args = [*_common_args("simclr", out), "--set", "quick_knn=false"]
-    proc = subprocess.Popen(_torchrun(args), env=_group_env(tmp_path, SSLBENCH_TEST_GATE=str(gate)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _torchrun(args),
+        env=_group_env(tmp_path, SSLBENCH_TEST_GATE=str(gate)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not (out / "config.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:

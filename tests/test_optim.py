@@ -186,7 +186,7 @@ def test_lr_at_warmup_then_cosine() -> None:
     assert lrs[0] == base / warm and lrs[4] == pytest.approx(base / 2)
     assert lrs[warm - 1] == base and lrs[warm] == base
     assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm]))  # warm-up increases
-    assert all(a > b for a, b in zip(lrs[warm : total], lrs[warm + 1 : total + 1]))  # cosine decreases
+    assert all(a > b for a, b in zip(lrs[warm:total], lrs[warm + 1 : total + 1]))  # cosine decreases
     assert lrs[warm + 50] == pytest.approx((base + 0.2) / 2)  # half-way: midpoint of base and final
     assert lrs[total] == pytest.approx(0.2) and lrs[total + 4] == lrs[total]
     assert lr_at(0, 10, base_lr=1.0, warmup_steps=0) == 1.0

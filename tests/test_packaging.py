@@ -16,7 +16,9 @@ IMPORTS = "import sslbench, sslbench.methods.simclr, sslbench.methods.moco, sslb
 def test_wheel_contains_only_the_sslbench_tree_and_imports(tmp_path):
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("sslbench-*.whl"))
@@ -27,13 +29,20 @@ def test_wheel_contains_only_the_sslbench_tree_and_imports(tmp_path):
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sslbench = sslbench.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
     target = tmp_path / "site"
-    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
-                          capture_output=True, text=True, timeout=600)
+    inst = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=600
+    )
     assert inst.returncode == 0, inst.stderr[-2000:]
     # run from an empty directory so neither the repo nor the editable install is on the path first
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"}
-    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {IMPORTS}"],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {IMPORTS}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(target))
 

@@ -74,8 +74,26 @@ def test_a_toy_protocol_is_one_registration_with_flags_rows_and_reuse(toy, tmp_p
 
     # compare: trains one tiny run, scores it with the toy protocol (one row per label fraction) and k-NN
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "simclr", "--steps", "1", "--batch-size", "16", "--set", TINY,
-            "--set", "train_subset=32", "--output", str(out), "--quiet", "--protocol", "toy,knn", "--label-fractions", "0.1,0.5"]
+    argv = [
+        "compare",
+        "--methods",
+        "simclr",
+        "--steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--set",
+        TINY,
+        "--set",
+        "train_subset=32",
+        "--output",
+        str(out),
+        "--quiet",
+        "--protocol",
+        "toy,knn",
+        "--label-fractions",
+        "0.1,0.5",
+    ]
     assert main([*argv, "--toy-scale", "2"]) == 0
     rows = read_rows(out / "results.jsonl")
     assert [(r["protocol"]["name"], r["label_fraction"]) for r in rows] == [("toy", 0.1), ("toy", 0.5), ("knn", None)]
@@ -99,8 +117,9 @@ def test_a_toy_protocol_is_one_registration_with_flags_rows_and_reuse(toy, tmp_p
 
     # eval: the same flags on one run directory, rows appended to the store named
     run = out / "simclr-seed0"
-    assert main(["eval", str(run), "--protocol", "toy", "--label-fractions", "1", "--toy-scale", "0.5",
-                 "--results", str(tmp_path / "eval.jsonl")]) == 0
+    assert (
+        main(["eval", str(run), "--protocol", "toy", "--label-fractions", "1", "--toy-scale", "0.5", "--results", str(tmp_path / "eval.jsonl")]) == 0
+    )
     (row,) = read_rows(tmp_path / "eval.jsonl")
     assert (row["label_fraction"], row["metrics"]) == (1.0, {"toy_width": 0.5 * width})
     assert "toy_width" in capsys.readouterr().out  # the printed table

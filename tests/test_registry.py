@@ -77,9 +77,27 @@ def test_entry_point_plugin_is_found_and_trains(tmp_path):
     assert "toyplug" in listed.stdout
     out = tmp_path / "run"
     run = subprocess.run(
-        [sys.executable, "-m", "sslbench", "train", "--method", "toyplug", "--steps", "3", "--batch-size", "32",
-         "--output", str(out), "--quiet", "--set", "backbone_kwargs.channels=8,16,32,64"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "sslbench",
+            "train",
+            "--method",
+            "toyplug",
+            "--steps",
+            "3",
+            "--batch-size",
+            "32",
+            "--output",
+            str(out),
+            "--quiet",
+            "--set",
+            "backbone_kwargs.channels=8,16,32,64",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

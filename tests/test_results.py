@@ -42,9 +42,7 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     assert raw.endswith(b"\n") and raw.count(b"\n") == WRITERS * ROWS_PER_WRITER
     rows = read_rows(path)
     assert len(rows) == WRITERS * ROWS_PER_WRITER
-    assert {(r["writer"], r["seq"]) for r in rows} == {
-        (w, s) for w in range(WRITERS) for s in range(ROWS_PER_WRITER)
-    }
+    assert {(r["writer"], r["seq"]) for r in rows} == {(w, s) for w in range(WRITERS) for s in range(ROWS_PER_WRITER)}
     for w in range(WRITERS):  # each writer's rows keep their order
         assert [r["seq"] for r in rows if r["writer"] == w] == list(range(ROWS_PER_WRITER))
 
@@ -153,8 +151,7 @@ def test_read_rows_missing_and_blank(tmp_path: Path) -> None:
 
 def test_environment_info() -> None:
     env = environment_info()
-    for key in ("cpu", "cpu_count", "gpus", "python", "torch", "torchvision", "timm", "accelerate",
-                "sslbench", "git_commit", "platform"):
+    for key in ("cpu", "cpu_count", "gpus", "python", "torch", "torchvision", "timm", "accelerate", "sslbench", "git_commit", "platform"):
         assert key in env
     assert env["sslbench"] == sslbench.__version__
     assert env["cpu_count"] == os.cpu_count()
@@ -174,8 +171,16 @@ def test_source_commit_outside_a_checkout(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_make_row(tmp_path: Path) -> None:
-    run = {"method": "simclr", "backbone": "resnet18", "data": "digits", "image_size": 32, "seed": 1,
-           "budget_kind": "epochs", "budget": 10, "extra": "kept"}
+    run = {
+        "method": "simclr",
+        "backbone": "resnet18",
+        "data": "digits",
+        "image_size": 32,
+        "seed": 1,
+        "budget_kind": "epochs",
+        "budget": 10,
+        "extra": "kept",
+    }
     row = make_row(metrics={"knn_top1": 91.5}, protocol={"name": "knn", "k": 200}, run=run)
     assert list(row)[: 1 + len(results.RUN_FIELDS)] == ["time", *results.RUN_FIELDS]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", row["time"])

@@ -27,9 +27,27 @@ STEPS = 6
 
 
 def _train_args(data: Path, method: str, out: Path, *extra: str) -> list[str]:
-    args = ["train", "--method", method, "--data", f"imagefolder:{data}", "--steps", str(STEPS), *TINY,
-            "--set", "deterministic=true", "--set", "checkpoint_every=2", "--set", "log_every=1",
-            "--set", "quick_knn=false", "--output", str(out), *extra]
+    args = [
+        "train",
+        "--method",
+        method,
+        "--data",
+        f"imagefolder:{data}",
+        "--steps",
+        str(STEPS),
+        *TINY,
+        "--set",
+        "deterministic=true",
+        "--set",
+        "checkpoint_every=2",
+        "--set",
+        "log_every=1",
+        "--set",
+        "quick_knn=false",
+        "--output",
+        str(out),
+        *extra,
+    ]
     if method == "moco":
         args += ["--set", "queue_size=64"]
     return args
@@ -78,8 +96,15 @@ def runs(tmp_path_factory):
             first("nan-skip", "simclr", {"SSLBENCH_TEST_NAN_AT": "3"}, "--set", "nonfinite=skip"),
             # the GPU's way of checking (read at logging steps): a checkpoint due first must not save the NaN state
             first("nan-deferred", "simclr", DEFERRED_NAN, "--set", "log_every=5"),
-            first("nan-deferred-sigterm", "simclr", {**DEFERRED_NAN, "SSLBENCH_TEST_SIGNAL_AT": "4"},
-                  "--set", "log_every=5", "--set", "checkpoint_every=0"),
+            first(
+                "nan-deferred-sigterm",
+                "simclr",
+                {**DEFERRED_NAN, "SSLBENCH_TEST_SIGNAL_AT": "4"},
+                "--set",
+                "log_every=5",
+                "--set",
+                "checkpoint_every=0",
+            ),
         ]
         for name, child in children:
             rec[name]["first"] = child.wait()
@@ -95,8 +120,7 @@ def runs(tmp_path_factory):
     sig_ckpt = rec["sigterm"]["dir"] / "checkpoints" / "step-00000003"
     rec["sigterm"]["ckpt_problem"] = ckpt.verify(sig_ckpt) if sig_ckpt.is_dir() else "missing"
 
-    resumes = [(name, fork_cli(["train", "--output", str(rec[name]["dir"]), "--resume", "--quiet"], env))
-               for name in (*KILLS, "corrupt", "sigterm")]
+    resumes = [(name, fork_cli(["train", "--output", str(rec[name]["dir"]), "--resume", "--quiet"], env)) for name in (*KILLS, "corrupt", "sigterm")]
     for name, child in resumes:
         rec[name]["resume"] = child.wait()
         rec[name]["after_resume"] = _names(rec[name]["dir"])
@@ -295,7 +319,9 @@ def test_model_check_accepts_ddp_prefix_and_names_mismatches(tmp_path):
     save_file({k: v.contiguous() for k, v in Step(8).state_dict().items()}, str(c / "model.safetensors"))
     ckpt._check_model_file(c, Step(8))
     ckpt._check_model_file(c, DDPLike(Step(8)))
-    with pytest.raises(UserError, match=r"different model \(6 shape mismatches, e\.g\. method\.0\.bias: \(8,\) in the checkpoint vs \(16,\) in the model"):
+    with pytest.raises(
+        UserError, match=r"different model \(6 shape mismatches, e\.g\. method\.0\.bias: \(8,\) in the checkpoint vs \(16,\) in the model"
+    ):
         ckpt._check_model_file(c, Step(16))
     with pytest.raises(UserError, match="unexpected keys"):
         ckpt._check_model_file(c, nn.Module())

@@ -16,9 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_run_dir_names_every_file(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     assert run.path == tmp_path / "run" and os.fspath(run) == str(tmp_path / "run") == str(run)
-    names = {run.config: "config.yaml", run.metrics: "metrics.jsonl", run.checkpoints: "checkpoints",
-             run.encoder: "encoder.safetensors", run.method: "method.safetensors", run.summary: "results.json",
-             run.budget: "budget.json"}
+    names = {
+        run.config: "config.yaml",
+        run.metrics: "metrics.jsonl",
+        run.checkpoints: "checkpoints",
+        run.encoder: "encoder.safetensors",
+        run.method: "method.safetensors",
+        run.summary: "results.json",
+        run.budget: "budget.json",
+    }
     assert all(p == tmp_path / "run" / name for p, name in names.items())
     assert run.results_store == tmp_path / "results.jsonl"  # next to the run, where `eval` appends by default
     assert RunDir(tmp_path / "run") == run and hash(RunDir(tmp_path / "run")) == hash(run)
@@ -125,8 +131,9 @@ def test_only_rundir_replaces_files():
     """One atomic writer: no other module renames a temporary file over a file (checkpoint.py
     renames whole checkpoint directories)."""
     sources = [*(ROOT / "sslbench").glob("*.py"), *(ROOT / "evals").glob("*.py"), *(ROOT / "backbones").glob("*.py")]
-    replacing = sorted(p.name for p in sources if "os.replace(" in p.read_text() or ".replace(path)" in p.read_text()
-                       or "tmp.replace(" in p.read_text())
+    replacing = sorted(
+        p.name for p in sources if "os.replace(" in p.read_text() or ".replace(path)" in p.read_text() or "tmp.replace(" in p.read_text()
+    )
     assert replacing == ["checkpoint.py", "rundir.py"]
 
 

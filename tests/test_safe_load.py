@@ -81,8 +81,25 @@ def trained(tmp_path_factory):
     data = make_image_folder(root / "data")
     env = child_env(root / "cache")
     run = root / "run"
-    r = fork_cli(["train", "--method", "simclr", "--data", f"imagefolder:{data}", "--steps", "4", *TINY,
-                  "--set", "checkpoint_every=2", "--set", "quick_knn=false", "--output", str(run)], env).wait()
+    r = fork_cli(
+        [
+            "train",
+            "--method",
+            "simclr",
+            "--data",
+            f"imagefolder:{data}",
+            "--steps",
+            "4",
+            *TINY,
+            "--set",
+            "checkpoint_every=2",
+            "--set",
+            "quick_knn=false",
+            "--output",
+            str(run),
+        ],
+        env,
+    ).wait()
     assert r.returncode == 0, r.describe()
     return root, run, env
 

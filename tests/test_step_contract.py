@@ -107,8 +107,28 @@ def _plugin_site(root: Path) -> Path:
 
 
 def _args(out: Path, data: Path, *extra: str) -> list[str]:
-    args = ["train", "--method", "toy_mask", "--steps", "6", "--batch-size", "16", "--image-size", "16", "--precision", "no",
-            "--data", f"imagefolder:{data}", "--seed", "2", "--quiet", "--output", str(out), "--set", "deterministic=true"]
+    args = [
+        "train",
+        "--method",
+        "toy_mask",
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--image-size",
+        "16",
+        "--precision",
+        "no",
+        "--data",
+        f"imagefolder:{data}",
+        "--seed",
+        "2",
+        "--quiet",
+        "--output",
+        str(out),
+        "--set",
+        "deterministic=true",
+    ]
     for s in (*TINY, "checkpoint_every=2", *extra):
         args += ["--set", s]
     return args
@@ -130,8 +150,7 @@ def test_a_masked_method_trains_the_same_on_two_processes_and_after_a_kill(toys,
     a, b = load_file(str(tmp_path / "ref" / "method.safetensors")), load_file(str(tmp_path / "killed" / "method.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed toy_mask run differs from the unbroken one"
     # two processes (torchrun, gloo): the masks of each sample are the same, so the weights agree
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sslbench",
-           *_args(tmp_path / "two", data)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sslbench", *_args(tmp_path / "two", data)]
     proc = run_group(cmd, {**env, "SSLBENCH_CALLBACKS": FAULTS}, 420, tmp_path / "two.log")
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = load_file(str(tmp_path / "two" / "method.safetensors"))

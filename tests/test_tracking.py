@@ -30,8 +30,22 @@ def test_tensorboard_events_equal_the_metrics_file(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data")
     env = child_env(tmp_path / "cache")
     out = tmp_path / "run"
-    args = ["train", "--method", "byol", "--data", f"imagefolder:{data}", "--steps", "6", *TINY, "--set", "log_every=2",
-            "--log-with", "tensorboard", "--output", str(out)]
+    args = [
+        "train",
+        "--method",
+        "byol",
+        "--data",
+        f"imagefolder:{data}",
+        "--steps",
+        "6",
+        *TINY,
+        "--set",
+        "log_every=2",
+        "--log-with",
+        "tensorboard",
+        "--output",
+        str(out),
+    ]
     r = fork_cli(args, env).wait()
     assert r.returncode == 0, r.describe()
     scalars = _scalars(out / "trackers")
@@ -59,8 +73,7 @@ def test_wandb_logs_offline_into_the_run_directory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("tensorbord", "unknown tracker 'tensorbord' in log_with (did you mean 'tensorboard'?)"),
-     ("tensorboard,nope", "unknown tracker 'nope'")],
+    [("tensorbord", "unknown tracker 'tensorbord' in log_with (did you mean 'tensorboard'?)"), ("tensorboard,nope", "unknown tracker 'nope'")],
 )
 def test_a_wrong_tracker_is_one_line_and_exit_2(tmp_path: Path, spec: str, message: str) -> None:
     r = fork_cli(["train", "--steps", "1", *TINY, "--log-with", spec, "--output", str(tmp_path / "run")], child_env(tmp_path / "c")).wait()
