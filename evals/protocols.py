@@ -140,7 +140,8 @@ def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
         "temperature": opts.distill_temperature,
         "label_weight": opts.distill_label_weight,
         "student_init": opts.distill_student_init,
-        "teacher": lambda t: isinstance(t, dict) and all(t.get(k) == v for k, v in teacher.items()),
+        # each teacher field: a value, or a predicate on the stored value (the layer decay's)
+        "teacher": lambda t: isinstance(t, dict) and all(v(t.get(k)) if callable(v) else t.get(k) == v for k, v in teacher.items()),
     }
 
 
