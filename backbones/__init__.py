@@ -16,15 +16,21 @@ At every size, vision transformers whose timm class takes ``dynamic_img_size`` (
 DeiT, Eva, Swin, ...) are built with it on (unless given explicitly): their position embeddings are
 interpolated (bicubic) to the grid of each input, so one model encodes multi-crop views of several
 sizes (DINO's local crops); at the model's own size the output is unchanged.
+
+The CIFAR stem is also a timm architecture, ``sslbench_cifar_resnet`` (see
+:mod:`sslbench.backbones.small_stem`), registered in timm when this package is imported:
+:func:`timm_architecture` names what ``timm.create_model`` needs to rebuild any backbone, which is
+what ``sslbench export`` writes into a timm ``config.json``.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import timm
 import torch
@@ -34,6 +40,9 @@ from sslbench.errors import UserError
 from sslbench.registry import unknown_name_message
 from sslbench.rundir import ENCODER, RunDir, write_atomic
 
+from .small_stem import ARCHITECTURE as SMALL_STEM_ARCHITECTURE
+from .small_stem import cifar_stem_ as _cifar_stem_
+
 SMALL_IMAGE_MAX = 64  # images of this size or less get the small-image adaptations
 
 
@@ -42,57 +51,84 @@ def _check_name(name: str) -> None:
         raise UserError(unknown_name_message("backbone", name, timm.list_models()) + " (see `sslbench list backbones`)")
 
 
-def _cifar_stem_(model: nn.Module) -> bool:
-    """Give a timm ResNet the CIFAR stem in place; returns whether the model was changed."""
-    from timm.models.resnet import ResNet
-
-    if not isinstance(model, ResNet):
-        return False
-    # timm's ResNet does not annotate conv1 and maxpool (mypy infers nn.Sequential, their deep-stem
-    # value): replace them through the model as a plain nn.Module.
-    stem: nn.Module = model
-    conv1 = model.conv1
-    if isinstance(conv1, nn.Conv2d):
-        stem.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
-    else:  # deep stem: a Sequential whose first layer is a 3x3 stride-2 conv
-        first = next(m for m in conv1.modules() if isinstance(m, nn.Conv2d))
-        first.stride = (1, 1)
-    stem.maxpool = nn.Identity()
-    return True
-
-
 def create_backbone(name: str, image_size: int = 224, **kwargs: Any) -> nn.Module:
     """A timm model with no classifier head (``num_classes=0``), adapted to ``image_size``.
 
     Extra ``kwargs`` go to ``timm.create_model`` (e.g. ``channels=(16, 32, 64, 128)`` for a narrow
     ResNet-18, ``drop_path_rate=0.1``). Unknown names raise a :class:`UserError` with close matches.
     """
-    _check_name(name)
-    kwargs = dict(kwargs)
-    kwargs.pop("num_classes", None)
-    kwargs.setdefault("pretrained", False)
-    try:
-        model = timm.create_model(name, num_classes=0, **kwargs)
-        if hasattr(model, "patch_embed"):
-            vit_kwargs: dict[str, Any] = {}
-            if image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
-                vit_kwargs["img_size"] = image_size
-                if image_size <= SMALL_IMAGE_MAX:
-                    vit_kwargs["patch_size"] = max(1, image_size // 8)
-            if "dynamic_img_size" in inspect.signature(type(model).__init__).parameters:
-                vit_kwargs["dynamic_img_size"] = True
-            if vit_kwargs:
-                model = timm.create_model(name, num_classes=0, **{**vit_kwargs, **kwargs})
-    except (TypeError, ValueError) as exc:
-        given = sorted(k for k in kwargs if k != "pretrained")  # pretrained is sslbench's own default
-        raise UserError(
-            f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); check their names and values"
-        ) from exc
+    model, _ = _create(name, image_size, kwargs)
     if image_size <= SMALL_IMAGE_MAX:
         _cifar_stem_(model)
     if not hasattr(model, "num_features"):
         raise UserError(f"backbone {name!r} has no num_features; sslbench needs a timm feature model")
     return model
+
+
+def _create(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The timm model of :func:`create_backbone` before the CIFAR stem, and the keyword arguments
+    ``timm.create_model(name, ...)`` finally built it with (vision transformers are rebuilt for
+    ``image_size``)."""
+    _check_name(name)
+    given = sorted(k for k in kwargs if k not in ("pretrained", "num_classes"))  # pretrained is sslbench's own default
+    kwargs = dict(kwargs)
+    kwargs.pop("num_classes", None)
+    kwargs.setdefault("pretrained", False)
+    try:
+        with _weights_access(name, bool(kwargs["pretrained"])):
+            model = timm.create_model(name, num_classes=0, **kwargs)
+            if hasattr(model, "patch_embed"):
+                vit_kwargs: dict[str, Any] = {}
+                if image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
+                    vit_kwargs["img_size"] = image_size
+                    if image_size <= SMALL_IMAGE_MAX:
+                        vit_kwargs["patch_size"] = max(1, image_size // 8)
+                if "dynamic_img_size" in inspect.signature(type(model).__init__).parameters:
+                    vit_kwargs["dynamic_img_size"] = True  # position embeddings interpolated to each input's grid
+                if vit_kwargs:
+                    kwargs = {**vit_kwargs, **kwargs}  # what the model is built with (recorded for the export)
+                    model = timm.create_model(name, num_classes=0, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); check their names and values"
+        ) from exc
+    return model, {**kwargs, "num_classes": 0}
+
+
+def timm_architecture(name: str, image_size: int = 224, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """``(architecture, model_args)`` such that ``timm.create_model(architecture, **model_args)``
+    builds the same network as ``create_backbone(name, image_size, **kwargs)`` (same modules and
+    state-dict keys): ``name`` and the final keyword arguments, or for a small-image ResNet
+    :data:`SMALL_STEM_ARCHITECTURE` with ``base=name``. ``pretrained`` is left out."""
+    model, model_args = _create(name, image_size, kwargs)
+    model_args.pop("pretrained", None)
+    if image_size <= SMALL_IMAGE_MAX and _cifar_stem_(model):
+        return SMALL_STEM_ARCHITECTURE, {"base": name, **model_args}
+    return name, model_args
+
+
+@contextmanager
+def _weights_access(name: str, pretrained: bool) -> Iterator[None]:
+    """Around ``timm.create_model``: pretrained weights that cannot be downloaded (no network, not
+    in the cache) are one :class:`UserError` line saying what to do instead, at once (no retries)."""
+    if not pretrained:
+        yield
+        return
+    from sslbench.hub import cache_dir, hub_access, offline_reason
+
+    with hub_access() as offline:
+        try:
+            yield
+        except Exception as exc:
+            reason = offline_reason(exc, offline)
+            if reason is None and not isinstance(exc, (OSError, RuntimeError)):
+                raise
+            cause = reason or " ".join(str(exc).split())[:160]
+            raise UserError(
+                f"cannot get the pretrained weights of {name} ({cause}); download them where there is a network "
+                f"(python -c \"import timm; timm.create_model('{name}', pretrained=True)\") and copy {cache_dir()} here, "
+                "pass a local file with --set \"backbone_kwargs.pretrained_cfg_overlay={'file': 'PATH'}\", or leave out pretrained=true"
+            ) from exc
 
 
 def downsampling_factor(model: nn.Module) -> int | None:
@@ -108,7 +144,8 @@ def downsampling_factor(model: nn.Module) -> int | None:
     probe = 64
     try:
         with torch.no_grad():
-            feats = cast("Callable[[torch.Tensor], object]", model.forward_features)(torch.zeros(1, 3, probe, probe))
+            forward_features: Any = getattr(model, "forward_features")  # noqa: B009  (typed as Any, not as a Module attribute)
+            feats = forward_features(torch.zeros(1, 3, probe, probe))
     except Exception:  # a model that only takes its own input size: nothing to measure
         return None
     if not isinstance(feats, torch.Tensor) or feats.dim() != 4 or feats.shape[-1] < 1:
@@ -150,8 +187,8 @@ def _runs_at(model: nn.Module, image_size: int) -> bool:
     """Whether ``model`` maps a ``(1, 3, S, S)`` image to ``(1, num_features)``."""
     try:
         with torch.no_grad():
-            out: torch.Tensor = model(torch.zeros(1, 3, image_size, image_size))
-        return out.shape[-1] == model.num_features and out.dim() == 2
+            out = model(torch.zeros(1, 3, image_size, image_size))
+        return bool(out.shape[-1] == model.num_features and out.dim() == 2)
     except (RuntimeError, ValueError, TypeError):
         return False
 
@@ -203,8 +240,9 @@ def load_encoder(run_dir: str | Path, *, map_location: str | torch.device = "cpu
     path = RunDir(run_dir).encoder
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
-    image_size = cast(int, cfg.image_size)  # never None here: build_config resolves it (TrainConfig.resolve_defaults)
-    model = create_backbone(cfg.backbone, image_size, **cfg.backbone_kwargs)
+    assert cfg.image_size is not None  # resolved when the config is loaded
+    kwargs = {**cfg.backbone_kwargs, "pretrained": False}  # the weights come from the run: nothing to download
+    model = create_backbone(cfg.backbone, cfg.image_size, **kwargs)
     try:
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:

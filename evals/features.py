@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -170,3 +171,111 @@ def split_features(
     if not chunks:
         raise UserError("split_features got no images (N = 0)")
     return torch.cat(chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature depths: h, the projector's hidden layers, z
+
+DEPTH_HELP = "h (the encoder's output), projK (the K-th hidden projector layer, after its activation) or z (the projector's output)"
+_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Hardswish)
+
+
+def parse_depth(text: str) -> str:
+    """A feature depth name, normalised: ``h``, ``z`` or ``projK`` with K >= 1 (``proj01`` -> ``proj1``).
+
+    - ``h``: the encoder's output (the backbone's pooled features), what SSL papers evaluate;
+    - ``projK``: the output of the K-th *hidden* layer of the method's projector, i.e. of its K-th
+      ``Linear -> [BatchNorm] -> activation`` block, taken **after** the activation (SimCLR v2
+      fine-tunes from ``proj1`` of its 3-layer projector);
+    - ``z``: the output of the whole projector, as the loss sees it before any normalisation (with
+      a final BatchNorm where the projector has one, e.g. SimSiam's).
+    """
+    name = text.strip().lower()
+    if name in ("h", "z"):
+        return name
+    if name.startswith("proj") and name[4:].isdigit() and int(name[4:]) >= 1:
+        return f"proj{int(name[4:])}"
+    raise UserError(f"--features: {text!r} is not a feature depth; use {DEPTH_HELP}, e.g. h,proj1,z")
+
+
+def hidden_layer_ends(projector: nn.Module) -> list[int]:
+    """Positions in a sequential projector of the activations that end its hidden layers."""
+    if not isinstance(projector, nn.Sequential):
+        return []
+    return [i for i, m in enumerate(projector) if isinstance(m, _ACTIVATIONS)]
+
+
+def projector_depths(projector: nn.Module | None) -> list[str]:
+    """The depths a projector offers: ``h``, ``proj1``..``projL`` (its hidden layers) and ``z``."""
+    if projector is None:
+        return ["h"]
+    return ["h", *(f"proj{k}" for k in range(1, len(hidden_layer_ends(projector)) + 1)), "z"]
+
+
+def depth_head(projector: nn.Module | None, depth: str, *, method: str = "this method") -> nn.Module:
+    """A copy of the part of ``projector`` that maps ``h`` to the features at ``depth`` (see
+    :func:`parse_depth`): ``projector[: end of hidden layer K]`` for ``projK``, all of it for
+    ``z``; activations are made out-of-place. Raises :class:`UserError` naming the depths the
+    projector offers when it has no such depth."""
+    import copy
+
+    depth = parse_depth(depth)
+    if depth == "h":
+        raise ValueError("depth h has no head: it is the encoder's output")
+    valid = projector_depths(projector)
+    if projector is None or depth not in valid:
+        what = "has no projector" if projector is None else f"has a projector with the depths {', '.join(valid)}"
+        raise UserError(f"--features {depth}: {method} {what}; use one of {', '.join(valid)}")
+    if depth == "z":
+        head = copy.deepcopy(projector)
+    else:
+        assert isinstance(projector, nn.Sequential)  # projector_depths offers projK only for sequential projectors
+        head = copy.deepcopy(projector[: hidden_layer_ends(projector)[int(depth[4:]) - 1] + 1])
+    for m in head.modules():
+        if isinstance(m, _ACTIVATIONS) and hasattr(m, "inplace"):
+            setattr(m, "inplace", False)  # noqa: B010  (an activation's flag, not an attribute of every Module)
+    return head.eval()
+
+
+def load_projector(run_dir: str | Path) -> nn.Module | None:
+    """The trained ``projector`` of the run's method, rebuilt from ``config.yaml`` and loaded
+    strictly from ``RUN_DIR/method.safetensors`` (``None`` when the method has none)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from sslbench.backbones import load_state_strict
+    from sslbench.build import build_method
+    from sslbench.config import load_run_config
+    from sslbench.rundir import RunDir
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    path = RunDir(run_dir).method
+    if not path.is_file():
+        raise UserError(f"{path} not found: features past h (and fine-tuning from the projector) need a finished run's method.safetensors")
+    rng = torch.get_rng_state()
+    torch.manual_seed(0)  # the weights are overwritten; the caller's random stream is left as it was
+    try:
+        method = build_method(cfg)
+    finally:
+        torch.set_rng_state(rng)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file: {exc}") from exc
+    load_state_strict(method, state, source=str(path))
+    projector = getattr(method, "projector", None)
+    return projector if isinstance(projector, nn.Module) else None
+
+
+def apply_head(head: nn.Module | None, h: Tensor, *, device: torch.device | str | None = None, batch_size: int = 1024) -> Tensor:
+    """``head(h)`` in eval mode without gradients, in float32, batch by batch on ``device`` (the
+    head's own by default): features ``(N, D)`` -> ``(N, D')`` on the CPU. ``None``: ``h`` itself."""
+    if head is None:
+        return h
+    dev = torch.device(device) if device is not None else module_device(head)
+    chunks = []
+    with eval_mode(head), torch.no_grad():
+        for start in range(0, h.shape[0], batch_size):
+            chunks.append(head(h[start : start + batch_size].to(dev, torch.float32)).float().cpu())
+    return torch.cat(chunks) if chunks else h.new_zeros((0, 0))

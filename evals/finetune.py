@@ -13,7 +13,9 @@ Chen et al. 2020b):
   Every parameter is trained; BatchNorm layers use batch statistics while training.
 - Optimisation: SGD with Nesterov momentum 0.9 and no weight decay (SimCLR: "we do not use any
   regularization"), a cosine learning-rate decay to zero over all steps without warm-up, and
-  cross-entropy. The base ``lr`` (default 0.2) is not scaled with the batch: SimCLR's
+  cross-entropy. Optionally a layer-wise learning-rate decay for vision transformers
+  (``layer_decay``, BEiT's and MAE's fine-tuning, 0.75 in MAE: see :func:`layer_decay_groups`);
+  the default 1.0 trains every layer at the same rate. The base ``lr`` (default 0.2) is not scaled with the batch: SimCLR's
   ``0.05 * B / 256`` comes with batches of 4096 and long schedules; on small labelled subsets and
   short schedules it barely moves the model (on digits, 0.2 fine-tunes to ~94% where 0.05 gives
   ~64% in the same steps).
@@ -56,6 +58,7 @@ DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_LR = 0.2
 DEFAULT_MIN_STEPS = 200
+DEFAULT_LAYER_DECAY = 1.0  # no layer-wise lr decay (MAE fine-tunes ViTs with 0.75)
 MOMENTUM = 0.9
 CROP_SCALE = (0.08, 1.0)
 # How train_classifier optimises, for result rows (fine-tuning and distillation).
@@ -96,44 +99,26 @@ def label_subset(train: ImageSplit, fraction: float, seed: int) -> tuple[ImageSp
 
 def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     """The first ``layers`` hidden layers (``Linear -> BatchNorm -> ReLU`` blocks) of the method's
-    projector, with the trained weights of ``RUN_DIR/method.safetensors`` (strictly checked).
+    projector, with the trained weights of ``RUN_DIR/method.safetensors`` (strictly checked): the
+    head of feature depth ``proj<layers>`` (:func:`sslbench.evals.features.depth_head`).
 
     ``layers=1`` on a SimCLR v2 run (``method_cfg.projector=v2``, a 3-layer projector) gives the
     SimCLR v2 fine-tuning start ``projector[0:3]``. Raises :class:`UserError` when the method has no
     ``projector`` or it has fewer hidden layers.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from sslbench.backbones import load_state_strict
-    from sslbench.build import build_method
     from sslbench.config import load_run_config
-    from sslbench.rundir import RunDir
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    path = RunDir(run_dir).method
-    if not path.is_file():
-        raise UserError(f"{path} not found: fine-tuning from the projector needs a finished run's method.safetensors")
-    torch.manual_seed(0)  # the weights are overwritten; only keeps the global RNG stream predictable
-    method = build_method(cfg)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file: {exc}") from exc
-    load_state_strict(method, state, source=str(path))
-    projector = getattr(method, "projector", None)
+    from .features import depth_head, hidden_layer_ends, load_projector
+
+    projector = load_projector(run_dir)
+    method = load_run_config(run_dir).method
     if not isinstance(projector, nn.Sequential):
-        raise UserError(f"method {cfg.method!r} has no projector to fine-tune from; use from_projector_layer=0")
-    relus = [i for i, m in enumerate(projector) if isinstance(m, nn.ReLU)]
-    if not 1 <= layers <= len(relus):
-        raise UserError(
-            f"from_projector_layer must be in 0..{len(relus)} for this {cfg.method} projector ({len(relus)} hidden layer(s)), got {layers}"
-        )
-    head = copy.deepcopy(projector[: relus[layers - 1] + 1])
-    for m in head.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
+        raise UserError(f"method {method!r} has no projector to fine-tune from; use from_projector_layer=0")
+    n = len(hidden_layer_ends(projector))
+    if not 1 <= layers <= n:
+        raise UserError(f"from_projector_layer must be in 0..{n} for this {method} projector ({n} hidden layer(s)), got {layers}")
+    head = depth_head(projector, f"proj{layers}", method=method)
+    assert isinstance(head, nn.Sequential)
     return head
 
 
@@ -158,6 +143,41 @@ class FinetuneModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.head(self.features(x))
         return out
+
+
+def layer_decay_groups(model: FinetuneModel, decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups of ``model`` with a layer-wise learning-rate decay: ``lr_scale = decay **
+    (L + 1 - layer)`` for a vision transformer encoder of L blocks, where the embeddings (patch
+    and position embeddings, class and register tokens) are layer 0, block i is layer i + 1 and
+    everything after the blocks (the final norm, projector layers, the head) is layer L + 1
+    (scale 1). This is the rule of BEiT (Bao et al. 2022) and of MAE's fine-tuning (He et al.
+    2022, Appendix A.2; ``util/lr_decay.py`` of the official code), decay 0.75 for ViT-B.
+
+    An encoder without a ``blocks`` sequence (not a transformer) is a :class:`UserError` unless
+    ``decay == 1`` (one group, scale 1)."""
+    if decay == 1.0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    blocks = getattr(model.encoder, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        name = getattr(model.encoder, "pretrained_cfg", {}).get("architecture") or type(model.encoder).__name__
+        raise UserError(f"--finetune-layer-decay {decay:g} needs a vision transformer encoder (timm blocks); {name} has none, use 1")
+    n_blocks = len(blocks)
+    embeddings = ("patch_embed", "pos_embed", "cls_token", "reg_token", "dist_token", "pos_embed_prefix")
+
+    def layer(name: str) -> int:
+        if name.split(".")[0] in embeddings:
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return n_blocks + 1
+
+    groups: dict[int, list[nn.Parameter]] = {}
+    for name, p in model.encoder.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(layer(name), []).append(p)
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    groups.setdefault(n_blocks + 1, []).extend(rest)
+    return [{"params": ps, "lr_scale": decay ** (n_blocks + 1 - i)} for i, ps in sorted(groups.items())]
 
 
 @torch.no_grad()
@@ -201,12 +221,15 @@ def finetune_model(
     precision: str = "no",
     min_steps: int = DEFAULT_MIN_STEPS,
     crop_scale: tuple[float, float] = CROP_SCALE,
+    layer_decay: float = DEFAULT_LAYER_DECAY,
 ) -> tuple[FinetuneModel, dict[str, float]]:
     """:func:`finetune`, also returning the fine-tuned model (in eval mode; the teacher of
     :mod:`sslbench.evals.distill`)."""
     fraction = check_fraction(fraction)
     if epochs < 1 or batch_size < 1 or not lr > 0 or min_steps < 0:
         raise UserError(f"fine-tuning needs epochs >= 1, batch_size >= 1, lr > 0 and min_steps >= 0; got {epochs}, {batch_size}, {lr}, {min_steps}")
+    if not 0.0 < layer_decay <= 1.0:
+        raise UserError(f"the layer-wise lr decay must be in (0, 1], got {layer_decay}")
     if not isinstance(train, ImageSplit) or not isinstance(test, ImageSplit):
         raise UserError("fine-tuning needs in-memory splits; raise max_memory_gb or use a smaller data set")
     dev = torch.device(device) if device is not None else module_device(encoder)
@@ -239,6 +262,7 @@ def finetune_model(
         precision=precision,
         crop_scale=crop_scale,
         what="fine-tuning",
+        groups=layer_decay_groups(model, layer_decay),
     )
     acc = _evaluate(model, test, image_size, dev, precision)
     return model.eval(), {metric_name(fraction, k): v for k, v in acc.items()}
@@ -257,6 +281,7 @@ def train_classifier(
     precision: str,
     crop_scale: tuple[float, float] = CROP_SCALE,
     what: str = "fine-tuning",
+    groups: list[dict[str, Any]] | None = None,
 ) -> None:
     """Train every parameter of ``model`` for ``steps`` SGD steps on uint8 ``images`` (N, 3, H, W)
     on the model's device: Nesterov momentum 0.9, no weight decay, lr cosine-decayed from ``lr``
@@ -264,15 +289,17 @@ def train_classifier(
     remainder smaller than a batch is left out of its epoch), each image a random resized crop
     (``crop_scale``) with a horizontal flip (randomness a pure function of seed, epoch and image
     index). ``loss_fn(logits (B, C) float32, idx (B,), x (B, 3, S, S))`` gives the loss of the
-    batch of images ``idx`` whose augmented views ``x`` the model saw. Shared by fine-tuning and
-    distillation."""
+    batch of images ``idx`` whose augmented views ``x`` the model saw. ``groups``: optimizer groups
+    whose ``lr_scale`` multiplies their lr (:func:`layer_decay_groups`; default: every parameter at
+    scale 1). Shared by fine-tuning and distillation."""
     dev = images.device
     n = images.shape[0]
     aug = BatchAugment(
         AugmentConfig(crop_scale=(float(crop_scale[0]), float(crop_scale[1])), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0),
         image_size,
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=0.0)
+    params: Any = groups if groups is not None else model.parameters()
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=0.0)
     # fp16 gradients underflow without loss scaling (as the trainer's fp16 does through Accelerate);
     # a pass-through for float32 and bf16
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
@@ -286,7 +313,7 @@ def train_classifier(
             order = torch.randperm(n, generator=gen)
             for b in range(min(steps_per_epoch, steps - step)):
                 for g in optimizer.param_groups:
-                    g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+                    g["lr"] = lr * g.get("lr_scale", 1.0) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 idx_dev = order[b * batch : (b + 1) * batch].to(dev)
                 x = aug(images[idx_dev], idx_dev, seed=seed, epoch=epoch, view=0)
                 with _autocast(dev, precision):
@@ -316,11 +343,13 @@ def finetune_protocol(
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     seed: int = 0,
-    from_projector_layer: int = 0,
+    from_projector_layer: int | str = 0,
     min_steps: int = DEFAULT_MIN_STEPS,
     crop_scale: tuple[float, float] = CROP_SCALE,
+    layer_decay: float = DEFAULT_LAYER_DECAY,
 ) -> dict[str, Any]:
-    """A self-describing record of the fine-tuning protocol, for result rows."""
+    """A self-describing record of the fine-tuning protocol, for result rows (``from_projector_layer``:
+    0 for h, K for the first K hidden projector layers, ``"z"`` for the whole projector)."""
     return {
         "name": "finetune",
         "label_fraction": check_fraction(fraction),
@@ -331,6 +360,7 @@ def finetune_protocol(
         "head": "linear, zero init",
         **OPTIMIZER_RECORD,
         "lr": lr,
+        "layer_decay": layer_decay,
         "epochs": epochs,
         "min_steps": min_steps,
         "steps": finetune_steps(n_labelled, epochs=epochs, batch_size=batch_size, min_steps=min_steps),

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.callbacks import Callback
 from sslbench.data import ImageSplit
 from sslbench.heads import feature_dim
 
@@ -151,23 +150,3 @@ class OnlineProbe:
             return None
         self.last_top1 = self.evaluate(encoder)
         return {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "online_probe_top1": self.last_top1}
-
-
-class OnlineProbeCallback(Callback):
-    """The online probe as a training callback (main process only): its head is built under a
-    forked RNG, so a run with the probe trains bitwise the run without it (drop-path, dropout),
-    updated on each step's first view, evaluated at the end of every epoch into ``metrics.jsonl``."""
-
-    def __init__(self) -> None:
-        self.probe: OnlineProbe | None = None
-
-    def on_train_start(self, run: Any) -> None:
-        if run.main:
-            with torch.random.fork_rng(devices=[]):  # its head's init must not shift the run's random stream
-                self.probe = OnlineProbe.for_run(run.cfg, run.method.encoder, run.train_split, run.device, run.precision)
-
-    def on_step_end(self, run: Any, batch: Any, control: Any) -> None:
-        if self.probe is not None:
-            record = self.probe.after_step(run.method.encoder, batch.views[0], batch.index, control.done, run.plan)
-            if record is not None:
-                control.records.append(record)

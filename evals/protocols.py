@@ -1,6 +1,10 @@
 """The built-in evaluation protocols of ``sslbench eval`` and ``compare``, one registration each
-(:mod:`sslbench.protocols`): k-NN, linear probe, fine-tuning at label fractions and SimCLR v2's
-distillation. See ``docs/evaluation.md``.
+(:mod:`sslbench.protocols`): k-NN, linear probe, fine-tuning at label fractions, SimCLR v2's
+distillation, and the label-free feature metrics (alignment, uniformity, RankMe, feature standard
+deviation). See ``docs/evaluation.md``.
+
+k-NN, the linear probe, fine-tuning and the label-free metrics are scored at every ``--features``
+depth (``h``, ``projK``, ``z``; :func:`sslbench.evals.features.parse_depth`).
 
 The evaluators are imported when a protocol runs, so that registering (and ``sslbench --help``)
 stays cheap.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sslbench.errors import UserError
 from sslbench.protocols import EvalContext, EvalOptions, Option, Score, at_least, positive, register_protocol, within
 
 
@@ -17,6 +22,7 @@ from sslbench.protocols import EvalContext, EvalOptions, Option, Score, at_least
     "knn",
     reuse_key=lambda cfg, opts: {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "weighting": "exp(sim/T)"},
     description="weighted k-NN (k and T from the run's config) on frozen features",
+    per_features=True,
 )
 def knn(ctx: EvalContext, fraction: float | None) -> Score:
     from .knn import knn_eval, knn_protocol
@@ -35,6 +41,7 @@ LINEAR_EPOCHS = Option("--linear-epochs", 100, "linear-probe epochs (default 100
     options=[LINEAR_EPOCHS],
     reuse_key=lambda cfg, opts: {"epochs": opts.linear_epochs, "seed": opts.seed, "train_augmentation": None},
     description="linear probe on frozen features (lr and weight decay chosen on a validation split)",
+    per_features=True,
 )
 def linear(ctx: EvalContext, fraction: float | None) -> Score:
     from .linear import linear_probe, linear_protocol
@@ -62,6 +69,13 @@ FINETUNE_OPTIONS = (
         metavar="K",
         check=at_least(0),
     ),
+    Option(
+        "--finetune-layer-decay",
+        1.0,
+        "layer-wise lr decay for vision transformers, in (0, 1] (MAE: 0.75); default 1: none",
+        type=float,
+        check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+    ),
 )
 DISTILL_OPTIONS = (
     Option("--distill-epochs", 10, "distillation passes over all training images (default 10)", type=int, check=at_least(1)),
@@ -82,19 +96,41 @@ DISTILL_OPTIONS = (
 )
 
 
-def _finetune_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
+def start_layer(opts: EvalOptions, depth: str) -> int | str:
+    """Where fine-tuning at feature depth ``depth`` starts: 0 (h), K (projK: the first K hidden
+    projector layers are fine-tuned with the encoder) or ``"z"`` (the whole projector).
+    ``--from-projector-layer K`` is the older spelling of ``--features projK``: with ``h`` it means K."""
+    legacy = opts.from_projector_layer
+    if depth == "h":
+        return int(legacy)
+    if legacy:
+        raise UserError(
+            f"--from-projector-layer {legacy} and --features {depth} name two starting layers for finetune; "
+            f"give one (--features proj{legacy} is --from-projector-layer {legacy})"
+        )
+    return "z" if depth == "z" else int(depth[4:])
+
+
+def _finetune_key_at(opts: EvalOptions, layer: int | str) -> dict[str, Any]:
+    decay = opts.finetune_layer_decay
     return {
         "epochs": opts.finetune_epochs,
         "batch_size": opts.finetune_batch_size,
         "lr": opts.finetune_lr,
         "seed": opts.seed,
-        "from_projector_layer": opts.from_projector_layer,
+        "from_projector_layer": layer,
         "min_steps": opts.finetune_min_steps,
+        # rows stored before the option existed were fine-tuned without a layer-wise decay
+        "layer_decay": lambda v: v == decay or (v is None and decay == 1.0),
     }
 
 
+def _finetune_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
+    return _finetune_key_at(opts, start_layer(opts, opts.features[0]))  # one depth: see register_protocol
+
+
 def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
-    teacher = _finetune_key(cfg, opts)
+    teacher = _finetune_key_at(opts, opts.from_projector_layer)
     return {
         "epochs": opts.distill_epochs,
         "batch_size": opts.finetune_batch_size,
@@ -104,7 +140,8 @@ def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
         "temperature": opts.distill_temperature,
         "label_weight": opts.distill_label_weight,
         "student_init": opts.distill_student_init,
-        "teacher": lambda t: isinstance(t, dict) and all(t.get(k) == v for k, v in teacher.items()),
+        # each teacher field: a value, or a predicate on the stored value (the layer decay's)
+        "teacher": lambda t: isinstance(t, dict) and all(v(t.get(k)) if callable(v) else t.get(k) == v for k, v in teacher.items()),
     }
 
 
@@ -119,14 +156,33 @@ def _projector(ctx: EvalContext) -> Any:
     return ctx.cache["projector"]
 
 
-def _teacher(ctx: EvalContext, fraction: float) -> tuple[Any, dict[str, float]]:
-    """The encoder fine-tuned on ``fraction`` of the labels and its metrics, trained once for both
-    the finetune row and the distillation teacher (kept only when a distillation will need it)."""
+def _prepare_finetune(ctx: EvalContext) -> Any:
+    """Before any data is loaded: a layer-wise lr decay needs a transformer encoder, and the
+    projector layers are loaded (:func:`_projector`)."""
+    if ctx.opts.finetune_layer_decay != 1.0 and not hasattr(ctx.encoder, "blocks"):
+        name = getattr(ctx.encoder, "pretrained_cfg", {}).get("architecture") or type(ctx.encoder).__name__
+        raise UserError(
+            f"--finetune-layer-decay {ctx.opts.finetune_layer_decay:g} needs a vision transformer encoder (timm blocks); {name} has none, use 1"
+        )
+    return _projector(ctx)
+
+
+def _start_head(ctx: EvalContext, layer: int | str) -> Any:
+    """The projector part fine-tuned with the encoder when starting at ``layer`` (None for 0)."""
+    if layer == ctx.opts.from_projector_layer:
+        return _projector(ctx)
+    return ctx.head("z" if layer == "z" else f"proj{layer}")
+
+
+def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, dict[str, float]]:
+    """The encoder fine-tuned on ``fraction`` of the labels from projector ``layer`` and its
+    metrics, trained once for both the finetune row and the distillation teacher (kept only when a
+    distillation will need it)."""
     from .finetune import finetune_model
 
     teachers = ctx.cache.setdefault("teachers", {})
-    if fraction in teachers:
-        cached: tuple[Any, dict[str, float]] = teachers[fraction]
+    if (fraction, layer) in teachers:
+        cached: tuple[Any, dict[str, float]] = teachers[fraction, layer]
         return cached
     opts = ctx.opts
     model_and_metrics = finetune_model(
@@ -139,17 +195,18 @@ def _teacher(ctx: EvalContext, fraction: float) -> tuple[Any, dict[str, float]]:
         batch_size=opts.finetune_batch_size,
         lr=opts.finetune_lr,
         seed=opts.seed,
-        projector=_projector(ctx),
+        projector=_start_head(ctx, layer),
         device=ctx.device,
         precision=ctx.precision,
         min_steps=opts.finetune_min_steps,
+        layer_decay=opts.finetune_layer_decay,
     )
-    if "distill" in opts.protocols:
-        teachers[fraction] = model_and_metrics
+    if "distill" in opts.protocols and layer == opts.from_projector_layer:
+        teachers[fraction, layer] = model_and_metrics
     return model_and_metrics
 
 
-def _finetune_record(ctx: EvalContext, fraction: float) -> dict[str, Any]:
+def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str) -> dict[str, Any]:
     from .finetune import finetune_protocol, label_subset
 
     opts = ctx.opts
@@ -160,8 +217,9 @@ def _finetune_record(ctx: EvalContext, fraction: float) -> dict[str, Any]:
         batch_size=opts.finetune_batch_size,
         lr=opts.finetune_lr,
         seed=opts.seed,
-        from_projector_layer=opts.from_projector_layer,
+        from_projector_layer=layer,
         min_steps=opts.finetune_min_steps,
+        layer_decay=opts.finetune_layer_decay,
     )
 
 
@@ -171,12 +229,14 @@ def _finetune_record(ctx: EvalContext, fraction: float) -> dict[str, Any]:
     reuse_key=_finetune_key,
     per_fraction=True,
     in_memory=True,
-    prepare=_projector,
-    description="end-to-end fine-tuning on a class-balanced fraction of the labels",
+    prepare=_prepare_finetune,
+    description="end-to-end fine-tuning on a class-balanced fraction of the labels, from h or a projector layer (--features)",
+    per_features=True,
 )
 def finetune(ctx: EvalContext, fraction: float | None) -> Score:
     assert fraction is not None
-    return Score(_teacher(ctx, fraction)[1], _finetune_record(ctx, fraction))
+    layer = start_layer(ctx.opts, ctx.depth)
+    return Score(_teacher(ctx, fraction, layer)[1], _finetune_record(ctx, fraction, layer))
 
 
 @register_protocol(
@@ -185,7 +245,7 @@ def finetune(ctx: EvalContext, fraction: float | None) -> Score:
     reuse_key=_distill_key,
     per_fraction=True,
     in_memory=True,
-    prepare=_projector,
+    prepare=_prepare_finetune,
     description="SimCLR v2 distillation of the fine-tuned model into a student, on all unlabelled images",
 )
 def distill(ctx: EvalContext, fraction: float | None) -> Score:
@@ -204,7 +264,8 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
     else:
         torch.manual_seed(opts.seed)
         student = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
-    model, _ = _teacher(ctx, fraction)
+    layer = opts.from_projector_layer
+    model, _ = _teacher(ctx, fraction, layer)
     metrics = run_distill(
         model,
         student,
@@ -236,6 +297,155 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
             label_weight=opts.distill_label_weight,
             min_steps=opts.finetune_min_steps,
             seed=opts.seed,
-            teacher=_finetune_record(ctx, fraction),
+            teacher=_finetune_record(ctx, fraction, layer),
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Label-free feature metrics (evals/label_free.py): no label is read, so they score unlabelled data
+# too (an image folder with one class folder). Each uses a seeded subset of the test split.
+
+METRIC_SAMPLES = Option(
+    "--metric-samples", 4096, "label-free metrics: test images used, a seeded subset (default 4096; all when fewer)", type=int, check=at_least(2)
+)
+ALIGNMENT_ALPHA = Option("--alignment-alpha", 2.0, "alignment exponent alpha (default 2, Wang & Isola)", type=float, check=positive)
+UNIFORMITY_T = Option("--uniformity-t", 2.0, "uniformity temperature t (default 2, Wang & Isola)", type=float, check=positive)
+LABEL_FREE_RECORD = {"labels": "not used", "split": "test", "normalisation": "L2 per sample"}
+
+
+def _sample_index(ctx: EvalContext) -> Any:
+    """The sorted indices of the test images the label-free metrics use: ``--metric-samples`` of
+    them drawn by ``--eval-seed`` (all when the split is smaller); the same for every run."""
+    import torch
+
+    n = len(ctx.test)
+    if n < 2:
+        raise UserError(f"the label-free metrics need at least 2 test images; {ctx.data} has {n}")
+    if n <= ctx.opts.metric_samples:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(ctx.opts.seed)
+    return torch.randperm(n, generator=gen)[: ctx.opts.metric_samples].sort().values
+
+
+def _test_embeddings(ctx: EvalContext) -> Any:
+    return ctx.split_features("test")[_sample_index(ctx)]
+
+
+def _record(ctx: EvalContext, **fields: Any) -> dict[str, Any]:
+    return {**LABEL_FREE_RECORD, "samples": int(_sample_index(ctx).numel()), "seed": ctx.opts.seed, **fields}
+
+
+@register_protocol(
+    "alignment",
+    options=[METRIC_SAMPLES, ALIGNMENT_ALPHA],
+    reuse_key=lambda cfg, opts: {"seed": opts.seed, "alpha": opts.alignment_alpha, "max_samples": opts.metric_samples},
+    in_memory=True,
+    per_features=True,
+    uses_labels=False,
+    description="Wang & Isola alignment: E||f(x)-f(y)||^alpha over two augmented views of each test image (no labels)",
+)
+def alignment(ctx: EvalContext, fraction: float | None) -> Score:
+    import torch
+
+    from sslbench.augment import BatchAugment
+
+    from .features import _autocast, eval_mode
+    from .label_free import alignment as align
+
+    idx = _sample_index(ctx)
+    aug = BatchAugment(ctx.cfg.aug, ctx.cfg.image_size)  # the run's own training augmentation
+    head = ctx.head()
+    views: list[list[Any]] = [[], []]
+    with eval_mode(ctx.encoder), torch.no_grad():
+        for start in range(0, idx.numel(), 256):
+            batch_idx = idx[start : start + 256]
+            images = ctx.test.images[batch_idx].to(ctx.device)
+            for v in (0, 1):
+                with _autocast(ctx.device, ctx.precision):
+                    h = ctx.encoder(aug(images, batch_idx, seed=ctx.opts.seed, epoch=0, view=v)).flatten(1).float()
+                views[v].append((h if head is None else head(h)).float().cpu())
+    metric = align(torch.cat(views[0]), torch.cat(views[1]), alpha=ctx.opts.alignment_alpha)
+    return Score(
+        {"alignment": metric},
+        _record(
+            ctx,
+            alpha=ctx.opts.alignment_alpha,
+            max_samples=ctx.opts.metric_samples,
+            pairs="two views of each test image by the run's training augmentation (aug.*), seeded by --eval-seed",
+            reference="Wang & Isola, ICML 2020",
+        ),
+    )
+
+
+@register_protocol(
+    "uniformity",
+    options=[METRIC_SAMPLES, UNIFORMITY_T],
+    reuse_key=lambda cfg, opts: {"seed": opts.seed, "t": opts.uniformity_t, "max_samples": opts.metric_samples},
+    per_features=True,
+    uses_labels=False,
+    description="Wang & Isola uniformity: log E exp(-t||f(x)-f(y)||^2) over pairs of test images (no labels)",
+)
+def uniformity(ctx: EvalContext, fraction: float | None) -> Score:
+    from .label_free import uniformity as uniform
+
+    metric = uniform(_test_embeddings(ctx), t=ctx.opts.uniformity_t)
+    return Score(
+        {"uniformity": metric},
+        _record(
+            ctx,
+            t=ctx.opts.uniformity_t,
+            max_samples=ctx.opts.metric_samples,
+            pairs="all pairs of distinct test images, features without augmentation",
+            reference="Wang & Isola, ICML 2020",
+        ),
+    )
+
+
+@register_protocol(
+    "rankme",
+    options=[METRIC_SAMPLES],
+    reuse_key=lambda cfg, opts: {"seed": opts.seed, "max_samples": opts.metric_samples},
+    per_features=True,
+    uses_labels=False,
+    description="RankMe (Garrido et al.): effective rank of the test embedding matrix (no labels)",
+)
+def rankme(ctx: EvalContext, fraction: float | None) -> Score:
+    from .label_free import RANKME_EPS
+    from .label_free import rankme as effective_rank
+
+    z = _test_embeddings(ctx)
+    return Score(
+        {"rankme": effective_rank(z)},
+        {
+            **_record(ctx, max_samples=ctx.opts.metric_samples, eps=RANKME_EPS, dim=int(z.shape[1]), reference="Garrido et al., ICML 2023"),
+            "normalisation": "none (raw embeddings)",
+        },
+    )
+
+
+@register_protocol(
+    "feature_std",
+    options=[METRIC_SAMPLES],
+    reuse_key=lambda cfg, opts: {"seed": opts.seed, "max_samples": opts.metric_samples},
+    per_features=True,
+    uses_labels=False,
+    description="collapse check: per-dimension std of L2-normalised test embeddings (1/sqrt(D) healthy, 0 collapsed; no labels)",
+)
+def feature_std(ctx: EvalContext, fraction: float | None) -> Score:
+    import math
+
+    from .label_free import feature_std as std
+
+    z = _test_embeddings(ctx)
+    value = std(z)
+    return Score(
+        {"feature_std": value, "feature_std_sqrt_d": value * math.sqrt(z.shape[1])},
+        _record(
+            ctx,
+            max_samples=ctx.opts.metric_samples,
+            dim=int(z.shape[1]),
+            std="population (1/N), averaged over dimensions",
+            reference="Chen & He, SimSiam, CVPR 2021, Sec. 4.1",
         ),
     )

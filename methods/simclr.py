@@ -21,20 +21,24 @@ from sslbench.registry import register_method
 __all__ = ["NTXentLoss", "SimCLR", "SimCLRConfig"]
 
 
+# projector -> number of linear layers (0: the identity, z = h); the ablation of SimCLR's Fig. 8
+PROJECTORS = {"none": 0, "linear": 1, "v1": 2, "v2": 3}
+
+
 @dataclass
 class SimCLRConfig(MethodConfig):
     """SimCLR hyper-parameters (defaults: the paper's CIFAR setting, Appendix B.9)."""
 
     temperature: float = 0.5  # NT-Xent tau (0.5 for CIFAR; 0.1 for ImageNet at batch 4096)
-    projector: str = "v1"  # v1: 2-layer MLP head; v2: 3-layer MLP head (SimCLR v2)
+    projector: str = "v1"  # v1: 2-layer MLP head; v2: 3-layer MLP head (SimCLR v2); linear: one linear layer; none: z = h (SimCLR Fig. 8)
     proj_hidden_dim: int = 2048  # projector hidden width
     proj_dim: int = 128  # output dimension of z
 
     def validate(self) -> None:
         if not self.temperature > 0:
             raise UserError(f"method_cfg.temperature must be > 0, got {self.temperature}")
-        if self.projector not in ("v1", "v2"):
-            raise UserError(f"method_cfg.projector must be one of v1, v2; got {self.projector!r}")
+        if self.projector not in PROJECTORS:
+            raise UserError(f"method_cfg.projector must be one of {', '.join(PROJECTORS)}; got {self.projector!r}")
         if self.proj_hidden_dim < 1 or self.proj_dim < 1:
             raise UserError("method_cfg.proj_hidden_dim and proj_dim must be >= 1")
 
@@ -53,8 +57,8 @@ class SimCLR(Method):
         super().__init__()
         self.cfg = cfg = cfg or SimCLRConfig()
         self.encoder = backbone
-        layers = 2 if cfg.projector == "v1" else 3
-        self.projector = mlp(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, layers)
+        layers = PROJECTORS[cfg.projector]
+        self.projector = mlp(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, layers) if layers else nn.Sequential()
         self.criterion = NTXentLoss(cfg.temperature)
 
     @classmethod

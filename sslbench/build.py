@@ -3,7 +3,12 @@ evaluators both use it, and neither imports the other)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from .config import TrainConfig
+from .errors import UserError
 from .method import Method
 from .registry import get_method
 
@@ -18,3 +23,28 @@ def build_method(cfg: TrainConfig) -> Method:
     check_image_size(backbone, cfg.image_size)
     method: Method = method_cls(backbone, cfg.method_cfg)
     return method
+
+
+def load_trained_method(run_dir: str | Path) -> tuple[TrainConfig, Method]:
+    """The config and the trained method of a finished run: built from ``config.yaml`` with the
+    weights of ``method.safetensors`` (heads included), strictly checked, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from sslbench.backbones import load_state_strict
+
+    from .config import load_run_config
+    from .rundir import RunDir
+
+    cfg = load_run_config(Path(run_dir))
+    path = RunDir(run_dir).method
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
+    torch.manual_seed(0)  # the weights are overwritten; only keeps the global RNG stream predictable
+    method = build_method(cfg)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file: {exc}") from exc
+    load_state_strict(method, state, source=str(path))
+    return cfg, method.eval()

@@ -167,7 +167,10 @@ class CheckpointPolicy(Callback):
 
 
 class MetricsFile(Callback):
-    """``metrics.jsonl``: one JSON record per line, flushed at every logging step (main process)."""
+    """``metrics.jsonl``: one JSON record per line, flushed at every logging step (main process).
+
+    A failed write (disk full) stops the run with one line: the checkpoints are intact, and a
+    resumed run cuts the file back to its checkpoint's step (a torn last line included)."""
 
     order = 20
 
@@ -176,18 +179,35 @@ class MetricsFile(Callback):
 
     def on_train_start(self, run: Run) -> None:
         if run.main:
-            self._file = open(run.files.metrics, "a")
+            try:
+                self._file = open(run.files.metrics, "a")
+            except OSError as exc:
+                raise self._error(run, exc) from exc
 
     def on_record(self, run: Run, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            if "loss" in record:
-                self._file.flush()
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                if "loss" in record:
+                    self._file.flush()
+            except OSError as exc:
+                raise self._error(run, exc) from exc
 
     def on_train_end(self, run: Run, steps_done: int) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass  # (the write that failed has already stopped the run with its own message)
+
+    @staticmethod
+    def _error(run: Run, exc: OSError) -> UserError:
+        last = f"the last checkpoint ({run.last_ckpt.name}) is intact; " if run.last_ckpt else ""
+        return UserError(
+            f"cannot write {run.files.metrics} ({exc.strerror or exc}); {last}free some space and continue with "
+            f"`sslbench train --output {run.run_dir} --resume`"
+        )
 
 
 class ProgressDisplay(Callback):
@@ -202,7 +222,10 @@ class ProgressDisplay(Callback):
     def on_train_start(self, run: Run) -> None:
         from .progress import TrainProgress
 
-        self._bar = TrainProgress(run.plan.total_steps, run.start_step, enabled=run.main and not self.quiet)
+        budget = run.cfg.time_budget_s
+        self._bar = TrainProgress(
+            run.plan.total_steps, run.start_step, enabled=run.main and not self.quiet, time_budget_s=budget, unbounded=run.time_based
+        )
         self._bar.__enter__()
 
     def on_step_end(self, run: Run, batch: Batch, control: Control) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .rundir import write_failure
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -141,11 +142,17 @@ def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[s
                 shutil.rmtree(stale, ignore_errors=True)
             for stale in [*ckpt_dir.glob(f"{TMP_PREFIX}*"), *ckpt_dir.glob(f"{OLD_PREFIX}*")]:
                 shutil.rmtree(stale, ignore_errors=True)
-    except OSError as exc:
+    except Exception as exc:
+        reason = write_failure(exc, tmp)
+        if reason is None:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        where = exc.filename or tmp
+        where = getattr(exc, "filename", None) or tmp
+        earlier = list_checkpoints(ckpt_dir)
+        kept = f"the last good checkpoint is {earlier[0].name}" if earlier else "no earlier checkpoint exists"
         raise UserError(
-            f"cannot write checkpoint {final} ({exc.strerror or exc}: {where}); the earlier checkpoints in {ckpt_dir} are intact"
+            f"cannot write checkpoint {final} ({reason}: {where}); {kept}: free some space and continue with "
+            f"`sslbench train --output {ckpt_dir.parent} --resume`"
         ) from exc
     accelerator.wait_for_everyone()
     return final

@@ -1,4 +1,4 @@
-"""The ``sslbench`` command line: train, eval, compare, leaderboard, list.
+"""The ``sslbench`` command line: train, eval, compare, leaderboard, list, export, plot, picture.
 
 Every mistake a user can make ends as one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead.
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="method name (sslbench list methods); default simclr")
     p.add_argument("--backbone", help="timm model name (sslbench list backbones); default resnet18")
-    p.add_argument("--data", help="digits (default) | cifar10 | cifar100 | stl10 | imagefolder:PATH | hf:NAME")
+    p.add_argument("--data", help="digits (default) | cifar10 | cifar100 | stl10 | imagefolder:PATH | hf:NAME|FILE|DIR")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, help="passes over the training data (default 10)")
     budget.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
@@ -39,6 +39,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--grad-cache-chunk", type=int, help="gradient-cache chunk size: exact large batches in less memory")
     p.add_argument("--train-subset", type=int, help="train on a class-balanced subset of this many images")
+    p.add_argument(
+        "--log-with",
+        metavar="TRACKERS",
+        help="experiment trackers: tensorboard, wandb, mlflow, comet_ml, aim or all "
+        "(comma-separated; written to RUN_DIR/trackers; each needs its extra, e.g. sslbench[tensorboard])",
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values")
     p.add_argument(
         "--set",
@@ -64,6 +70,7 @@ _TRAIN_FLAG_KEYS = (
     "seed",
     "grad_cache_chunk",
     "train_subset",
+    "log_with",
 )
 
 
@@ -96,27 +103,72 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import build_config, load_yaml
     from .pipeline import train_and_score
+    from .report import end_summary
     from .rundir import RunDir
 
-    file_values: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
     if args.resume:
         if not args.output:
             raise UserError("--resume needs --output RUN_DIR (the run to continue)")
-        saved = RunDir(args.output).config
-        if not os.path.isfile(saved):
+        path = RunDir(args.output).config
+        if not os.path.isfile(path):
             raise UserError(f"--resume: {args.output} has no config.yaml; is it an sslbench run directory?")
-        file_values = load_yaml(saved)
+        saved = load_yaml(path)
     given = load_yaml(args.config) if args.config else {}
-    if args.resume:
-        _check_same_method(args, file_values, given)
-    file_values = merge_config_values(file_values, given)
     flags = {k: getattr(args, k) for k in _TRAIN_FLAG_KEYS}
     flags["output"] = args.output
+    if args.resume:
+        _check_same_method(args, saved, given)
+    if args.config:
+        check_config_file(args.config, given, method=_asked_method(args, saved, given))
+    file_values = merge_config_values(without_budget(saved, given), given)
+    file_values = without_budget(file_values, {**flags, **dict(_set_keys(args.sets))})
     cfg = build_config(file_values=file_values, flags=flags, sets=args.sets)
+    if args.resume:
+        _check_resume_unchanged(args, saved, cfg)
     result = train_and_score(cfg, resume=args.resume, quiet=args.quiet)
     if result.stopped_early and result.stop_signal:
         return 128 + result.stop_signal  # stopped by SIGTERM/SIGINT after a checkpoint: 143/130, as the shell reports a signal
+    if result.main and not args.quiet:
+        print("\n".join(end_summary(result.run_dir)), file=sys.stderr)
     return 0
+
+
+BUDGET_KEYS = ("epochs", "steps")  # one budget: a source that names one of them replaces both of a lower source
+
+
+def without_budget(lower: dict[str, Any], higher: dict[str, Any]) -> dict[str, Any]:
+    """``lower`` without its ``epochs`` and ``steps`` when ``higher`` gives either (not None): a
+    budget given on the command line replaces the config file's, which replaces a resumed run's."""
+    if any(higher.get(k) is not None for k in BUDGET_KEYS):
+        return {k: v for k, v in lower.items() if k not in BUDGET_KEYS}
+    return lower
+
+
+def _set_keys(sets: list[str]) -> list[tuple[str, str]]:
+    from .config import split_set_args
+
+    return split_set_args(sets)
+
+
+def _asked_method(args: argparse.Namespace, saved: dict[str, Any], given: dict[str, Any]) -> str:
+    set_methods = [v.strip() for k, v in _set_keys(args.sets) if k == "method"]
+    return str(set_methods[-1] if set_methods else (args.method or given.get("method") or saved.get("method") or "simclr"))
+
+
+def check_config_file(path: str, values: dict[str, Any], *, method: str) -> None:
+    """The values of a ``--config`` file on their own, so that a mistake in it names the file: an
+    unknown key, a wrong type or range, both ``epochs`` and ``steps``."""
+    from .config import build_config
+    from .registry import get_method
+
+    if values.get("epochs") is not None and values.get("steps") is not None:
+        raise UserError(f"config file {path} gives both epochs ({values['epochs']}) and steps ({values['steps']}); keep one of them")
+    get_method(method)  # an unknown method is the method flag's error, not the file's
+    try:
+        build_config(file_values={**values, "method": values.get("method", method)})
+    except UserError as exc:
+        raise UserError(f"config file {path}: {exc}") from None
 
 
 def merge_config_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -134,15 +186,30 @@ def merge_config_values(base: dict[str, Any], override: dict[str, Any]) -> dict[
 def _check_same_method(args: argparse.Namespace, saved: dict[str, Any], given: dict[str, Any]) -> None:
     """A resumed run keeps its method: another one is a one-line error, not an unknown-key error
     about the saved method's settings."""
-    from .config import split_set_args
-
-    set_methods = [v.strip() for k, v in split_set_args(args.sets) if k == "method"]
+    set_methods = [v.strip() for k, v in _set_keys(args.sets) if k == "method"]
     asked = set_methods[-1] if set_methods else (args.method or given.get("method"))
     was = saved.get("method")
     if asked is not None and was is not None and str(asked) != str(was):
         raise UserError(
             f"--resume: {args.output} was trained with {was}; a run cannot change method (got {asked}); start a new --output for the other method"
         )
+
+
+# What a resumed run cannot change: its checkpoints' data order, batches and records depend on them.
+RESUME_FIXED = {"batch_size": "--batch-size", "data": "--data", "image_size": "--image-size", "seed": "--seed"}
+
+
+def _check_resume_unchanged(args: argparse.Namespace, saved: dict[str, Any], cfg: Any) -> None:
+    from .config import build_config
+
+    was = build_config(file_values=saved)  # the saved run, its defaults resolved as they were when it started
+    for key, flag in RESUME_FIXED.items():
+        old, new = getattr(was, key), getattr(cfg, key)
+        if old != new:
+            raise UserError(
+                f"--resume: {args.output} was trained with {key} {old}; a resumed run keeps it (got {new} from {flag}, "
+                f"--set or --config); start a new --output to train with {key} {new}"
+            )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -180,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         args.argv = argv  # the exact command line, recorded in result rows
+        from .runlock import set_command
+
+        set_command(argv)  # and in the lock file of a run directory this command trains
         if args.command is None:
             parser.print_help()
             return 2
@@ -240,10 +310,10 @@ def _environment_error(exc: BaseException) -> str | None:
 
 
 def _load_extra_commands() -> None:
-    """Import the modules that register eval/compare/leaderboard sub-commands, if present."""
+    """Import the modules that register sub-commands (eval/compare/leaderboard, export, plot, picture), if present."""
     import importlib
 
-    for mod in ("sslbench.commands", "sslbench.compare"):
+    for mod in ("sslbench.commands", "sslbench.compare", "sslbench.export", "sslbench.curves", "sslbench.picture"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -27,8 +27,8 @@ from typing import Any
 from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .hostmem import keep_freed_memory
-from .protocols import EvalContext, EvalOptions, add_eval_flags, eval_options, get_protocol, protocol_names
-from .rundir import RESULTS_STORE, RunDir, write_text_atomic
+from .protocols import DEFAULT_FEATURES, EvalContext, EvalOptions, add_eval_flags, eval_options, get_protocol, protocol_names, row_depth
+from .rundir import RESULTS_STORE, RunDir, check_writable, write_text_atomic
 
 DEFAULT_LEADERBOARD_RESULTS = Path("runs") / RESULTS_STORE  # where `eval` puts rows of runs/<name>
 
@@ -136,17 +136,26 @@ def _run_fields(run_dir: Path, cfg: Any, summary: dict[str, Any], data: str, bud
 
 
 def _print_table(rows: list[dict[str, Any]], out: Callable[[str], None]) -> None:
-    lines = [("protocol", "labels", "metric", "value")]
+    lines = [("protocol", "features", "labels", "metric", "value")]
     for row in rows:
         frac = row.get("label_fraction")
         labels = "100%" if frac is None else f"{frac * 100:g}%"
+        depth = row_depth(row) if "features" in row["protocol"] else "-"
         for name, value in row["metrics"].items():
-            lines.append((row["protocol"]["name"], labels, name, "nan" if value is None or math.isnan(value) else f"{value:.2f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+            lines.append((row["protocol"]["name"], depth, labels, name, _value_text(value)))
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
     for i, line in enumerate(lines):
-        out("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        out("  ".join(c.ljust(w) if j < 4 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
         if i == 0:
             out("  ".join("-" * w for w in widths))
+
+
+def _value_text(value: float | None) -> str:
+    """Accuracies (percent) with two decimals; label-free metrics below 1 (alignment, a feature
+    standard deviation) with four significant digits."""
+    if value is None or math.isnan(value):
+        return "nan"
+    return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
 
 
 def _eval_device(spec: str | None) -> Any:
@@ -185,6 +194,15 @@ def eval_splits(cfg: Any, data: str, opts: EvalOptions) -> tuple[Any, Any]:
                 f"needs in-memory splits{also}: raise --max-memory-gb"
             )
         splits.append(s)
+    classes = splits[0].classes
+    present = [classes[i] if i < len(classes) else str(i) for i in sorted(set(splits[0].labels.tolist()))]
+    labelled = [p for p in opts.protocols if get_protocol(p).uses_labels]
+    if len(present) < 2 and labelled:
+        raise UserError(
+            f"{'/'.join(labelled)}: "
+            f"{data} has a single class ({', '.join(present) or 'none'}) in its training split: every accuracy would "
+            "be 100% and mean nothing; evaluate on data with two or more classes (--data)"
+        )
     return splits[0], splits[1]
 
 
@@ -196,9 +214,11 @@ def evaluate_run(
     command: str,
     budget: tuple[str, Any] | None = None,
     out: Callable[[str], None] = print,
+    run_fields: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Score the encoder of ``run_dir`` with ``opts.protocols``; append one row per protocol (and
-    per label fraction) to ``results_path`` (``None``: do not store) and return the rows."""
+    per label fraction and feature depth) to ``results_path`` (``None``: do not store) and return
+    the rows. ``run_fields`` are added to every row (``compare`` records a grid's settings as ``vary``)."""
     from sslbench.backbones import load_encoder
 
     from .config import load_run_config
@@ -209,6 +229,7 @@ def evaluate_run(
         raise UserError(f"{run_dir} is a file; pass a run directory (config.yaml + encoder.safetensors)")
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
+    check_not_training(run_dir)
     cfg = load_run_config(run_dir)
     encoder = load_encoder(run_dir)  # strict: a mismatched encoder is a UserError, never a partial load
     protocols = [get_protocol(name) for name in opts.protocols]
@@ -220,27 +241,50 @@ def evaluate_run(
     precision = run_precision if run_precision in ("bf16", "fp16") and device.type == "cuda" else "no"
     data = opts.data or cfg.data
     ctx = EvalContext(run_dir=run_dir, cfg=cfg, opts=opts, encoder=encoder, device=device, precision=precision, data=data)
+    if any(p.per_features for p in protocols):
+        for name in opts.features:  # the projector layers, strictly loaded: fail before loading data
+            ctx.head(name)
     for protocol in protocols:
         if protocol.prepare is not None:
             protocol.prepare(ctx)  # e.g. fine-tuning's projector layers: fail before loading data
     ctx.encoder = encoder.to(device)
     ctx.train, ctx.test = eval_splits(cfg, data, opts)
-    run = _run_fields(run_dir, cfg, summary, data, budget or run_budget(run_dir, cfg), command, device)
+    run = {**_run_fields(run_dir, cfg, summary, data, budget or run_budget(run_dir, cfg), command, device), **(run_fields or {})}
 
     rows: list[dict[str, Any]] = []
     for protocol in protocols:
         t0 = time.perf_counter()
-        for fraction in opts.fractions if protocol.per_fraction else [None]:
-            metrics, record = protocol.run(ctx, fraction)
-            record = {"name": protocol.name, **record, "eval_data": data, "image_size": cfg.image_size, "precision": precision}
-            row = make_row(metrics=metrics, protocol=record, run={**run, "label_fraction": fraction})
-            if results_path is not None:
-                append_row(results_path, row)
-            rows.append(row)
+        depths: list[str | None] = list(opts.features) if protocol.per_features else [None]
+        for depth in depths:
+            ctx.depth = depth or DEFAULT_FEATURES
+            for fraction in opts.fractions if protocol.per_fraction else [None]:
+                metrics, record = protocol.run(ctx, fraction)
+                record = {
+                    "name": protocol.name,
+                    **record,
+                    **({"features": depth} if depth else {}),
+                    "eval_data": data,
+                    "image_size": cfg.image_size,
+                    "precision": precision,
+                }
+                row = make_row(metrics=metrics, protocol=record, run={**run, "label_fraction": fraction})
+                if results_path is not None:
+                    append_row(results_path, row)
+                rows.append(row)
+        ctx.depth = DEFAULT_FEATURES
         print(f"note: {protocol.name} evaluation of {run_dir} took {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     out(f"{run_dir}: {cfg.method} / {cfg.backbone} / {run['data']} / {run['budget_kind']}={run['budget']}")
     _print_table(rows, out)
     return rows
+
+
+def check_not_training(run_dir: Path) -> None:
+    """Refuse a run that a process is still training (its lock is held): its encoder is not final."""
+    from .runlock import lock_holder
+
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise UserError(f"{run_dir} is still being trained by {holder.describe()}; evaluate it once training has finished")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +302,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = Path(args.results) if args.results else RunDir(run_dir).results_store
     if results.suffix != ".jsonl":  # before anything is evaluated (append_row refuses it too)
         raise UserError(f"--results {results} must be a .jsonl file (JSON Lines), e.g. results.jsonl; refusing to append to it")
+    if run_dir.is_dir():  # (a missing run is evaluate_run's error, which names it)
+        check_writable(results, "--results", fix="pass a writable --results FILE.jsonl")  # before anything is evaluated
     evaluate_run(run_dir, opts, results_path=results, command=command_line(args))
     print(f"appended results to {results}", file=sys.stderr)
     return 0
@@ -281,11 +327,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         )
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    text = render(rows, args.format)
     if args.output:
         out = Path(args.output)
         if out.suffix == ".jsonl" or (out.exists() and out.resolve() == path.resolve()):
             raise UserError(f"--output {out} would overwrite a results store; write the table to e.g. leaderboard.{args.format}")
+        check_writable(out, "--output", fix="pass a writable --output FILE")
+    if args.plot:
+        check_writable(args.plot, "--plot", fix="pass a writable --plot FILE.png")
+    text = render(rows, args.format)
+    if args.output:
+        out = Path(args.output)
         write_text_atomic(out, text, "pass a writable --output")  # an interrupted write never leaves half a table
         print(f"wrote {args.output}", file=sys.stderr)
     else:
@@ -314,7 +365,11 @@ def register_leaderboard(sub: Any) -> None:
     p.add_argument("results", nargs="?", metavar="RESULTS", help=f"results.jsonl or a directory holding one (default {DEFAULT_LEADERBOARD_RESULTS})")
     p.add_argument("--format", choices=["md", "csv", "html"], default="md", help="output format (default md)")
     p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart of each group's first metric")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the results: each metric against the varied setting for an ablation grid (compare --vary), else a bar chart of each group's first metric",
+    )
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_leaderboard)
 

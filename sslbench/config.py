@@ -10,27 +10,40 @@ augmentation field (``aug.jitter_strength=1.0``) or a timm keyword
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import math
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
 
 from .augment import AugmentConfig
+from .config_values import coerce, parse_literal, split_set_args, to_dict, update_dataclass
 from .errors import UserError
 from .method import MethodConfig, Recipe
+
+__all__ = [
+    "TrainConfig",
+    "build_config",
+    "coerce",
+    "config_from_dict",
+    "dump_yaml",
+    "load_run_config",
+    "load_yaml",
+    "parse_literal",
+    "split_set_args",
+    "to_dict",
+    "training_identity",
+    "update_dataclass",
+]
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCALING = ("linear", "sqrt", "none")
 NONFINITE = ("stop", "skip")
 MIN_IMAGE_SIZE = 8  # px; smaller images give degenerate random crops
+DEFAULT_EPOCHS = 10  # the budget of a run given neither epochs, steps nor a time budget
 
 
 @dataclass
@@ -43,7 +56,7 @@ class TrainConfig:
     data: str = "digits"  # data spec: digits, cifar10, cifar100, stl10, imagefolder:PATH, hf:NAME
     train_subset: int | None = None  # train on a class-balanced subset of this many images (None: all)
     image_size: int | None = None  # training and evaluation resolution in px (None: the data's own: digits 16, cifar 32, stl10 96, else 32)
-    epochs: int | None = None  # passes over the training set (default 10 when steps is unset)
+    epochs: int | None = None  # passes over the training set (default 10 when neither steps nor time_budget_s is set)
     steps: int | None = None  # optimizer steps; overrides epochs when set
     time_budget_s: float | None = (
         None  # wall-clock budget of the training loop (s): stop after the step that crosses it; alone: lr constant after warm-up
@@ -59,7 +72,7 @@ class TrainConfig:
     lars_eta: float | None = None  # LARS trust coefficient (None: the method's recipe; 0.001 as in SimCLR/BYOL)
     warmup_epochs: float | None = None  # linear warm-up length (None: 10% of training, at most 10 epochs)
     grad_clip: float | None = None  # clip the global gradient norm to this (None: off)
-    precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA, no on CPU; recorded as what it resolved to) | no | bf16 | fp16 (CUDA only)
     channels_last: bool = True  # NHWC layout: ~2x faster convolutions on CUDA and on AVX2 CPUs (CPU BatchNorm then uses a one-pass variance)
     compile: bool = False  # torch.compile the training step's model
     keep_freed_memory: bool = True  # CPU on Linux/glibc: malloc keeps freed activations for reuse instead of unmapping them (~25% faster training steps, ~1.6x faster evaluation; RSS stays at its peak)
@@ -77,6 +90,7 @@ class TrainConfig:
     max_memory_gb: float = 8.0  # data sets larger than this decoded are read per image from disk
     cache_dir: str | None = None  # download and decode cache (None: $SSLBENCH_CACHE or ~/.cache/sslbench)
     online_probe: bool = False  # train a linear probe on detached features during training, log it each epoch
+    log_with: str | None = None  # experiment trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, all (None: metrics.jsonl only)
     quick_knn: bool = True  # k-NN of the trained and the untrained encoder on the test split at the end
     knn_k: int = 200  # neighbours of the end-of-training k-NN evaluation
     knn_temperature: float = 0.1  # temperature of the weighted k-NN vote
@@ -84,11 +98,17 @@ class TrainConfig:
     method_cfg: Any = None  # the method's own config dataclass (filled from `method`)
 
     def resolve_defaults(self) -> None:
-        """Fill the defaults that depend on other fields (``image_size`` from ``data``)."""
+        """Fill the defaults that depend on other fields or on this machine, so that a saved
+        config records what runs: ``image_size`` from ``data``, ``epochs`` (10) when no budget is
+        given, ``precision`` auto as bf16 on CUDA and no elsewhere."""
         if self.image_size is None:
             from .data import default_image_size
 
             self.image_size = default_image_size(self.data)
+        if self.epochs is None and self.steps is None and self.time_budget_s is None:
+            self.epochs = DEFAULT_EPOCHS
+        if self.precision == "auto":
+            self.precision = auto_precision()
 
     def validate(self) -> None:
         """Range checks that dataclass types cannot express; raises :class:`UserError`."""
@@ -148,6 +168,26 @@ class TrainConfig:
             self.method_cfg.validate()
 
 
+def auto_precision() -> str:
+    """What ``precision: auto`` means on this machine: bf16 with CUDA, else no (fp32)."""
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "no"
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision this machine cannot train in (before anything is written). fp16 needs
+    CUDA: on the CPU Accelerate does not autocast to fp16, so such a run would train in fp32 while
+    its records said fp16; an error says so instead of a fallback that would mislabel the run."""
+    import torch
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(
+            "precision fp16 needs a CUDA GPU (on the CPU Accelerate does not autocast to fp16: the run would train in fp32); "
+            "pass --precision no (fp32) or bf16"
+        )
+
+
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UserError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
@@ -172,134 +212,6 @@ def _validate_aug(aug: AugmentConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Parsing values and applying overrides
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def parse_literal(text: str) -> Any:
-    """Parse a CLI value: numbers, booleans, None, tuples (``16,32,64``), else the plain string."""
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    if "," in text and not text.strip().startswith(("[", "(")):
-        return tuple(parse_literal(t) for t in text.split(",") if t.strip())
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or the command line) to the field type ``tp`` or raise a
-    one-line :class:`UserError` naming the key and the expected type."""
-    base, optional = _strip_optional(tp)
-    if value is None:
-        if optional or base is Any:
-            return None
-        raise UserError(f"{key} cannot be None")
-    if isinstance(value, str) and base is not str:
-        value = parse_literal(value)
-        if value is None and optional:
-            return None
-    if isinstance(value, str) and optional and value.strip().lower() in ("none", "null"):
-        return None  # an optional string field (cache_dir, optimizer, ...) is unset like the others
-    bad = UserError(f"{key} expects {_type_name(base)}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value) and base in (int, float):
-        raise UserError(f"{key} expects a finite {_type_name(base)}, got {value!r}")
-    if base is Any:
-        return value
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise bad
-        return int(value)
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if base is str:
-        return str(value)
-    origin = typing.get_origin(base)
-    if origin is tuple:
-        args = typing.get_args(base)
-        seq = value if isinstance(value, (list, tuple)) else (value,)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0], key) for v in seq)
-        if len(seq) != len(args):
-            raise bad
-        return tuple(coerce(v, a, key) for v, a in zip(seq, args))
-    if origin is Literal:
-        if value not in typing.get_args(base):
-            raise UserError(f"{key} must be one of {', '.join(map(str, typing.get_args(base)))}; got {value!r}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def update_dataclass(obj: Any, values: dict[str, Any], *, prefix: str = "") -> Any:
-    """A copy of dataclass ``obj`` with ``values`` coerced to the field types; unknown keys raise a
-    :class:`UserError` with close matches."""
-    hints = _hints(type(obj))
-    names = [f.name for f in fields(obj)]
-    changes: dict[str, Any] = {}
-    for key, value in values.items():
-        if not isinstance(key, str) or key not in hints:
-            key = str(key)
-            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
-            raise UserError(f"unknown config key {prefix + key!r}{hint}")
-        cur = getattr(obj, key)
-        if is_dataclass(cur) and isinstance(value, dict):
-            changes[key] = update_dataclass(cur, value, prefix=f"{prefix}{key}.")
-        else:
-            changes[key] = coerce(value, hints[key], prefix + key)
-    return dataclasses.replace(obj, **changes)
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain YAML-able data (tuples become lists)."""
-    if is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def split_set_args(pairs: list[str]) -> list[tuple[str, str]]:
-    out = []
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set expects key=value, got {pair!r}")
-        k, v = pair.split("=", 1)
-        out.append((k.strip(), v))
-    return out
 
 
 def build_config(
@@ -361,9 +273,7 @@ def build_config(
             )
     cfg: TrainConfig = update_dataclass(TrainConfig(), top)
     cfg.resolve_defaults()
-    cfg.backbone_kwargs = {
-        k: parse_literal(v) if isinstance(v, str) else (tuple(v) if isinstance(v, list) else v) for k, v in nested["backbone_kwargs"].items()
-    }
+    cfg.backbone_kwargs = {k: _backbone_value(k, v) for k, v in nested["backbone_kwargs"].items()}
     assert cfg.image_size is not None  # resolve_defaults() set it
     recipe: Recipe = method_cls.recipe(cfg.image_size)
     cfg.aug = update_dataclass(dataclasses.replace(cfg.aug, **recipe.aug), nested["aug"], prefix="aug.")
@@ -371,6 +281,16 @@ def build_config(
     apply_recipe(cfg, recipe)
     cfg.validate()
     return cfg
+
+
+def _backbone_value(key: Any, value: Any) -> Any:
+    """A ``backbone_kwargs`` value: CLI text parsed (``16,32,64,128`` -> a tuple), YAML lists as tuples."""
+    if isinstance(value, str):
+        try:
+            return parse_literal(value)
+        except UserError as exc:
+            raise UserError(f"backbone_kwargs.{key}: {exc}") from None
+    return tuple(value) if isinstance(value, list) else value
 
 
 RECIPE_FIELDS = ("optimizer", "lr", "lr_scaling", "weight_decay", "weight_decay_end", "lars_eta", "betas", "grad_clip")
@@ -416,6 +336,7 @@ OPERATIONAL_FIELDS = frozenset(
         "max_memory_gb",
         "cache_dir",
         "online_probe",
+        "log_with",
         "quick_knn",
         "knn_k",
         "knn_temperature",

@@ -73,3 +73,35 @@ def encode_views(encoder: nn.Module, views: Sequence[Tensor]) -> list[Tensor]:
         for i, part in zip(members, h.chunk(len(members), dim=0)):
             out[i] = part
     return [h for h in out if h is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The modern zoo (issue 17): SwAV's prototypes; the projector of Barlow Twins and VICReg.
+
+__all__ += ["Prototypes", "expander"]
+
+
+class Prototypes(nn.Linear):
+    """SwAV's prototypes C (Caron et al. 2020, Sec. 3.1): K learnable vectors of dimension D, a
+    bias-free linear layer whose output is the scores ``z C^T``. :meth:`normalize_` puts every
+    prototype back on the unit sphere (the official code does it before every forward pass), so
+    the scores of unit ``z`` are cosines. Shapes: (B, D) -> (B, K)."""
+
+    def __init__(self, dim: int, num_prototypes: int) -> None:
+        super().__init__(dim, num_prototypes, bias=False)
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """Scale each prototype (row of ``weight``) to unit L2 norm, in place."""
+        self.weight.copy_(torch.nn.functional.normalize(self.weight, dim=1))
+
+
+def expander(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> nn.Sequential:
+    """Barlow Twins' projector and VICReg's expander: :func:`mlp` (Linear-BN-ReLU blocks) whose last
+    Linear has no bias, as in both official codes: the losses centre or standardise its output, so
+    a bias would get no gradient. Shapes: (B, in_dim) -> (B, out_dim)."""
+    head = mlp(in_dim, hidden_dim, out_dim, num_layers)
+    last = head[-1]
+    assert isinstance(last, nn.Linear)
+    head[-1] = nn.Linear(last.in_features, out_dim, bias=False)
+    return head

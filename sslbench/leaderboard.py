@@ -21,6 +21,15 @@ Aggregation rules:
   exists only for two seeds or more. A non-finite value (stored as ``null``) counts as NaN, so
   a diverged seed shows up as ``nan`` rather than silently vanishing.
 - Rows without a ``method`` or a ``metrics`` object are ignored.
+- Feature depth: a row scored at another depth than the encoder's output ``h`` (its
+  ``protocol.features``, e.g. ``z`` or ``proj1``; or a fine-tuning row's
+  ``protocol.from_projector_layer``) is its own entry, so the probe on ``z`` never merges with the
+  probe on ``h``; tables then show a ``features`` column.
+- Ablation grids (``sslbench compare --vary``): rows carry their grid setting as ``vary``
+  (``{"method_cfg.temperature": 0.1}``). A group with such rows shows one column per varied key
+  and one table row per (method, setting, depth), ordered by the setting's values (numbers in
+  numeric order, other values in the order the grid ran them); the method's label then names only
+  the other settings in which its entries differ.
 """
 
 from __future__ import annotations
@@ -33,7 +42,6 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -79,49 +87,105 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 
 def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
-    """One entry per (group, method), sorted by group then method name.
+    """One entry per (group, method, training configuration, feature depth), sorted by group,
+    method, grid setting, depth and configuration.
 
-    Each entry has the :data:`GROUP_FIELDS`, ``method``, ``n_seeds``, ``metrics`` (name ->
-    ``{"mean", "std", "n"}``, names sorted), ``images_per_s`` and ``epochs`` (means over seeds;
-    ``None`` when unknown). See the module docstring for the rules.
+    Each entry has the :data:`GROUP_FIELDS`, ``method``, ``config`` (the label of its settings),
+    ``settings`` (its ``--vary`` grid setting, ``{}`` outside a grid), ``features`` (its depth,
+    ``None`` for ``h``), ``n_seeds``, ``metrics`` (name -> ``{"mean", "std", "n"}``, names
+    sorted), ``images_per_s`` and ``epochs`` (means over seeds; ``None`` when unknown). See the
+    module docstring for the rules.
     """
     indexed = list(enumerate(rows))
     # Oldest first, so that later assignments (more recent rows) win.
     indexed.sort(key=lambda item: (str(item[1].get("time") or ""), item[0]))
     values: dict[tuple[Any, ...], dict[Any, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     run_info: dict[tuple[Any, ...], dict[Any, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    settings: dict[tuple[Any, ...], dict[str, Any]] = {}
     for _, row in indexed:
         metrics = row.get("metrics")
         if row.get("method") is None or not isinstance(metrics, Mapping):
             continue
-        key = (*(_hashable(row.get(f)) for f in GROUP_FIELDS), str(row["method"]), _variant(row))
+        key = (*(_hashable(row.get(f)) for f in GROUP_FIELDS), str(row["method"]), _variant(row), row_features(row))
         seed = _hashable(row.get("seed"))
         for name, value in metrics.items():
             values[key][seed][str(name)] = _as_float(value)
         for field in ("images_per_s", "epochs"):
             if isinstance(row.get(field), (int, float)):
                 run_info[key][seed][field] = float(row[field])
+        if isinstance(row.get("vary"), Mapping):
+            settings[key] = dict(row["vary"])
 
     variants: dict[tuple[Any, ...], list[tuple[tuple[str, str], ...] | None]] = defaultdict(list)
     for key in values:
-        variants[key[:-1]].append(key[-1])
+        if key[-2] not in variants[key[:-2]]:
+            variants[key[:-2]].append(key[-2])
     entries = []
-    for key in sorted(values, key=_group_order):
+    for key in values:
         per_seed = values[key]
         names = sorted({name for seed_values in per_seed.values() for name in seed_values})
         info = run_info[key]
+        setting = settings.get(key, {})
         entries.append(
             {
-                **dict(zip(GROUP_FIELDS, key[:-2])),
-                "method": key[-2],
-                "config": _difference(key[-1], variants[key[:-1]]),
+                **dict(zip(GROUP_FIELDS, key[:-3])),
+                "method": key[-3],
+                "config": _difference(key[-2], variants[key[:-2]], exclude=set(setting)),
+                "settings": setting,
+                "features": key[-1],
                 "n_seeds": len(per_seed),
                 "metrics": {name: _stats([v[name] for v in per_seed.values() if name in v]) for name in names},
                 "images_per_s": _mean([i["images_per_s"] for i in info.values() if "images_per_s" in i]),
                 "epochs": _mean([i["epochs"] for i in info.values() if "epochs" in i]),
             }
         )
+    # grid settings: numbers in numeric order, other values in the order the grid ran them (first row)
+    first_seen: dict[tuple[str, str], int] = {}
+    for i, (_, row) in enumerate(indexed):
+        for k, v in (row.get("vary") or {}).items() if isinstance(row.get("vary"), Mapping) else ():
+            first_seen.setdefault((str(k), json.dumps(v, sort_keys=True)), i)
+
+    def setting_order(settings: Mapping[str, Any]) -> tuple[tuple[int, Any], ...]:
+        return tuple(
+            (0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, first_seen.get((k, json.dumps(v, sort_keys=True)), 0))
+            for k, v in settings.items()
+        )
+
+    entries.sort(
+        key=lambda e: (
+            _group_order(tuple(_hashable(e[f]) for f in GROUP_FIELDS)),
+            e["method"],
+            setting_order(e["settings"]),
+            _depth_order(e["features"]),
+            e["config"],
+        )
+    )
     return entries
+
+
+def row_features(row: Row) -> str | None:
+    """The feature depth a row was scored at, ``None`` for the encoder's output ``h``: the
+    protocol's ``features`` (``z``, ``proj1``, ...), or for a fine-tuning row its
+    ``from_projector_layer`` (K > 0: ``projK``)."""
+    protocol = row.get("protocol")
+    if not isinstance(protocol, Mapping):
+        return None
+    depth = protocol.get("features")
+    if isinstance(depth, str) and depth != "h":
+        return depth
+    layer = protocol.get("from_projector_layer")
+    if depth is None and layer not in (None, 0):
+        return "z" if layer == "z" else f"proj{layer}"
+    return None
+
+
+def _depth_order(depth: str | None) -> tuple[int, int]:
+    """h first, then proj1, proj2, ..., then z (then anything else)."""
+    if depth is None:
+        return (0, 0)
+    if depth.startswith("proj") and depth[4:].isdigit():
+        return (1, int(depth[4:]))
+    return (2, 0) if depth == "z" else (3, 0)
 
 
 def _hashable(value: Any) -> Any:
@@ -137,9 +201,12 @@ def _variant(row: Row) -> tuple[tuple[str, str], ...] | None:
     return tuple(sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in cfg.items()))
 
 
-def _difference(variant: tuple[tuple[str, str], ...] | None, others: list[tuple[tuple[str, str], ...] | None]) -> str:
+def _difference(
+    variant: tuple[tuple[str, str], ...] | None, others: list[tuple[tuple[str, str], ...] | None], exclude: set[str] | None = None
+) -> str:
     """The settings in which ``variant`` differs from the other configurations of its method in
-    its group, e.g. ``backbone_kwargs.channels=8,16,32,64, lr=0.5``; ``''`` when it is the only one."""
+    its group, e.g. ``backbone_kwargs.channels=8,16,32,64, lr=0.5``; ``''`` when it is the only one
+    (or differs only in the ``exclude`` keys, which a grid's table shows as columns)."""
     if len(others) < 2:
         return ""
     if variant is None:
@@ -148,7 +215,10 @@ def _difference(variant: tuple[tuple[str, str], ...] | None, others: list[tuple[
     known = [dict(v) for v in others if v is not None]
     keys = sorted({k for v in known for k in v})
     differ = [k for k in keys if len({v.get(k) for v in known}) > 1]
-    return ", ".join(f"{k}={_show(mine.get(k))}" for k in differ) or "config recorded"
+    shown = [k for k in differ if k not in (exclude or set())]
+    if differ and not shown:
+        return ""
+    return ", ".join(f"{k}={_show(mine.get(k))}" for k in shown) or "config recorded"
 
 
 def _show(encoded: str | None) -> str:
@@ -209,13 +279,33 @@ def _count(x: float | None) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
+def setting_keys(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The grid keys of ``entries`` (their ``settings``), in order of first appearance."""
+    keys: list[str] = []
+    for e in entries:
+        keys += [k for k in e.get("settings") or {} if k not in keys]
+    return keys
+
+
+def _setting_cell(entry: Mapping[str, Any], key: str) -> str:
+    from .grid import value_text
+
+    setting = entry.get("settings") or {}
+    return value_text(setting[key]) if key in setting else MISSING
+
+
 def _table(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and text cells of one group's table."""
+    """Header and text cells of one group's table: the method, the grid's keys and the feature
+    depth (when there are any), the metrics, seeds, epochs and images/s."""
     names = sorted({name for e in entries for name in e["metrics"]})
-    header = ["method", *names, "seeds", "epochs", "images/s"]
+    keys = setting_keys(entries)
+    depth = ["features"] if any(e.get("features") for e in entries) else []
+    header = ["method", *keys, *depth, *names, "seeds", "epochs", "images/s"]
     body = [
         [
             entry_name(e),
+            *(_setting_cell(e, k) for k in keys),
+            *([e.get("features") or "h"] if depth else []),
             *(_metric_cell(e["metrics"].get(name), e["n_seeds"]) for name in names),
             str(e["n_seeds"]),
             _count(e["epochs"]),
@@ -269,17 +359,21 @@ def _csv_number(x: float | None) -> str:
 
 
 def _render_csv(entries: list[dict[str, Any]]) -> str:
-    """One flat machine-readable table: the group fields are columns, and each metric has a
-    mean column ``NAME``, a standard-deviation column ``NAME_std`` (empty below two seeds) and
-    a seed-count column ``NAME_n``; numbers have six significant digits."""
+    """One flat machine-readable table: the group fields are columns (and, when present, each
+    grid key and ``features``), and each metric has a mean column ``NAME``, a standard-deviation
+    column ``NAME_std`` (empty below two seeds) and a seed-count column ``NAME_n``; numbers have
+    six significant digits."""
     names = sorted({name for e in entries for name in e["metrics"]})
+    keys = setting_keys(entries)
+    depth = ["features"] if any(e.get("features") for e in entries) else []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     metric_cols = [c for name in names for c in (name, f"{name}_std", f"{name}_n")]
-    writer.writerow([*GROUP_FIELDS, "method", "config", "seeds", "epochs", "images_per_s", *metric_cols])
+    writer.writerow([*GROUP_FIELDS, "method", "config", *keys, *depth, "seeds", "epochs", "images_per_s", *metric_cols])
     for e in entries:
         cells = ["" if e[f] is None else str(e[f]) for f in GROUP_FIELDS]
-        cells += [e["method"], e["config"], str(e["n_seeds"]), _csv_number(e["epochs"]), _csv_number(e["images_per_s"])]
+        cells += [e["method"], e["config"], *(_setting_cell(e, k) for k in keys), *([e.get("features") or "h"] if depth else [])]
+        cells += [str(e["n_seeds"]), _csv_number(e["epochs"]), _csv_number(e["images_per_s"])]
         for name in names:
             s = e["metrics"].get(name)
             if s is None:
@@ -310,39 +404,15 @@ def render(rows: Iterable[Row], fmt: str = "md") -> str:
     return _render_md(_groups(entries))
 
 
+def plot_formats() -> list[str]:
+    """The image formats :func:`plot` can write (:mod:`sslbench.leaderboard_plot`)."""
+    from .leaderboard_plot import plot_formats as formats
+
+    return formats()
+
+
 def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
-    """Bar chart of each method's first metric (by name) per group, with the standard deviation
-    over seeds as error bars (where there are two seeds or more); one panel per group. The
-    format follows the suffix of ``path`` (PNG by default)."""
-    try:
-        from matplotlib.figure import Figure  # imported here: plotting is optional
-    except ImportError as e:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from e
-    suffix = Path(path).suffix.lstrip(".").lower()
-    groups = _groups(aggregate(rows))
-    if not groups:
-        raise UserError("no results to plot")
-    widest = max(len(entries) for _, entries in groups)
-    # A Figure without pyplot renders with the Agg canvas and leaves no global state behind.
-    fig = Figure(figsize=(max(4.0, 1.5 + 0.9 * widest), 3.2 * len(groups)), layout="constrained")
-    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
-    for ax, (group, entries) in zip(axes, groups):
-        metric = sorted({name for e in entries for name in e["metrics"]})[0]
-        stats = [e["metrics"].get(metric) for e in entries]
-        methods = [entry_name(e) for e in entries]
-        ax.bar(methods, [math.nan if s is None else s["mean"] for s in stats], color="tab:blue")
-        # Error bars only where there is a standard deviation (two seeds or more).
-        spread = [(m, s["mean"], s["std"]) for m, s in zip(methods, stats) if s and s["std"] is not None]
-        if spread:
-            xs, ys, errs = zip(*spread)
-            ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="black", capsize=4)
-        ax.set_title(group_title(group), fontsize=10)
-        ax.set_ylabel(metric)
-        ax.grid(axis="y", alpha=0.3)
-    formats = sorted(fig.canvas.get_supported_filetypes())
-    if suffix not in formats:
-        raise UserError(f"--plot {path}: name the image with one of the suffixes {', '.join(formats)} (e.g. board.png)")
-    try:
-        fig.savefig(os.fspath(path), dpi=100)
-    except OSError as e:
-        raise UserError(f"could not write the plot to {path}: {e.strerror or e}") from e
+    """Draw ``rows`` to ``path`` (:func:`sslbench.leaderboard_plot.plot`)."""
+    from .leaderboard_plot import plot as draw
+
+    draw(rows, path)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dist import all_reduce_sum, gather_with_grad, get_rank, get_world_size
+from .dist import all_reduce_sum, all_reduce_sum_with_grad, gather_no_grad, gather_with_grad, get_rank, get_world_size
 from .errors import UserError
 
 __all__ = ["BYOLLoss", "DINOLoss", "InfoNCELoss", "MoCoV3Loss", "NTXentLoss", "SimSiamLoss", "byol_loss", "negative_cosine"]
@@ -228,3 +228,206 @@ class DINOLoss(nn.Module):
         g, b = teacher.shape[0], teacher.shape[1]
         batch_center = all_reduce_sum(teacher.float().sum(dim=(0, 1))) / (g * b * get_world_size())  # (K,)
         self.center.copy_(self.center * self.center_momentum + batch_center * (1 - self.center_momentum))
+
+
+# ---------------------------------------------------------------------------------------------
+# The modern zoo (SwAV, Barlow Twins, VICReg, NNCLR; issue 17). Statistics of the global batch come
+# through sslbench.dist, so each loss computes on N processes what it computes on one.
+
+__all__ += ["BarlowTwinsLoss", "NNCLRLoss", "SwAVLoss", "VICRegLoss", "off_diagonal", "sinkhorn_knopp"]
+
+
+def off_diagonal(m: Tensor) -> Tensor:
+    """The D(D-1) off-diagonal entries of a square (D, D) matrix, flattened."""
+    d = m.shape[0]
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
+    """SwAV's codes: the Sinkhorn-Knopp approximation of the equipartitioned assignment
+    (Caron et al. 2020, Sec. 3.1, Eq. 3 and its solution ``Q* = Diag(u) exp(C^T Z / eps) Diag(v)``).
+
+    ``Q = exp(scores^T / epsilon)`` (K prototypes x B samples) is scaled to total 1, then
+    ``iterations`` times every prototype's row to total 1/K and every sample's column to total 1/B;
+    the result times B is returned transposed, so each sample's code (row) sums to 1. The sums over
+    samples (each row's total, the grand total) and the sample count B are taken over every
+    process with :func:`sslbench.dist.all_reduce_sum`: the codes are those of the global batch, as
+    in the official ``distributed_sinkhorn``. Computed in float32 without gradient.
+
+    ``scores`` are cosines of unit vectors (|s| <= 1), so ``exp(s / epsilon)`` stays finite in
+    float32 for epsilon >= 0.012. Shapes: ``scores`` (n, K), this process's samples -> (n, K).
+    """
+    with torch.autocast(scores.device.type, enabled=False):
+        q = torch.exp(scores.float() / epsilon).T  # (K, n)
+        k = q.shape[0]
+        b = all_reduce_sum(torch.full((), float(q.shape[1]), device=q.device))  # samples of all processes
+        q = q / all_reduce_sum(q.sum())
+        for _ in range(iterations):
+            q = q / all_reduce_sum(q.sum(dim=1, keepdim=True)) / k  # each prototype: total 1/K
+            q = q / q.sum(dim=0, keepdim=True) / b  # each sample: total 1/B
+        return (q * b).T
+
+
+class SwAVLoss(nn.Module):
+    """SwAV's swapped prediction over multi-crop views (Caron et al. 2020, Eq. 1 and 2, Sec. 3.2).
+
+    ``scores[v]`` are the prototype scores ``z_v^T C`` of view v (unit z, unit prototypes). The
+    codes ``q_s`` come from the first ``num_assign`` views only (the global crops), through
+    :func:`sinkhorn_knopp` on the global batch, optionally with a queue's scores prepended
+    (``queue_scores[s]``, rows of this process's share of the queue; their codes are dropped).
+    Every other view v predicts ``q_s`` with ``p_v = softmax(scores[v] / temperature)``:
+
+    ``L = 1/S sum_s 1/(V-1) sum_{v != s} mean_b (-sum_k q_s[b, k] log p_v[b, k])``
+
+    as in the official code. Each process's loss is the mean over its own samples (DDP's averaging
+    then gives the global mean); codes carry no gradient. Computed in float32.
+
+    Shapes: ``scores``: V x (n, K); ``queue_scores``: num_assign x (m, K) or None. Returns a scalar.
+    """
+
+    def __init__(self, temperature: float = 0.1, epsilon: float = 0.05, iterations: int = 3, num_assign: int = 2) -> None:
+        super().__init__()
+        if not temperature > 0 or not epsilon > 0 or iterations < 1 or num_assign < 1:
+            raise UserError(
+                f"SwAV needs temperature > 0, epsilon > 0, iterations >= 1, num_assign >= 1; got {temperature}, {epsilon}, {iterations}, {num_assign}"
+            )
+        self.temperature, self.epsilon, self.iterations, self.num_assign = temperature, epsilon, iterations, num_assign
+
+    def codes(self, scores: Tensor, queue_scores: Tensor | None = None) -> Tensor:
+        """Sinkhorn codes (n, K) of one view's scores (n, K), with the queue's scores (m, K) first."""
+        s = scores.detach().float()
+        if queue_scores is not None:
+            s = torch.cat([queue_scores.detach().float(), s])
+        return sinkhorn_knopp(s, self.epsilon, self.iterations)[-scores.shape[0] :]
+
+    def forward(self, scores: list[Tensor], queue_scores: list[Tensor] | None = None) -> Tensor:
+        views = len(scores)
+        if views < 2 or views < self.num_assign:
+            raise ValueError(f"SwAV needs at least 2 views and {self.num_assign} to assign codes from, got {views}")
+        with torch.autocast(scores[0].device.type, enabled=False):
+            log_p = [F.log_softmax(s.float() / self.temperature, dim=1) for s in scores]
+            loss = torch.zeros((), device=scores[0].device)
+            for s in range(self.num_assign):
+                q = self.codes(scores[s], None if queue_scores is None else queue_scores[s])
+                for v in range(views):
+                    if v != s:
+                        loss = loss - (q * log_p[v]).sum(dim=1).mean() / (views - 1)
+            return loss / self.num_assign
+
+
+def _standardise_global(z: Tensor, n: int, eps: float) -> Tensor:
+    """(n_local, D) -> (n_local, D): each column to mean 0 and biased variance 1 over the global
+    batch of ``n`` rows (sums through :func:`sslbench.dist.all_reduce_sum_with_grad`; two passes)."""
+    mean = all_reduce_sum_with_grad(z.sum(dim=0)) / n
+    dev = z - mean
+    var = all_reduce_sum_with_grad((dev * dev).sum(dim=0)) / n
+    return dev / torch.sqrt(var + eps)
+
+
+class BarlowTwinsLoss(nn.Module):
+    """The Barlow Twins loss (Zbontar et al. 2021, Eq. 1 and 2).
+
+    ``L = sum_i (1 - C_ii)^2 + lambda * sum_i sum_{j != i} C_ij^2`` with the cross-correlation
+    ``C_ij = sum_b a_bi c_bj / N`` of the two views' embeddings standardised per dimension over the
+    batch (mean 0, biased variance 1, eps 1e-5: the official code's ``BatchNorm1d(affine=False)``).
+
+    The batch is the global one: the column statistics and ``C`` are sums over every process
+    (:func:`sslbench.dist.all_reduce_sum_with_grad`), so every process computes the same loss and,
+    with DDP's averaging, exactly the single-process gradient. (The official code all-reduces ``C``
+    without a gradient, which scales the gradient by 1/W.) Computed in float32.
+
+    Shapes: ``z1``, ``z2``: (n, D), row b of both is the same image. Returns a scalar.
+    """
+
+    def __init__(self, lambd: float = 0.0051, eps: float = 1e-5) -> None:
+        super().__init__()
+        if not lambd >= 0:
+            raise UserError(f"the Barlow Twins lambda must be >= 0, got {lambd}")
+        self.lambd, self.eps = lambd, eps
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        with torch.autocast(z1.device.type, enabled=False):
+            n = z1.shape[0] * get_world_size()
+            a = _standardise_global(z1.float(), n, self.eps)
+            c = _standardise_global(z2.float(), n, self.eps)
+            corr = all_reduce_sum_with_grad(a.T @ c) / n  # (D, D)
+            on_diag = (torch.diagonal(corr) - 1).pow(2).sum()
+            return on_diag + self.lambd * off_diagonal(corr).pow(2).sum()
+
+
+class VICRegLoss(nn.Module):
+    """VICReg's loss (Bardes et al. 2022) as the official code computes it: ``lambda s + mu v + nu c``.
+
+    - invariance ``s``: the mean squared error between the two views' embeddings (mean over
+      samples and dimensions; each process's own samples, DDP averages);
+    - variance ``v``: per view ``mean_j relu(gamma - sqrt(Var(z_j) + eps))`` with the unbiased
+      variance, gamma 1, eps 1e-4, averaged over the two views (the paper writes the sum; the
+      official code, whose weights these are, averages);
+    - covariance ``c``: per view the sum of the squared off-diagonal entries of the covariance
+      matrix ``(z - mean)^T (z - mean) / (N - 1)``, divided by D, summed over the two views.
+
+    Variance and covariance are those of the global batch: the embeddings are gathered from every
+    process with :func:`sslbench.dist.gather_with_grad` first, as the official code does. Returns
+    the loss and the three terms (detached), for logging. Computed in float32.
+
+    Shapes: ``z1``, ``z2``: (n, D), row b of both is the same image.
+    """
+
+    def __init__(self, sim_weight: float = 25.0, var_weight: float = 25.0, cov_weight: float = 1.0, gamma: float = 1.0, eps: float = 1e-4) -> None:
+        super().__init__()
+        if min(sim_weight, var_weight, cov_weight) < 0 or not eps > 0:
+            raise UserError(f"VICReg needs weights >= 0 and eps > 0, got {sim_weight}, {var_weight}, {cov_weight}, {eps}")
+        self.sim_weight, self.var_weight, self.cov_weight, self.gamma, self.eps = sim_weight, var_weight, cov_weight, gamma, eps
+
+    def forward(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.autocast(z1.device.type, enabled=False):
+            z1, z2 = z1.float(), z2.float()
+            inv = F.mse_loss(z1, z2)
+            var = torch.zeros((), device=z1.device)
+            cov = torch.zeros((), device=z1.device)
+            for z in (gather_with_grad(z1), gather_with_grad(z2)):
+                n, d = z.shape
+                z = z - z.mean(dim=0)
+                std = torch.sqrt(z.var(dim=0) + self.eps)  # unbiased
+                var = var + F.relu(self.gamma - std).mean() / 2
+                cov = cov + off_diagonal(z.T @ z / (n - 1)).pow(2).sum() / d
+            loss = self.sim_weight * inv + self.var_weight * var + self.cov_weight * cov
+            return loss, {"invariance": inv.detach(), "variance": var.detach(), "covariance": cov.detach()}
+
+
+class NNCLRLoss(nn.Module):
+    """NNCLR's symmetric contrastive loss with nearest neighbours as positives (Dwibedi et al. 2021,
+    Eq. 2 with the prediction head, symmetrised as in Sec. 3.2).
+
+    ``S[i, k] = NN(z1_i) . p2_k / tau`` between the unit nearest neighbours (from the support set)
+    of view 1's projections and view 2's unit predictions, over the global batch. Eq. 2 is the
+    cross-entropy of each row (NN(z1_i) must pick p2_i among all p2_k); the symmetrised loss adds
+    each column (p2_i must pick NN(z1_i) among all NN(z1_k)), and the two view orders are averaged
+    as in lightly and solo-learn: ``L = (CE_rows(S12) + CE_cols(S12) + CE_rows(S21) + CE_cols(S21)) / 4``
+    (VISSL's ``nnclr_loss`` has the same four terms). Neighbours carry no gradient; predictions of
+    other processes come through :func:`sslbench.dist.gather_with_grad`, labels are offset by rank,
+    and each process averages over its own rows. Computed in float32.
+
+    Shapes: ``nn1``, ``nn2``, ``p1``, ``p2``: (n, D), row b of all four is the same image. Returns a
+    scalar.
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise UserError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def _pair(self, nn_a: Tensor, p_b: Tensor) -> Tensor:
+        """CE over the rows and over the columns of ``S = NN_a . p_b^T / tau`` (this process's rows)."""
+        nn_a = F.normalize(nn_a.detach().float(), dim=1)
+        p_b = F.normalize(p_b.float(), dim=1)
+        labels = torch.arange(p_b.shape[0], device=p_b.device) + get_rank() * p_b.shape[0]
+        rows = nn_a @ gather_with_grad(p_b).T / self.temperature  # (n, N): NN(z_a) picks p_b
+        cols = p_b @ gather_no_grad(nn_a).T / self.temperature  # (n, N): p_b picks NN(z_a)
+        return F.cross_entropy(rows, labels) + F.cross_entropy(cols, labels)
+
+    def forward(self, nn1: Tensor, nn2: Tensor, p1: Tensor, p2: Tensor) -> Tensor:
+        with torch.autocast(p1.device.type, enabled=False):
+            return (self._pair(nn1, p2) + self._pair(nn2, p1)) / 4

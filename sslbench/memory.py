@@ -54,3 +54,11 @@ class MemoryBank:
         idx = (ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         bank.index_copy_(0, idx, keys.to(bank.dtype))
         ptr.copy_((ptr + keys.shape[0]) % size)
+
+    @torch.no_grad()
+    def nearest(self, queries: Tensor) -> Tensor:
+        """NNCLR's ``NN(z, Q)``: for each query (n, dim) the bank row (n, dim) of the largest cosine
+        similarity (Dwibedi et al. 2021, Eq. 1); the bank holds unit rows, so that is the row
+        maximising ``q . row``. Detached."""
+        sims = F.normalize(queries.detach().float(), dim=1) @ self.rows.float().T  # (n, size)
+        return self.rows[sims.argmax(dim=1)]

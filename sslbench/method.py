@@ -20,14 +20,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor, nn
 
 from .augment import AugmentConfig, counter_uniform
 from .momentum import cosine_momentum, ema_update_
 
-__all__ = ["Batch", "Method", "MethodConfig", "Recipe", "Schedule", "StepInfo", "ViewSpec", "asymmetric", "cosine_schedule", "default_views"]
+__all__ = [
+    "Batch",
+    "Method",
+    "MethodConfig",
+    "Recipe",
+    "Reconstruction",
+    "Schedule",
+    "StepInfo",
+    "ViewSpec",
+    "asymmetric",
+    "cosine_schedule",
+    "default_views",
+]
 
 # Streams of Batch.uniform sit above any view index, so they never repeat an augmentation's draws.
 _METHOD_STREAM_BASE = 1 << 20
@@ -108,6 +120,15 @@ class MethodConfig:
 Schedule = Callable[[StepInfo], float]  # a parameter-group value as a pure function of the step
 
 
+class Reconstruction(NamedTuple):
+    """What :meth:`Method.reconstruct` returns for a batch of (B, 3, S, S) normalised images: the
+    method's ``prediction`` of every pixel (B, 3, S, S), in the same normalised space as its input,
+    and ``visible`` (B, 1, S, S), 1 where the model saw the input and 0 where it had to predict it."""
+
+    prediction: Tensor
+    visible: Tensor
+
+
 class Method(nn.Module):
     """The base of every method plugin: an ``nn.Module`` with do-nothing defaults.
 
@@ -121,6 +142,7 @@ class Method(nn.Module):
     paper: ClassVar[str] = ""  # citation, for `sslbench list methods`
     min_batch_size: ClassVar[int] = 1  # the smallest global batch the loss is defined for
     supports_grad_cache: ClassVar[bool] = False  # implements embed() and loss_from_embeddings()
+    supports_reconstruction: ClassVar[bool] = False  # implements reconstruct() (`sslbench picture`)
     name: ClassVar[str] = ""  # set by @register_method
 
     encoder: nn.Module
@@ -174,6 +196,13 @@ class Method(nn.Module):
     def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss from :meth:`embed`'s output on the whole batch: the gradient cache's second half."""
         raise NotImplementedError(f"{type(self).__name__} does not support the gradient cache")
+
+    def reconstruct(self, batch: Batch) -> Reconstruction:
+        """For methods that predict pixels (``supports_reconstruction = True``, e.g. MAE): the
+        prediction of ``batch.views[0]`` and what the model saw of it, with the method's own
+        per-sample randomness (``batch.uniform``). Called without gradients on a trained method by
+        the command layer, which draws the picture (:mod:`sslbench.picture`); never writes files."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
 
 
 def cosine_schedule(info: StepInfo, start: float, end: float) -> float:

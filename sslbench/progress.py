@@ -1,4 +1,5 @@
-"""The training progress display: a rich progress bar on a terminal, plain lines elsewhere."""
+"""The training progress display: a rich progress bar on a terminal, plain lines elsewhere (a log
+file, a pipe, a batch job), with the same facts: step, loss, lr, images/s, elapsed and ETA."""
 
 from __future__ import annotations
 
@@ -13,8 +14,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainProgress:
     """``update`` with fresh loss / lr / images-per-second at logging steps, ``advance`` otherwise."""
 
-    def __init__(self, total: int, start: int, *, enabled: bool = True, plain_every_s: float = 10.0) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        *,
+        enabled: bool = True,
+        plain_every_s: float = 10.0,
+        time_budget_s: float | None = None,
+        unbounded: bool = False,
+    ) -> None:
+        self.total, self.start, self.enabled = total, start, enabled
+        self.time_budget_s, self.unbounded = time_budget_s, unbounded
+        self._t0 = time.monotonic()
         self.console = Console(file=sys.stderr)
         self.rich = enabled and self.console.is_terminal
         self.plain_every_s = plain_every_s
@@ -56,4 +68,29 @@ class TrainProgress:
         now = time.monotonic()
         if now - self._last_plain >= self.plain_every_s or done == self.total:
             self._last_plain = now
-            print(f"step {done}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  {ips:,.0f} img/s", file=sys.stderr, flush=True)
+            where = f"step {done}" if self.unbounded else f"step {done}/{self.total}"
+            print(
+                f"{where}  loss {loss:.4f}  lr {lr:.3g}  {ips:,.0f} img/s  elapsed {clock(now - self._t0)}  {self.eta(done, now)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def eta(self, done: int, now: float) -> str:
+        """``eta 1m05s``: the steps left at the speed so far, or the time budget left if that ends sooner."""
+        elapsed = now - self._t0
+        left: list[float] = []
+        if not self.unbounded and done > self.start:
+            left.append((self.total - done) * elapsed / (done - self.start))
+        if self.time_budget_s is not None:
+            left.append(max(0.0, self.time_budget_s - elapsed))
+        return f"eta {clock(min(left))}" if left else "eta -"
+
+
+def clock(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -20,7 +20,11 @@ become flags (checked before anything runs) and :class:`EvalOptions` attributes,
 ``protocol`` record holds the ``reuse_key`` fields (a value, or a predicate on the stored value).
 
 With ``per_fraction=True`` the function is called once per ``--label-fractions`` value (the
-row's ``label_fraction``), else once with ``fraction=None``. ``in_memory=True`` refuses data read
+row's ``label_fraction``), else once with ``fraction=None``. With ``per_features=True`` it is
+called once per ``--features`` depth (``h``, ``proj1``, ..., ``z``: see
+:func:`sslbench.evals.features.parse_depth`), with ``ctx.depth`` set and ``ctx.features()``
+returning that depth's features; the row's ``protocol.features`` records the depth, and a stored
+row is reused only at the same depth. ``in_memory=True`` refuses data read
 from disk (it needs :class:`sslbench.data.ImageSplit`\\ s) before anything trains or is scored.
 ``prepare(ctx)`` runs before the data is loaded (to fail early).
 
@@ -47,6 +51,7 @@ from .registry import unknown_name_message
 PROTOCOLS_ENTRY_POINT_GROUP = "sslbench.protocols"
 DEFAULT_PROTOCOLS = "knn,linear"
 DEFAULT_FRACTIONS = "0.01,0.1,1"
+DEFAULT_FEATURES = "h"  # the encoder's output: what SimCLR and every SSL paper evaluates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +115,8 @@ class EvalProtocol:
     in_memory: bool = False
     prepare: Callable[[EvalContext], None] | None = None
     description: str = ""
+    per_features: bool = False  # called once per --features depth (ctx.depth), the row's protocol.features
+    uses_labels: bool = True  # False: scores data without labels (a single class is fine)
 
 
 class _Registry:
@@ -162,13 +169,16 @@ def register_protocol(
     in_memory: bool = False,
     prepare: Callable[[EvalContext], None] | None = None,
     description: str = "",
+    per_features: bool = False,
+    uses_labels: bool = True,
 ) -> Callable[[Callable[[EvalContext, float | None], Score]], Callable[[EvalContext, float | None], Score]]:
     """Decorator registering ``run(ctx, fraction) -> Score`` as the protocol ``name`` (see the
     module docstring). ``reuse_key(run_cfg, opts)``: the fields of a stored row's ``protocol``
-    record under which ``compare`` reuses it (values, or predicates on the stored value)."""
+    record under which ``compare`` reuses it (values, or predicates on the stored value); for a
+    ``per_features`` protocol ``opts.features`` is then the one depth being matched."""
 
     def deco(run: Callable[[EvalContext, float | None], Score]) -> Callable[[EvalContext, float | None], Score]:
-        PROTOCOLS.add(EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description))
+        PROTOCOLS.add(EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features, uses_labels))
         return run
 
     return deco
@@ -209,6 +219,7 @@ class EvalOptions:
 
     protocols: list[str] = field(default_factory=lambda: DEFAULT_PROTOCOLS.split(","))
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # label fractions (per_fraction protocols)
+    features: list[str] = field(default_factory=lambda: [DEFAULT_FEATURES])  # feature depths (per_features protocols): h, proj1, ..., z
     data: str | None = None  # None: the run's own data
     max_memory_gb: float | None = None  # evaluation data larger than this is read from disk (None: the run's max_memory_gb)
     seed: int = 0  # linear-probe validation split, fine-tune subsets and batch order (not the run's seed)
@@ -230,7 +241,8 @@ class EvalOptions:
 class EvalContext:
     """A run loaded for evaluation: what a protocol's function gets. ``train`` and ``test`` are
     loaded after the protocols' ``prepare``; ``cache`` is shared by the protocols of one
-    evaluation (e.g. the fine-tuned teachers that distillation reuses)."""
+    evaluation (e.g. the fine-tuned teachers that distillation reuses). ``depth`` is the feature
+    depth a ``per_features`` protocol is scoring (``h`` otherwise)."""
 
     run_dir: Path
     cfg: Any  # the run's TrainConfig
@@ -242,20 +254,54 @@ class EvalContext:
     train: Any = None
     test: Any = None
     cache: dict[str, Any] = field(default_factory=dict)
+    depth: str = DEFAULT_FEATURES
 
     def features(self) -> tuple[Any, Any]:
-        """Frozen features of the train and test splits (computed once per evaluation)."""
-        if "features" not in self.cache:
-            from sslbench.evals.features import split_features
+        """Frozen features of the train and test splits at ``depth`` (each computed once per evaluation)."""
+        return self.split_features("train"), self.split_features("test")
 
-            self.cache["features"] = tuple(
-                split_features(
-                    self.encoder, s, image_size=self.cfg.image_size, device=self.device, precision=self.precision, num_workers=self.cfg.num_workers
+    def split_features(self, split: str, depth: str | None = None) -> Any:
+        """Frozen features ``(N, D)`` of ``split`` (``train`` or ``test``) at ``depth`` (default
+        ``self.depth``): the encoder's output ``h``, computed once, then the run's projector
+        layers up to ``depth`` (:func:`sslbench.evals.features.depth_head`) in eval mode."""
+        depth = self.depth if depth is None else depth
+        key = f"features:{split}:{depth}"
+        if key not in self.cache:
+            if depth == DEFAULT_FEATURES:
+                from sslbench.evals.features import split_features
+
+                self.cache[key] = split_features(
+                    self.encoder,
+                    self.train if split == "train" else self.test,
+                    image_size=self.cfg.image_size,
+                    device=self.device,
+                    precision=self.precision,
+                    num_workers=self.cfg.num_workers,
                 )
-                for s in (self.train, self.test)
-            )
-        feats: tuple[Any, Any] = self.cache["features"]
-        return feats
+            else:
+                from sslbench.evals.features import apply_head
+
+                h = self.split_features(split, DEFAULT_FEATURES)
+                self.cache[key] = apply_head(self.head(depth), h, device=self.device)
+        return self.cache[key]
+
+    def head(self, depth: str | None = None) -> Any:
+        """The module that maps ``h`` to the features at ``depth`` (``None`` for ``h``), with the
+        run's trained projector weights, on ``device``, loaded once."""
+        depth = self.depth if depth is None else depth
+        if depth == DEFAULT_FEATURES:
+            return None
+        key = f"head:{depth}"
+        if key not in self.cache:
+            from sslbench.evals.features import depth_head
+
+            projector = self.cache.get("projector:whole")
+            if projector is None:
+                from sslbench.evals.features import load_projector
+
+                projector = self.cache["projector:whole"] = load_projector(self.run_dir)
+            self.cache[key] = depth_head(projector, depth, method=self.cfg.method).to(self.device)
+        return self.cache[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,11 +343,26 @@ def parse_fractions(text: str) -> list[float]:
     return out
 
 
+def parse_features(text: str) -> list[str]:
+    """``'h,proj1,z'`` -> ``['h', 'proj1', 'z']``; each a valid depth name (whether the run's
+    projector has it is checked when the run is loaded)."""
+    from sslbench.evals.features import parse_depth
+
+    return [parse_depth(part) for part in parse_list(text, "--features")]
+
+
 def add_eval_flags(p: argparse.ArgumentParser, *, default_protocols: str = DEFAULT_PROTOCOLS) -> None:
     """The evaluation flags of ``eval`` and ``compare``: the common ones and every protocol's options."""
     p.add_argument("--protocol", default=default_protocols, help=f"comma-separated: {', '.join(protocol_names())} (default {default_protocols})")
     p.add_argument(
         "--label-fractions", default=DEFAULT_FRACTIONS, help=f"fine-tune and distill label fractions in (0, 1] (default {DEFAULT_FRACTIONS})"
+    )
+    p.add_argument(
+        "--features",
+        default=DEFAULT_FEATURES,
+        metavar="DEPTHS",
+        help="comma-separated feature depths the per-depth protocols score: h (the encoder's output), projK (the K-th "
+        "hidden projector layer, after its activation), z (the projector's output); default h",
     )
     for opt in protocol_options():
         kwargs: dict[str, Any] = {"default": opt.default, "help": opt.help}
@@ -331,6 +392,7 @@ def eval_options(args: argparse.Namespace, *, data: str | None = None) -> EvalOp
     return EvalOptions(
         protocols=parse_protocols(args.protocol),
         fractions=parse_fractions(args.label_fractions),
+        features=parse_features(args.features),
         data=data,
         max_memory_gb=args.max_memory_gb,
         seed=args.eval_seed,
@@ -341,18 +403,19 @@ def eval_options(args: argparse.Namespace, *, data: str | None = None) -> EvalOp
 
 def reusable(opts: EvalOptions, cfg: Any, stored: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], EvalOptions | None]:
     """Split ``opts`` into the ``stored`` rows (of one run, oldest first) that it would evaluate
-    again (the newest row of each protocol and label fraction whose record holds the protocol's
-    ``reuse_key``) and what is left to evaluate (``None``: nothing)."""
+    again (the newest row of each protocol, label fraction and feature depth whose record holds
+    the protocol's ``reuse_key``) and what is left to evaluate (``None``: nothing)."""
     data = opts.data or cfg.data
     here = [r for r in stored if isinstance(r.get("protocol"), dict)]
 
-    def find(name: str, fraction: float | None, expect: dict[str, Any]) -> dict[str, Any] | None:
+    def find(name: str, fraction: float | None, depth: str | None, expect: dict[str, Any]) -> dict[str, Any] | None:
         match = [
             r
             for r in here
             if r["protocol"].get("name") == name
             and r.get("label_fraction") == fraction
             and r["protocol"].get("eval_data") == data
+            and (depth is None or row_depth(r) == depth)
             and all(_matches(r["protocol"].get(k), v) for k, v in expect.items())
         ]
         return match[-1] if match else None
@@ -360,22 +423,46 @@ def reusable(opts: EvalOptions, cfg: Any, stored: list[dict[str, Any]]) -> tuple
     found: list[dict[str, Any]] = []
     protocols: list[str] = []
     fractions: list[float] = []
+    depths: list[str] = []
     for name in opts.protocols:
         protocol = get_protocol(name)
-        expect = protocol.reuse_key(cfg, opts) if protocol.reuse_key is not None else None
         missing = False
-        for fraction in opts.fractions if protocol.per_fraction else [None]:
-            row = find(name, fraction, expect) if expect is not None else None
-            found += [row] if row else []
-            if row is None:
-                missing = True
-                if fraction is not None and fraction not in fractions:
-                    fractions.append(fraction)
+        for depth in opts.features if protocol.per_features else [None]:
+            at = dataclasses.replace(opts, features=[depth]) if depth is not None else opts
+            expect = protocol.reuse_key(cfg, at) if protocol.reuse_key is not None else None
+            for fraction in opts.fractions if protocol.per_fraction else [None]:
+                row = find(name, fraction, depth, expect) if expect is not None else None
+                found += [row] if row else []
+                if row is None:
+                    missing = True
+                    if fraction is not None and fraction not in fractions:
+                        fractions.append(fraction)
+                    if depth is not None and depth not in depths:
+                        depths.append(depth)
         protocols += [name] if missing else []
-    # The per-fraction protocols share one list of fractions: a stored row at a fraction that is
-    # evaluated again for another protocol is replaced by the new row, never counted twice.
-    found = [r for r in found if not (r["protocol"]["name"] in protocols and r.get("label_fraction") in fractions)]
-    return found, (dataclasses.replace(opts, protocols=protocols, fractions=fractions or opts.fractions) if protocols else None)
+    # The per-fraction (per-depth) protocols share one list of fractions (depths): a stored row at
+    # a fraction (depth) that is evaluated again for another protocol is replaced by the new row,
+    # never counted twice.
+    found = [r for r in found if not (r["protocol"]["name"] in protocols and _redone(r, fractions, depths))]
+    if not protocols:
+        return found, None
+    return found, dataclasses.replace(opts, protocols=protocols, fractions=fractions or opts.fractions, features=depths or opts.features)
+
+
+def row_depth(row: dict[str, Any]) -> str:
+    """The feature depth a stored row was scored at: its ``protocol.features`` (``h`` for rows
+    written before depths existed)."""
+    protocol = row.get("protocol")
+    depth = protocol.get("features") if isinstance(protocol, dict) else None
+    return str(depth) if depth else DEFAULT_FEATURES
+
+
+def _redone(row: dict[str, Any], fractions: list[float], depths: list[str]) -> bool:
+    """Whether evaluating ``fractions`` x ``depths`` again would write ``row``'s cell anew."""
+    protocol = get_protocol(row["protocol"]["name"])
+    fraction_redone = not protocol.per_fraction or not fractions or row.get("label_fraction") in fractions
+    depth_redone = not protocol.per_features or not depths or row_depth(row) in depths
+    return fraction_redone and depth_redone
 
 
 def _matches(value: Any, expected: Any) -> bool:

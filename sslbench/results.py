@@ -11,8 +11,10 @@ Safety rules:
   fragment stays on a line of its own; :func:`read_rows` skips it (with a warning). Only the row
   being written is lost.
 - **Disk full / I/O errors.** An ``OSError`` becomes a :class:`~sslbench.errors.UserError` naming
-  the file and the cause. Nothing already in the file is modified; at worst a partial line is
-  left at the end, handled as above.
+  the file and the cause. Nothing already in the file is modified: a partial row is cut off
+  again (if even that fails, the partial line is handled as above). A store that cannot be
+  written at all (a folder on the way is a file, permissions, a read-only disk) is reported as
+  such before the lock is taken.
 - Non-finite floats (NaN, inf) are stored as ``null``: strict JSON has no spelling for them.
 """
 
@@ -103,21 +105,42 @@ def append_row(path: str | os.PathLike[str], row: Mapping[str, Any]) -> None:
         raise UserError(f"results file {path} must be a .jsonl file (JSON Lines), e.g. results.jsonl; refusing to append to it")
     line = _encode(row)  # serialise first: a bad row never touches the file
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _prepare(path)
         with filelock.FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 size = os.fstat(fd).st_size
                 if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
                     line = b"\n" + line  # a torn previous write: keep its fragment on its own line
-                _write_all(fd, line)
-                os.fsync(fd)
+                try:
+                    _write_all(fd, line)
+                    os.fsync(fd)
+                except OSError:
+                    try:
+                        os.ftruncate(fd, size)  # a failed write (disk full) leaves the store as it was
+                    except OSError:
+                        pass
+                    raise
             finally:
                 os.close(fd)
     except filelock.Timeout as e:
         raise UserError(f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: another process is writing to it") from e
     except OSError as e:
-        raise UserError(f"could not append a result row to {path}: {e.strerror or e}") from e
+        where = f" ({e.filename})" if e.filename is not None and str(e.filename) != str(path) else ""
+        raise UserError(f"could not append a result row to {path}: {e.strerror or e}{where}") from e
+
+
+def _prepare(path: Path) -> None:
+    """Create the store's folders and check that its lock file can be opened, so that a store that
+    cannot be written is reported as such: a folder on the way that is a file, permissions, a
+    read-only disk (not as lock contention after a wait, nor as "File exists")."""
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"could not append a result row to {path}: {existing} is a file, not a directory")
+    if path.is_dir():
+        raise UserError(f"could not append a result row to {path}: it is a directory, not a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644))
 
 
 def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -239,6 +262,16 @@ def hardware_summary(device: Any) -> str:
     return f"cpu: {_cpu_model() or 'unknown'} ({os.cpu_count()} cores)"
 
 
+def _heldout(spec: str) -> dict[str, Any] | None:
+    """The held-out split record of ``spec`` (None when none was made; :mod:`sslbench.hfdata` is
+    only consulted when already imported, i.e. when some data was loaded through it)."""
+    import sys
+
+    hfdata = sys.modules.get("sslbench.hfdata")
+    record: dict[str, Any] | None = hfdata.heldout_record(spec) if hfdata is not None else None
+    return record
+
+
 def make_row(*, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
     """A self-describing result row.
 
@@ -246,6 +279,10 @@ def make_row(*, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: 
     when ``run`` lacks them; ``method``, ``backbone`` and ``data`` are required), any further
     keys of ``run``, then ``metrics`` (floats), ``protocol`` (how they were measured, e.g.
     :func:`sslbench.evals.knn.knn_protocol`) and ``env`` (:func:`environment_info`).
+
+    When the evaluation data (``run['eval_data']``, else ``run['data']``) is a data set with one
+    split that this process divided into train and held-out test parts, ``heldout`` (before
+    ``metrics``) records how: :func:`sslbench.hfdata.heldout_record`.
     """
     missing = [k for k in REQUIRED_RUN_FIELDS if run.get(k) is None]
     if missing:
@@ -256,6 +293,9 @@ def make_row(*, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: 
     row: dict[str, Any] = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")}
     row.update({k: run.get(k) for k in RUN_FIELDS})
     row.update({k: v for k, v in run.items() if k not in row})
+    heldout = _heldout(str(run.get("eval_data") or run["data"]))
+    if heldout is not None and "heldout" not in row:
+        row["heldout"] = heldout
     row["metrics"] = {str(k): float(v) for k, v in metrics.items()}
     row["protocol"] = dict(protocol)
     row["env"] = environment_info()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .batches import DATA_GPU_SHARE, Plan, data_fits_on_device
 from .build import build_method
-from .config import TrainConfig, dump_yaml
+from .config import DEFAULT_EPOCHS, TrainConfig, check_precision, dump_yaml
 from .data import FileSplit, ImageSplit, balanced_subset, load_split
 from .errors import UserError
 from .grad_cache import GradCache, make_grad_cache
@@ -33,6 +33,7 @@ from .method import Batch, Method, Schedule, StepInfo, ViewSpec, default_views
 from .momentum import cosine_momentum
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
 from .rundir import RunDir, write_text_atomic
+from .runlock import RunLock
 
 UNBOUNDED_STEPS = 2**62  # the step count of a run bounded only by its time budget (time_budget_s)
 
@@ -64,12 +65,17 @@ def make_plan(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -
     if batch % world_size:
         raise UserError(f"batch size {batch} must be divisible by the number of processes ({world_size})")
     steps_per_epoch = max(1, n_train // batch)  # drop_last: every step sees a full batch
-    total = cfg.steps if cfg.steps is not None else (cfg.epochs or 10) * steps_per_epoch
+    total = cfg.steps if cfg.steps is not None else (cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch
     unbounded = cfg.time_budget_s is not None and cfg.steps is None and cfg.epochs is None
     if unbounded:  # a time budget alone: run until it is spent; the lr stays constant after warm-up
         total = UNBOUNDED_STEPS
     if cfg.warmup_epochs is not None:
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        if warmup >= total and not unbounded and warmup > 0:
+            raise UserError(
+                f"warmup_epochs={cfg.warmup_epochs:g} is {warmup} steps, not shorter than the run's {total} steps: the lr would "
+                f"only rise and never decay; pass a warmup_epochs below {total / steps_per_epoch:g} or a longer run"
+            )
     else:
         warmup = steps_per_epoch if unbounded else min(10 * steps_per_epoch, total // 10)
     return Plan(steps_per_epoch, total, min(warmup, total), batch, batch // world_size)
@@ -138,7 +144,7 @@ def refuse_existing_run(path: Path) -> None:
         )
 
 
-def truncate_metrics(path: Path, start_step: int) -> None:
+def truncate_metrics(path: Path, start_step: int, what: str = "pass a writable --output") -> None:
     """Keep the rows of ``metrics.jsonl`` up to ``start_step`` (none for a run starting at 0): the
     steps after the checkpoint a run resumes from are trained and logged again, so every step
     appears once. A torn last line (a crash mid-write) is dropped."""
@@ -155,7 +161,7 @@ def truncate_metrics(path: Path, start_step: int) -> None:
             continue
         if isinstance(row, dict) and int(row.get("step", 0)) <= start_step:
             kept.append(line + "\n")
-    write_text_atomic(path, "".join(kept), "pass a writable --output")
+    write_text_atomic(path, "".join(kept), what)
 
 
 def launched_on_cpu() -> bool:
@@ -197,6 +203,7 @@ class Run:
     skipped: int = 0  # non-finite steps skipped so far (nonfinite=skip), kept across resumes
     last_ckpt: Path | None = None
     time_based: bool = False  # a time budget alone bounds the run
+    lock: RunLock | None = None  # the run directory's lock (main process), released when the run is done
 
     @property
     def device(self) -> torch.device:
@@ -258,12 +265,47 @@ def _accelerator(cfg: TrainConfig, precision: str) -> Any:
     return accelerator
 
 
-def _load_train_split(cfg: TrainConfig) -> ImageSplit | FileSplit:
+def _load_train_split(cfg: TrainConfig, *, warn: bool) -> ImageSplit | FileSplit:
     assert cfg.image_size is not None
     split = load_split(cfg.data, "train", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
+    classes = int(torch.unique(split.labels).numel()) if len(split) else 0
     if cfg.train_subset is not None and cfg.train_subset < len(split):
+        if cfg.train_subset < classes:
+            raise UserError(
+                f"--train-subset {cfg.train_subset} is smaller than the {classes} classes of {cfg.data}: a class-balanced subset "
+                f"needs at least one image per class; pass --train-subset {classes} or more"
+            )
         split = split.subset(balanced_subset(split.labels, cfg.train_subset, cfg.seed))
+    if classes < 2 and warn:
+        print(
+            f"warning: {cfg.data} has a single class: training works (labels are not used), but every k-NN, linear or "
+            "fine-tuning accuracy would be 100% and mean nothing, so the quick k-NN is skipped",
+            file=sys.stderr,
+        )
     return split
+
+
+def on_main(accelerator: Any, fn: Any) -> None:
+    """``fn()`` on the main process only; an error there is raised on every process, with the same
+    one-line message (the others would otherwise wait for the main one in the next collective)."""
+    message: str | None = None
+    failure: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except Exception as exc:
+            failure = exc
+            message = str(exc) if isinstance(exc, UserError) else f"the main process failed ({type(exc).__name__}); see its error"
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [message]
+        broadcast_object_list(box, from_process=0)
+        message = box[0]
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise UserError(message)
 
 
 def _restore(run: Run, *, quiet: bool) -> None:
@@ -289,30 +331,45 @@ def _restore(run: Run, *, quiet: bool) -> None:
 
 
 def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Run:
-    """Build the run of ``cfg``: accelerator, run directory, data, method, optimizer, schedules,
-    and the restored state when resuming."""
+    """Build the run of ``cfg``: accelerator, run directory (locked: :mod:`sslbench.runlock`),
+    data, method, optimizer, schedules, and the restored state when resuming. The returned run
+    holds the lock (``run.lock``); whoever finishes it releases it."""
+    cfg.resolve_defaults()
+    assert cfg.image_size is not None
+    check_precision(cfg.precision)  # before anything is written: fp16 on a CPU would train in fp32
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator = _accelerator(cfg, cfg.precision)
+    run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
+    cfg.output = str(run_dir)
+    lock = RunLock(run_dir, what="train")
+
+    def claim() -> None:  # the main process, before any data is loaded: one writer per run directory
+        check_run_dir(run_dir)
+        lock.acquire(fix="pass another --output" if not resume else "resume it once that process has stopped")
+        if not resume:
+            refuse_existing_run(run_dir)
+
+    try:
+        on_main(accelerator, claim)
+        run = _build_run(cfg, accelerator, run_dir, resume=resume, quiet=quiet)
+    except BaseException:
+        lock.release()  # (and the run directory, if this run made it and nothing is in it)
+        raise
+    run.lock = lock if lock.held else None
+    return run
+
+
+def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: bool, quiet: bool) -> Run:
     from accelerate.utils import set_seed
 
     from sslbench import dist
 
-    cfg.resolve_defaults()
-    assert cfg.image_size is not None
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "no"
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    accelerator = _accelerator(cfg, precision)
-    world, main = accelerator.num_processes, accelerator.is_main_process
-    run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
-    cfg.output = str(run_dir)
-    if main:
-        if not resume:
-            refuse_existing_run(run_dir)
-        check_run_dir(run_dir)
-    accelerator.wait_for_everyone()
+    from .report import start_banner
 
-    train_split = _load_train_split(cfg)
+    assert cfg.image_size is not None
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    train_split = _load_train_split(cfg, warn=main)
     set_seed(cfg.seed)
     method = build_method(cfg)
     plan = make_plan(cfg, len(train_split), world, type(method).min_batch_size)
@@ -356,7 +413,7 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
         accelerator=accelerator,
         run_dir=run_dir,
         files=RunDir(run_dir),
-        precision=precision,
+        precision=cfg.precision,
         train_split=train_split,
         plan=plan,
         method=unwrapped,
@@ -373,9 +430,16 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
         _restore(run, quiet=quiet)
     if main:
         create_run_dir(run_dir)
-        write_text_atomic(run.files.config, dump_yaml(cfg), "pass a writable --output")
-        truncate_metrics(run.files.metrics, run.start_step)
+        again = (
+            f"the checkpoints are intact: free some space and continue with `sslbench train --output {run_dir} --resume`"
+            if resume
+            else "nothing was trained yet: free some space (or pass another --output) and run the command again"
+        )
+        write_text_atomic(run.files.config, dump_yaml(cfg), again)
+        truncate_metrics(run.files.metrics, run.start_step, again)
     run.last_ckpt = ckpt.latest_valid(run.ckpt_dir, warn=False) if main else None
+    if main and not quiet:  # last: a setup error is one line, not a banner and an error
+        print("\n".join(start_banner(run)), file=sys.stderr)
     return run
 
 

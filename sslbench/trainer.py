@@ -31,6 +31,7 @@ from .method import Batch
 from .results import hardware_summary
 from .run_setup import Run, apply_schedules, channels_last_views, setup_run
 from .rundir import write_atomic, write_text_atomic
+from .runlock import RunLock
 
 __all__ = ["NonFiniteGuard", "TrainResult", "finish", "train", "train_loop"]
 
@@ -49,6 +50,7 @@ class TrainResult:
     stopped_early: bool = False
     stop_signal: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run early
     main: bool = True  # this is the main process (the one that writes the run's files)
+    lock: RunLock | None = None  # the run directory's lock, when the caller asked to keep it (train(keep_lock=True))
 
 
 class NonFiniteGuard:
@@ -234,8 +236,9 @@ def finish(run: Run, callbacks: list[Callback], result: TrainResult) -> None:
 
 
 def summary(run: Run, result: TrainResult) -> dict[str, Any]:
-    """The ``results.json`` of a finished run."""
-    cfg = run.cfg
+    """The ``results.json`` of a finished run: what ran (the effective precision, device, image
+    size, batch, lr and schedule lengths), not only what was asked."""
+    cfg, plan = run.cfg, run.plan
     return {
         "method": cfg.method,
         "backbone": cfg.backbone,
@@ -244,13 +247,20 @@ def summary(run: Run, result: TrainResult) -> dict[str, Any]:
         "steps": result.steps,
         "epochs": result.epochs,
         "images_seen": result.images_seen,
-        "batch_size": run.plan.global_batch,
+        "batch_size": plan.global_batch,
         "wall_time_s": result.wall_time_s,
         "images_per_s": result.images_per_s,
         "precision": run.precision,
         "seed": cfg.seed,
         "processes": run.world,
+        "device": run.device.type,
         "hardware": hardware_summary(run.device),
+        "train_images": len(run.train_split),
+        "steps_per_epoch": plan.steps_per_epoch,
+        "warmup_steps": plan.warmup_steps,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "lr_scaling": cfg.lr_scaling,
         "metrics": result.metrics,
     }
 
@@ -267,32 +277,42 @@ def train(
     quiet: bool = False,
     resume_command: str | None = None,
     callbacks: list[Callback] | None = None,
+    keep_lock: bool = False,
 ) -> TrainResult:
     """Train ``cfg``: setup, loop, finish; returns the run summary. ``callbacks`` run before the
     default ones by their ``order`` (a test's fault injection, the online probe). ``resume_command``:
     what the message after a SIGTERM/SIGINT tells to run to continue (default ``sslbench train
-    --output RUN_DIR --resume``; ``compare`` passes its own command)."""
+    --output RUN_DIR --resume``; ``compare`` passes its own command). The run directory is locked
+    until the run ends; with ``keep_lock`` a finished run's lock is handed to the caller in
+    ``result.lock`` (the pipeline writes the quick k-NN into ``results.json`` before letting go)."""
     run = setup_run(cfg, resume=resume, quiet=quiet)
-    cbs = sorted([*(callbacks or []), *default_callbacks(quiet)], key=lambda cb: cb.order)
-    t0 = time.perf_counter()
+    handed_over = False
     try:
-        steps_done, stop_signal = train_loop(run, cbs, resume_command=resume_command)
+        cbs = sorted([*(callbacks or []), *default_callbacks(quiet)], key=lambda cb: cb.order)
+        t0 = time.perf_counter()
+        try:
+            steps_done, stop_signal = train_loop(run, cbs, resume_command=resume_command)
+        finally:
+            for cb in cbs:
+                cb.on_train_end(run, run.start_step)
+        wall = time.perf_counter() - t0
+        plan = run.plan
+        result = TrainResult(
+            run_dir=run.run_dir,
+            steps=steps_done,
+            epochs=round(steps_done / plan.steps_per_epoch, 4),
+            images_seen=steps_done * plan.global_batch,
+            wall_time_s=round(wall, 3),
+            images_per_s=round((steps_done - run.start_step) * plan.global_batch / max(wall, 1e-9), 2),
+            stopped_early=stop_signal is not None,
+            stop_signal=stop_signal,
+            main=run.main,
+        )
+        if stop_signal is None:
+            finish(run, cbs, result)
+        if keep_lock and not result.stopped_early:
+            result.lock, handed_over = run.lock, True
+        return result
     finally:
-        for cb in cbs:
-            cb.on_train_end(run, run.start_step)
-    wall = time.perf_counter() - t0
-    plan = run.plan
-    result = TrainResult(
-        run_dir=run.run_dir,
-        steps=steps_done,
-        epochs=round(steps_done / plan.steps_per_epoch, 4),
-        images_seen=steps_done * plan.global_batch,
-        wall_time_s=round(wall, 3),
-        images_per_s=round((steps_done - run.start_step) * plan.global_batch / max(wall, 1e-9), 2),
-        stopped_early=stop_signal is not None,
-        stop_signal=stop_signal,
-        main=run.main,
-    )
-    if stop_signal is None:
-        finish(run, cbs, result)
-    return result
+        if not handed_over and run.lock is not None:
+            run.lock.release()

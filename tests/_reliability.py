@@ -33,7 +33,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
-TEST_ENV_VARS = ("SSLBENCH_TEST_KILL_AT", "SSLBENCH_TEST_SIGNAL_AT", "SSLBENCH_TEST_NAN_AT", "SSLBENCH_CALLBACKS")
+TEST_ENV_VARS = ("SSLBENCH_TEST_KILL_AT", "SSLBENCH_TEST_SIGNAL_AT", "SSLBENCH_TEST_NAN_AT", "SSLBENCH_TEST_GATE", "SSLBENCH_CALLBACKS")
 FAULTS = "_faults:FaultInjection"  # tests/_faults.py, installed in every CLI process the tests start
 
 # A narrow ResNet-18 at 16 px: each training step takes milliseconds.

@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from _faults import fail_writes
 from _reliability import TINY, child_env, lines, make_image_folder, run_forked, run_many, run_subprocess
 from PIL import Image
+
+from sslbench.runlock import RunLock
 
 # --------------------------------------------------------------------------------------------
 # The table: id -> (argv with {placeholders}, key phrases the one stderr line must contain)
@@ -92,12 +95,12 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "sgd-momentum-negative": (["train", "--set", "sgd_momentum=-1"], ["sgd_momentum must be in [0, 1)"]),
     "num-workers-negative": (["train", "--set", "num_workers=-1"], ["num_workers and max_skipped_steps must be >= 0"]),
     "config-section-not-mapping": (["train", "--config", "{section_yaml}"], ["method_cfg in the config file must be a mapping", "5"]),
-    "config-number-key": (["train", "--config", "{intkey_yaml}"], ["unknown config key '1'"]),
+    "config-number-key": (["train", "--config", "{intkey_yaml}"], ["intkey.yaml", "unknown config key '1'"]),
     "config-not-utf8": (["train", "--config", "{binary_yaml}"], ["is not UTF-8 text"]),
     "config-a-directory": (["train", "--config", "{tmp}"], ["is a directory"]),
     "resume-other-method": (["train", "--resume", "--output", "{run}", "--method", "byol"], ["was trained with simclr", "cannot change method"]),
     "resume-before-the-checkpoint": (
-        ["train", "--resume", "--output", "{run}", "--steps", "1"],
+        ["train", "--resume", "--output", "{run_busy}", "--steps", "1"],
         ["newest checkpoint is at step 2, beyond this run's 1 steps", "--steps 2"],
     ),
     "compare-owns-seed": (
@@ -121,7 +124,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["train", "--data", "imagefolder:{data}", "--output", "{file}/run"],
         ["cannot write to output directory", "Not a directory"],
     ),
-    "output-holds-a-run": (["train", "--data", "imagefolder:{data}", *TINY, "--output", "{run}"], ["already holds a run", "--resume"]),
+    "output-holds-a-run": (["train", "--data", "imagefolder:{data}", *TINY, "--output", "{run_busy}"], ["already holds a run", "--resume"]),
     "resume-without-output": (["train", "--resume"], ["--resume needs --output"]),
     "resume-not-a-run": (["train", "--resume", "--output", "{tmp}"], ["has no config.yaml"]),
     "resume-other-backbone": (
@@ -131,16 +134,224 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "config-missing": (["train", "--config", "{tmp}/missing.yaml"], ["missing.yaml not found"]),
     "config-malformed": (["train", "--config", "{bad_yaml}"], ["is not valid YAML"]),
     "config-not-a-mapping": (["train", "--config", "{list_yaml}"], ["must hold a mapping"]),
-    "config-unknown-key": (["train", "--config", "{typo_yaml}"], ["unknown config key 'lrr'", "lr"]),
+    "config-unknown-key": (["train", "--config", "{typo_yaml}"], ["config file", "typo.yaml", "unknown config key 'lrr'", "lr"]),
     # eval
     "eval-label-fraction": (["eval", "{run}", "--protocol", "finetune", "--label-fractions", "1.5"], ["label fraction", "1.5"]),
     "eval-unknown-protocol": (["eval", "{run}", "--protocol", "knnn"], ["unknown protocol 'knnn'", "'knn'"]),
     "eval-not-a-run": (["eval", "{tmp}/nothing-here"], ["nothing-here"]),
     "eval-encoder-mismatch": (["eval", "{eval_other_backbone}", "--protocol", "knn"], ["does not match the backbone"]),
+    # ---- issue 20: one writer per run directory
+    "train-into-a-run-in-use": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--output", "{locked_run}"],
+        ["is in use by pid", "since", "running `", "pass another --output"],
+    ),
+    "resume-a-run-in-use": (["train", "--resume", "--output", "{locked_run}", "--quiet"], ["is in use by pid", "once that process has stopped"]),
+    "compare-into-a-directory-in-use": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4], "--output", "{locked_cmp}"],
+        ["is in use by pid", "pass another --output"],
+    ),
+    "eval-a-run-still-training": (["eval", "{locked_run}"], ["is still being trained by pid", "once training has finished"]),
+    # ---- records equal what ran; settings that cannot take effect here
+    "precision-fp16-on-cpu": (["train", "--precision", "fp16", "--output", "{tmp}/fp16"], ["precision fp16 needs a CUDA GPU", "--precision no"]),
+    "precision-fp16-in-config": (["train", "--config", "{fp16_yaml}", "--output", "{tmp}/fp16c"], ["precision fp16 needs a CUDA GPU"]),
+    "compare-precision-fp16": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", "--precision", "fp16", "--output", "{tmp}/cmp16"],
+        ["precision fp16 needs a CUDA GPU"],
+    ),
+    # ---- questionable inputs
+    "warmup-longer-than-the-run": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--steps", "2", "--set", "warmup_epochs=5", "--output", "{tmp}/warm"],
+        ["warmup_epochs=5 is 20 steps", "never decay"],
+    ),
+    "subset-smaller-than-classes": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--train-subset", "2", "--output", "{tmp}/sub"],
+        ["--train-subset 2 is smaller than the 4 classes", "--train-subset 4"],
+    ),
+    "resume-other-batch-size": (["train", "--resume", "--output", "{run}", "--batch-size", "8"], ["was trained with batch_size 16", "got 8"]),
+    "resume-other-seed": (["train", "--resume", "--output", "{run}", "--seed", "3"], ["was trained with seed 0", "got 3"]),
+    "resume-other-image-size": (["train", "--resume", "--output", "{run}", "--image-size", "32"], ["was trained with image_size 16"]),
+    "resume-other-data": (["train", "--resume", "--output", "{run}", "--data", "imagefolder:{onecls}"], ["was trained with data imagefolder:"]),
+    "resume-other-batch-size-by-set": (["train", "--resume", "--output", "{run}", "--set", "batch_size=32"], ["batch_size 16", "got 32"]),
+    "config-epochs-and-steps": (["train", "--config", "{both_yaml}"], ["config file", "both.yaml", "gives both epochs (2) and steps (3)"]),
+    "compare-config-epochs-and-steps": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--config", "{both_yaml}"],
+        ["both.yaml", "gives both epochs"],
+    ),
+    "eval-one-class-data": (["eval", "{run}", "--data", "imagefolder:{onecls}"], ["has a single class (c0)", "two or more classes"]),
+    "compare-one-class-data": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{onecls}", *TINY[:4], "--output", "{tmp}/cmp1"],
+        ["has a single class", "two or more classes"],
+    ),
+    # ---- a config file's mistakes name the file
+    "config-method-key-typo": (
+        ["train", "--config", "{methodkey_yaml}"],
+        ["methodkey.yaml", "unknown config key 'method_cfg.temprature'", "temperature"],
+    ),
+    "config-wrong-type": (["train", "--config", "{badtype_yaml}"], ["badtype.yaml", "lr expects float, got 'fast'"]),
+    "config-out-of-range": (["train", "--config", "{badrange_yaml}"], ["badrange.yaml", "epochs must be > 0"]),
+    "config-bad-tuple": (["train", "--config", "{badtuple_yaml}"], ["badtuple.yaml", "aug.crop_scale expects 2 comma-separated numbers"]),
+    "compare-config-unknown-key": (
+        ["compare", "--methods", "simclr,byol", "--steps", "1", "--config", "{methodkey_yaml}"],
+        ["methodkey.yaml", "unknown config key 'method_cfg.temprature'"],
+    ),
+    # ---- malformed tuple values: the expected form and the text as written
+    "tuple-three-numbers": (
+        ["train", "--set", "aug.crop_scale=0.2,0.5,0.9"],
+        ["aug.crop_scale expects 2 comma-separated numbers (e.g. 0.2,1.0), got '0.2,0.5,0.9'"],
+    ),
+    "tuple-one-number": (["train", "--set", "betas=0.9"], ["betas expects 2 comma-separated numbers", "got '0.9'"]),
+    "tuple-unclosed-bracket": (["train", "--set", "aug.crop_scale=(0.2,"], ["aug.crop_scale expects 2 comma-separated numbers", "'(0.2,'"]),
+    "tuple-empty-item": (["train", "--set", "betas=0.9,,0.99"], ["betas: '0.9,,0.99' has an empty item between commas"]),
+    "tuple-words": (["train", "--set", "aug.crop_scale=a,b"], ["aug.crop_scale expects 2 comma-separated numbers", "got 'a,b'"]),
+    "tuple-nan": (["train", "--set", "betas=nan,0.9"], ["betas expects 2 comma-separated numbers"]),
+    "backbone-kwarg-empty-item": (["train", "--set", "backbone_kwargs.channels=8,,16,32"], ["backbone_kwargs.channels:", "empty item"]),
+    # ---- more ranges and types
+    "epochs-zero": (["train", "--epochs", "0"], ["epochs must be > 0"]),
+    "steps-negative": (["train", "--steps", "-3"], ["steps must be > 0"]),
+    "image-size-abc": (["train", "--image-size", "abc"], ["--image-size", "invalid int value: 'abc'"]),
+    "lr-nan": (["train", "--set", "lr=nan"], ["lr expects float"]),
+    "grad-clip-zero": (["train", "--set", "grad_clip=0"], ["grad_clip must be > 0"]),
+    "warmup-negative": (["train", "--set", "warmup_epochs=-1"], ["warmup_epochs must be >= 0"]),
+    "weight-decay-negative": (["train", "--set", "weight_decay=-0.1"], ["weight_decay must be >= 0"]),
+    "weight-decay-end-negative": (["train", "--set", "weight_decay_end=-1"], ["weight_decay_end must be >= 0"]),
+    "lr-scaling-choice": (["train", "--set", "lr_scaling=cube"], ["lr_scaling must be one of", "'cube'"]),
+    "log-every-zero": (["train", "--set", "log_every=0"], ["log_every >= 1"]),
+    "knn-k-zero": (["train", "--set", "knn_k=0"], ["knn_k must be >= 1"]),
+    "knn-temperature-zero": (["train", "--set", "knn_temperature=0"], ["knn_temperature > 0"]),
+    "betas-out-of-range": (["train", "--set", "betas=0.9,1.5"], ["betas must be two numbers in [0, 1)"]),
+    "train-subset-zero": (["train", "--train-subset", "0"], ["train_subset must be > 0"]),
+    "grad-cache-negative": (["train", "--grad-cache-chunk", "-1"], ["grad_cache_chunk must be >= 0"]),
+    "lars-eta-zero": (["train", "--set", "lars_eta=0"], ["lars_eta must be > 0"]),
+    "sgd-momentum-one": (["train", "--set", "sgd_momentum=1"], ["sgd_momentum must be in [0, 1)"]),
+    "time-budget-zero": (["train", "--set", "time_budget_s=0"], ["time_budget_s must be > 0"]),
+    "jitter-negative": (["train", "--set", "aug.jitter_strength=-1"], ["aug.jitter_strength must be >= 0"]),
+    "crop-scale-zero": (["train", "--set", "aug.crop_scale=0,1"], ["aug.crop_scale must satisfy"]),
+    "batch-size-fraction": (["train", "--set", "batch_size=2.5"], ["batch_size expects int, got '2.5'"]),
+    "bool-not-a-bool": (["train", "--set", "channels_last=maybe"], ["channels_last expects bool, got 'maybe'"]),
+    "set-method-unknown": (["train", "--set", "method=simclrr"], ["unknown method 'simclrr'"]),
+    "set-section-method-cfg": (["train", "--set", "method_cfg=1"], ["method_cfg is a section"]),
+    "set-empty-key": (["train", "--set", "=1"], ["unknown config key ''"]),
+    "hf-unknown-option": (["train", "--data", "hf:someone/set?imgae=img"], ["unknown option 'imgae'", "image"]),
+    "data-class-folders-differ": (["train", "--data", "imagefolder:{differ}", "--output", "{tmp}/differ"], ["class folders differ"]),
+    "output-is-a-file": (["train", "--data", "imagefolder:{data}", "--output", "{file}"], ["cannot write to output directory", "Not a directory"]),
+    "resume-config-malformed": (["train", "--resume", "--output", "{run_bad_config}"], ["is not valid YAML"]),
+    # ---- outputs checked before any work: a file on the way, a directory, permissions, a read-only disk
+    "eval-results-under-a-file": (["eval", "{run}", "--results", "{file}/r.jsonl"], ["cannot write --results", "is a file, not a directory"]),
+    "eval-results-a-directory": (["eval", "{run}", "--results", "{dir_jsonl}"], ["cannot write --results", "it is a directory"]),
+    "eval-results-permission": (["eval", "{run}", "--results", "{noperm}/r.jsonl"], ["cannot write --results", "Permission denied"]),
+    "eval-results-read-only": (["eval", "{run}", "--results", "{rofs}/r.jsonl"], ["cannot write --results", "Read-only file system"]),
+    "leaderboard-output-under-a-file": (
+        ["leaderboard", "{results}", "--output", "{file}/board.md"],
+        ["cannot write --output", "is a file, not a directory"],
+    ),
+    "leaderboard-output-a-directory": (["leaderboard", "{results}", "--output", "{root}"], ["cannot write --output", "it is a directory"]),
+    "leaderboard-output-read-only": (["leaderboard", "{results}", "--output", "{rofs}/board.md"], ["cannot write --output", "Read-only file system"]),
+    "leaderboard-plot-under-a-file": (
+        ["leaderboard", "{results}", "--plot", "{file}/board.png"],
+        ["cannot write --plot", "is a file, not a directory"],
+    ),
+    "leaderboard-plot-permission": (["leaderboard", "{results}", "--plot", "{noperm}/board.png"], ["cannot write --plot", "Permission denied"]),
+    "compare-output-under-a-file": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4], "--output", "{file}/cmp"],
+        ["cannot write --output", "is a file, not a directory"],
+    ),
+    "compare-output-read-only": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4], "--output", "{rofs}/cmp"],
+        ["cannot write --output", "Read-only file system"],
+    ),
+    "train-output-permission": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--output", "{noperm}/run"],
+        ["cannot write to output directory", "Permission denied"],
+    ),
+    "train-output-read-only": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--output", "{rofs}/run"],
+        ["cannot write to output directory", "Read-only file system"],
+    ),
+    "data-cache-read-only": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--output", "{tmp}/rocache"],
+        ["cannot write the data cache", "Read-only file system", "cache_dir"],
+    ),
+    # ---- offline
+    "pretrained-weights-offline": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.pretrained=true", "--output", "{tmp}/pre"],
+        ["cannot get the pretrained weights of resnet18", "no network", "pretrained_cfg_overlay"],
+    ),
+    "pretrained-weights-no-dns": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.pretrained=true", "--output", "{tmp}/pre2"],
+        ["cannot get the pretrained weights of resnet18", "no network"],
+    ),
+    "hub-dataset-offline": (
+        ["train", "--data", "hf:nobody/no-such-set", "--output", "{tmp}/hf"],
+        ["cannot load Hugging Face dataset 'nobody/no-such-set'", "no network", "save_to_disk"],
+    ),
+    "callbacks-env-unknown": (["train", "--output", "{tmp}/cb"], ["$SSLBENCH_CALLBACKS: cannot import 'no_such_module:Thing'"]),
+    # ---- eval
+    "eval-encoder-missing": (["eval", "{run_no_encoder}"], ["encoder.safetensors not found"]),
+    "eval-encoder-corrupt": (["eval", "{run_bad_encoder}"], ["is not a readable safetensors file"]),
+    "eval-budget-corrupt": (["eval", "{run_bad_budget}", "--protocol", "knn"], ["is not a valid budget file"]),
+    "eval-config-malformed": (["eval", "{run_bad_config}"], ["is not valid YAML"]),
+    "eval-max-memory-negative": (["eval", "{run}", "--max-memory-gb", "-1"], ["--max-memory-gb must be >= 0"]),
+    "eval-no-cuda": (["eval", "{run}", "--device", "cuda:3"], ["--device cuda:3: no such CUDA device here"]),
+    "eval-unknown-flag": (["eval", "{run}", "--bogus"], ["unrecognized arguments: --bogus"]),
+    "eval-missing-run-dir": (["eval"], ["the following arguments are required: RUN_DIR"]),
+    # ---- compare
+    "compare-unknown-method": (["compare", "--methods", "simclr,bogus", "--steps", "1"], ["unknown method 'bogus'"]),
+    "compare-bad-seed": (["compare", "--methods", "simclr", "--steps", "1", "--seeds", "0,x"], ["--seeds: 'x' is not an integer"]),
+    "compare-zero-steps": (["compare", "--methods", "simclr", "--steps", "0"], ["--steps must be >= 1"]),
+    "compare-bad-duration": (["compare", "--methods", "simclr", "--time-budget", "10q"], ["cannot read the duration '10q'"]),
+    "compare-no-budget": (["compare", "--methods", "simclr"], ["one of the arguments --epochs --steps --images --time-budget is required"]),
+    "compare-owns-output": (["compare", "--methods", "simclr", "--steps", "1", "--set", "output=x"], ["--set output=... is set by compare itself"]),
+    "compare-unknown-protocol": (["compare", "--methods", "simclr", "--steps", "1", "--protocol", "knnn"], ["unknown protocol 'knnn'"]),
+    "compare-other-config-in-the-way": (
+        ["compare", "--methods", "simclr", "--steps", "1", "--data", "imagefolder:{data}", *TINY[:4], "--output", "{cmp_other}"],
+        ["holds a run with another config"],
+    ),
+    # ---- leaderboard and list
+    "leaderboard-missing-file": (["leaderboard", "{tmp}/none.jsonl"], ["results file", "none.jsonl not found"]),
+    "leaderboard-dir-without-store": (["leaderboard", "{data}"], ["results.jsonl not found"]),
+    "leaderboard-format-pdf": (["leaderboard", "{results}", "--format", "pdf"], ["invalid choice: 'pdf'"]),
+    "leaderboard-output-jsonl": (["leaderboard", "{results}", "--output", "{tmp}/table.jsonl"], ["would overwrite a results store"]),
+    "list-nothing": (["list"], ["the following arguments are required: what"]),
+    "list-extra-argument": (["list", "methods", "a", "b"], ["unrecognized arguments: b"]),
+    "list-bad-flag": (["list", "datasets", "--bogus"], ["unrecognized arguments: --bogus"]),
+    "unknown-command": (["frobnicate"], ["invalid choice: 'frobnicate'"]),
 }
 
 # also run through `python -m sslbench` (the real entry point and its imports)
 SUBPROCESS_CASES = ("unknown-method", "batch-size-abc", "resume-other-backbone")
+
+# Cases run with a fault of the file system (tests/_faults.py: no real read-only disk or permissions
+# needed, which root would not see anyway) or with their own environment variables.
+BEFORE = {
+    "eval-results-permission": fail_writes("/noperm", errno.EACCES),
+    "eval-results-read-only": fail_writes("/rofs", errno.EROFS),
+    "leaderboard-output-read-only": fail_writes("/rofs", errno.EROFS),
+    "leaderboard-plot-permission": fail_writes("/noperm", errno.EACCES),
+    "compare-output-read-only": fail_writes("/rofs", errno.EROFS),
+    "train-output-permission": fail_writes("/noperm", errno.EACCES),
+    "train-output-read-only": fail_writes("/rofs", errno.EROFS),
+    "data-cache-read-only": fail_writes("/rofs", errno.EROFS),
+    "pretrained-weights-no-dns": lambda: _no_dns(),
+}
+ENV = {
+    "data-cache-read-only": {"SSLBENCH_CACHE": "{rofs}/cache"},
+    "pretrained-weights-offline": {"HF_HUB_OFFLINE": "1", "HF_HOME": "{root}/hf"},
+    "pretrained-weights-no-dns": {"HF_HOME": "{root}/hf"},
+    "hub-dataset-offline": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": "{root}/hf"},
+    "callbacks-env-unknown": {"SSLBENCH_CALLBACKS": "no_such_module:Thing"},
+}
+
+
+def _no_dns() -> None:
+    """No network: every host name lookup fails, as on an offline machine."""
+    import socket
+
+    def getaddrinfo(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    socket.getaddrinfo = getaddrinfo
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.pop(key, None)
 
 
 def _train_run(data: Path, out: Path, env: dict[str, str]) -> None:
@@ -211,6 +422,36 @@ def table(tmp_path_factory):
     (root / "garbage.jsonl").write_text("garbage\n")
     tmp = root / "scratch"
     tmp.mkdir()
+    onecls = make_image_folder(root / "onecls", classes=1, train=8, test=4)
+    differ = root / "differ"
+    make_image_folder(differ, classes=2, train=2, test=2)
+    (differ / "test" / "c1").rename(differ / "test" / "other")
+    (root / "both.yaml").write_text("epochs: 2\nsteps: 3\n")
+    (root / "fp16.yaml").write_text("precision: fp16\n")
+    (root / "methodkey.yaml").write_text("method_cfg:\n  temprature: 0.1\n")
+    (root / "badtype.yaml").write_text("lr: fast\n")
+    (root / "badrange.yaml").write_text("epochs: 0\n")
+    (root / "badtuple.yaml").write_text("aug:\n  crop_scale: [0.2, 0.5, 0.9]\n")
+    for name in ("rofs", "noperm", "dir.jsonl"):
+        (root / name).mkdir()
+    copies = {}
+    for name, change in (
+        ("no_encoder", lambda d: (d / "encoder.safetensors").unlink()),
+        ("bad_encoder", lambda d: (d / "encoder.safetensors").write_bytes(b"not safetensors")),
+        ("bad_budget", lambda d: (d / "budget.json").write_text("{oops")),
+        ("bad_config", lambda d: (d / "config.yaml").write_text("lr: [0.1\n")),
+        ("busy", lambda d: None),
+    ):  # (refused commands that lock it for a moment: the eval cases use "run")
+        copies[f"run_{name}"] = root / f"run-{name}"
+        shutil.copytree(run, copies[f"run_{name}"])
+        change(copies[f"run_{name}"])
+    locked_run, locked_cmp = root / "locked-run", root / "locked-cmp"
+    shutil.copytree(run, locked_run)
+    locked_cmp.mkdir()
+    locks = [RunLock(locked_run).acquire(), RunLock(locked_cmp).acquire()]  # held by this process while the table runs
+    cmp_other = root / "cmp-other"
+    (cmp_other / "simclr-seed0").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", cmp_other / "simclr-seed0" / "config.yaml")
     fill = {
         "data": data,
         "empty": empty,
@@ -229,13 +470,41 @@ def table(tmp_path_factory):
         "garbage_jsonl": root / "garbage.jsonl",
         "run_other_backbone": _with_other_backbone(run, root / "run-other-backbone"),
         "eval_other_backbone": _with_other_backbone(run, root / "eval-other-backbone"),
+        "onecls": onecls,
+        "differ": differ,
+        "root": root,
+        "rofs": root / "rofs",
+        "noperm": root / "noperm",
+        "dir_jsonl": root / "dir.jsonl",
+        "locked_run": locked_run,
+        "locked_cmp": locked_cmp,
+        "cmp_other": cmp_other,
+        **{f"{name}_yaml": root / f"{name}.yaml" for name in ("both", "fp16", "methodkey", "badtype", "badrange", "badtuple")},
+        **copies,
     }
     argv = {case: [a.format(**fill) for a in args] for case, (args, _) in CASES.items()}
-    with ThreadPoolExecutor(2) as pool:
-        real = {case: pool.submit(run_subprocess, argv[case], env) for case in SUBPROCESS_CASES}
-        results = run_many({case: (args, env, None) for case, args in argv.items()})
-        subprocess_results = {case: f.result() for case, f in real.items()}
-    return {"results": results, "subprocess": subprocess_results, "fill": fill, "env": env}
+    envs = {case: {**env, **{k: v.format(**fill) for k, v in ENV.get(case, {}).items()}} for case in CASES}
+    snapshot = _snapshot(fill)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            real = {case: pool.submit(run_subprocess, argv[case], env) for case in SUBPROCESS_CASES}
+            results = run_many({case: (args, envs[case], BEFORE.get(case)) for case, args in argv.items()})
+            subprocess_results = {case: f.result() for case, f in real.items()}
+    finally:
+        for lock in locks:
+            lock.release()
+    return {"results": results, "subprocess": subprocess_results, "fill": fill, "env": env, "snapshot": snapshot}
+
+
+def _snapshot(fill) -> dict[str, bytes]:
+    """The bytes of every file in the directories the failing commands name (to show nothing changed)."""
+    out = {}
+    for key in ("run", "run_busy", "locked_run", "locked_cmp", "cmp_other", "onecls", "rofs", "noperm", "dir_jsonl"):
+        for p in sorted(Path(fill[key]).rglob("*")):
+            if p.is_file() and p.name != "run.lock":  # (the test's own locks, released before the comparison)
+                out[str(p)] = p.read_bytes()
+    out[str(fill["results"])] = Path(fill["results"]).read_bytes()
+    return out
 
 
 def _assert_one_line_error(r, phrases) -> None:
@@ -249,7 +518,9 @@ def _assert_one_line_error(r, phrases) -> None:
 
 
 def test_table_has_enough_cases():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 100
+    commands = {args[0] for args, _ in CASES.values()}
+    assert {"train", "eval", "compare", "leaderboard", "list"} <= commands
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -273,6 +544,12 @@ def test_nothing_half_written_by_failed_commands(table):
     assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]
     assert fill["results"].read_text().startswith('{"method": "simclr"')
+    # every file the failing commands could have touched is as it was, and no one wrote into the
+    # read-only, forbidden or locked places (the run in use keeps its lock file: its holder ended normally)
+    after = _snapshot(fill)
+    changed = sorted(k for k in set(after) | set(table["snapshot"]) if after.get(k) != table["snapshot"].get(k))
+    assert changed == [], changed
+    assert not (fill["root"] / "hf").exists() or not any((fill["root"] / "hf").rglob("*.safetensors"))
 
 
 def test_debug_shows_the_traceback(table):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sslbench._data_decode as data_decode
 import sslbench.data as data
 from sslbench.data import DATASETS, FileSplit, ImageSplit, balanced_subset, default_cache_dir, load_split, store_size
 from sslbench.errors import UserError
@@ -168,15 +169,15 @@ def test_imagefolder_val_folder_and_resize_centre_crop(tmp_path: Path) -> None:
 def test_imagefolder_parallel_decode_matches_serial(folder, tmp_path: Path, monkeypatch) -> None:
     root, _ = folder
     serial = load_split(f"imagefolder:{root}", "train", 12, cache_dir=tmp_path / "serial")
-    monkeypatch.setattr(data, "_PARALLEL_MIN_IMAGES", 0)
-    monkeypatch.setattr(data, "_CHUNK", 2)
-    open_rgb = data._open_rgb
+    monkeypatch.setattr(data_decode, "_PARALLEL_MIN_IMAGES", 0)
+    monkeypatch.setattr(data_decode, "_CHUNK", 2)
+    open_rgb = data_decode._open_rgb
 
     def in_worker_only(source):  # forked DataLoader workers inherit this patch
         assert torch.utils.data.get_worker_info() is not None, "decoded in the main process"
         return open_rgb(source)
 
-    monkeypatch.setattr(data, "_open_rgb", in_worker_only)
+    monkeypatch.setattr(data_decode, "_open_rgb", in_worker_only)
     parallel = load_split(f"imagefolder:{root}", "train", 12, cache_dir=tmp_path / "parallel")
     assert serial.images.shape == (9, 3, 12, 12)
     assert torch.equal(serial.images, parallel.images) and torch.equal(serial.labels, parallel.labels)
@@ -209,7 +210,7 @@ def test_decoded_split_is_cached_and_invalidated_by_changes(folder, tmp_path: Pa
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although the split is cached")
 
-    monkeypatch.setattr(data.Image, "open", no_decoding)
+    monkeypatch.setattr(data_decode.Image, "open", no_decoding)
     second = load_split(f"imagefolder:{root}", "train", 16, cache_dir=cache)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert second.classes == first.classes

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import torch
+from _backbones import tiny_backbone
 from _reliability import run_group
 from _steps import batch as make_batch
 from safetensors.torch import load_file
@@ -216,7 +217,7 @@ def test_method_without_hooks_is_a_user_error(method_name: str) -> None:
     if method_name == "<none>":
         pytest.skip("every registered method supports the gradient cache")
     cls = get_method(method_name)
-    method = cls(create_backbone("resnet18", 32, channels=(8, 16, 32, 64)), cls.Config())
+    method = cls(tiny_backbone(method_name), cls.Config())  # a small ViT for ViT-only methods (MAE)
     with pytest.raises(UserError) as info:
         make_grad_cache(4, nn.Identity(), method, accelerator=None)
     msg = str(info.value)

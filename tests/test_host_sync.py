@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 import torch
+from _backbones import tiny_backbone
 from _steps import batch as make_batch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from sslbench.augment import AugmentConfig, BatchAugment
-from sslbench.backbones import create_backbone
 from sslbench.method import default_views
 from sslbench.optim import build_optimizer, param_groups
 from sslbench.registry import METHODS, get_method
@@ -134,7 +134,7 @@ def test_training_step_backward_and_updates_never_sync(name):
     torch.manual_seed(0)
     cls = get_method(name)
     cfg = cls.Config()
-    method = cls(create_backbone("resnet18", 32, channels=(8, 16, 32, 64)), cfg)
+    method = cls(tiny_backbone(name, 32), cfg)
     method.train()
     views = [torch.randn(8, 3, spec.size, spec.size) for spec in default_views(method, AugmentConfig(), 32)]
     groups = method.param_groups(param_groups(method, 1e-4))

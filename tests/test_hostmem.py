@@ -53,11 +53,11 @@ def test_on_by_default_and_can_be_turned_off() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks CPU training; this machine trains on CUDA")
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_training_follows_the_setting(tmp_path, monkeypatch, keep) -> None:
-    import sslbench.trainer as trainer
+    import sslbench.run_setup as run_setup
     from sslbench.cli import main
 
     calls = []
-    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(run_setup, "keep_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     rc = main(
         [

@@ -1,4 +1,5 @@
-"""The plugin contract, checked for every registered method, the Barlow Twins doc example and toy
+"""The plugin contract, checked for every registered method, the walkthrough's example (alignment and
+uniformity, docs/examples/align_uniform.py) and toy
 methods that use views of two sizes, the step's progress and a per-sample mask (tests/_toy_methods.py).
 
 Parametrised over ``METHODS.names()``, so a method added later is held to the same rules: one SGD
@@ -19,23 +20,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from _backbones import tiny_backbone as tiny_for
 from _steps import batch as make_batch
 from _steps import info as step_info
 from _toy_methods import TOYS
 from torch import nn
 
 from sslbench.augment import AugmentConfig
-from sslbench.backbones import create_backbone
 from sslbench.method import Method, Recipe, ViewSpec, default_views
 from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
 from sslbench.registry import METHODS, get_method
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "barlow_twins.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "align_uniform.py"
+EXAMPLE_MODULE = "sslbench_doc_example_align_uniform"
 BATCH, SIZE = 8, 32
 
 
-def tiny_backbone() -> nn.Module:
-    return create_backbone("resnet18", SIZE, channels=(8, 16, 32, 64))
+def tiny_backbone(method: str = "") -> nn.Module:
+    """The narrow ResNet-18, or a two-block ViT for a method that trains ViTs only (tests/_backbones.py)."""
+    return tiny_for(method, SIZE)
 
 
 def frozen_ids(method: nn.Module) -> set[int]:
@@ -47,7 +50,7 @@ def one_step(cls: type) -> dict:
     torch.manual_seed(0)
     cfg = cls.Config()
     cfg.validate()
-    backbone = tiny_backbone()
+    backbone = tiny_backbone(cls.name)
     method = cls(backbone, cfg)
     method.train()
     specs = default_views(method, AugmentConfig(), SIZE)
@@ -68,8 +71,8 @@ def stepped(request: pytest.FixtureRequest) -> dict:
 
 
 def _load_example():
-    """Import docs/examples/barlow_twins.py from its path (registering "barlow_twins")."""
-    spec = importlib.util.spec_from_file_location("sslbench_doc_example_barlow_twins", EXAMPLE)
+    """Import docs/examples/align_uniform.py from its path (registering "align_uniform")."""
+    spec = importlib.util.spec_from_file_location(EXAMPLE_MODULE, EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
@@ -129,7 +132,7 @@ def check_momentum(method: nn.Module) -> None:
 
 
 def test_every_builtin_is_registered():
-    assert {"simclr", "moco", "mocov3", "byol", "simsiam"} <= set(METHODS.names())
+    assert {"simclr", "moco", "mocov3", "byol", "simsiam", "swav", "barlow_twins", "vicreg", "nnclr"} <= set(METHODS.names())
     for name in METHODS.names():
         assert get_method(name).name == name
 
@@ -200,16 +203,16 @@ def test_hooks_are_never_looked_up_by_name():
 
 @pytest.fixture
 def example(monkeypatch):
-    """The imported example module; it registers into a copy of the table, so "barlow_twins"
+    """The imported example module; it registers into a copy of the table, so "align_uniform"
     does not leak into other tests."""
     monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))
-    monkeypatch.delitem(sys.modules, "sslbench_doc_example_barlow_twins", raising=False)
+    monkeypatch.delitem(sys.modules, EXAMPLE_MODULE, raising=False)
     return _load_example()
 
 
-def test_example_barlow_twins_trains(example):
-    assert get_method("barlow_twins") is example.BarlowTwins
-    r = one_step(example.BarlowTwins)
+def test_example_trains(example):
+    assert get_method("align_uniform") is example.AlignUniform
+    r = one_step(example.AlignUniform)
     check_contract(r)
     check_momentum(r["method"])
     # a second step on new views: still a finite loss, and every trainable parameter moves
@@ -223,16 +226,33 @@ def test_example_barlow_twins_trains(example):
     assert all(not torch.equal(p, b) for p, b in zip(method.parameters(), before))
 
 
-def test_barlow_twins_loss_matches_formula(example):
-    module = example
-    g = torch.Generator().manual_seed(0)
-    z1, z2 = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 5, generator=g, dtype=torch.float64)
-    a = (z1 - z1.mean(0)) / torch.sqrt(z1.var(0, unbiased=False) + 1e-5)
-    c = (z2 - z2.mean(0)) / torch.sqrt(z2.var(0, unbiased=False) + 1e-5)
-    corr = a.T @ c / 16
-    want = sum((1 - corr[i, i]) ** 2 for i in range(5)) + 5e-3 * sum(corr[i, j] ** 2 for i in range(5) for j in range(5) if i != j)
-    got = module.BarlowTwinsLoss(5e-3)(z1, z2)
-    assert torch.allclose(got.double(), want, rtol=1e-5)
+def reference_align_uniform(x: torch.Tensor, y: torch.Tensor, alpha: float, t: float) -> torch.Tensor:
+    """Wang & Isola 2020: L_align = E ||f(x) - f(y)||^alpha over positive pairs and L_uniform =
+    log E exp(-t ||f(x) - f(y)||^2) over pairs of different samples, averaged over the two views,
+    written one pair at a time on the unit embeddings."""
+    x, y = x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)
+    n = x.shape[0]
+    align = sum((x[i] - y[i]).norm() ** alpha for i in range(n)) / n
+
+    def uniform(z: torch.Tensor) -> torch.Tensor:
+        pairs = [torch.exp(-t * ((z[i] - z[j]) ** 2).sum()) for i in range(n) for j in range(n) if i < j]
+        return torch.log(sum(pairs) / len(pairs))
+
+    return align + (uniform(x) + uniform(y)) / 2
+
+
+@pytest.mark.parametrize("n,d,alpha,t", [(2, 3, 2.0, 2.0), (7, 5, 2.0, 2.0), (10, 4, 1.0, 0.5)])
+def test_example_loss_matches_formula(example, n, d, alpha, t):
+    g = torch.Generator().manual_seed(n)
+    x0, y0 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+    got = example.AlignUniformLoss(alpha=alpha, t=t)(x, y)
+    got.backward()
+    x2, y2 = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+    want = reference_align_uniform(x2, y2, alpha, t)
+    want.backward()
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-6) and torch.allclose(y.grad, y2.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_configs_reject_bad_values():
@@ -244,6 +264,10 @@ def test_configs_reject_bad_values():
         "byol": {"base_momentum": 1.5},
         "simsiam": {"proj_dim": 0},
         "simclr": {"temperature": -1.0},
+        "swav": {"epsilon": 0.01},
+        "barlow_twins": {"lambd": -1.0},
+        "vicreg": {"var_weight": -1.0},
+        "nnclr": {"queue_size": 0},
     }
     for name, change in bad.items():
         cfg = dataclasses.replace(get_method(name).Config(), **change)
@@ -297,4 +321,4 @@ def test_recipes_doc_agrees_with_recipe(name):
 
 
 def test_recipes_doc_agrees_with_example_recipe(example):
-    _check_recipe_doc("barlow_twins", example.BarlowTwins)
+    _check_recipe_doc("align_uniform", example.AlignUniform)

@@ -27,14 +27,16 @@ gradients; every BatchNorm (heads' BatchNorm1d, timm's BatchNormAct2d) is synchr
 updates run identically on every rank; MoCo enqueues the gathered keys; only the main process
 writes the run files and runs the k-NN; the logged loss is the mean over processes.
 
-Methods whose recipe is AdamW (DINO) train with SGD here: AdamW divides each gradient element by
+DINO trains with SGD here: AdamW divides each gradient element by
 its own running RMS, so an element whose gradient is zero up to rounding gets a step of up to the
 lr in a direction rounding decides, and after 3 steps 2 processes differ from 1 by a fraction of
 the lr in such elements (measured for DINO: 4e-6 in its head's first layer, against a tolerance
 of 1e-6), although their gradients agree (with SGD every tensor agrees to the tolerance). The
 optimizer is torch's; what this test checks is the gradients, statistics and state that reach it.
+(MAE, also AdamW, agrees to the tolerance with its own recipe.)
 
-The runs use a narrow ResNet-18 (channels 8,16,32,64), digits at 32 px and one thread per process.
+The runs use a narrow ResNet-18 (channels 8,16,32,64), or a two-block ViT for a method that trains ViTs
+only (MAE; tests/_backbones.py), digits at 32 px and one thread per process.
 They start in the background when the first CLI test runs: the 1-process references one after the
 other in one Python process (``sslbench.cli.main``; imports dominate such tiny runs), the
 ``torchrun`` launches two at a time; each test waits for its own method's pair.
@@ -44,15 +46,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _backbones import VIT_ONLY, tiny_cli_args
 from _reliability import run_group
 from safetensors.torch import load_file
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -75,6 +80,20 @@ PARALLEL_RUNS = 2  # torchrun launches in flight at once (beside the 1-process r
 RTOL, ATOL = 1e-5, 1e-7
 MIN_SCALE = 0.1  # tensor scale floor for the relative tolerance (see the module docstring)
 KNN_METHOD = "simclr"  # also runs the end-of-training k-NN (main process only)
+# Method settings that make the 3 steps exercise the method's cross-process state: SwAV with 2
+# local crops, its queue (16 rows: filled by step 1, used in steps 2 and 3, each process scoring its
+# half) and prototypes that train from the first step; NNCLR with a support set full of real
+# projections from step 2 on. Barlow Twins with a 128-wide projector: at its default width of 2048
+# against a batch of 16 the cross-correlation's gradients amplify fp32 rounding to ~2e-5 in the
+# backbone's BatchNorm biases after 3 steps (17x the tolerance), while the same runs in float64
+# agree to 6e-14 in every tensor (measured: all tensors float64, loss included); at width 128 fp32
+# stays within 0.16x the tolerance.
+METHOD_SETS = {
+    "swav": ["num_local_crops=2", "queue_size=16", "epoch_queue_starts=0", "freeze_prototypes_epochs=0"],
+    "nnclr": ["queue_size=16"],
+    "barlow_twins": ["proj_dim=128", "proj_hidden_dim=128"],
+}
+METHOD_ARGS = {"dino": ["--optimizer", "sgd", "--lr", "0.05"]}  # AdamW: see the module docstring
 
 
 def _common_args(method: str, out: Path) -> list[str]:
@@ -95,10 +114,9 @@ def _common_args(method: str, out: Path) -> list[str]:
         "--quiet",
         "--output",
         str(out),
+        *tiny_cli_args(method),
         "--set",
         "log_every=1",
-        "--set",
-        "backbone_kwargs.channels=8,16,32,64",
         "--set",
         "checkpoint_every=0",
         # NCHW: torch's channels-last CPU BatchNorm uses a one-pass variance (~1e-2 relative gradient error)
@@ -107,8 +125,9 @@ def _common_args(method: str, out: Path) -> list[str]:
     ]
     if method != KNN_METHOD:
         args += ["--set", "quick_knn=false"]
-    if get_method(method).recipe(32).optimizer == "adamw":  # see the module docstring
-        args += ["--optimizer", "sgd", "--lr", "0.05"]
+    for s in METHOD_SETS.get(method, []):
+        args += ["--set", s]
+    args += METHOD_ARGS.get(method, [])
     return args
 
 
@@ -282,6 +301,8 @@ def test_data_kept_in_host_memory_gives_the_same_batches_as_data_on_the_device()
 def test_sync_bn_conversion_covers_every_batchnorm(method_name: str, backbone: str) -> None:
     """What the trainer converts when world > 1: every BatchNorm of the method (backbone, heads'
     BatchNorm1d, momentum copies, timm's BatchNormAct2d) becomes a SyncBatchNorm."""
+    if method_name in VIT_ONLY:
+        pytest.skip(f"{method_name} trains vision transformers only: no BatchNorm to convert")
     kwargs = {"channels": (8, 16, 32, 64)} if backbone == "resnet18" else {}
     cls = get_method(method_name)
     method = cls(create_backbone(backbone, 32, **kwargs), cls.Config())
@@ -378,3 +399,41 @@ def test_a_nan_in_one_process_stops_every_process_with_the_same_error(tmp_path: 
     assert len(errors) == 2, proc.stderr[-4000:]  # one per process
     assert "sslbench/trainer.py" not in proc.stderr, proc.stderr[-4000:]  # (torchrun prints its own traceback)
     assert not (out / "encoder.safetensors").exists()
+
+
+def test_the_main_process_holds_the_run_directory_for_the_group(tmp_path: Path) -> None:
+    """Under torchrun the main process locks the run directory for the group (issue 20): while the
+    two processes train, another `train` on the same --output is one line naming the holder; when
+    the group ends the lock file is gone."""
+    from _reliability import child_env, fork_cli, lines
+
+    from sslbench.runlock import lock_holder
+
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    args = [*_common_args("simclr", out), "--set", "quick_knn=false"]
+    proc = subprocess.Popen(
+        _torchrun(args),
+        env=_group_env(tmp_path, SSLBENCH_TEST_GATE=str(gate)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (out / "config.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        holder = lock_holder(out)
+        assert holder is not None and holder.pid is not None and "train" in (holder.command or ""), proc.poll()
+        second = fork_cli(["train", "--output", str(out), "--steps", "1", "--quiet"], child_env(tmp_path / "cache")).wait()
+        err = lines(second.stderr)
+        assert second.returncode == 2 and len(err) == 1 and f"is in use by pid {holder.pid}" in err[0], second.describe()
+    finally:
+        gate.touch()
+    try:
+        _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stderr[-4000:]
+    assert (out / "encoder.safetensors").is_file() and not (out / "run.lock").exists()

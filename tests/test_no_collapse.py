@@ -8,6 +8,17 @@ direction (pooled post-ReLU features; mean std ~0.005 for the narrow ResNet-18 o
 1/sqrt(128) = 0.088 for directions spread over the sphere), and a healthy short run spreads them
 out (~0.02-0.025 measured for BYOL and MoCo). We require 1.5x the untrained spread: collapse falls
 below it, a method that learns anything clears it by a wide margin.
+
+Exception: a method that reconstructs pixels (MAE) is held to its own no-collapse test,
+tests/test_mae.py::test_a_short_training_reconstructs_far_better_than_the_mean_patch_and_beats_the_untrained_knn.
+For MAE, collapse is an encoder that carries nothing about the image, which leaves the decoder
+no better than the mean patch of each position: that test checks the reconstruction loss against
+exactly that, and the k-NN against the untrained ViT. The spread criterion does not fit it: in
+40 steps MAE's pooled ViT features do not spread out 1.5x (measured on digits: the class token's
+spread falls from 0.015 to 0.004, as no loss trains it; average-pooled patch tokens 0.0107 -> 0.0119),
+while the reconstruction loss falls to ~73% of the mean patch's and the k-NN beats the untrained
+ViT (with average pooling; the class token's k-NN falls below the untrained one's). He et al. (2022) report the same kind of gap at scale: MAE's features are weak for linear
+probing and strong after fine-tuning.
 """
 
 import json
@@ -27,6 +38,8 @@ from sslbench.registry import METHODS
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS.names())
 def test_short_training_does_not_collapse_and_beats_untrained(method, tmp_path, monkeypatch):
+    if METHODS.get(method).supports_reconstruction:
+        pytest.skip(f"{method} reconstructs pixels: held to its own no-collapse test (see the module docstring)")
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     cfg = build_config(
         flags={"method": method, "epochs": 4, "batch_size": 128, "seed": 0, "output": str(tmp_path / "run")},

@@ -8,6 +8,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -83,8 +84,8 @@ def test_disk_full_raises_user_error_and_keeps_rows(tmp_path: Path, monkeypatch:
 
 
 def test_partial_write_then_disk_full_is_recovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The file system takes a few bytes, then fails: the fragment is skipped on read and the
-    # next row starts on a new line.
+    # The file system takes a few bytes, then fails: the fragment is cut off again, so the store
+    # is as it was and the next row follows the last good one.
     path = tmp_path / "results.jsonl"
     append_row(path, {"i": 0})
     real_write = os.write
@@ -98,6 +99,31 @@ def test_partial_write_then_disk_full_is_recovered(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(os, "write", short_then_full)
     with pytest.raises(UserError):
+        append_row(path, {"i": 1})
+    monkeypatch.undo()
+    assert path.read_bytes() == b'{"i": 0}\n'
+    append_row(path, {"i": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torn line to skip
+        assert [r["i"] for r in read_rows(path)] == [0, 2]
+
+
+def test_a_torn_line_that_cannot_be_cut_off_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # When even cutting the fragment off fails, it stays on a line of its own and is skipped on read.
+    path = tmp_path / "results.jsonl"
+    append_row(path, {"i": 0})
+    real_write = os.write
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        real_write(fd, bytes(data[:5]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def no_truncate(fd: int, size: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    monkeypatch.setattr(os, "ftruncate", no_truncate)
+    with pytest.raises(UserError, match="No space left on device"):
         append_row(path, {"i": 1})
     monkeypatch.undo()
     append_row(path, {"i": 2})
@@ -165,3 +191,29 @@ def test_make_row(tmp_path: Path) -> None:
     assert read_rows(tmp_path / "r.jsonl") == [row]
     with pytest.raises(UserError, match="backbone"):
         make_row(metrics={}, protocol={}, run={"method": "simclr", "data": "digits"})
+
+
+def test_an_unwritable_store_is_reported_as_such_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not as lock contention after a 60 s wait, nor as "File exists" (issue 20)."""
+    import time
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match=rf"could not append a result row to {a_file}/r\.jsonl: {a_file} is a file, not a directory"):
+        append_row(a_file / "r.jsonl", {"i": 0})
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(UserError, match="it is a directory, not a file"):
+        append_row(tmp_path / "dir.jsonl", {"i": 0})
+    real_open = os.open
+
+    def no_permission(path, flags, *args, **kwargs):  # a folder this user may not write in (root ignores chmod)
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "open", no_permission)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"could not append a result row to .*ro/r\.jsonl: Permission denied \(.*r\.jsonl\.lock\)"):
+        append_row(tmp_path / "ro" / "r.jsonl", {"i": 0})
+    assert time.monotonic() - t0 < 5

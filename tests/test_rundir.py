@@ -135,3 +135,35 @@ def test_only_rundir_replaces_files():
         p.name for p in sources if "os.replace(" in p.read_text() or ".replace(path)" in p.read_text() or "tmp.replace(" in p.read_text()
     )
     assert replacing == ["checkpoint.py", "rundir.py"]
+
+
+def test_write_failures_are_told_from_bugs(tmp_path):
+    from safetensors import SafetensorError
+
+    from sslbench.rundir import write_failure
+
+    assert write_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "No space left on device"
+    # safetensors' and torch.save's own errors on a full disk (their texts as they raise them)
+    assert write_failure(SafetensorError("Error while serializing: I/O error: File too large (os error 27)")) == "File too large"
+    cause = write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), tmp_path / "x.pt")
+    assert cause is not None and cause.startswith("torch.save failed") and "MB free on its disk" in cause
+    assert write_failure(RuntimeError("shape mismatch")) is None  # a bug keeps its traceback
+    assert write_failure(KeyError("x")) is None
+
+
+def test_check_writable_names_the_output_and_the_cause_and_leaves_nothing(tmp_path):
+    from sslbench.rundir import check_writable
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    check_writable(tmp_path / "new" / "deeper" / "r.jsonl", "--results")  # missing folders are fine: created later
+    check_writable(a_file, "--output")  # an existing file is opened for appending, unchanged
+    assert a_file.read_text() == "x"
+    check_writable(tmp_path / "run", "--output", directory=True)
+    with pytest.raises(UserError, match=rf"^cannot write --results {a_file}/r\.jsonl: {a_file} is a file, not a directory; fix it$"):
+        check_writable(a_file / "r.jsonl", "--results", fix="fix it")
+    with pytest.raises(UserError, match="it is a directory, not a file"):
+        check_writable(tmp_path, "--output")
+    with pytest.raises(UserError, match="it is a file, not a directory"):
+        check_writable(a_file, "--output", directory=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
