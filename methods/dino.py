@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
+from sslbench.heads import encode_views, feature_dim, fit_to_patches, mlp, patch_side
 from sslbench.losses import DINOLoss
 from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
 from sslbench.momentum import freeze_
@@ -168,10 +168,10 @@ class DINO(Method):
         """2 global views at ``image_size`` (blur p 1.0; blur 0.1 + solarize 0.2) and
         ``local_crops`` local views (crop scale ``local_crop_scale``, blur 0.5) of side
         ``local_crop_size``, as ``DataAugmentationDINO``; all other settings from ``base``."""
-        patch = int(getattr(getattr(self.encoder, "patch_embed", None), "patch_size", (1,))[0])  # a ViT's patch side
-        size = self.cfg.local_crop_size or local_crop_size(image_size, patch)
-        if size % patch:
-            raise UserError(f"method_cfg.local_crop_size {size} px must be a multiple of the backbone's {patch} px patches")
+        given = self.cfg.local_crop_size is not None
+        size = fit_to_patches(
+            self.cfg.local_crop_size or local_crop_size(image_size, patch_side(self.encoder)), self.encoder, given, "method_cfg.local_crop_size"
+        )
         local = ViewSpec(replace(base, crop_scale=self.cfg.local_crop_scale, blur_p=0.5, solarize_p=0.0), size)
         return [
             ViewSpec(replace(base, blur_p=1.0, solarize_p=0.0), image_size),

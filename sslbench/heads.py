@@ -12,7 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["encode_views", "feature_dim", "mlp"]
+from .errors import UserError
+
+__all__ = ["encode_views", "feature_dim", "fit_to_patches", "mlp", "patch_side"]
 
 
 def mlp(
@@ -52,6 +54,26 @@ def mlp(
 def feature_dim(backbone: nn.Module) -> int:
     """The width D of the backbone's features h (timm's ``num_features``)."""
     return int(backbone.num_features)  # type: ignore[arg-type]  # timm models define it as an int attribute
+
+
+def patch_side(backbone: nn.Module) -> int:
+    """The side in px of a vision transformer's patches (timm's ``patch_embed.patch_size``), 1 for
+    any other backbone: the multiple a view's size must be for the backbone to tile it."""
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    return int(patch[0]) if patch else 1
+
+
+def fit_to_patches(size: int, backbone: nn.Module, given: bool, what: str) -> int:
+    """A multi-crop view side that the backbone can tile: ``size`` when it is a multiple of the
+    patch side (always for a convolutional backbone); a default (``given=False``) is rounded to
+    the nearest multiple (at least one patch); a size the user gave is refused with one line
+    naming ``what`` (the config key)."""
+    patch = patch_side(backbone)
+    if size % patch == 0:
+        return size
+    if given:
+        raise UserError(f"{what} {size} px must be a multiple of the backbone's {patch} px patches")
+    return patch * max(1, round(size / patch))
 
 
 def encode_views(encoder: nn.Module, views: Sequence[Tensor]) -> list[Tensor]:
