@@ -96,7 +96,7 @@ def test_architectures_and_model_arguments(exported) -> None:
     assert configs["resnet-32px"]["architecture"] == "sslbench_cifar_resnet"
     assert configs["resnet-32px"]["model_args"] == {"base": "resnet18", "channels": [8, 16, 32, 64], "num_classes": 0}
     assert configs["resnet-224px"]["architecture"] == "resnet18"
-    assert configs["vit-32px"]["model_args"] == {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 0}
+    assert configs["vit-32px"]["model_args"] == {"img_size": 32, "patch_size": 4, "dynamic_img_size": True, "depth": 2, "num_classes": 0}
     assert "import sslbench.backbones" in (exported["resnet-32px"][1] / "README.md").read_text()
 
 
