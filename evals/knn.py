@@ -159,6 +159,6 @@ def knn_protocol(k: int = 200, temperature: float = 0.1, weighted: bool = True) 
         "temperature": temperature if weighted else None,
         "weighting": "exp(sim/T)" if weighted else "uniform (majority vote, ties -> smallest class)",
         "metric": "cosine",
-        "features": "l2-normalised, frozen, no augmentation",
+        "feature_processing": "l2-normalised, frozen, no augmentation",  # "features" is the depth (h, projK, z)
         "reference": "Wu et al. 2018 (InstDisc)" if weighted else "majority vote (scikit-learn rule)",
     }

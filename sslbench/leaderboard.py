@@ -45,6 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import UserError
+from .results import protocol_depth
 
 GROUP_FIELDS = ("data", "backbone", "budget_kind", "budget", "image_size")
 FORMATS = ("md", "csv", "html")
@@ -170,8 +171,8 @@ def row_features(row: Row) -> str | None:
     protocol = row.get("protocol")
     if not isinstance(protocol, Mapping):
         return None
-    depth = protocol.get("features")
-    if isinstance(depth, str) and depth != "h":
+    depth = protocol_depth(protocol)
+    if depth is not None and depth != "h":
         return depth
     layer = protocol.get("from_projector_layer")
     if depth is None and layer not in (None, 0):

@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 from .errors import UserError
 from .registry import unknown_name_message
+from .results import protocol_depth
 
 PROTOCOLS_ENTRY_POINT_GROUP = "sslbench.protocols"
 DEFAULT_PROTOCOLS = "knn,linear"
@@ -451,10 +452,8 @@ def reusable(opts: EvalOptions, cfg: Any, stored: list[dict[str, Any]]) -> tuple
 
 def row_depth(row: dict[str, Any]) -> str:
     """The feature depth a stored row was scored at: its ``protocol.features`` (``h`` for rows
-    written before depths existed)."""
-    protocol = row.get("protocol")
-    depth = protocol.get("features") if isinstance(protocol, dict) else None
-    return str(depth) if depth else DEFAULT_FEATURES
+    written before depths existed: :func:`sslbench.results.protocol_depth`)."""
+    return protocol_depth(row.get("protocol")) or DEFAULT_FEATURES
 
 
 def _redone(row: dict[str, Any], fractions: list[float], depths: list[str]) -> bool:

@@ -272,6 +272,17 @@ def _heldout(spec: str) -> dict[str, Any] | None:
     return record
 
 
+def protocol_depth(protocol: Any) -> str | None:
+    """The feature depth a row's ``protocol`` record names (``h``, ``projK``, ``z``, ...), or
+    ``None`` when it names none. Rows written before depths existed (sslbench before 2026-11-30)
+    used the k-NN record's ``features`` key for a description of the features
+    (``"l2-normalised, frozen, no augmentation"``); such prose, unlike a depth, contains a space and
+    is read as naming no depth (the encoder output ``h``, which those rows were scored on). The k-NN
+    record now keeps that description under ``feature_processing``."""
+    depth = protocol.get("features") if isinstance(protocol, Mapping) else None
+    return depth if isinstance(depth, str) and depth and " " not in depth else None
+
+
 def make_row(*, metrics: Mapping[str, float], protocol: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
     """A self-describing result row.
 

@@ -224,3 +224,29 @@ def test_plot_names_the_formats_it_can_write(tmp_path):
         plot(ROWS, tmp_path / "board.txt")
     with pytest.raises(UserError, match="one of the suffixes"):
         plot(ROWS, tmp_path / "board")  # matplotlib would write board.png while we reported "board"
+
+
+def test_rows_from_before_feature_depths_share_a_line_with_rows_scored_at_h():
+    """Until 2026-11-30 the k-NN record's ``features`` key held a description of the features
+    ("l2-normalised, frozen, no augmentation"); rows written since name the depth there (``h``).
+    The committed CIFAR-10 table holds both: an old k-NN row on h and a new one are one line
+    without a ``features`` column, and the description is not mistaken for a depth; a real depth
+    (``z``) still gets its own line."""
+    from sslbench.protocols import row_depth
+
+    old_knn = {"name": "knn", "features": "l2-normalised, frozen, no augmentation"}
+    rows = [
+        {**_row("simclr", 0, {"knn_top1": 48.0}), "protocol": old_knn},
+        {**_row("simclr", 0, {"linear_top1": 51.0}), "protocol": {"name": "linear"}},
+        {**_row("vicreg", 0, {"knn_top1": 45.0}), "protocol": {"name": "knn", "features": "h"}},
+        {**_row("vicreg", 0, {"linear_top1": 49.0}), "protocol": {"name": "linear", "features": "h"}},
+    ]
+    entries = aggregate(rows)
+    assert [(e["method"], e["features"], sorted(e["metrics"])) for e in entries] == [
+        ("simclr", None, ["knn_top1", "linear_top1"]),
+        ("vicreg", None, ["knn_top1", "linear_top1"]),
+    ]
+    assert "features" not in render(rows, "md")
+    assert row_depth(rows[0]) == "h" and row_depth(rows[2]) == "h"
+    at_z = {**_row("vicreg", 0, {"knn_top1": 30.0}), "protocol": {"name": "knn", "features": "z"}}
+    assert [e["features"] for e in aggregate([*rows, at_z])] == [None, None, "z"]
