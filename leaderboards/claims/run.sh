@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The SimCLR guide's five claims at CPU scale: one `sslbench compare --vary` grid per claim, 3 seeds,
-# then leaderboards/claims/README.md from the rows. About 2.5 hours on 2 CPU cores (see README.md).
+# then leaderboards/claims/README.md from the rows. About 27 minutes on a 2-core Intel Xeon (see README.md).
 #
 #   bash leaderboards/claims/run.sh            # from the repository root (or anywhere)
 #
