@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from _gloo import run_gloo_workers
 from _steps import batch as make_batch
 from _steps import info as step_info
 from torch import Tensor, nn
@@ -162,34 +160,9 @@ def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("dino_dist")
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, __file__, "--worker"]
-    procs = [
-        subprocess.Popen(cmd + [str(r), str(WORLD), str(port), str(tmp)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {r} failed:\n" + "\n".join(logs)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_gloo_workers(__file__, WORLD, tmp_path_factory.mktemp("dino_dist"))
 
 
 def test_two_processes_keep_the_centre_loss_and_gradients_of_one_process(ranks):
