@@ -9,9 +9,6 @@ computed; the tests then compare with plain single-process torch on the whole ba
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +18,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _gloo import run_gloo_workers
 from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -197,46 +195,10 @@ def _worker(rank: int, world: int, port: int, out_dir: Path, device: str) -> Non
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _run_workers(tmp: Path, device: str) -> list[dict[str, Any]]:
-    port = _free_port()
-    # The workers must import the same sslbench as this process, installed or not.
-    root = str(Path(sdist.__file__).resolve().parents[1])
-    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(r), str(WORLD), str(port), str(tmp), device],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {r} failed (rc={p.returncode}):\n" + "\n".join(logs)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
 @pytest.fixture(scope="module", params=DEVICES)
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Results of the 2-process run (gloo; on CUDA both ranks share device 0)."""
-    return _run_workers(tmp_path_factory.mktemp(f"dist_{request.param}"), request.param)
+    return run_gloo_workers(__file__, WORLD, tmp_path_factory.mktemp(f"dist_{request.param}"), request.param, timeout=WORKER_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------------------------
