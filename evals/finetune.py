@@ -13,7 +13,12 @@ Chen et al. 2020b):
   Every parameter is trained; BatchNorm layers use batch statistics while training.
 - Optimisation: SGD with Nesterov momentum 0.9 and no weight decay (SimCLR: "we do not use any
   regularization"), a cosine learning-rate decay to zero over all steps without warm-up, and
-  cross-entropy. Optionally a layer-wise learning-rate decay for vision transformers
+  cross-entropy. From a projector layer the lr is scaled down to the curvature of the start
+  (``lr_scaling="curvature"``, the default; :func:`start_lr_factor`): the zero-initialised head's
+  loss has curvature proportional to the largest eigenvalue of ``E[f f^T]`` of the features ``f``
+  it reads, about 10x larger on 2,048 post-ReLU projector features than on the encoder's, so the
+  lr that is right from the encoder diverges there (SimCLR v2 fine-tunes with LARS, whose
+  per-layer trust ratio does not act on a zero-initialised head). From the encoder the scale is 1. Optionally a layer-wise learning-rate decay for vision transformers
   (``layer_decay``, BEiT's and MAE's fine-tuning, 0.75 in MAE: see :func:`layer_decay_groups`);
   the default 1.0 trains every layer at the same rate. The base ``lr`` (default 0.2) is not scaled with the batch: SimCLR's
   ``0.05 * B / 256`` comes with batches of 4096 and long schedules; on small labelled subsets and
@@ -59,6 +64,9 @@ DEFAULT_BATCH_SIZE = 256
 DEFAULT_LR = 0.2
 DEFAULT_MIN_STEPS = 200
 DEFAULT_LAYER_DECAY = 1.0  # no layer-wise lr decay (MAE fine-tunes ViTs with 0.75)
+LR_SCALINGS = ("curvature", "none")  # how the lr is set for a start after projector layers
+DEFAULT_LR_SCALING = "curvature"
+CURVATURE_IMAGES = 2048  # labelled images (a seeded sample when there are more) that measure it
 MOMENTUM = 0.9
 CROP_SCALE = (0.08, 1.0)
 # How train_classifier optimises, for result rows (fine-tuning and distillation).
@@ -135,6 +143,7 @@ class FinetuneModel(nn.Module):
         self.head = nn.Linear(dim, num_classes).to(module_device(encoder))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.lr_factor = 1.0  # set by finetune_model: :func:`start_lr_factor`
 
     def features(self, x: Tensor) -> Tensor:
         out: Tensor = self.projector(self.encoder(x).flatten(1))
@@ -180,6 +189,53 @@ def layer_decay_groups(model: FinetuneModel, decay: float) -> list[dict[str, Any
     return [{"params": ps, "lr_scale": decay ** (n_blocks + 1 - i)} for i, ps in sorted(groups.items())]
 
 
+def top_second_moment(features: Tensor, *, tol: float = 1e-6, max_iter: int = 1000) -> float:
+    """The largest eigenvalue of the uncentred second moment ``E[f f^T] = X^T X / N`` of
+    ``features`` X (N, D), in float64 by power iteration started at the mean feature (the dominant
+    direction of post-ReLU features). For a linear head on these features, this is the scale of the
+    softmax cross-entropy's curvature in the head's weights, which bounds the stable SGD step."""
+    x = features.detach().double().flatten(1)
+    n = x.shape[0]
+    v = x.mean(0)
+    if not bool(v.norm() > 0):
+        v = torch.ones_like(v)
+    v = v / v.norm()
+    lam = 0.0
+    for _ in range(max_iter):
+        w = x.T @ (x @ v) / n
+        new = float(w.norm())
+        if new == 0.0:
+            return 0.0
+        v = w / new
+        if abs(new - lam) <= tol * new:
+            return new
+        lam = new
+    return lam
+
+
+@torch.no_grad()
+def start_lr_factor(model: FinetuneModel, images: Tensor, *, image_size: int, seed: int, precision: str = "no") -> float:
+    """The factor of the fine-tuning lr for ``model``'s start: ``min(1, lambda(h) / lambda(f))``,
+    where ``lambda`` is :func:`top_second_moment` of the encoder's features ``h`` and of the
+    features ``f`` the head reads (after the projector layers), both in eval mode on centre crops
+    of ``images`` (at most :data:`CURVATURE_IMAGES`, a sample fixed by ``seed``). 1 without
+    projector layers. The lr that suits fine-tuning from h then takes the same step relative to the
+    head's curvature from a projector layer; it is never raised."""
+    if isinstance(model.projector, nn.Identity):
+        return 1.0
+    from .features import extract_features
+
+    if images.shape[0] > CURVATURE_IMAGES:
+        pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:CURVATURE_IMAGES]
+        images = images[pick.sort().values.to(images.device)]
+    dev = module_device(model.encoder)
+    with eval_mode(model):
+        h = extract_features(model.encoder, images, image_size=image_size, device=dev, precision=precision).to(dev)
+        f = torch.cat([model.projector(c).float() for c in h.split(1024)])
+    lam_h, lam_f = top_second_moment(h), top_second_moment(f)
+    return 1.0 if lam_f <= lam_h else lam_h / lam_f
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, test: ImageSplit, image_size: int, device: torch.device, precision: str, batch_size: int = 256) -> dict[str, float]:
     n_classes = len(test.classes)
@@ -222,14 +278,18 @@ def finetune_model(
     min_steps: int = DEFAULT_MIN_STEPS,
     crop_scale: tuple[float, float] = CROP_SCALE,
     layer_decay: float = DEFAULT_LAYER_DECAY,
+    lr_scaling: str = DEFAULT_LR_SCALING,
 ) -> tuple[FinetuneModel, dict[str, float]]:
     """:func:`finetune`, also returning the fine-tuned model (in eval mode; the teacher of
-    :mod:`sslbench.evals.distill`)."""
+    :mod:`sslbench.evals.distill`; its ``lr_factor`` is the factor :func:`start_lr_factor` applied
+    to ``lr``, 1 with ``lr_scaling="none"``)."""
     fraction = check_fraction(fraction)
     if epochs < 1 or batch_size < 1 or not lr > 0 or min_steps < 0:
         raise UserError(f"fine-tuning needs epochs >= 1, batch_size >= 1, lr > 0 and min_steps >= 0; got {epochs}, {batch_size}, {lr}, {min_steps}")
     if not 0.0 < layer_decay <= 1.0:
         raise UserError(f"the layer-wise lr decay must be in (0, 1], got {layer_decay}")
+    if lr_scaling not in LR_SCALINGS:
+        raise UserError(f"unknown fine-tuning lr scaling {lr_scaling!r}; use one of {', '.join(LR_SCALINGS)}")
     if not isinstance(train, ImageSplit) or not isinstance(test, ImageSplit):
         raise UserError("fine-tuning needs in-memory splits; raise max_memory_gb or use a smaller data set")
     dev = torch.device(device) if device is not None else module_device(encoder)
@@ -246,6 +306,8 @@ def finetune_model(
     if n < 2:
         raise UserError(f"label fraction {fraction} leaves {n} labelled image; fine-tuning needs at least 2")
     labels = subset.labels.to(dev)
+    if lr_scaling == "curvature":
+        model.lr_factor = start_lr_factor(model, subset.images, image_size=image_size, seed=seed, precision=precision)
 
     def loss_fn(logits: Tensor, idx: Tensor, x: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels[idx])
@@ -256,7 +318,7 @@ def finetune_model(
         loss_fn,
         steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
         batch_size=batch_size,
-        lr=lr,
+        lr=lr * model.lr_factor,
         seed=seed,
         image_size=image_size,
         precision=precision,
@@ -347,9 +409,12 @@ def finetune_protocol(
     min_steps: int = DEFAULT_MIN_STEPS,
     crop_scale: tuple[float, float] = CROP_SCALE,
     layer_decay: float = DEFAULT_LAYER_DECAY,
+    lr_scaling: str = DEFAULT_LR_SCALING,
+    lr_factor: float = 1.0,
 ) -> dict[str, Any]:
     """A self-describing record of the fine-tuning protocol, for result rows (``from_projector_layer``:
-    0 for h, K for the first K hidden projector layers, ``"z"`` for the whole projector)."""
+    0 for h, K for the first K hidden projector layers, ``"z"`` for the whole projector;
+    ``lr_factor``: the factor of ``lr`` that ``lr_scaling`` gave, :func:`start_lr_factor`)."""
     return {
         "name": "finetune",
         "label_fraction": check_fraction(fraction),
@@ -360,6 +425,8 @@ def finetune_protocol(
         "head": "linear, zero init",
         **OPTIMIZER_RECORD,
         "lr": lr,
+        "lr_scaling": lr_scaling,
+        "lr_factor": lr_factor,
         "layer_decay": layer_decay,
         "epochs": epochs,
         "min_steps": min_steps,

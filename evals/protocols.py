@@ -60,6 +60,13 @@ FINETUNE_OPTIONS = (
     Option("--finetune-epochs", 10, "fine-tuning epochs per label fraction (default 10)", type=int, check=at_least(1)),
     Option("--finetune-batch-size", 256, "fine-tuning batch size (default 256)", type=int, check=at_least(1)),
     Option("--finetune-lr", 0.2, "fine-tuning learning rate (default 0.2, cosine)", type=float, check=positive),
+    Option(
+        "--finetune-lr-scaling",
+        "curvature",
+        "from a projector layer: curvature (default) lowers the lr by the ratio of the head's curvature at h to "
+        "that at the start layer; none uses --finetune-lr as is",
+        choices=("curvature", "none"),
+    ),
     Option("--finetune-min-steps", 200, "at least this many fine-tuning steps per fraction (default 200)", type=int, check=at_least(0)),
     Option(
         "--from-projector-layer",
@@ -112,11 +119,13 @@ def start_layer(opts: EvalOptions, depth: str) -> int | str:
 
 
 def _finetune_key_at(opts: EvalOptions, layer: int | str) -> dict[str, Any]:
-    decay = opts.finetune_layer_decay
+    decay, scaling = opts.finetune_layer_decay, opts.finetune_lr_scaling
     return {
         "epochs": opts.finetune_epochs,
         "batch_size": opts.finetune_batch_size,
         "lr": opts.finetune_lr,
+        # from h every scaling is the same (factor 1); rows stored before the option used the lr as is
+        "lr_scaling": lambda v: layer == 0 or v == scaling or (v is None and scaling == "none"),
         "seed": opts.seed,
         "from_projector_layer": layer,
         "min_steps": opts.finetune_min_steps,
@@ -200,13 +209,14 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
         precision=ctx.precision,
         min_steps=opts.finetune_min_steps,
         layer_decay=opts.finetune_layer_decay,
+        lr_scaling=opts.finetune_lr_scaling,
     )
     if "distill" in opts.protocols and layer == opts.from_projector_layer:
         teachers[fraction, layer] = model_and_metrics
     return model_and_metrics
 
 
-def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str) -> dict[str, Any]:
+def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str, model: Any) -> dict[str, Any]:
     from .finetune import finetune_protocol, label_subset
 
     opts = ctx.opts
@@ -220,6 +230,8 @@ def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str) -> dic
         from_projector_layer=layer,
         min_steps=opts.finetune_min_steps,
         layer_decay=opts.finetune_layer_decay,
+        lr_scaling=opts.finetune_lr_scaling,
+        lr_factor=model.lr_factor,
     )
 
 
@@ -236,7 +248,8 @@ def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str) -> dic
 def finetune(ctx: EvalContext, fraction: float | None) -> Score:
     assert fraction is not None
     layer = start_layer(ctx.opts, ctx.depth)
-    return Score(_teacher(ctx, fraction, layer)[1], _finetune_record(ctx, fraction, layer))
+    model, metrics = _teacher(ctx, fraction, layer)
+    return Score(metrics, _finetune_record(ctx, fraction, layer, model))
 
 
 @register_protocol(
@@ -297,7 +310,7 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
             label_weight=opts.distill_label_weight,
             min_steps=opts.finetune_min_steps,
             seed=opts.seed,
-            teacher=_finetune_record(ctx, fraction, layer),
+            teacher=_finetune_record(ctx, fraction, layer, model),
         ),
     )
 

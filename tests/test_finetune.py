@@ -16,11 +16,14 @@ from sslbench.errors import UserError
 from sslbench.evals.finetune import (
     FinetuneModel,
     finetune,
+    finetune_model,
     finetune_steps,
     fraction_tag,
     label_subset,
     metric_name,
     projector_layers,
+    start_lr_factor,
+    top_second_moment,
 )
 from sslbench.evals.online_probe import OnlineProbe
 
@@ -290,3 +293,104 @@ def test_fp16_fine_tuning_on_a_gpu_scales_the_loss_and_learns():
     kwargs = {"fraction": 1.0, "image_size": 32, "epochs": 4, "batch_size": 16, "lr": 0.05, "seed": 0, "min_steps": 0}
     out = finetune(encoder, train, test, device="cuda", precision="fp16", **kwargs)
     assert out["finetune_100pct_top1"] >= 75.0, out
+
+
+# ---------------------------------------------------------------------------------------------
+# The fine-tuning lr from a projector layer
+
+
+def test_top_second_moment_is_the_largest_eigenvalue_of_the_uncentred_second_moment():
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(300, 40, generator=g).relu(), torch.randn(300, 40, generator=g) * torch.linspace(0.1, 3, 40)):
+        ref = torch.linalg.eigvalsh((x.double().T @ x.double()) / x.shape[0])[-1].item()
+        assert top_second_moment(x) == pytest.approx(ref, rel=1e-4)
+    assert top_second_moment(torch.zeros(10, 5)) == 0.0
+    assert top_second_moment(torch.full((10, 5), 2.0)) == pytest.approx(20.0)  # ||(2,...,2)||^2
+
+
+def _wide_start(encoder, width=1024, seed=0):
+    """A SimCLR-like first projector layer: Linear -> BatchNorm -> ReLU to many units (BN statistics
+    taken on the data, as after pretraining), whose features carry far more curvature than h."""
+    torch.manual_seed(seed)
+    head = nn.Sequential(nn.Linear(64, width), nn.BatchNorm1d(width), nn.ReLU())
+    with torch.no_grad():
+        x = colour_split([16] * 4, seed=5, id_offset=3000).images
+        h = encoder.eval()(eval_batch(x, 32)).flatten(1)
+        head.train()(h)  # running statistics of this data
+    return head.eval()
+
+
+def test_start_lr_factor_is_the_curvature_ratio_and_never_raises_the_lr():
+    encoder = tiny_encoder()
+    images = colour_split([8] * 4, seed=0).images
+    head = _wide_start(encoder)
+    model = FinetuneModel(encoder, 4, projector=head, image_size=32)
+    model.eval()
+    with torch.no_grad():
+        h = encoder(eval_batch(images, 32)).flatten(1)
+        f = head(h)
+    by_hand = top_second_moment(h) / top_second_moment(f)
+    assert 0 < by_hand < 0.5
+    assert start_lr_factor(model, images, image_size=32, seed=0) == pytest.approx(by_hand, rel=1e-4)
+    assert start_lr_factor(FinetuneModel(encoder, 4, image_size=32), images, image_size=32, seed=0) == 1.0  # from h
+    shrink = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+    with torch.no_grad():
+        shrink[0].weight.copy_(torch.eye(64) * 0.1)
+        shrink[0].bias.zero_()
+    small = FinetuneModel(encoder, 4, projector=shrink, image_size=32)
+    assert start_lr_factor(small, images, image_size=32, seed=0) == 1.0  # smaller curvature: lr kept
+
+
+def test_finetuning_from_a_wide_projector_layer_learns_at_the_default_lr_with_curvature_scaling():
+    """The lr that suits h (0.2) diverges from 1,024 post-ReLU projector features without the
+    scaling (SimCLR v2 runs of leaderboards/claims: chance); with it the start learns."""
+    train = colour_split([16] * 4, seed=0)
+    test = colour_split([8] * 4, seed=1, id_offset=1000)
+    encoder = tiny_encoder()
+    kwargs = {"fraction": 1.0, "image_size": 32, "epochs": 4, "batch_size": 16, "lr": 0.2, "seed": 0, "min_steps": 0}
+    model, scaled = finetune_model(encoder, train, test, projector=_wide_start(encoder), **kwargs)
+    assert model.lr_factor < 0.5
+    assert scaled["finetune_100pct_top1"] >= 75.0, scaled
+    try:
+        _, plain = finetune_model(encoder, train, test, projector=_wide_start(encoder), lr_scaling="none", **kwargs)
+        assert plain["finetune_100pct_top1"] <= 50.0, plain
+    except UserError as e:  # diverged to a non-finite loss
+        assert "diverged" in str(e)
+
+
+def test_from_h_the_lr_scaling_changes_nothing():
+    train = colour_split([8] * 4, seed=0)
+    test = colour_split([4] * 4, seed=1, id_offset=1000)
+    kwargs = {"fraction": 1.0, "image_size": 32, "epochs": 1, "batch_size": 16, "seed": 0, "min_steps": 3}
+    model, out = finetune_model(tiny_encoder(), train, test, **kwargs)
+    assert model.lr_factor == 1.0
+    assert finetune_model(tiny_encoder(), train, test, lr_scaling="none", **kwargs)[1] == out
+    with pytest.raises(UserError, match="unknown fine-tuning lr scaling 'lars'; use one of curvature, none"):
+        finetune_model(tiny_encoder(), train, test, lr_scaling="lars", **kwargs)
+
+
+def test_the_lr_scaling_is_a_checked_flag_recorded_in_the_row_and_the_reuse_key(capsys):
+    from sslbench.cli import main
+    from sslbench.config import TrainConfig
+    from sslbench.evals.finetune import finetune_protocol
+    from sslbench.protocols import EvalOptions, reusable
+
+    assert main(["eval", "nowhere", "--protocol", "finetune", "--finetune-lr-scaling", "lars"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--finetune-lr-scaling" in err[0] and "curvature" in err[0], err
+    cfg = TrainConfig(data="digits")
+
+    def row(record, depth):
+        return {"label_fraction": 0.1, "protocol": {**record, "name": "finetune", "eval_data": "digits", "features": depth}, "metrics": {}}
+
+    new = finetune_protocol(fraction=0.1, n_labelled=10, from_projector_layer=1, lr_factor=0.1)
+    assert (new["lr_scaling"], new["lr_factor"]) == ("curvature", 0.1)
+    old = {k: v for k, v in new.items() if k not in ("lr_scaling", "lr_factor")}  # stored before the option
+    curvature = EvalOptions(protocols=["finetune"], fractions=[0.1], features=["proj1"])
+    plain = EvalOptions(protocols=["finetune"], fractions=[0.1], features=["proj1"], settings={"finetune_lr_scaling": "none"})
+    assert reusable(curvature, cfg, [row(old, "proj1")])[1] is not None  # fine-tuned at the plain lr: again
+    assert reusable(plain, cfg, [row(old, "proj1")])[1] is None
+    assert reusable(curvature, cfg, [row(new, "proj1")])[1] is None
+    assert reusable(plain, cfg, [row(new, "proj1")])[1] is not None
+    from_h = {**old, "from_projector_layer": 0}
+    assert reusable(EvalOptions(protocols=["finetune"], fractions=[0.1]), cfg, [row(from_h, "h")])[1] is None  # factor 1 from h
