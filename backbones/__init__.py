@@ -25,6 +25,7 @@ what ``sslbench export`` writes into a timm ``config.json``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Iterator
@@ -77,7 +78,7 @@ def _create(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.Modu
     try:
         with _weights_access(name, bool(kwargs["pretrained"])):
             model = timm.create_model(name, num_classes=0, **kwargs)
-            if hasattr(model, "patch_embed"):
+            if is_vision_transformer(model):
                 vit_kwargs: dict[str, Any] = {}
                 if image_size != getattr(model.patch_embed, "img_size", (image_size,))[0]:
                     vit_kwargs["img_size"] = image_size
@@ -93,6 +94,28 @@ def _create(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.Modu
             f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); check their names and values"
         ) from exc
     return model, {**kwargs, "num_classes": 0}
+
+
+def is_vision_transformer(model: nn.Module) -> bool:
+    """Whether ``model`` is a vision transformer: a timm model with a ``patch_embed`` (ViT, DeiT,
+    Eva, BEiT, Swin, ...). These are built for the image size (:func:`create_backbone`) and
+    fine-tuned with AdamW (:mod:`sslbench.evals.finetune`)."""
+    return hasattr(model, "patch_embed")
+
+
+def is_vision_transformer_backbone(name: str, image_size: int = 224, kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether ``create_backbone(name, image_size, **kwargs)`` is a vision transformer
+    (:func:`is_vision_transformer`), told by building it on the meta device: no
+    weights are allocated or downloaded. Cached per arguments."""
+    return _is_vit(name, image_size, json.dumps(kwargs or {}, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=64)
+def _is_vit(name: str, image_size: int, kwargs_json: str) -> bool:
+    kwargs = {**json.loads(kwargs_json), "pretrained": False}
+    with torch.device("meta"):
+        model, _ = _create(name, image_size, kwargs)
+    return is_vision_transformer(model)
 
 
 def timm_architecture(name: str, image_size: int = 224, **kwargs: Any) -> tuple[str, dict[str, Any]]:

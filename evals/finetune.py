@@ -11,16 +11,22 @@ Chen et al. 2020b):
   projector (``from_projector_layer=k``; SimCLR v2 fine-tunes from the first layer of its 3-layer
   projector, i.e. ``encoder -> Linear -> BN -> ReLU``), then a linear head initialised to zero.
   Every parameter is trained; BatchNorm layers use batch statistics while training.
-- Optimisation: SGD with Nesterov momentum 0.9 and no weight decay (SimCLR: "we do not use any
-  regularization"), a cosine learning-rate decay to zero over all steps without warm-up, and
-  cross-entropy. From a projector layer the lr is scaled down to the curvature of the start
+- Optimisation (``optimizer``, default ``auto``: AdamW for vision transformers, SGD otherwise;
+  :func:`resolve_optimizer`): SGD with Nesterov momentum 0.9 and no weight decay (SimCLR: "we do
+  not use any regularization"), a cosine learning-rate decay to zero over all steps without
+  warm-up, and cross-entropy; or for ViTs MAE's fine-tuning optimizer (He et al. 2022, App. A.2):
+  AdamW, betas (0.9, 0.999), weight decay 0.05 (not on biases, norms, position embeddings and
+  class tokens), lr 1e-3, a linear warm-up over the first 5% of the steps, then cosine. SGD at
+  0.2 diverges on a trained ViT-Tiny's pooled feature, whose second moment is 5.6x a ResNet-18's;
+  Adam's step does not scale with it. From a projector layer the lr is scaled down to the curvature of the start
   (``lr_scaling="curvature"``, the default; :func:`start_lr_factor`): the zero-initialised head's
   loss has curvature proportional to the largest eigenvalue of ``E[f f^T]`` of the features ``f``
   it reads, about 10x larger on 2,048 post-ReLU projector features than on the encoder's, so the
   lr that is right from the encoder diverges there (SimCLR v2 fine-tunes with LARS, whose
-  per-layer trust ratio does not act on a zero-initialised head). From the encoder the scale is 1. Optionally a layer-wise learning-rate decay for vision transformers
+  per-layer trust ratio does not act on a zero-initialised head). From the encoder, and with
+  AdamW, the scale is 1. Optionally a layer-wise learning-rate decay for vision transformers
   (``layer_decay``, BEiT's and MAE's fine-tuning, 0.75 in MAE: see :func:`layer_decay_groups`);
-  the default 1.0 trains every layer at the same rate. The base ``lr`` (default 0.2) is not scaled with the batch: SimCLR's
+  the default 1.0 trains every layer at the same rate. The base ``lr`` (SGD's default 0.2) is not scaled with the batch: SimCLR's
   ``0.05 * B / 256`` comes with batches of 4096 and long schedules; on small labelled subsets and
   short schedules it barely moves the model (on digits, 0.2 fine-tunes to ~94% where 0.05 gives
   ~64% in the same steps).
@@ -69,14 +75,43 @@ DEFAULT_LR_SCALING = "curvature"
 CURVATURE_IMAGES = 2048  # labelled images (a seeded sample when there are more) that measure it
 MOMENTUM = 0.9
 CROP_SCALE = (0.08, 1.0)
-# How train_classifier optimises, for result rows (fine-tuning and distillation).
-OPTIMIZER_RECORD: dict[str, object] = {
-    "optimizer": "sgd",
-    "momentum": MOMENTUM,
-    "nesterov": True,
-    "weight_decay": 0.0,
-    "schedule": "cosine to 0, no warm-up",
-}
+# ``auto``: AdamW for vision transformers (encoders with a patch embedding), SGD otherwise
+OPTIMIZERS = ("auto", "sgd", "adamw")
+DEFAULT_OPTIMIZER = "auto"
+DEFAULT_LRS = {"sgd": DEFAULT_LR, "adamw": 1e-3}  # the lr when none is given (AdamW: MAE's ViT-L base lr)
+ADAMW_BETAS = (0.9, 0.999)  # MAE's fine-tuning (torch's defaults)
+ADAMW_WEIGHT_DECAY = 0.05  # MAE's fine-tuning; not on biases, norms, position embeddings, class tokens
+ADAMW_WARMUP = 0.05  # fraction of the steps with a linear lr warm-up (MAE: 5 of 100 epochs)
+
+
+def optimizer_record(optimizer: str = "sgd") -> dict[str, object]:
+    """How :func:`train_classifier` optimises with ``optimizer`` (``sgd`` or ``adamw``), for result
+    rows (fine-tuning and distillation)."""
+    if optimizer == "adamw":
+        return {
+            "optimizer": "adamw",
+            "betas": list(ADAMW_BETAS),
+            "weight_decay": ADAMW_WEIGHT_DECAY,
+            "weight_decay_exempt": "biases, norms, position embeddings, class tokens",
+            "schedule": f"linear warm-up over {ADAMW_WARMUP:.0%} of the steps, then cosine to 0",
+        }
+    return {"optimizer": "sgd", "momentum": MOMENTUM, "nesterov": True, "weight_decay": 0.0, "schedule": "cosine to 0, no warm-up"}
+
+
+OPTIMIZER_RECORD = optimizer_record("sgd")
+
+
+def resolve_optimizer(optimizer: str, encoder: nn.Module) -> str:
+    """The fine-tuning optimizer ``optimizer`` names for ``encoder``: ``auto`` is ``adamw`` for a
+    vision transformer (:func:`sslbench.backbones.is_vision_transformer`; MAE's and BEiT's fine-tuning) and ``sgd``
+    otherwise (SimCLR's); a :class:`UserError` for an unknown name."""
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown fine-tuning optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if optimizer == "auto":
+        from sslbench.backbones import is_vision_transformer
+
+        return "adamw" if is_vision_transformer(encoder) else "sgd"
+    return optimizer
 
 
 def check_fraction(fraction: float) -> float:
@@ -144,6 +179,8 @@ class FinetuneModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.lr_factor = 1.0  # set by finetune_model: :func:`start_lr_factor`
+        self.optimizer = "sgd"  # set by finetune_model: the optimizer it trained with
+        self.lr = DEFAULT_LR  # set by finetune_model: the base lr it trained with (before lr_factor)
 
     def features(self, x: Tensor) -> Tensor:
         out: Tensor = self.projector(self.encoder(x).flatten(1))
@@ -187,6 +224,29 @@ def layer_decay_groups(model: FinetuneModel, decay: float) -> list[dict[str, Any
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
     groups.setdefault(n_blocks + 1, []).extend(rest)
     return [{"params": ps, "lr_scale": decay ** (n_blocks + 1 - i)} for i, ps in sorted(groups.items())]
+
+
+def finetune_groups(model: FinetuneModel, decay: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """The optimizer groups of fine-tuning: :func:`layer_decay_groups` (each group's ``lr_scale``),
+    each split into parameters with ``weight_decay`` and parameters without any: biases and norms
+    (:func:`sslbench.optim.is_no_decay`) and what the encoder lists in timm's ``no_weight_decay()``
+    (position embeddings, class tokens), as MAE's ``param_groups_lrd``."""
+    from sslbench.optim import is_no_decay, param_groups
+
+    scale = {id(p): g["lr_scale"] for g in layer_decay_groups(model, decay) for p in g["params"]}
+    listed = getattr(model.encoder, "no_weight_decay", None)
+    skip = set(listed()) if callable(listed) else set()
+
+    def exempt(module: nn.Module, name: str, p: nn.Parameter) -> bool:
+        return is_no_decay(module, name, p) or (module is model.encoder and name in skip)
+
+    out: list[dict[str, Any]] = []
+    for group in param_groups(model, weight_decay, exempt):
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            by_scale.setdefault(scale[id(p)], []).append(p)
+        out += [{"params": ps, "lr_scale": s, "weight_decay": group["weight_decay"]} for s, ps in sorted(by_scale.items())]
+    return out
 
 
 def top_second_moment(features: Tensor, *, tol: float = 1e-6, max_iter: int = 1000) -> float:
@@ -270,7 +330,7 @@ def finetune_model(
     image_size: int,
     epochs: int = DEFAULT_EPOCHS,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
+    lr: float | None = None,
     seed: int = 0,
     projector: nn.Module | None = None,
     device: torch.device | str | None = None,
@@ -279,11 +339,16 @@ def finetune_model(
     crop_scale: tuple[float, float] = CROP_SCALE,
     layer_decay: float = DEFAULT_LAYER_DECAY,
     lr_scaling: str = DEFAULT_LR_SCALING,
+    optimizer: str = DEFAULT_OPTIMIZER,
 ) -> tuple[FinetuneModel, dict[str, float]]:
     """:func:`finetune`, also returning the fine-tuned model (in eval mode; the teacher of
     :mod:`sslbench.evals.distill`; its ``lr_factor`` is the factor :func:`start_lr_factor` applied
-    to ``lr``, 1 with ``lr_scaling="none"``)."""
+    to ``lr``, 1 with ``lr_scaling="none"`` or AdamW). ``optimizer``: ``auto`` (AdamW for a vision
+    transformer, SGD otherwise: :func:`resolve_optimizer`), ``sgd`` or ``adamw``; ``lr`` None: that
+    optimizer's :data:`DEFAULT_LRS`."""
     fraction = check_fraction(fraction)
+    optimizer = resolve_optimizer(optimizer, encoder)
+    lr = DEFAULT_LRS[optimizer] if lr is None else lr
     if epochs < 1 or batch_size < 1 or not lr > 0 or min_steps < 0:
         raise UserError(f"fine-tuning needs epochs >= 1, batch_size >= 1, lr > 0 and min_steps >= 0; got {epochs}, {batch_size}, {lr}, {min_steps}")
     if not 0.0 < layer_decay <= 1.0:
@@ -306,8 +371,11 @@ def finetune_model(
     if n < 2:
         raise UserError(f"label fraction {fraction} leaves {n} labelled image; fine-tuning needs at least 2")
     labels = subset.labels.to(dev)
-    if lr_scaling == "curvature":
+    if lr_scaling == "curvature" and optimizer == "sgd":  # AdamW's step does not scale with the curvature
         model.lr_factor = start_lr_factor(model, subset.images, image_size=image_size, seed=seed, precision=precision)
+    adamw = optimizer == "adamw"
+    model.optimizer, model.lr = optimizer, lr
+    steps = finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps)
 
     def loss_fn(logits: Tensor, idx: Tensor, x: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels[idx])
@@ -316,7 +384,7 @@ def finetune_model(
         model,
         subset.images.to(dev),
         loss_fn,
-        steps=finetune_steps(n, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
+        steps=steps,
         batch_size=batch_size,
         lr=lr * model.lr_factor,
         seed=seed,
@@ -324,7 +392,9 @@ def finetune_model(
         precision=precision,
         crop_scale=crop_scale,
         what="fine-tuning",
-        groups=layer_decay_groups(model, layer_decay),
+        groups=finetune_groups(model, layer_decay, ADAMW_WEIGHT_DECAY if adamw else 0.0),
+        optimizer=optimizer,
+        warmup_steps=warmup_steps(steps) if adamw else 0,
     )
     acc = _evaluate(model, test, image_size, dev, precision)
     return model.eval(), {metric_name(fraction, k): v for k, v in acc.items()}
@@ -344,10 +414,14 @@ def train_classifier(
     crop_scale: tuple[float, float] = CROP_SCALE,
     what: str = "fine-tuning",
     groups: list[dict[str, Any]] | None = None,
+    optimizer: str = "sgd",
+    warmup_steps: int = 0,
 ) -> None:
-    """Train every parameter of ``model`` for ``steps`` SGD steps on uint8 ``images`` (N, 3, H, W)
-    on the model's device: Nesterov momentum 0.9, no weight decay, lr cosine-decayed from ``lr``
-    to zero without warm-up, full batches of ``min(batch_size, N)`` in a seeded order (a
+    """Train every parameter of ``model`` for ``steps`` optimizer steps on uint8 ``images`` (N, 3,
+    H, W) on the model's device: SGD with Nesterov momentum 0.9 and no weight decay, or AdamW
+    (``optimizer="adamw"``: betas :data:`ADAMW_BETAS`, each group's ``weight_decay``), lr
+    warmed up linearly over ``warmup_steps`` and cosine-decayed from ``lr`` to zero
+    (:func:`sslbench.optim.lr_at`), full batches of ``min(batch_size, N)`` in a seeded order (a
     remainder smaller than a batch is left out of its epoch), each image a random resized crop
     (``crop_scale``) with a horizontal flip (randomness a pure function of seed, epoch and image
     index). ``loss_fn(logits (B, C) float32, idx (B,), x (B, 3, S, S))`` gives the loss of the
@@ -360,8 +434,16 @@ def train_classifier(
         AugmentConfig(crop_scale=(float(crop_scale[0]), float(crop_scale[1])), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0),
         image_size,
     )
-    params: Any = groups if groups is not None else model.parameters()
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=0.0)
+    from sslbench.optim import build_optimizer, lr_at, set_lr
+
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    if optimizer == "adamw":
+        opt = build_optimizer("adamw", groups, lr, weight_decay=0.0, betas=ADAMW_BETAS)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=0.0)
+    else:
+        raise UserError(f"unknown {what} optimizer {optimizer!r}; use sgd or adamw")
     # fp16 gradients underflow without loss scaling (as the trainer's fp16 does through Accelerate);
     # a pass-through for float32 and bf16
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
@@ -374,8 +456,7 @@ def train_classifier(
         while step < steps:
             order = torch.randperm(n, generator=gen)
             for b in range(min(steps_per_epoch, steps - step)):
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+                set_lr(opt, lr_at(step, steps, base_lr=lr, warmup_steps=warmup_steps))
                 idx_dev = order[b * batch : (b + 1) * batch].to(dev)
                 x = aug(images[idx_dev], idx_dev, seed=seed, epoch=epoch, view=0)
                 with _autocast(dev, precision):
@@ -383,12 +464,18 @@ def train_classifier(
                 loss = loss_fn(logits.float(), idx_dev, x)
                 if not torch.isfinite(loss):
                     raise UserError(f"{what} diverged (non-finite loss at step {step}); lower the {what} lr (now {lr})")
-                optimizer.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                scaler.step(optimizer)
+                scaler.step(opt)
                 scaler.update()
                 step += 1
             epoch += 1
+
+
+def warmup_steps(steps: int) -> int:
+    """Warm-up steps of an AdamW fine-tuning of ``steps`` steps: :data:`ADAMW_WARMUP` of them, at
+    least 1."""
+    return max(1, round(ADAMW_WARMUP * steps))
 
 
 def finetune_steps(n: int, *, epochs: int, batch_size: int, min_steps: int) -> int:
@@ -411,10 +498,13 @@ def finetune_protocol(
     layer_decay: float = DEFAULT_LAYER_DECAY,
     lr_scaling: str = DEFAULT_LR_SCALING,
     lr_factor: float = 1.0,
+    optimizer: str = "sgd",
 ) -> dict[str, Any]:
     """A self-describing record of the fine-tuning protocol, for result rows (``from_projector_layer``:
     0 for h, K for the first K hidden projector layers, ``"z"`` for the whole projector;
-    ``lr_factor``: the factor of ``lr`` that ``lr_scaling`` gave, :func:`start_lr_factor`)."""
+    ``lr_factor``: the factor of ``lr`` that ``lr_scaling`` gave, :func:`start_lr_factor`;
+    ``optimizer``: the one used, ``sgd`` or ``adamw``, with its warm-up steps)."""
+    steps = finetune_steps(n_labelled, epochs=epochs, batch_size=batch_size, min_steps=min_steps)
     return {
         "name": "finetune",
         "label_fraction": check_fraction(fraction),
@@ -423,14 +513,15 @@ def finetune_protocol(
         "seed": seed,
         "from_projector_layer": from_projector_layer,
         "head": "linear, zero init",
-        **OPTIMIZER_RECORD,
+        **optimizer_record(optimizer),
+        **({"warmup_steps": warmup_steps(steps)} if optimizer == "adamw" else {}),
         "lr": lr,
         "lr_scaling": lr_scaling,
         "lr_factor": lr_factor,
         "layer_decay": layer_decay,
         "epochs": epochs,
         "min_steps": min_steps,
-        "steps": finetune_steps(n_labelled, epochs=epochs, batch_size=batch_size, min_steps=min_steps),
+        "steps": steps,
         "batch_size": batch_size,
         "augmentation": f"random resized crop (scale {crop_scale[0]}-{crop_scale[1]}) + horizontal flip",
         "reference": "Chen et al. 2020 (SimCLR, App. B.5); Chen et al. 2020b (SimCLR v2)",

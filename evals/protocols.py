@@ -59,7 +59,13 @@ def linear(ctx: EvalContext, fraction: float | None) -> Score:
 FINETUNE_OPTIONS = (
     Option("--finetune-epochs", 10, "fine-tuning epochs per label fraction (default 10)", type=int, check=at_least(1)),
     Option("--finetune-batch-size", 256, "fine-tuning batch size (default 256)", type=int, check=at_least(1)),
-    Option("--finetune-lr", 0.2, "fine-tuning learning rate (default 0.2, cosine)", type=float, check=positive),
+    Option(
+        "--finetune-optimizer",
+        "auto",
+        "fine-tuning optimizer: auto (default: adamw for vision transformers, as MAE; sgd otherwise, as SimCLR), sgd or adamw",
+        choices=("auto", "sgd", "adamw"),
+    ),
+    Option("--finetune-lr", None, "fine-tuning learning rate (default 0.2 with sgd, 1e-3 with adamw; cosine)", type=float, check=positive),
     Option(
         "--finetune-lr-scaling",
         "curvature",
@@ -118,12 +124,30 @@ def start_layer(opts: EvalOptions, depth: str) -> int | str:
     return "z" if depth == "z" else int(depth[4:])
 
 
-def _finetune_key_at(opts: EvalOptions, layer: int | str) -> dict[str, Any]:
+def finetune_optimizer(opts: EvalOptions, cfg: Any) -> tuple[str, float]:
+    """The fine-tuning optimizer (``sgd`` or ``adamw``) and base lr that ``opts`` give for the run
+    of config ``cfg``: ``--finetune-optimizer auto`` is AdamW for a vision-transformer backbone
+    (built on the meta device to tell, no weights), and ``--finetune-lr`` defaults by optimizer."""
+    from .finetune import DEFAULT_LRS
+
+    name = opts.finetune_optimizer
+    if name == "auto":
+        from sslbench.backbones import is_vision_transformer_backbone
+
+        name = "adamw" if is_vision_transformer_backbone(cfg.backbone, cfg.image_size, cfg.backbone_kwargs) else "sgd"
+    return name, DEFAULT_LRS[name] if opts.finetune_lr is None else float(opts.finetune_lr)
+
+
+def _finetune_key_at(opts: EvalOptions, layer: int | str, cfg: Any) -> dict[str, Any]:
     decay, scaling = opts.finetune_layer_decay, opts.finetune_lr_scaling
+    optimizer, lr = finetune_optimizer(opts, cfg)
+    if optimizer != "sgd":
+        scaling = "none"  # the curvature scaling is SGD's; AdamW rows record none
     return {
         "epochs": opts.finetune_epochs,
         "batch_size": opts.finetune_batch_size,
-        "lr": opts.finetune_lr,
+        "optimizer": optimizer,
+        "lr": lr,
         # from h every scaling is the same (factor 1); rows stored before the option used the lr as is
         "lr_scaling": lambda v: layer == 0 or v == scaling or (v is None and scaling == "none"),
         "seed": opts.seed,
@@ -135,15 +159,15 @@ def _finetune_key_at(opts: EvalOptions, layer: int | str) -> dict[str, Any]:
 
 
 def _finetune_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
-    return _finetune_key_at(opts, start_layer(opts, opts.features[0]))  # one depth: see register_protocol
+    return _finetune_key_at(opts, start_layer(opts, opts.features[0]), cfg)  # one depth: see register_protocol
 
 
 def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
-    teacher = _finetune_key_at(opts, opts.from_projector_layer)
+    teacher = _finetune_key_at(opts, opts.from_projector_layer, cfg)
     return {
         "epochs": opts.distill_epochs,
         "batch_size": opts.finetune_batch_size,
-        "lr": opts.finetune_lr,
+        "lr": _distill_lr(opts),
         "seed": opts.seed,
         "min_steps": opts.finetune_min_steps,
         "temperature": opts.distill_temperature,
@@ -152,6 +176,13 @@ def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
         # each teacher field: a value, or a predicate on the stored value (the layer decay's)
         "teacher": lambda t: isinstance(t, dict) and all(v(t.get(k)) if callable(v) else t.get(k) == v for k, v in teacher.items()),
     }
+
+
+def _distill_lr(opts: EvalOptions) -> float:
+    """The student's lr (SGD, as SimCLR v2): ``--finetune-lr``, or SGD's default when none is given."""
+    from .finetune import DEFAULT_LR
+
+    return DEFAULT_LR if opts.finetune_lr is None else float(opts.finetune_lr)
 
 
 def _projector(ctx: EvalContext) -> Any:
@@ -194,6 +225,7 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
         cached: tuple[Any, dict[str, float]] = teachers[fraction, layer]
         return cached
     opts = ctx.opts
+    optimizer, lr = finetune_optimizer(opts, ctx.cfg)
     model_and_metrics = finetune_model(
         ctx.encoder,
         ctx.train,
@@ -202,7 +234,7 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
         image_size=ctx.cfg.image_size,
         epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size,
-        lr=opts.finetune_lr,
+        lr=lr,
         seed=opts.seed,
         projector=_start_head(ctx, layer),
         device=ctx.device,
@@ -210,6 +242,7 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
         min_steps=opts.finetune_min_steps,
         layer_decay=opts.finetune_layer_decay,
         lr_scaling=opts.finetune_lr_scaling,
+        optimizer=optimizer,
     )
     if "distill" in opts.protocols and layer == opts.from_projector_layer:
         teachers[fraction, layer] = model_and_metrics
@@ -225,13 +258,14 @@ def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str, model:
         n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
         epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size,
-        lr=opts.finetune_lr,
+        lr=model.lr,
         seed=opts.seed,
         from_projector_layer=layer,
         min_steps=opts.finetune_min_steps,
         layer_decay=opts.finetune_layer_decay,
-        lr_scaling=opts.finetune_lr_scaling,
+        lr_scaling=opts.finetune_lr_scaling if model.optimizer == "sgd" else "none",
         lr_factor=model.lr_factor,
+        optimizer=model.optimizer,
     )
 
 
@@ -288,7 +322,7 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
         image_size=cfg.image_size,
         epochs=opts.distill_epochs,
         batch_size=opts.finetune_batch_size,
-        lr=opts.finetune_lr,
+        lr=_distill_lr(opts),
         temperature=opts.distill_temperature,
         label_weight=opts.distill_label_weight,
         seed=opts.seed,
@@ -305,7 +339,7 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
             student_init=opts.distill_student_init,
             epochs=opts.distill_epochs,
             batch_size=opts.finetune_batch_size,
-            lr=opts.finetune_lr,
+            lr=_distill_lr(opts),
             temperature=opts.distill_temperature,
             label_weight=opts.distill_label_weight,
             min_steps=opts.finetune_min_steps,

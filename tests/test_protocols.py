@@ -59,7 +59,7 @@ def test_the_builtin_protocols_are_registered_in_order():
     assert protocol_names()[:4] == ["knn", "linear", "finetune", "distill"]
     assert [get_protocol(n).per_fraction for n in ("knn", "linear", "finetune", "distill")] == [False, False, True, True]
     opts = EvalOptions()  # protocol options read as attributes, their defaults when unset
-    assert (opts.linear_epochs, opts.finetune_lr, opts.distill_student_init) == (100, 0.2, "random")
+    assert (opts.linear_epochs, opts.finetune_lr, opts.finetune_optimizer, opts.distill_student_init) == (100, None, "auto", "random")
     assert EvalOptions(settings={"linear_epochs": 3}).linear_epochs == 3
     with pytest.raises(AttributeError):
         _ = opts.no_such_option
