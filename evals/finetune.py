@@ -101,6 +101,12 @@ def optimizer_record(optimizer: str = "sgd") -> dict[str, object]:
 OPTIMIZER_RECORD = optimizer_record("sgd")
 
 
+def applied_lr_scaling(lr_scaling: str, optimizer: str) -> str:
+    """The lr scaling fine-tuning applies: ``lr_scaling`` with SGD; ``none`` with AdamW, whose step
+    does not grow with the head's curvature."""
+    return lr_scaling if optimizer == "sgd" else "none"
+
+
 def resolve_optimizer(optimizer: str, encoder: nn.Module) -> str:
     """The fine-tuning optimizer ``optimizer`` names for ``encoder``: ``auto`` is ``adamw`` for a
     vision transformer (:func:`sslbench.backbones.is_vision_transformer`; MAE's and BEiT's fine-tuning) and ``sgd``
@@ -371,7 +377,7 @@ def finetune_model(
     if n < 2:
         raise UserError(f"label fraction {fraction} leaves {n} labelled image; fine-tuning needs at least 2")
     labels = subset.labels.to(dev)
-    if lr_scaling == "curvature" and optimizer == "sgd":  # AdamW's step does not scale with the curvature
+    if applied_lr_scaling(lr_scaling, optimizer) == "curvature":
         model.lr_factor = start_lr_factor(model, subset.images, image_size=image_size, seed=seed, precision=precision)
     adamw = optimizer == "adamw"
     model.optimizer, model.lr = optimizer, lr

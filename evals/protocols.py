@@ -140,9 +140,10 @@ def finetune_optimizer(opts: EvalOptions, cfg: Any) -> tuple[str, float]:
 
 def _finetune_key_at(opts: EvalOptions, layer: int | str, cfg: Any) -> dict[str, Any]:
     decay, scaling = opts.finetune_layer_decay, opts.finetune_lr_scaling
+    from .finetune import applied_lr_scaling
+
     optimizer, lr = finetune_optimizer(opts, cfg)
-    if optimizer != "sgd":
-        scaling = "none"  # the curvature scaling is SGD's; AdamW rows record none
+    scaling = applied_lr_scaling(scaling, optimizer)
     return {
         "epochs": opts.finetune_epochs,
         "batch_size": opts.finetune_batch_size,
@@ -250,7 +251,7 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
 
 
 def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str, model: Any) -> dict[str, Any]:
-    from .finetune import finetune_protocol, label_subset
+    from .finetune import applied_lr_scaling, finetune_protocol, label_subset
 
     opts = ctx.opts
     return finetune_protocol(
@@ -263,7 +264,7 @@ def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str, model:
         from_projector_layer=layer,
         min_steps=opts.finetune_min_steps,
         layer_decay=opts.finetune_layer_decay,
-        lr_scaling=opts.finetune_lr_scaling if model.optimizer == "sgd" else "none",
+        lr_scaling=applied_lr_scaling(opts.finetune_lr_scaling, model.optimizer),
         lr_factor=model.lr_factor,
         optimizer=model.optimizer,
     )
