@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from sslbench.errors import UserError
+from sslbench.method import Family
 from sslbench.registry import unknown_name_message
 from sslbench.rundir import ENCODER, RunDir, write_atomic
 
@@ -108,6 +109,13 @@ def is_vision_transformer_backbone(name: str, image_size: int = 224, kwargs: dic
     (:func:`is_vision_transformer`), told by building it on the meta device: no
     weights are allocated or downloaded. Cached per arguments."""
     return _is_vit(name, image_size, json.dumps(kwargs or {}, sort_keys=True, default=str))
+
+
+def backbone_family(name: str, image_size: int = 224, kwargs: dict[str, Any] | None = None) -> Family:
+    """The :data:`~sslbench.method.Family` of ``create_backbone(name, image_size, **kwargs)``, which
+    picks a method's recipe: "vit" for a vision transformer (:func:`is_vision_transformer`), else
+    "convnet". Told on the meta device, as :func:`is_vision_transformer_backbone`."""
+    return "vit" if is_vision_transformer_backbone(name, image_size, kwargs) else "convnet"
 
 
 @functools.lru_cache(maxsize=64)

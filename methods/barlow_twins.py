@@ -20,7 +20,7 @@ from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
 from sslbench.heads import expander, feature_dim
 from sslbench.losses import BarlowTwinsLoss
-from sslbench.method import Batch, Method, MethodConfig, Recipe, ViewSpec, asymmetric
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
 from sslbench.registry import register_method
 
 __all__ = ["BarlowTwins", "BarlowTwinsConfig", "BarlowTwinsLoss"]
@@ -63,7 +63,7 @@ class BarlowTwins(Method):
         self.criterion = BarlowTwinsLoss(cfg.lambd)
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256 for the weights, wd 1.5e-6
         (Zbontar et al. 2021, Sec. 4, "Implementation details"; biases: see ``param_groups``).
         Small images: lr 0.3 x B/256, wd 1e-4 (solo-learn's CIFAR Barlow Twins config)."""

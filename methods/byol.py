@@ -18,7 +18,7 @@ from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import BYOLLoss, byol_loss
-from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, ViewSpec, asymmetric, cosine_schedule
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, asymmetric, cosine_schedule
 from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
@@ -63,7 +63,7 @@ class BYOL(Method):
         self.criterion = BYOLLoss()
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256, wd 1.5e-6
         (BYOL Sec. 3.2). Small images: lr 1.0 x B/256, wd 1e-5 (solo-learn's CIFAR byol config)."""
         if image_size < 96:

@@ -22,9 +22,11 @@ Where sslbench differs:
   global views differ only by solarization, as BYOL's do; colour jitter is SimCLR's at
   strength 0.5 (brightness, contrast, saturation 0.4, hue 0.1; DINO's saturation is 0.2).
 
-Short runs: DINO's known uniform plateau (teacher and student near uniform, loss = log K; e.g.
-facebookresearch/dino issues 43 and 246) lasts for the whole of a CPU-sized run on small data
-(docs/recipes.md gives the measurements); the ``teacher_entropy`` log shows it.
+Recipes differ by backbone family (:meth:`DINO.recipe`; docs/recipes.md): a ViT trains with the
+official AdamW recipe and head; a convnet with SGD and BatchNorm in the head (lightly's CIFAR-10
+benchmark; the official ResNet-50 command at ImageNet size). Without BatchNorm in the head a
+ResNet's DINO collapses to the uniform distribution (measured: docs/recipes.md); the
+``teacher_entropy`` log and the run's health verdict show it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, fit_to_patches, mlp, patch_side
 from sslbench.losses import DINOLoss
-from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
 from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
@@ -52,18 +54,19 @@ __all__ = ["DINO", "DINOConfig", "DINOHead", "DINOLoss", "WeightNormLinear", "lo
 class DINOConfig(MethodConfig):
     """DINO hyper-parameters (defaults for small data; ImageNet values in the comments)."""
 
-    out_dim: int = 4096  # K prototypes (ImageNet: 65536; small data: 4096, solo-learn's CIFAR value)
+    out_dim: int = 4096  # K prototypes (ImageNet: 65536; small data: 4096, solo-learn's CIFAR value; convnet recipe: 2048)
     hidden_dim: int = 2048  # head MLP hidden width (paper: 2048)
     bottleneck_dim: int = 256  # head output before L2 normalisation and the prototypes (paper: 256)
-    use_bn_in_head: bool = False  # BatchNorm in the head MLP (paper: off for ViTs)
+    head_layers: int = 3  # linear layers of the head MLP (official DINOHead: 3; convnet recipe: 2, lightly's CIFAR-10 head)
+    use_bn_in_head: bool = False  # BatchNorm in the head MLP (official default: off; convnet recipe: on)
     norm_last_layer: bool = True  # weight-norm magnitude g of the prototypes fixed at 1 (official default)
-    student_temp: float = 0.1  # tau_s (paper: 0.1)
-    warmup_teacher_temp: float = 0.04  # tau_t at the start (paper: 0.04)
-    teacher_temp: float = 0.07  # tau_t after the warm-up (paper: 0.04 -> 0.07)
-    warmup_teacher_temp_epochs: float = 30.0  # linear tau_t warm-up length in epochs (paper: 30)
-    center_momentum: float = 0.9  # m of the centre's EMA (paper: 0.9)
-    base_momentum: float = 0.996  # teacher EMA rate at step 0, cosine to final_momentum (paper: 0.996)
-    final_momentum: float = 1.0  # teacher EMA rate at the last step (paper: 1)
+    student_temp: float = 0.1  # tau_s (official default 0.1)
+    warmup_teacher_temp: float = 0.04  # tau_t at the start (official default 0.04)
+    teacher_temp: float = 0.04  # tau_t after the warm-up (official default 0.04; the README's long ViT-S runs: 0.07)
+    warmup_teacher_temp_epochs: float = 0.0  # linear tau_t warm-up length in epochs (official default 0; README's long ViT-S runs: 30)
+    center_momentum: float = 0.9  # m of the centre's EMA (official default 0.9)
+    base_momentum: float = 0.996  # teacher EMA rate at step 0, cosine to final_momentum (official 0.996; small convnets: 0.99)
+    final_momentum: float = 1.0  # teacher EMA rate at the last step (official: 1; convnet recipe on small images: 0.99, constant)
     local_crops: int = 6  # N local crops; 0 disables multi-crop (ImageNet: 8; lightly's default: 6)
     local_crop_size: int | None = None  # px; None: 96/224 of the image size to a multiple of 8 (16 at 32 px)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)  # local crop area range (paper: 0.05-0.4)
@@ -71,7 +74,10 @@ class DINOConfig(MethodConfig):
 
     def validate(self) -> None:
         checks = {
-            "out_dim, hidden_dim and bottleneck_dim must be >= 1": min(self.out_dim, self.hidden_dim, self.bottleneck_dim) >= 1,
+            "out_dim, hidden_dim, bottleneck_dim and head_layers must be >= 1": min(
+                self.out_dim, self.hidden_dim, self.bottleneck_dim, self.head_layers
+            )
+            > 0,
             "student_temp, warmup_teacher_temp and teacher_temp must be > 0": min(self.student_temp, self.warmup_teacher_temp, self.teacher_temp) > 0,
             "warmup_teacher_temp_epochs, freeze_last_layer and local_crops must be >= 0": min(
                 self.warmup_teacher_temp_epochs, self.freeze_last_layer, self.local_crops
@@ -119,15 +125,15 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """DINO's projection head (official ``vision_transformer.DINOHead``): a 3-layer MLP with GELU
-    (hidden 2048, bottleneck 256, optional BN), L2 normalisation, then a weight-normalised linear
+    """DINO's projection head (official ``vision_transformer.DINOHead``): an MLP of ``head_layers``
+    (3) linear layers with GELU (hidden 2048, bottleneck 256, optional BN), L2 normalisation, then a weight-normalised linear
     layer to K prototypes (:class:`WeightNormLinear`). The MLP's Linear weights start from a
     truncated normal (std 0.02) with zero biases. Shapes: (B, in_dim) -> (B, K).
     """
 
     def __init__(self, in_dim: int, cfg: DINOConfig) -> None:
         super().__init__()
-        self.mlp = mlp(in_dim, cfg.hidden_dim, cfg.bottleneck_dim, 3, hidden_bn=cfg.use_bn_in_head, act=nn.GELU)
+        self.mlp = mlp(in_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, hidden_bn=cfg.use_bn_in_head, act=nn.GELU)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -157,12 +163,30 @@ class DINO(Method):
         self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)  # holds the centre buffer
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
-        """AdamW, lr 5e-4 x B/256, weight decay 0.04 -> 0.4 (cosine), global gradient-norm clip 3,
-        global crops of scale 0.4-1, colour jitter at strength 0.5: the official ViT recipe
-        (``main_dino.py`` defaults; Caron et al. 2021, Sec. 3.2), at every image size."""
-        aug = {"crop_scale": (0.4, 1.0), "jitter_strength": 0.5}
-        return Recipe(optimizer="adamw", lr=5e-4, lr_scaling="linear", weight_decay=0.04, weight_decay_end=0.4, grad_clip=3.0, aug=aug)
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
+        """Per backbone family, as the references train them (sources in docs/recipes.md).
+
+        Vision transformers: the official recipe (``main_dino.py`` defaults at commit 7c446df;
+        Caron et al. 2021, Sec. 3.2): AdamW, lr 5e-4 x B/256, weight decay 0.04 -> 0.4 (cosine),
+        gradient clip 3, global crops of scale 0.4-1, colour jitter at strength 0.5.
+        Convnets on small images: lightly's CIFAR-10 benchmark (``cifar10_benchmark.py``,
+        ``DINOModel``, commit e8d317f): SGD, lr 0.06 x B/128 (0.12 x B/256), weight decay 5e-4
+        constant, no clipping, a 2-layer head with BatchNorm, 2048 prototypes, teacher momentum
+        0.99 constant, teacher temperature 0.04, global crops 0.4-1, jitter strength 0.5.
+        Convnets on ImageNet-size images: the official ResNet-50 command (README, and the released
+        run's args): SGD, lr 0.03 x B/256, weight decay 1e-4 constant, clip 3, global crops
+        0.14-1, local crops 0.05-0.14. ImageNet-size images of both families get the official
+        65536 prototypes and 8 local crops."""
+        aug: dict[str, object] = {"crop_scale": (0.4, 1.0), "jitter_strength": 0.5}
+        large = {"out_dim": 65536, "local_crops": 8} if image_size >= 96 else {}
+        if family == "vit":
+            return Recipe(optimizer="adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, grad_clip=3.0, aug=aug, method=large)
+        if image_size >= 96:
+            aug["crop_scale"] = (0.14, 1.0)
+            method = {**large, "local_crop_scale": (0.05, 0.14)}
+            return Recipe(optimizer="sgd", lr=0.03, weight_decay=1e-4, grad_clip=3.0, aug=aug, method=method)
+        method = {"head_layers": 2, "use_bn_in_head": True, "out_dim": 2048, "base_momentum": 0.99, "final_momentum": 0.99}
+        return Recipe(optimizer="sgd", lr=0.12, weight_decay=5e-4, aug=aug, method=method)
 
     def views(self, base: AugmentConfig, image_size: int) -> list[ViewSpec]:
         """2 global views at ``image_size`` (blur p 1.0; blur 0.1 + solarize 0.2) and

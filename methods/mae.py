@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
-from sslbench.method import Batch, Method, MethodConfig, Recipe, Reconstruction, ViewSpec
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, Reconstruction, ViewSpec
 from sslbench.registry import register_method
 
 __all__ = ["MAE", "MAEConfig", "mae_loss", "norm_pix_targets", "patchify", "random_masking", "sincos_pos_embed_2d", "unpatchify"]
@@ -165,7 +165,7 @@ class MAE(Method):
         nn.init.normal_(self.mask_token, std=0.02)
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """AdamW, lr 1.5e-4 x B/256, betas (0.9, 0.95), wd 0.05, at every size (He et al. 2022,
         Appendix A.1, Table 8; the trainer's linear warm-up and cosine decay), and only random
         resized crops (scale 0.2-1) and flips (Sec. A.1: "RandomResizedCrop" and flipping;

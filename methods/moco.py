@@ -30,7 +30,7 @@ from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import InfoNCELoss
 from sslbench.memory import MemoryBank
-from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo
 from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
@@ -82,7 +82,7 @@ class MoCo(Method):
         self.bank = MemoryBank(self, "queue", cfg.queue_size, cfg.proj_dim)
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """SGD with linear lr scaling. ImageNet-size: lr 0.03 x B/256, wd 1e-4
         (MoCo v2, Sec. 2, batch 256; wd from MoCo v1, Sec. 4). Small images: lr 0.3 x B/256,
         wd 1e-4 (solo-learn's CIFAR mocov2plus config, batch 256)."""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import MoCoV3Loss
-from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, cosine_schedule
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo, cosine_schedule
 from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
@@ -67,7 +67,7 @@ class MoCoV3(Method):
         self.criterion = MoCoV3Loss(cfg.temperature)
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling. ImageNet-size: lr 0.6 x B/256, wd 1e-6
         (the ResNet-50 100-epoch setting of the official code; 0.3 for 300+ epochs; ViTs use AdamW
         lr 1.5e-4 x B/256, wd 0.1). Small images: lr 0.3 x B/256, wd 1e-6 (solo-learn's CIFAR

@@ -22,7 +22,7 @@ from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import NNCLRLoss
 from sslbench.memory import MemoryBank
-from sslbench.method import Batch, Method, MethodConfig, Recipe, ViewSpec, asymmetric
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
 from sslbench.registry import register_method
 
 __all__ = ["NNCLR", "NNCLRConfig", "NNCLRLoss"]
@@ -70,7 +70,7 @@ class NNCLR(Method):
         self.bank = MemoryBank(self, "support", cfg.queue_size, cfg.proj_dim)
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling. ImageNet-size: lr 0.3 x B/256, wd 1e-6 (SimCLR's LARS
         setting, on which the paper's batch-4096 training builds). Small images: lr 0.4 x B/256,
         wd 1e-5 (solo-learn's CIFAR NNCLR config)."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import NTXentLoss
-from sslbench.method import Batch, Method, MethodConfig, Recipe
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
 
 __all__ = ["NTXentLoss", "SimCLR", "SimCLRConfig"]
@@ -62,7 +62,7 @@ class SimCLR(Method):
         self.criterion = NTXentLoss(cfg.temperature)
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling (SimCLR Sec. 4 / Appendix B.9): lr 0.3 x B/256, wd 1e-6 for
         ImageNet-size images; lr 1.0 x B/256 with wd 1e-6 is the paper's CIFAR choice at batch
         1024, and short CPU runs at batch 256 train better with wd 1e-5 (solo-learn's CIFAR

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import SimSiamLoss, negative_cosine
-from sslbench.method import Batch, Method, MethodConfig, Recipe
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
 
 __all__ = ["SimSiam", "SimSiamConfig", "SimSiamLoss", "negative_cosine"]
@@ -62,7 +62,7 @@ class SimSiam(Method):
         self.criterion = SimSiamLoss()
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """SGD with linear lr scaling. ImageNet-size: lr 0.05 x B/256, wd 1e-4
         (Sec. 4 "Baseline settings"). Small images: lr 0.03 x B/256, wd 5e-4 (Appendix D, the
         CIFAR-10 experiments)."""

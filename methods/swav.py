@@ -24,7 +24,7 @@ from sslbench.errors import UserError
 from sslbench.heads import Prototypes, encode_views, feature_dim, fit_to_patches, mlp
 from sslbench.losses import SwAVLoss
 from sslbench.memory import MemoryBank
-from sslbench.method import Batch, Method, MethodConfig, Recipe, StepInfo, ViewSpec
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec
 from sslbench.registry import register_method
 
 __all__ = ["SwAV", "SwAVConfig"]
@@ -83,7 +83,7 @@ class SwAV(Method):
         self.bank = MemoryBank(self, "queue", cfg.queue_size, 2 * cfg.proj_dim, init="zeros") if cfg.queue_size else None
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling, wd 1e-6. ImageNet-size: lr 0.3 x B/256 (the official
         4096-batch scripts: 4.8), global crops of area (0.14, 1). Small images: lr 0.6 x B/256
         (solo-learn's CIFAR config, as the official batch-256 script's 0.6), global crops of area

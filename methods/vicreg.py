@@ -19,7 +19,7 @@ from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
 from sslbench.heads import expander, feature_dim
 from sslbench.losses import VICRegLoss
-from sslbench.method import Batch, Method, MethodConfig, Recipe, ViewSpec, asymmetric
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
 from sslbench.registry import register_method
 
 __all__ = ["VICReg", "VICRegConfig", "VICRegLoss"]
@@ -61,7 +61,7 @@ class VICReg(Method):
         self.criterion = VICRegLoss(cfg.sim_weight, cfg.var_weight, cfg.cov_weight)
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256, wd 1e-6 (the official
         ``--base-lr`` and ``--wd`` at batch 2048). Small images: lr 0.3 x B/256, wd 1e-4
         (solo-learn's CIFAR VICReg config)."""

@@ -275,9 +275,12 @@ def build_config(
     cfg.resolve_defaults()
     cfg.backbone_kwargs = {k: _backbone_value(k, v) for k, v in nested["backbone_kwargs"].items()}
     assert cfg.image_size is not None  # resolve_defaults() set it
-    recipe: Recipe = method_cls.recipe(cfg.image_size)
+    from sslbench.backbones import backbone_family  # imports timm: only when a config is built
+
+    recipe: Recipe = method_cls.recipe(cfg.image_size, backbone_family(cfg.backbone, cfg.image_size, cfg.backbone_kwargs))
     cfg.aug = update_dataclass(dataclasses.replace(cfg.aug, **recipe.aug), nested["aug"], prefix="aug.")
-    cfg.method_cfg = update_dataclass(method_cls.Config(), nested["method_cfg"], prefix="method_cfg.")
+    method_defaults = update_dataclass(method_cls.Config(), recipe.method, prefix="method_cfg.")
+    cfg.method_cfg = update_dataclass(method_defaults, nested["method_cfg"], prefix="method_cfg.")
     apply_recipe(cfg, recipe)
     cfg.validate()
     return cfg

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from torch import Tensor, nn
 
@@ -28,7 +28,9 @@ from .augment import AugmentConfig, counter_uniform
 from .momentum import cosine_momentum, ema_update_
 
 __all__ = [
+    "FAMILIES",
     "Batch",
+    "Family",
     "Method",
     "MethodConfig",
     "Recipe",
@@ -92,10 +94,19 @@ class Batch:
         return u.to(self.views[0].device)
 
 
+# A backbone family, which decides a method's recipe (the references train ResNets and vision
+# transformers differently): "vit" for vision transformers (timm models with a ``patch_embed``:
+# ViT, DeiT, Eva, BEiT, Swin, ...), "convnet" for every other backbone (ResNets, ConvNeXt, ...).
+Family = Literal["convnet", "vit"]
+FAMILIES: tuple[Family, ...] = ("convnet", "vit")
+
+
 @dataclass
 class Recipe:
-    """A method's defaults for one image size: every optimizer setting and augmentation defaults.
-    Fields the user leaves unset (``None`` in :class:`sslbench.config.TrainConfig`) take these."""
+    """A method's defaults for one image size and backbone family: every optimizer setting,
+    augmentation defaults and method-config defaults. Fields the user leaves unset (``None`` in
+    :class:`sslbench.config.TrainConfig`) take these; the user's ``aug.*`` and method settings
+    always win over ``aug`` and ``method``."""
 
     optimizer: str = "sgd"  # sgd | lars | adamw
     lr: float = 0.05  # base lr before batch scaling
@@ -106,6 +117,7 @@ class Recipe:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float | None = None  # global gradient-norm clip (None: off)
     aug: dict[str, Any] = field(default_factory=dict)  # AugmentConfig fields the method changes by default
+    method: dict[str, Any] = field(default_factory=dict)  # fields of the method's Config this recipe changes from their defaults
 
 
 @dataclass
@@ -148,8 +160,9 @@ class Method(nn.Module):
     encoder: nn.Module
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
-        """Optimizer and augmentation defaults for ``image_size`` px images."""
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
+        """Optimizer, augmentation and method-config defaults for ``image_size`` px images on a
+        backbone of ``family`` (:data:`Family`: "convnet" or "vit")."""
         return Recipe()
 
     def views(self, base: AugmentConfig, image_size: int) -> list[ViewSpec]:

@@ -191,19 +191,22 @@ def test_two_processes_keep_the_centre_loss_and_gradients_of_one_process(ranks):
 
 
 def test_teacher_temperature_warms_up_linearly_in_epochs_then_stays():
-    m = small_dino()
+    """The README's long ViT-S setting (0.04 -> 0.07 over 30 epochs); the official default, and
+    sslbench's, is a constant 0.04 (no warm-up)."""
+    assert small_dino().teacher_temp_at(step_info(5_000, 10_000, steps_per_epoch=10)) == pytest.approx(0.04)
+    m = small_dino(teacher_temp=0.07, warmup_teacher_temp_epochs=30)
     spe = 10  # steps per epoch
     at = {e: m.teacher_temp_at(step_info(int(e * spe), 10_000, steps_per_epoch=spe)) for e in (0, 15, 30, 31, 500)}
     assert at[0] == pytest.approx(0.04) and at[15] == pytest.approx(0.055)
     assert at[30] == pytest.approx(0.07) and at[31] == pytest.approx(0.07) and at[500] == pytest.approx(0.07)
-    assert small_dino(warmup_teacher_temp_epochs=0).teacher_temp_at(step_info(0, 100)) == pytest.approx(0.07)
+    assert small_dino(teacher_temp=0.07, warmup_teacher_temp_epochs=0).teacher_temp_at(step_info(0, 100)) == pytest.approx(0.07)
 
 
 def test_weight_decay_and_momentum_schedules_hit_their_endpoints():
     from sslbench.config import build_config
     from sslbench.run_setup import apply_schedules, make_plan, make_schedules
 
-    cfg = build_config(flags={"method": "dino", "steps": 50})
+    cfg = build_config(flags={"method": "dino", "steps": 50, "backbone": "vit_tiny_patch16_224"})  # the ViT recipe
     assert (cfg.optimizer, cfg.weight_decay, cfg.weight_decay_end, cfg.grad_clip) == ("adamw", 0.04, 0.4, 3.0)
     plan = make_plan(cfg, 1000, 1, 1)
     m = small_dino()
@@ -215,6 +218,27 @@ def test_weight_decay_and_momentum_schedules_hit_their_endpoints():
     last = apply_schedules(opt, schedules, step_info(plan.total_steps, plan.total_steps))
     assert last["weight_decay"] == pytest.approx(0.4) and [g["weight_decay"] for g in opt.param_groups] == [pytest.approx(0.4), 0.0]
     assert m.momentum_at(step_info(0, 50)) == pytest.approx(0.996) and m.momentum_at(step_info(50, 50)) == 1.0
+
+
+def test_the_recipe_follows_the_backbone_family_and_the_users_settings_win():
+    """A ResNet gets the convnet recipe (SGD, BatchNorm in a 2-layer head, 2048 prototypes,
+    teacher momentum 0.99, teacher temperature 0.04: lightly's CIFAR-10 benchmark), a ViT the
+    official AdamW recipe with the official head; ``--set`` and flags override either."""
+    from sslbench.config import build_config
+
+    conv = build_config(flags={"method": "dino", "image_size": 32})
+    assert (conv.optimizer, conv.lr, conv.weight_decay, conv.weight_decay_end, conv.grad_clip) == ("sgd", 0.12, 5e-4, None, None)
+    mc = conv.method_cfg
+    assert (mc.head_layers, mc.use_bn_in_head, mc.out_dim, mc.base_momentum, mc.final_momentum) == (2, True, 2048, 0.99, 0.99)
+    assert (mc.warmup_teacher_temp, mc.teacher_temp, mc.warmup_teacher_temp_epochs) == (0.04, 0.04, 0.0)
+    vit = build_config(flags={"method": "dino", "image_size": 32, "backbone": "vit_tiny_patch16_224"})
+    assert (vit.optimizer, vit.method_cfg.head_layers, vit.method_cfg.use_bn_in_head, vit.method_cfg.out_dim) == ("adamw", 3, False, 4096)
+    big = build_config(flags={"method": "dino", "image_size": 224, "backbone": "resnet50"})
+    assert (big.optimizer, big.lr, big.weight_decay, big.grad_clip, big.aug.crop_scale) == ("sgd", 0.03, 1e-4, 3.0, (0.14, 1.0))
+    bm = big.method_cfg
+    assert (bm.out_dim, bm.local_crops, bm.local_crop_scale, bm.use_bn_in_head) == (65536, 8, (0.05, 0.14), False)
+    mine = build_config(flags={"method": "dino", "image_size": 32, "optimizer": "adamw"}, sets=["use_bn_in_head=false", "method_cfg.out_dim=512"])
+    assert (mine.optimizer, mine.method_cfg.use_bn_in_head, mine.method_cfg.out_dim, mine.method_cfg.head_layers) == ("adamw", False, 512, 2)
 
 
 def _train_steps(m: DINO, epochs_steps: list[int], spe: int) -> None:

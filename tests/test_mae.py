@@ -208,7 +208,7 @@ def test_a_non_vit_backbone_is_a_one_line_error_naming_what_works(tmp_path, caps
 def test_recipe_and_views():
     mae = tiny_mae()
     for size in (32, 224):
-        r = MAE.recipe(size)
+        r = MAE.recipe(size, "vit")
         assert (r.optimizer, r.lr, r.lr_scaling, r.weight_decay, r.betas) == ("adamw", 1.5e-4, "linear", 0.05, (0.9, 0.95))
     cfg = build_config(flags={"method": "mae", "backbone": VIT, "image_size": SIZE})
     assert cfg.aug.crop_scale == (0.2, 1.0) and cfg.aug.flip_p == 0.5

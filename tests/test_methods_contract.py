@@ -27,7 +27,7 @@ from _toy_methods import TOYS
 from torch import nn
 
 from sslbench.augment import AugmentConfig
-from sslbench.method import Method, Recipe, ViewSpec, default_views
+from sslbench.method import FAMILIES, Method, Recipe, ViewSpec, default_views
 from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
 from sslbench.registry import METHODS, get_method
 
@@ -150,12 +150,14 @@ def test_views_and_recipes(stepped):
     specs = stepped["specs"]
     assert specs and all(isinstance(s, ViewSpec) and isinstance(s.aug, AugmentConfig) and s.size > 0 for s in specs)
     for size in (32, 224):
-        recipe = cls.recipe(size)
-        assert isinstance(recipe, Recipe)
-        assert recipe.optimizer in OPTIMIZERS
-        assert recipe.lr > 0 and recipe.weight_decay >= 0
-        assert recipe.lr_scaling in LR_SCALING_RULES
-        assert set(recipe.aug) <= {f.name for f in dataclasses.fields(AugmentConfig)}
+        for family in FAMILIES:
+            recipe = cls.recipe(size, family)
+            assert isinstance(recipe, Recipe)
+            assert recipe.optimizer in OPTIMIZERS
+            assert recipe.lr > 0 and recipe.weight_decay >= 0
+            assert recipe.lr_scaling in LR_SCALING_RULES
+            assert set(recipe.aug) <= {f.name for f in dataclasses.fields(AugmentConfig)}
+            assert set(recipe.method) <= {f.name for f in dataclasses.fields(cls.Config)}, f"{cls.__name__}.recipe sets unknown method fields"
     assert cls.min_batch_size <= BATCH
 
 
@@ -290,29 +292,53 @@ def test_walkthrough_quotes_the_example_file_verbatim():
     assert sum(len(b) for b in blocks) >= len(body) - 50
 
 
-def _recipe_rows(name: str) -> dict[str, tuple[str, str]]:
-    """The (small, ImageNet-size) cells of each row of ``name``'s table in docs/recipes.md."""
+def _recipe_table(name: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The column headers and the cells of each row of ``name``'s table in docs/recipes.md."""
     text = (DOCS / "recipes.md").read_text()
     match = re.search(rf"^## [^\n]*\(`{re.escape(name)}`[^\n]*\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
     assert match, f"docs/recipes.md has no section for {name!r}"
-    rows = {}
+    header: list[str] = []
+    rows: dict[str, list[str]] = {}
     for line in match.group(1).splitlines():
+        if not line.startswith("|"):
+            if rows:
+                break  # the first table of the section is the recipe's
+            continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and cells[0] and not set(cells[0]) <= {"-"}:
-            rows[cells[0]] = (cells[1], cells[2])
-    return rows
+        if not header:
+            header = cells[1:]
+        elif cells[0] and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = cells[1:]
+    return header, rows
+
+
+def _column(header: list[str], size: int, family: str) -> int:
+    """The one column of the recipe table that holds ``size`` px images on ``family`` backbones: a
+    header names the size ("small" < 96 px, else ImageNet-size) and, where the families differ,
+    the family ("convnet" or "ViT"); a header naming no family holds both."""
+    small = size < 96
+
+    def holds(h: str) -> bool:
+        h = h.lower()
+        named = "vit" if "vit" in h else "convnet" if "convnet" in h else None
+        return ("small" in h) == small and named in (None, family)
+
+    hits = [i for i, h in enumerate(header) if holds(h)]
+    assert len(hits) == 1, f"recipe table columns {header} name {size} px {family} in {len(hits)} columns"
+    return hits[0]
 
 
 def _check_recipe_doc(name: str, cls: type) -> None:
-    rows = _recipe_rows(name)
-    for size, col in ((32, 0), (224, 1)):
-        recipe = dataclasses.asdict(cls.recipe(size))
-        opt = rows["optimizer"][col].split()[0].lower()
-        lr, scaling = re.match(r"([0-9.e-]+) \((\w+)\)", rows["lr (scaling)"][col]).groups()
-        wd = re.match(r"[0-9.e-]+", rows["weight decay"][col]).group(0)
-        assert (opt, float(lr), scaling, float(wd)) == (recipe["optimizer"], recipe["lr"], recipe["lr_scaling"], recipe["weight_decay"]), (
-            f"{name} at {size} px"
-        )
+    header, rows = _recipe_table(name)
+    for size in (32, 224):
+        for family in FAMILIES:
+            recipe = dataclasses.asdict(cls.recipe(size, family))
+            col = _column(header, size, family)
+            opt = rows["optimizer"][col].split()[0].lower()
+            lr, scaling = re.match(r"([0-9.e-]+) \((\w+)\)", rows["lr (scaling)"][col]).groups()
+            wd = re.match(r"[0-9.e-]+", rows["weight decay"][col]).group(0)
+            got = (opt, float(lr), scaling, float(wd))
+            assert got == (recipe["optimizer"], recipe["lr"], recipe["lr_scaling"], recipe["weight_decay"]), f"{name} at {size} px, {family}"
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS.names() if get_method(n).__module__.startswith("sslbench.methods")])

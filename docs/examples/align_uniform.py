@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from sslbench.dist import gather_with_grad
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.method import Batch, Method, MethodConfig, Recipe
+from sslbench.method import Batch, Family, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
 
 
@@ -98,9 +98,10 @@ class AlignUniform(Method):
         self.criterion = AlignUniformLoss(cfg.align_weight, cfg.uniform_weight, cfg.alpha, cfg.t)
 
     @classmethod
-    def recipe(cls, image_size: int) -> Recipe:
-        """SGD with linear lr scaling, lr 0.12 x B/256, wd 1e-4, at every image size: the official
-        STL-10 example (64 px, batch 768); the paper has no other recipe for this loss alone."""
+    def recipe(cls, image_size: int, family: Family) -> Recipe:
+        """SGD with linear lr scaling, lr 0.12 x B/256, wd 1e-4, at every image size and for every
+        backbone ``family``: the official STL-10 example (64 px, batch 768, an AlexNet variant);
+        the paper has no other recipe for this loss alone."""
         return Recipe(optimizer="sgd", lr=0.12, lr_scaling="linear", weight_decay=1e-4)
 
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
