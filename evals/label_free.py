@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sslbench.errors import UserError
+from sslbench.health import RANK_EPS, effective_rank, normalised_std
 
-RANKME_EPS = 1e-7  # Garrido et al. 2023, Eq. 1
+RANKME_EPS = RANK_EPS  # Garrido et al. 2023, Eq. 1
 ALIGNMENT_ALPHA = 2.0  # Wang & Isola 2020
 UNIFORMITY_T = 2.0  # Wang & Isola 2020
 
@@ -71,17 +72,13 @@ def uniformity(z: Tensor, t: float = UNIFORMITY_T, chunk: int = 512) -> float:
 
 
 def rankme(z: Tensor, eps: float = RANKME_EPS) -> float:
-    """RankMe of ``z`` ``(N, D)``: ``exp`` of the entropy of its L1-normalised singular values (+ eps)."""
-    s = torch.linalg.svdvals(_matrix(z, "RankMe"))
-    total = s.sum()
-    if not total > 0:
-        return 1.0  # an all-zero matrix: rank one at most, as a collapsed one
-    p = s / total + eps
-    return float(torch.exp(-(p * p.log()).sum()))
+    """RankMe of ``z`` ``(N, D)``: ``exp`` of the entropy of its L1-normalised singular values (+ eps)
+    (:func:`sslbench.health.effective_rank`, which the training's collapse check uses too)."""
+    return effective_rank(_matrix(z, "RankMe"), eps)
 
 
 def feature_std(z: Tensor) -> float:
     """The mean over dimensions of the (population) standard deviation over samples of the
-    L2-normalised rows of ``z`` ``(N, D)``: 0 when collapsed, about ``1/sqrt(D)`` when isotropic."""
-    u = F.normalize(_matrix(z, "feature_std", min_rows=2), dim=1)
-    return float(u.std(dim=0, correction=0).mean())
+    L2-normalised rows of ``z`` ``(N, D)``: 0 when collapsed, about ``1/sqrt(D)`` when isotropic
+    (:func:`sslbench.health.normalised_std`)."""
+    return normalised_std(_matrix(z, "feature_std", min_rows=2))

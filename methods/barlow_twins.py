@@ -20,7 +20,7 @@ from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
 from sslbench.heads import expander, feature_dim
 from sslbench.losses import BarlowTwinsLoss
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
 from sslbench.registry import register_method
 
 __all__ = ["BarlowTwins", "BarlowTwinsConfig", "BarlowTwinsLoss"]
@@ -91,4 +91,4 @@ class BarlowTwins(Method):
         passes through the networks alone, as in the official code (BatchNorm statistics per view)."""
         z1, z2 = (self.projector(self.encoder(x)) for x in batch.views)
         loss = self.criterion(z1, z2)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), EMBEDDING_LOG: z1.detach()}

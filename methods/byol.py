@@ -18,7 +18,7 @@ from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import BYOLLoss, byol_loss
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, asymmetric, cosine_schedule
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, asymmetric, cosine_schedule
 from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
@@ -98,7 +98,7 @@ class BYOL(Method):
 
     def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = self.criterion(emb[:, 0], emb[:, 1], emb[:, 2], emb[:, 3])
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), EMBEDDING_LOG: emb[:, 0].detach()}  # the online prediction p1
 
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         return self.loss_from_embeddings(self.embed(batch))

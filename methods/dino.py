@@ -32,6 +32,7 @@ ResNet's DINO collapses to the uniform distribution (measured: docs/recipes.md);
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,7 +44,7 @@ from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, fit_to_patches, mlp, patch_side
 from sslbench.losses import DINOLoss
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
+from sslbench.method import EMBEDDING_LOG, ENTROPY_FRAC_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
 from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
@@ -228,7 +229,14 @@ class DINO(Method):
         temp = self.teacher_temp_at(batch.info)
         loss, probs = self.criterion(rearrange(s, "(v b) k -> v b k", v=len(views)), rearrange(t, "(g b) k -> g b k", g=n_global), temp)
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()  # mean per-sample H(P_t), nats
-        return loss, {"loss": loss.detach(), "teacher_entropy": entropy, "teacher_temp": torch.full((), temp, device=loss.device)}
+        logs = {
+            "loss": loss.detach(),
+            "teacher_entropy": entropy,
+            ENTROPY_FRAC_LOG: entropy / math.log(self.cfg.out_dim) if self.cfg.out_dim > 1 else torch.ones_like(entropy),
+            "teacher_temp": torch.full((), temp, device=loss.device),
+            EMBEDDING_LOG: s[: views[0].shape[0]].detach(),  # the student's logits on the first global view
+        }
+        return loss, logs
 
     def after_backward(self, info: StepInfo) -> None:
         """During the first ``freeze_last_layer`` epochs the prototypes get no update: their

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, Reconstruction, ViewSpec
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, Reconstruction, ViewSpec
 from sslbench.registry import register_method
 
 __all__ = ["MAE", "MAEConfig", "mae_loss", "norm_pix_targets", "patchify", "random_masking", "sincos_pos_embed_2d", "unpatchify"]
@@ -203,17 +203,24 @@ class MAE(Method):
     def forward_masked(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """The first view (B, 3, S, S) -> the prediction (B, N, p * p * 3), the mask (B, N) and
         the pixel targets (B, N, p * p * 3), float32 (normalised per patch with norm_pix_loss)."""
+        pred, mask, target, _ = self._forward_masked(batch)
+        return pred, mask, target
+
+    def _forward_masked(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`forward_masked`, and the encoder's latent (B, prefix + keep, D)."""
         images = batch.views[0]
         noise = batch.uniform(0, self.grid[0] * self.grid[1])
         ids_keep, mask, ids_restore = random_masking(noise, self.keep)
-        pred = self.decode(self.encode_visible(images, ids_keep), ids_restore).float()
+        latent = self.encode_visible(images, ids_keep)
+        pred = self.decode(latent, ids_restore).float()
         target = patchify(images.float(), self.patch)
-        return pred, mask, norm_pix_targets(target) if self.cfg.norm_pix_loss else target
+        return pred, mask, norm_pix_targets(target) if self.cfg.norm_pix_loss else target, latent
 
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        pred, mask, target = self.forward_masked(batch)
+        """The loss, and as the health embedding the average of the visible patches' latent tokens."""
+        pred, mask, target, latent = self._forward_masked(batch)
         loss = mae_loss(pred, target, mask)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), EMBEDDING_LOG: latent[:, self.num_prefix :].detach().mean(dim=1)}
 
     @torch.no_grad()
     def reconstruct(self, batch: Batch) -> Reconstruction:

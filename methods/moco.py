@@ -30,7 +30,7 @@ from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import InfoNCELoss
 from sslbench.memory import MemoryBank
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo
 from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
@@ -118,4 +118,4 @@ class MoCo(Method):
             loss = self.criterion(q1, k2, queue)
             new_keys = k2
         self.bank.push(new_keys)  # gathered from every process, so all queues stay identical
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), EMBEDDING_LOG: q1.detach()}

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import MoCoV3Loss
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo, cosine_schedule
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, cosine_schedule
 from sslbench.momentum import freeze_
 from sslbench.registry import register_method
 
@@ -97,7 +97,7 @@ class MoCoV3(Method):
     def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         k1, k2 = emb[:, 2].detach(), emb[:, 3].detach()  # keys are targets: stop-gradient
         loss = self.criterion(emb[:, 0], k2) + self.criterion(emb[:, 1], k1)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), EMBEDDING_LOG: emb[:, 0].detach()}  # the query q1
 
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         return self.loss_from_embeddings(self.embed(batch))

@@ -22,7 +22,7 @@ from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import NNCLRLoss
 from sslbench.memory import MemoryBank
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
 from sslbench.registry import register_method
 
 __all__ = ["NNCLR", "NNCLRConfig", "NNCLRLoss"]
@@ -95,4 +95,4 @@ class NNCLR(Method):
         nn1, nn2 = self.bank.nearest(z1), self.bank.nearest(z2)
         loss = self.criterion(nn1, nn2, p1, p2)
         self.bank.push(z1)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), EMBEDDING_LOG: z1}

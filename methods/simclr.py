@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import NTXentLoss
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
 
 __all__ = ["NTXentLoss", "SimCLR", "SimCLRConfig"]
@@ -79,7 +79,7 @@ class SimCLR(Method):
 
     def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = self.criterion(emb[:, 0], emb[:, 1])
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), EMBEDDING_LOG: emb[:, 0].detach()}
 
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         return self.loss_from_embeddings(self.embed(batch))

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from sslbench.errors import UserError
 from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import SimSiamLoss, negative_cosine
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe
 from sslbench.registry import register_method
 
 __all__ = ["SimSiam", "SimSiamConfig", "SimSiamLoss", "negative_cosine"]
@@ -100,7 +100,7 @@ class SimSiam(Method):
         loss = self.criterion(emb[:, 0], emb[:, 1], emb[:, 2], emb[:, 3])
         # Collapse monitor (Chen & He 2021, Fig. 2): std of the normalised z per channel, ~1/sqrt(d) when healthy.
         z_std = F.normalize(emb[:, 2].detach().float(), dim=1).std(dim=0).mean()
-        return loss, {"loss": loss.detach(), "z_std": z_std}
+        return loss, {"loss": loss.detach(), "z_std": z_std, EMBEDDING_LOG: emb[:, 2].detach()}
 
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         return self.loss_from_embeddings(self.embed(batch))

@@ -24,7 +24,7 @@ from sslbench.errors import UserError
 from sslbench.heads import Prototypes, encode_views, feature_dim, fit_to_patches, mlp
 from sslbench.losses import SwAVLoss
 from sslbench.memory import MemoryBank
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec
 from sslbench.registry import register_method
 
 __all__ = ["SwAV", "SwAVConfig"]
@@ -134,4 +134,4 @@ class SwAV(Method):
         z1, z2 = z.chunk(len(batch.views))[:2]
         queue_scores = self._queue_scores(batch.info, torch.cat([z1, z2], dim=1))
         loss = self.criterion(scores, queue_scores)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), EMBEDDING_LOG: z1.detach()}

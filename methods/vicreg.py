@@ -19,7 +19,7 @@ from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
 from sslbench.heads import expander, feature_dim
 from sslbench.losses import VICRegLoss
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
+from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
 from sslbench.registry import register_method
 
 __all__ = ["VICReg", "VICRegConfig", "VICRegLoss"]
@@ -81,4 +81,4 @@ class VICReg(Method):
         terms). Each view passes through the networks alone, as in the official code."""
         z1, z2 = (self.projector(self.encoder(x)) for x in batch.views)
         loss, terms = self.criterion(z1, z2)
-        return loss, {"loss": loss.detach(), **terms}
+        return loss, {"loss": loss.detach(), **terms, EMBEDDING_LOG: z1.detach()}

@@ -132,6 +132,7 @@ def _run_fields(run_dir: Path, cfg: Any, summary: dict[str, Any], data: str, bud
         "hardware": hardware_summary(device),
         "train_hardware": summary.get("hardware"),
         "eval_device": str(device),
+        "health": summary.get("health"),  # the training's collapse verdict and its figures (sslbench.health)
     }
 
 

@@ -21,6 +21,11 @@ Aggregation rules:
   exists only for two seeds or more. A non-finite value (stored as ``null``) counts as NaN, so
   a diverged seed shows up as ``nan`` rather than silently vanishing.
 - Rows without a ``method`` or a ``metrics`` object are ignored.
+- Collapse: a row whose training was judged collapsed (its ``health.collapse``, written by
+  :mod:`sslbench.health` into ``results.json`` and every row) marks its entry: the method cell
+  reads ``simclr (collapsed: complete)`` (``, 1/3 seeds`` when not every seed collapsed) and the
+  CSV gains a ``collapse`` column. Rows without a verdict (written before it existed, or by a
+  method that gives no health figures) render as before.
 - Feature depth: a row scored at another depth than the encoder's output ``h`` (its
   ``protocol.features``, e.g. ``z`` or ``proj1``; or a fine-tuning row's
   ``protocol.from_projector_layer``) is its own entry, so the probe on ``z`` never merges with the
@@ -103,6 +108,7 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
     values: dict[tuple[Any, ...], dict[Any, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     run_info: dict[tuple[Any, ...], dict[Any, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     settings: dict[tuple[Any, ...], dict[str, Any]] = {}
+    collapse: dict[tuple[Any, ...], dict[Any, str]] = defaultdict(dict)
     for _, row in indexed:
         metrics = row.get("metrics")
         if row.get("method") is None or not isinstance(metrics, Mapping):
@@ -116,6 +122,12 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
                 run_info[key][seed][field] = float(row[field])
         if isinstance(row.get("vary"), Mapping):
             settings[key] = dict(row["vary"])
+        health = row.get("health")
+        if isinstance(health, Mapping) and "collapse" in health:
+            if health["collapse"]:
+                collapse[key][seed] = str(health["collapse"])
+            else:
+                collapse[key].pop(seed, None)
 
     variants: dict[tuple[Any, ...], list[tuple[tuple[str, str], ...] | None]] = defaultdict(list)
     for key in values:
@@ -138,6 +150,8 @@ def aggregate(rows: Iterable[Row]) -> list[dict[str, Any]]:
                 "metrics": {name: _stats([v[name] for v in per_seed.values() if name in v]) for name in names},
                 "images_per_s": _mean([i["images_per_s"] for i in info.values() if "images_per_s" in i]),
                 "epochs": _mean([i["epochs"] for i in info.values() if "epochs" in i]),
+                "collapse": sorted(set(collapse[key].values())),
+                "collapsed_seeds": len(collapse[key]),
             }
         )
     # grid settings: numbers in numeric order, other values in the order the grid ran them (first row)
@@ -237,6 +251,20 @@ def entry_name(entry: Mapping[str, Any]) -> str:
     return f"{entry['method']} [{entry['config']}]" if entry.get("config") else str(entry["method"])
 
 
+def collapse_note(entry: Mapping[str, Any]) -> str:
+    """``collapsed: uniform`` (``, 1/3 seeds`` when not all) for an entry whose training collapsed, else ``''``."""
+    kinds, n = entry.get("collapse") or [], int(entry.get("collapsed_seeds") or 0)
+    if not kinds or n < 1:
+        return ""
+    seeds = "" if n >= entry["n_seeds"] else f", {n}/{entry['n_seeds']} seeds"
+    return f"collapsed: {'/'.join(kinds)}{seeds}"
+
+
+def _label(entry: Mapping[str, Any]) -> str:
+    note = collapse_note(entry)
+    return f"{entry_name(entry)} ({note})" if note else entry_name(entry)
+
+
 def _groups(entries: list[dict[str, Any]]) -> list[tuple[tuple[Any, ...], list[dict[str, Any]]]]:
     """Entries (already sorted by :func:`aggregate`) split by group, order kept."""
     out: list[tuple[tuple[Any, ...], list[dict[str, Any]]]] = []
@@ -304,7 +332,7 @@ def _table(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["method", *keys, *depth, *names, "seeds", "epochs", "images/s"]
     body = [
         [
-            entry_name(e),
+            _label(e),
             *(_setting_cell(e, k) for k in keys),
             *([e.get("features") or "h"] if depth else []),
             *(_metric_cell(e["metrics"].get(name), e["n_seeds"]) for name in names),
@@ -370,10 +398,12 @@ def _render_csv(entries: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     metric_cols = [c for name in names for c in (name, f"{name}_std", f"{name}_n")]
-    writer.writerow([*GROUP_FIELDS, "method", "config", *keys, *depth, "seeds", "epochs", "images_per_s", *metric_cols])
+    flagged = ["collapse"] if any(collapse_note(e) for e in entries) else []
+    writer.writerow([*GROUP_FIELDS, "method", "config", *keys, *depth, *flagged, "seeds", "epochs", "images_per_s", *metric_cols])
     for e in entries:
         cells = ["" if e[f] is None else str(e[f]) for f in GROUP_FIELDS]
         cells += [e["method"], e["config"], *(_setting_cell(e, k) for k in keys), *([e.get("features") or "h"] if depth else [])]
+        cells += [collapse_note(e)] if flagged else []
         cells += [str(e["n_seeds"]), _csv_number(e["epochs"]), _csv_number(e["images_per_s"])]
         for name in names:
             s = e["metrics"].get(name)

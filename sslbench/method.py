@@ -28,6 +28,8 @@ from .augment import AugmentConfig, counter_uniform
 from .momentum import cosine_momentum, ema_update_
 
 __all__ = [
+    "EMBEDDING_LOG",
+    "ENTROPY_FRAC_LOG",
     "FAMILIES",
     "Batch",
     "Family",
@@ -42,6 +44,10 @@ __all__ = [
     "cosine_schedule",
     "default_views",
 ]
+
+# The two documented non-obvious keys of a training step's logs (the health figures, sslbench/health.py):
+EMBEDDING_LOG = "embedding"  # detached (B, d) per-sample embedding the loss acts on; taken out, never logged
+ENTROPY_FRAC_LOG = "teacher_entropy_frac"  # scalar: mean entropy of per-sample targets over K outputs / log K
 
 # Streams of Batch.uniform sit above any view index, so they never repeat an augmentation's draws.
 _METHOD_STREAM_BASE = 1 << 20
@@ -170,7 +176,19 @@ class Method(nn.Module):
         return [ViewSpec(base, image_size), ViewSpec(base, image_size)]
 
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The scalar loss to minimise and detached scalars to log."""
+        """The scalar loss to minimise and detached scalars to log (``"loss"`` among them).
+
+        Two keys feed the collapse check (:mod:`sslbench.health`); a method that gives neither
+        gets no health figures and no verdict, never an error:
+
+        - :data:`EMBEDDING_LOG` (``"embedding"``): the detached (B, d) per-sample embedding of this
+          process's batch that the loss acts on (e.g. the projection z of the first view), the one
+          non-scalar entry. The trainer takes it out of the logs every step and measures it (std of
+          the L2-normalised rows, effective rank) only in logging windows; it is never written.
+        - :data:`ENTROPY_FRAC_LOG` (``"teacher_entropy_frac"``): for a method trained toward
+          per-sample distributions over K outputs (DINO's teacher), their mean entropy over
+          ``log K``; logged like any scalar, and compared with its value at step 0.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch)")
 
     def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from .batches import stream_batches
 from .callbacks import Callback, CheckpointPolicy, Control, MetricsFile, ProgressDisplay, StopControl
 from .config import TrainConfig
 from .errors import UserError
+from .health import HealthMonitor
 from .method import Batch
 from .results import hardware_summary
 from .run_setup import Run, apply_schedules, channels_last_views, setup_run
@@ -51,6 +52,7 @@ class TrainResult:
     stop_signal: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run early
     main: bool = True  # this is the main process (the one that writes the run's files)
     lock: RunLock | None = None  # the run directory's lock, when the caller asked to keep it (train(keep_lock=True))
+    health: dict[str, Any] | None = None  # the collapse verdict and its figures (sslbench.health; None: no figures)
 
 
 class NonFiniteGuard:
@@ -122,10 +124,14 @@ def _forward(run: Run, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
     return out
 
 
-def train_loop(run: Run, callbacks: list[Callback], *, resume_command: str | None = None) -> tuple[int, int | None]:
-    """Train from ``run.start_step``; returns (steps done, the signal that stopped it or None)."""
+def train_loop(
+    run: Run, callbacks: list[Callback], *, resume_command: str | None = None, health: HealthMonitor | None = None
+) -> tuple[int, int | None]:
+    """Train from ``run.start_step``; returns (steps done, the signal that stopped it or None).
+    ``health`` collects the collapse figures (:mod:`sslbench.health`; default: a fresh monitor)."""
     cfg, plan, acc = run.cfg, run.plan, run.accelerator
     guard = NonFiniteGuard(run)
+    health = health or health_monitor(run)
     loss_sum, loss_n = torch.zeros((), device=run.device), 0
     t_log, images_since_log = time.perf_counter(), 0
     progress: float | None = None
@@ -149,6 +155,7 @@ def train_loop(run: Run, callbacks: list[Callback], *, resume_command: str | Non
         values = apply_schedules(run.optimizer, run.schedules, batch.info)
         with record_function("sslbench.forward"):  # named ranges for profilers (benchmarks/speed.py --profile)
             loss, logs = _forward(run, batch)
+        health.take(logs, step)  # the embedding out of the logs (a reference; measured at logging steps)
         for cb in callbacks:
             loss = cb.on_loss(run, batch.info, loss)
         if not guard.step_ok(loss, step):
@@ -190,6 +197,7 @@ def train_loop(run: Run, callbacks: list[Callback], *, resume_command: str | Non
             # Other scheduled values, then the method's logged scalars (last step), averaged over processes.
             record.update({k: v for k, v in values.items() if k != "lr"})
             record.update({k: float(dist.all_reduce_mean(v) if run.world > 1 else v) for k, v in logs.items() if k != "loss"})
+            health.window(record)  # the health figures of the window's last batch; warns once on collapse
             for cb in callbacks:
                 cb.on_record(run, record)
             loss_sum.zero_()
@@ -205,6 +213,14 @@ def train_loop(run: Run, callbacks: list[Callback], *, resume_command: str | Non
             return done, control.stop_signal
     guard.check()
     return (step + 1 if plan.total_steps > run.start_step else run.start_step), None
+
+
+def health_monitor(run: Run) -> HealthMonitor:
+    """The run's collapse check; a resumed run's step-0 reference and verdict come from ``metrics.jsonl``."""
+    monitor = HealthMonitor(world=run.world, main=run.main)
+    if run.main and run.start_step > 0:
+        monitor.resume_from(run.files.metrics)
+    return monitor
 
 
 def _save(run: Run, callbacks: list[Callback], step: int, *, final: bool = False) -> None:
@@ -262,6 +278,7 @@ def summary(run: Run, result: TrainResult) -> dict[str, Any]:
         "lr": cfg.lr,
         "lr_scaling": cfg.lr_scaling,
         "metrics": result.metrics,
+        "health": result.health,
     }
 
 
@@ -290,8 +307,9 @@ def train(
     try:
         cbs = sorted([*(callbacks or []), *default_callbacks(quiet)], key=lambda cb: cb.order)
         t0 = time.perf_counter()
+        health = health_monitor(run)
         try:
-            steps_done, stop_signal = train_loop(run, cbs, resume_command=resume_command)
+            steps_done, stop_signal = train_loop(run, cbs, resume_command=resume_command, health=health)
         finally:
             for cb in cbs:
                 cb.on_train_end(run, run.start_step)
@@ -307,6 +325,7 @@ def train(
             stopped_early=stop_signal is not None,
             stop_signal=stop_signal,
             main=run.main,
+            health=health.summary(),
         )
         if stop_signal is None:
             finish(run, cbs, result)

@@ -27,7 +27,7 @@ from _toy_methods import TOYS
 from torch import nn
 
 from sslbench.augment import AugmentConfig
-from sslbench.method import FAMILIES, Method, Recipe, ViewSpec, default_views
+from sslbench.method import EMBEDDING_LOG, FAMILIES, Method, Recipe, ViewSpec, default_views
 from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
 from sslbench.registry import METHODS, get_method
 
@@ -90,7 +90,11 @@ def check_contract(r: dict) -> None:
     assert method.encoder is backbone
     # the loss and the logs
     assert loss.ndim == 0 and loss.requires_grad and math.isfinite(loss.item())
-    assert logs and all(v.ndim == 0 and not v.requires_grad and torch.isfinite(v) for v in logs.values())
+    scalars = {k: v for k, v in logs.items() if k != EMBEDDING_LOG}
+    assert scalars and all(v.ndim == 0 and not v.requires_grad and torch.isfinite(v) for v in scalars.values())
+    if EMBEDDING_LOG in logs:  # the health embedding: detached, one finite row per sample of the batch
+        emb = logs[EMBEDDING_LOG]
+        assert emb.ndim == 2 and emb.shape[0] == r["views"][0].shape[0] and not emb.requires_grad and torch.isfinite(emb).all()
     # gradients: every backbone parameter gets a finite one, not all zero
     backbone_ids = {id(p) for p in backbone.parameters()}
     names = {id(p): n for n, p in method.named_parameters()}
@@ -139,6 +143,12 @@ def test_every_builtin_is_registered():
 
 def test_training_step_contract(stepped):
     check_contract(stepped)
+
+
+def test_every_builtin_hands_over_its_embedding_for_the_health_figures(stepped):
+    """Issue 27: the collapse check measures the embedding each built-in method gives in its logs."""
+    if type(stepped["method"]).__module__.startswith("sslbench.methods."):
+        assert EMBEDDING_LOG in stepped["logs"], type(stepped["method"]).__name__
 
 
 def test_momentum_contract(stepped):
