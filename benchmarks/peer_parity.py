@@ -361,7 +361,9 @@ def build_peer(method: str, budget: Budget, steps_per_epoch: int) -> tuple[Any, 
         m.projection_head = heads.SwaVProjectionHead(F, 512, 128)
         m.prototypes = heads.SwaVPrototypes(128, 512)
         crit = L.SwaVLoss()
-        t = SwaVTransform(crop_sizes=[S], crop_counts=[2], crop_min_scales=[0.14], cj_strength=0.5, gaussian_blur=0)
+        # crop_max_scales=[1.0]: lightly 1.6.0 (and the benchmark's own commit) wants one per crop size and
+        # raises on the benchmark's call without it; 1.0 is SwaVTransform's default for the global crops
+        t = SwaVTransform(crop_sizes=[S], crop_counts=[2], crop_min_scales=[0.14], crop_max_scales=[1.0], cj_strength=0.5, gaussian_blur=0)
 
         def step(views: list[Any], epoch: int) -> Any:
             m.prototypes.normalize()
