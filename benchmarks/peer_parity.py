@@ -563,7 +563,7 @@ def train_sslbench(method: str, budget: Budget, work: Path) -> tuple[dict[str, A
         "train_images": summary.get("train_images"),
         "recipe_source": f"methods/{method}.py recipe() (docs/recipes.md)",
         "recipe": f"{summary.get('optimizer')} lr {summary.get('lr')} ({summary.get('lr_scaling')} scaling), sslbench's own heads, loss and augmentation",
-        "command": "sslbench train "
+        "sslbench_command": "sslbench train "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if k != "output")
         + "".join(f" --set {s}" for s in sets),
     }
@@ -634,12 +634,19 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
                 f"| {method} | {_fmt(peer['knn_top1'])} | {_fmt(ours['knn_top1'])} | {d:+.2f} | {_fmt(peer['images_per_s'], '.0f')} | "
                 f"{_fmt(ours['images_per_s'], '.0f')} | {ratio:.2f}x | {_fmt(peer['wall_s'], '.0f')} | {_fmt(ours['wall_s'], '.0f')} | {'; '.join(verdict) or 'ok'} |"
             )
+        loads = [x for r in latest.values() if json.dumps(r["budget"], sort_keys=True) == bkey for x in r.get("loadavg_1min", [])]
+        if loads:
+            lines += [
+                "",
+                f"1-minute load average at the start and end of the runs: {min(loads):.1f}-{max(loads):.1f} "
+                "(other jobs on the machine slow both sides; compare images/s within a row).",
+            ]
         lines += ["", "Reading (computed from the rows): "]
         done_n = len(methods) - len(pending)
         lines[-1] += (
-            f"{done_n} methods have both sides; {done_n - len(trailing)} sslbench rows are within 1 k-NN point of the peer or above"
+            f"methods with both sides: {done_n}; sslbench rows within 1 k-NN point of the peer or above: {done_n - len(trailing)}"
             + (f"; trailing by more than 1 point: {', '.join(trailing)}" if trailing else "")
-            + f". {done_n - len(slow)} sslbench rows train at least 2x the peer's images/s"
+            + f"; sslbench rows at least 2x the peer's images/s: {done_n - len(slow)}"
             + (f"; below 2x: {', '.join(slow)}" if slow else "")
             + "."
             + (f" Pending: {', '.join(pending)}." if pending else "")
@@ -651,7 +658,7 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
             if peer:
                 lines.append(f"- **{method}**, peer: `{peer['recipe_source']}`: {peer['recipe']}.")
             if ours:
-                lines.append(f"  sslbench: {ours['recipe']}; `{ours.get('command', '')}`.")
+                lines.append(f"  sslbench: {ours['recipe']}; `{ours.get('sslbench_command', '')}`.")
         envs = {
             (r["commit"], r["dirty"], r["cpu"], r["threads"], json.dumps(r["versions"], sort_keys=True))
             for r in latest.values()
@@ -721,12 +728,14 @@ def main() -> None:
                     print(f"{method:13s} {side_name:8s} already in {args.rows}; skipped")
                     continue
                 t0 = time.perf_counter()
+                load_before = round(os.getloadavg()[0], 2)
                 print(f"{method:13s} {side_name:8s} training ...", flush=True)
                 side, encoder = train_peer(method, budget) if side_name == "peer" else train_sslbench(method, budget, args.work)
                 print(f"{method:13s} {side_name:8s} trained in {side['wall_s']:.1f} s ({side['images_per_s']:.1f} img/s); k-NN ...", flush=True)
                 side.update(knn_score(encoder, budget))
                 row = {"method": method, "side": side_name, "budget": budget.key(), "seed": budget.seed, "command": command, **env, **side}
                 row["date"] = time.strftime("%Y-%m-%d")
+                row["loadavg_1min"] = [load_before, round(os.getloadavg()[0], 2)]  # other jobs on the machine skew images/s
                 append_row(args.rows, row)
                 print(
                     f"{method:13s} {side_name:8s} k-NN {side['knn_top1']:6.2f}  {side['images_per_s']:7.1f} img/s  train {side['wall_s']:7.1f} s  "

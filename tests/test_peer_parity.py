@@ -45,7 +45,7 @@ def row(method, side, knn, ips, **extra):
     if side == "peer":
         out.update(recipe_source="lightly cifar10_benchmark.py:360-389", recipe="SGD 0.06")
     else:
-        out.update(recipe="sgd lr 0.3", command="sslbench train --method " + method)
+        out.update(recipe="sgd lr 0.3", sslbench_command="sslbench train --method " + method)
     return out
 
 
@@ -61,7 +61,7 @@ def test_readme_lists_both_sides_the_difference_and_the_verdicts():
     assert text == peer_parity.render_readme(list(rows))  # a pure function of the rows
     assert "| simclr | 40.00 | 40.50 | +0.50 | 50 | 120 | 2.40x | 100 | 100 | ok |" in text
     assert "| byol | 42.00 | 39.00 | -3.00 | 40 | 60 | 1.50x | 100 | 100 | k-NN trails; < 2x speed |" in text
-    assert "trailing by more than 1 point: byol" in text and "below 2x: byol" in text
+    assert "trailing by more than 1 point: byol" in text and "below 2x: byol" in text and "methods with both sides: 2" in text
     assert "Pending: dino (sslbench side missing)" in text
     assert "python benchmarks/peer_parity.py --subset 5000" in text and "`abc1234`" in text
 
