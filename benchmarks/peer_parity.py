@@ -1,0 +1,751 @@
+"""Parity with a peer implementation (not a test): each method that lightly ships, trained twice on
+the same images, backbone, epochs, batch, image size and seed, and scored with the same k-NN.
+
+* **peer**: the method assembled from lightly's parts (heads, losses, transforms, memory banks,
+  momentum utilities) with lightly's own published recipe for it, replayed as a plain PyTorch loop
+  (the ``training_step`` / ``configure_optimizers`` of lightly's benchmark module; pytorch-lightning
+  is not needed), fed by a torch ``DataLoader`` with lightly's transforms and ``--num-workers``
+  workers over the image files;
+* **sslbench**: the same method through ``sslbench.pipeline.train_and_score`` (what ``sslbench
+  train`` runs) with the method's own sslbench recipe.
+
+Both sides train on the same class-balanced subset (``sslbench.data.balanced_subset`` of the
+train split's file order, the ``train_subset`` sslbench itself draws) and the same backbone
+construction (``sslbench.backbones.create_backbone``; lightly's heads take its ``num_features``);
+both frozen encoders are scored with sslbench's k-NN (``evals/features.py`` + ``evals/knn.py``,
+k=200, T=0.1) on the test split, the memory bank being the whole train split (``--knn-bank``
+draws a balanced subset of it, for smoke tests only). images/s is the training loop's (data
+loading included; the peer's DataLoader workers start once per epoch, as under Lightning).
+
+Every finished side is one JSON line in ``--rows`` (its budget, command, commit, versions, CPU,
+threads, seed); a re-run skips the sides already there (resume across sessions), and the README
+is rendered from the rows alone (:func:`render_readme`)::
+
+    pip install -e '.[parity]'   # lightly, a benchmark-only extra (see pyproject.toml)
+    nice -n 19 python benchmarks/peer_parity.py --subset 5000 --epochs 5 --batch-size 256
+    python benchmarks/peer_parity.py --render-only      # README from the rows
+
+lightly is imported only when the peer side trains, so ``--render-only`` (and the test of the
+rendering) needs no lightly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO / "leaderboards" / "peer-parity"
+ROWS = OUT_DIR / "results.jsonl"
+LIGHTLY_COMMIT = "e8d317fc5a87f4387a85a35e689869039ec249ee"  # the lightly source the recipes were read from
+CIFAR_BENCH = "docs/source/getting_started/benchmarks/cifar10_benchmark.py"
+
+# method -> (where lightly publishes the recipe, what the peer follows). Line ranges are of the
+# files at LIGHTLY_COMMIT (the CIFAR-10 benchmark's transforms are at lines 167-204).
+RECIPES: dict[str, tuple[str, str]] = {
+    "simclr": (
+        f"{CIFAR_BENCH}:173-178,360-389",
+        "SimCLRProjectionHead(F, 512, 128), NTXentLoss(T=0.5); SimCLRTransform(32, cj 0.5, no blur); SGD 0.06 x B/128, m 0.9, wd 5e-4, cosine per epoch",
+    ),
+    "moco": (
+        f"{CIFAR_BENCH}:292-357",
+        "MoCoProjectionHead(F, 512, 128), NTXentLoss(T=0.1, bank 4096), momentum 0.99, batch shuffle, symmetric loss; SimCLRTransform; SGD 0.06 x B/128, wd 5e-4, cosine",
+    ),
+    "byol": (
+        f"{CIFAR_BENCH}:167-171,534-594",
+        "BYOLProjectionHead(F, 1024, 256), BYOLPredictionHead(256, 1024, 256), momentum 0.99 constant; BYOLTransform (no blur); SGD 0.06 x B/128, wd 5e-4, cosine",
+    ),
+    "simsiam": (
+        f"{CIFAR_BENCH}:180-184,392-433",
+        "2-layer projector F-2048-2048 (BN), SimSiamPredictionHead(2048, 512, 2048); SimSiamTransform (no blur); SGD 0.06 (no lr scaling), wd 5e-4, cosine",
+    ),
+    "swav": (
+        f"{CIFAR_BENCH}:189-196,597-644",
+        "SwaVProjectionHead(F, 512, 128), 512 prototypes, SwaVLoss defaults, no queue; 2 crops of 32 px (scale 0.14-1, cj 0.5, no blur); Adam 1e-3 x B/128, wd 1e-6, cosine",
+    ),
+    "barlow_twins": (
+        f"{CIFAR_BENCH}:167-171,455-491",
+        "2-layer projector F-2048-2048 (BN after the first), BarlowTwinsLoss defaults; BYOLTransform (no blur); SGD 0.06 x B/128, wd 5e-4, cosine",
+    ),
+    "vicreg": (
+        "examples/pytorch/vicreg.py:17-55 (head, loss, transform) + " + f"{CIFAR_BENCH}:486-491 (optimizer)",
+        "VICRegProjectionHead(F, 2048, 2048, 2 layers), VICRegLoss defaults, VICRegTransform(32); lightly's CIFAR benchmark has no VICReg: its shared SGD recipe (0.06 x B/128, wd 5e-4, cosine)",
+    ),
+    "nnclr": (
+        f"{CIFAR_BENCH}:173-178,647-691",
+        "2-layer projector F-2048-256 (BN), NNCLRPredictionHead(256, 4096, 256), NNMemoryBankModule(4096), NTXentLoss(T=0.5); SimCLRTransform; SGD 0.06 x B/128, wd 5e-4, cosine",
+    ),
+    "dino": (
+        f"{CIFAR_BENCH}:198-204,694-753",
+        "DINOProjectionHead with 2 layers (F-2048 BN GELU-256), 2048 prototypes, DINOLoss defaults (teacher T 0.04), momentum 0.99; DINOTransform(32, no local views, cj 0.5, no blur); SGD 0.06 x B/128, wd 5e-4, cosine",
+    ),
+    "mae": (
+        "benchmarks/imagenet/vitb16/mae.py:20-161",
+        "MaskedVisionTransformerTIMM + MaskedVisionTransformerDecoderTIMM, mask 0.75, MSE on raw (normalised-image) patches; MAETransform(32); AdamW 1.5e-4 x B/256, betas (0.9, 0.95), wd 0.05 (not on norms/biases), warm-up 40 of 100 epochs then cosine, per step",
+    ),
+}
+# sslbench's mocov3 has no lightly counterpart: lightly 1.6.0 ships MoCoProjectionHead (num_layers,
+# batch_norm for v3) but no MoCo v3 model, example or benchmark recipe.
+NOT_SHIPPED = {
+    "mocov3": "lightly 1.6.0 ships a MoCo v3-capable head (MoCoProjectionHead(num_layers=3, batch_norm=True)) but no MoCo v3 model, example or benchmark recipe"
+}
+METHODS = list(RECIPES)
+VIT_METHODS = {"mae"}  # trained on the ViT backbone (--vit-backbone); the others on --backbone
+
+
+# --------------------------------------------------------------------------------------------
+# Budget and rows
+
+
+@dataclass(frozen=True)
+class Budget:
+    data: str
+    subset: int
+    epochs: int
+    batch_size: int
+    image_size: int
+    backbone: str
+    channels: str  # ResNet widths, "" for none
+    vit_backbone: str
+    seed: int
+    num_workers: int
+    knn_bank: int  # 0: the whole train split
+    knn_test: int  # 0: the whole test split
+    mae_decoder: str  # "dim,depth,heads" of the MAE decoder on both sides
+
+    def key(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def done(rows: list[dict[str, Any]], method: str, side: str, budget: Budget) -> dict[str, Any] | None:
+    for row in rows:
+        if row["method"] == method and row["side"] == side and row["budget"] == budget.key():
+            return row
+    return None
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    import timm
+    import torch
+    import torchvision
+
+    try:
+        from importlib.metadata import version
+
+        lightly_version = version("lightly")
+    except Exception:
+        lightly_version = None
+    cpu = "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return {
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
+            "lightly": lightly_version,
+        },
+        "cpu": f"{cpu} ({os.cpu_count()} cores)",
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Data and scoring (shared by both sides)
+
+
+def split_files(data: str) -> tuple[list[str], list[int]]:
+    """The train split's files and labels in sslbench's order (sorted class folders, sorted files)."""
+    from sslbench._data_sources import _class_folders, _image_files
+
+    train_dir = Path(data).expanduser().resolve() / "train"
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(_class_folders(train_dir)):
+        found = _image_files(train_dir / name)
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+def knn_score(encoder: Any, budget: Budget) -> dict[str, float]:
+    """sslbench's k-NN (k=200, T=0.1, exp weighting) of the frozen encoder's features, test split."""
+    import torch
+
+    from sslbench.data import balanced_subset, load_split
+    from sslbench.evals.features import extract_features
+    from sslbench.evals.knn import knn_eval
+
+    spec = f"imagefolder:{budget.data}"
+    train = load_split(spec, "train", budget.image_size)
+    test = load_split(spec, "test", budget.image_size)
+    if budget.knn_bank:
+        train = train.subset(balanced_subset(train.labels, budget.knn_bank, budget.seed))
+    if budget.knn_test:
+        test = test.subset(balanced_subset(test.labels, budget.knn_test, budget.seed))
+    encoder = encoder.to("cpu").eval()
+    with torch.no_grad():
+        f_train = extract_features(encoder, train.images, image_size=budget.image_size)
+        f_test = extract_features(encoder, test.images, image_size=budget.image_size)
+    return knn_eval(f_train, train.labels, f_test, test.labels, k=200, temperature=0.1)
+
+
+def make_backbone(method: str, budget: Budget) -> Any:
+    from sslbench.backbones import create_backbone
+
+    if method in VIT_METHODS:
+        return create_backbone(budget.vit_backbone, budget.image_size)
+    kwargs = {"channels": tuple(int(c) for c in budget.channels.split(","))} if budget.channels else {}
+    return create_backbone(budget.backbone, budget.image_size, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The peer: lightly's parts, lightly's recipe
+
+
+class FileDataset:
+    """(lightly transform of the RGB image, label), as lightly's LightlyDataset yields them."""
+
+    def __init__(self, files: list[str], labels: list[int], transform: Callable[[Any], Any]) -> None:
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert("RGB")), self.labels[i]
+
+
+def _as_views(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def build_peer(method: str, budget: Budget, steps_per_epoch: int) -> tuple[Any, Any, Callable[..., Any], Any, Any, bool]:
+    """(model, transform, training_step(model, views, epoch), optimizer, scheduler, per_step) for ``method``,
+    following lightly's published recipe (see RECIPES)."""
+    import torch
+    from lightly import loss as L
+    from lightly.models import utils
+    from lightly.models.modules import heads
+    from lightly.models.modules.nn_memory_bank import NNMemoryBankModule
+    from lightly.transforms import (
+        BYOLTransform,
+        BYOLView1Transform,
+        BYOLView2Transform,
+        DINOTransform,
+        MAETransform,
+        SimCLRTransform,
+        SimSiamTransform,
+        SwaVTransform,
+        VICRegTransform,
+    )
+    from torch import nn
+
+    S, B, E = budget.image_size, budget.batch_size, budget.epochs
+    lr_factor = B / 128
+    backbone = make_backbone(method, budget)
+    F = int(backbone.num_features)
+    byol_t = BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=S, gaussian_blur=0.0), view_2_transform=BYOLView2Transform(input_size=S, gaussian_blur=0.0)
+    )
+    simclr_t = SimCLRTransform(input_size=S, cj_strength=0.5, gaussian_blur=0.0)
+    m = nn.Module()
+    m.backbone = backbone
+
+    def sgd(params: Any, lr: float = 6e-2 * lr_factor) -> tuple[Any, Any]:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, E)
+
+    def emb(x: Any, bb: Any = None) -> Any:
+        return (bb if bb is not None else m.backbone)(x).flatten(start_dim=1)
+
+    if method == "simclr":
+        m.projection_head = heads.SimCLRProjectionHead(F, 512, 128)
+        crit = L.NTXentLoss()
+
+        def step(views: list[Any], epoch: int) -> Any:
+            return crit(m.projection_head(emb(views[0])), m.projection_head(emb(views[1])))
+
+        return m, simclr_t, step, *sgd(m.parameters()), False
+    if method == "moco":
+        m.projection_head = heads.MoCoProjectionHead(F, 512, 128)
+        m.backbone_momentum = copy.deepcopy(m.backbone)
+        m.projection_head_momentum = copy.deepcopy(m.projection_head)
+        utils.deactivate_requires_grad(m.backbone_momentum)
+        utils.deactivate_requires_grad(m.projection_head_momentum)
+        crit = L.NTXentLoss(temperature=0.1, memory_bank_size=(4096, 128))
+
+        def step(views: list[Any], epoch: int) -> Any:
+            utils.update_momentum(m.backbone, m.backbone_momentum, 0.99)
+            utils.update_momentum(m.projection_head, m.projection_head_momentum, 0.99)
+
+            def one(x0: Any, x1: Any) -> tuple[Any, Any]:
+                x1, shuffle = utils.batch_shuffle(x1)
+                q = m.projection_head(emb(x0))
+                k = m.projection_head_momentum(emb(x1, m.backbone_momentum))
+                return q, utils.batch_unshuffle(k, shuffle)
+
+            return 0.5 * (crit(*one(views[0], views[1])) + crit(*one(views[1], views[0])))
+
+        return m, simclr_t, step, *sgd(list(m.backbone.parameters()) + list(m.projection_head.parameters())), False
+    if method == "byol":
+        m.projection_head = heads.BYOLProjectionHead(F, 1024, 256)
+        m.prediction_head = heads.BYOLPredictionHead(256, 1024, 256)
+        m.backbone_momentum = copy.deepcopy(m.backbone)
+        m.projection_head_momentum = copy.deepcopy(m.projection_head)
+        utils.deactivate_requires_grad(m.backbone_momentum)
+        utils.deactivate_requires_grad(m.projection_head_momentum)
+        crit = L.NegativeCosineSimilarity()
+
+        def step(views: list[Any], epoch: int) -> Any:
+            utils.update_momentum(m.backbone, m.backbone_momentum, m=0.99)
+            utils.update_momentum(m.projection_head, m.projection_head_momentum, m=0.99)
+            x0, x1 = views
+            p0, p1 = (m.prediction_head(m.projection_head(emb(x))) for x in (x0, x1))
+            z0, z1 = (m.projection_head_momentum(emb(x, m.backbone_momentum)).detach() for x in (x0, x1))
+            return 0.5 * (crit(p0, z1) + crit(p1, z0))
+
+        params = [*m.backbone.parameters(), *m.projection_head.parameters(), *m.prediction_head.parameters()]
+        return m, byol_t, step, *sgd(params), False
+    if method == "simsiam":
+        m.prediction_head = heads.SimSiamPredictionHead(2048, 512, 2048)
+        m.projection_head = heads.ProjectionHead([(F, 2048, nn.BatchNorm1d(2048), nn.ReLU(inplace=True)), (2048, 2048, nn.BatchNorm1d(2048), None)])
+        crit = L.NegativeCosineSimilarity()
+
+        def step(views: list[Any], epoch: int) -> Any:
+            z0, z1 = (m.projection_head(emb(x)) for x in views)
+            p0, p1 = m.prediction_head(z0), m.prediction_head(z1)
+            return 0.5 * (crit(z0.detach(), p1) + crit(z1.detach(), p0))
+
+        return m, SimSiamTransform(input_size=S, gaussian_blur=0.0), step, *sgd(m.parameters(), lr=6e-2), False
+    if method == "swav":
+        m.projection_head = heads.SwaVProjectionHead(F, 512, 128)
+        m.prototypes = heads.SwaVPrototypes(128, 512)
+        crit = L.SwaVLoss()
+        # crop_max_scales=[1.0]: lightly 1.6.0 (and the benchmark's own commit) wants one per crop size and
+        # raises on the benchmark's call without it; 1.0 is SwaVTransform's default for the global crops
+        t = SwaVTransform(crop_sizes=[S], crop_counts=[2], crop_min_scales=[0.14], crop_max_scales=[1.0], cj_strength=0.5, gaussian_blur=0)
+
+        def step(views: list[Any], epoch: int) -> Any:
+            m.prototypes.normalize()
+            out = [m.prototypes(nn.functional.normalize(m.projection_head(emb(x)), dim=1, p=2)) for x in views]
+            return crit(out[:2], out[2:])
+
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3 * lr_factor, weight_decay=1e-6)
+        return m, t, step, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, E), False
+    if method == "barlow_twins":
+        m.projection_head = heads.ProjectionHead([(F, 2048, nn.BatchNorm1d(2048), nn.ReLU(inplace=True)), (2048, 2048, None, None)])
+        crit = L.BarlowTwinsLoss()
+
+        def step(views: list[Any], epoch: int) -> Any:
+            return crit(m.projection_head(emb(views[0])), m.projection_head(emb(views[1])))
+
+        return m, byol_t, step, *sgd(m.parameters()), False
+    if method == "vicreg":
+        m.projection_head = heads.VICRegProjectionHead(input_dim=F, hidden_dim=2048, output_dim=2048, num_layers=2)
+        crit = L.VICRegLoss()
+
+        def step(views: list[Any], epoch: int) -> Any:
+            return crit(m.projection_head(emb(views[0])), m.projection_head(emb(views[1])))
+
+        return m, VICRegTransform(input_size=S), step, *sgd(m.parameters()), False
+    if method == "nnclr":
+        m.prediction_head = heads.NNCLRPredictionHead(256, 4096, 256)
+        m.projection_head = heads.ProjectionHead([(F, 2048, nn.BatchNorm1d(2048), nn.ReLU(inplace=True)), (2048, 256, nn.BatchNorm1d(256), None)])
+        m.memory_bank = NNMemoryBankModule(size=(4096, 256))
+        crit = L.NTXentLoss()
+
+        def step(views: list[Any], epoch: int) -> Any:
+            z0, z1 = (m.projection_head(emb(x)) for x in views)
+            p0, p1 = m.prediction_head(z0), m.prediction_head(z1)
+            z0 = m.memory_bank(z0.detach(), update=False)
+            z1 = m.memory_bank(z1.detach(), update=True)
+            return 0.5 * (crit(z0, p1) + crit(z1, p0))
+
+        return m, simclr_t, step, *sgd(m.parameters()), False
+    if method == "dino":
+
+        def dino_head() -> Any:
+            head = heads.DINOProjectionHead(F, 2048, 256, 2048, batch_norm=True)
+            head.layers = heads.ProjectionHead([(F, 2048, nn.BatchNorm1d(2048), nn.GELU()), (2048, 256, None, None)]).layers
+            return head
+
+        m.head = dino_head()
+        m.teacher_backbone = copy.deepcopy(m.backbone)
+        m.teacher_head = dino_head()  # a fresh head, as lightly's benchmark builds it (not a copy)
+        utils.deactivate_requires_grad(m.teacher_backbone)
+        utils.deactivate_requires_grad(m.teacher_head)
+        crit = L.DINOLoss(output_dim=2048)
+        t = DINOTransform(global_crop_size=S, n_local_views=0, cj_strength=0.5, gaussian_blur=(0, 0, 0))
+
+        def step(views: list[Any], epoch: int) -> Any:
+            utils.update_momentum(m.backbone, m.teacher_backbone, m=0.99)
+            utils.update_momentum(m.head, m.teacher_head, m=0.99)
+            teacher = [m.teacher_head(emb(x, m.teacher_backbone)) for x in views[:2]]
+            student = [m.head(emb(x)) for x in views]
+            return crit(teacher, student, epoch=epoch)
+
+        return m, t, step, *sgd([*m.backbone.parameters(), *m.head.parameters()]), False
+    if method == "mae":
+        from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+        from lightly.models.modules.masked_vision_transformer_timm import init_weights
+        from lightly.utils.scheduler import CosineWarmupScheduler
+
+        dec_dim, dec_depth, dec_heads = (int(v) for v in budget.mae_decoder.split(","))
+        vit = backbone
+        patch = int(vit.patch_embed.patch_size[0])
+        seq_len = int(vit.patch_embed.num_patches + vit.num_prefix_tokens)
+        m.masked = MaskedVisionTransformerTIMM(vit=vit)
+        m.decoder_embed = nn.Linear(int(vit.embed_dim), dec_dim)
+        m.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=int(vit.patch_embed.num_patches),
+            embed_dim=dec_dim,
+            depth=dec_depth,
+            num_heads=dec_heads,
+            num_prefix_tokens=int(vit.num_prefix_tokens),
+            mlp_ratio=4.0,
+            proj_drop_rate=0.0,
+            attn_drop_rate=0.0,
+        )
+        m.prediction_head = nn.Linear(dec_dim, patch**2 * 3)
+        m.decoder_embed.apply(init_weights)
+        m.prediction_head.apply(init_weights)
+        crit = nn.MSELoss()
+
+        def step(views: list[Any], epoch: int) -> Any:
+            images = views[0]
+            idx_keep, idx_mask = utils.random_token_mask(size=(images.shape[0], seq_len), mask_ratio=0.75, device=images.device)
+            feats = m.masked.encode(images=images, idx_keep=idx_keep)
+            x = m.decoder_embed(feats)
+            full = x.new_zeros(images.shape[0], seq_len, x.shape[-1])
+            full = utils.set_at_index(full, idx_keep, x)
+            pred = m.prediction_head(utils.get_at_index(m.decoder(full, idx_mask=idx_mask), idx_mask))
+            target = utils.get_at_index(utils.patchify(images, patch), idx_mask - 1)
+            return crit(pred, target)
+
+        params, no_wd = utils.get_weight_decay_parameters([m.masked, m.decoder_embed, m.decoder, m.prediction_head])
+        opt = torch.optim.AdamW(
+            [{"params": params}, {"params": no_wd, "weight_decay": 0.0}], lr=1.5e-4 * B / 256, weight_decay=0.05, betas=(0.9, 0.95)
+        )
+        total = steps_per_epoch * E
+        # lightly: warm-up 40 epochs of its 100-epoch default run, i.e. 40% of the steps
+        sched = CosineWarmupScheduler(optimizer=opt, warmup_epochs=int(total * 0.4), max_epochs=total)
+        return m, MAETransform(input_size=S), step, opt, sched, True
+    raise SystemExit(f"no lightly recipe for {method!r}")
+
+
+def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
+    import torch
+
+    from sslbench.data import balanced_subset, load_split
+
+    files, labels = split_files(budget.data)
+    if load_split(f"imagefolder:{budget.data}", "train", budget.image_size).labels.tolist() != labels:
+        raise SystemExit("the file list does not match sslbench's train split order; the two sides would train on different images")
+    idx = balanced_subset(torch.tensor(labels), budget.subset, budget.seed).tolist() if budget.subset < len(files) else list(range(len(files)))
+    files, labels = [files[i] for i in idx], [labels[i] for i in idx]
+    steps_per_epoch = len(files) // budget.batch_size
+    if steps_per_epoch < 1:
+        raise SystemExit(f"--subset {budget.subset} is smaller than one batch of {budget.batch_size}")
+    torch.manual_seed(budget.seed)
+    model, transform, step, opt, sched, per_step = build_peer(method, budget, steps_per_epoch)
+    loader = torch.utils.data.DataLoader(
+        FileDataset(files, labels, transform),
+        batch_size=budget.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=budget.num_workers,
+        generator=torch.Generator().manual_seed(budget.seed),
+    )
+    model.train()
+    steps, losses = 0, []
+    t0 = time.perf_counter()
+    for epoch in range(budget.epochs):
+        for batch, _ in loader:
+            loss = step(_as_views(batch), epoch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if per_step:
+                sched.step()
+            steps += 1
+            losses.append(float(loss.detach()))
+        if not per_step:
+            sched.step()  # Lightning's default interval: once per epoch
+    wall = time.perf_counter() - t0
+    encoder = model.backbone
+    side = {
+        "images_per_s": round(steps * budget.batch_size / wall, 2),
+        "wall_s": round(wall, 2),
+        "steps": steps,
+        "train_images": len(files),
+        "first_loss": round(losses[0], 4),
+        "last_loss": round(losses[-1], 4),
+        "recipe_source": f"lightly-ai/lightly@{LIGHTLY_COMMIT[:10]} {RECIPES[method][0]}",
+        "recipe": RECIPES[method][1],
+    }
+    return side, encoder
+
+
+def train_sslbench(method: str, budget: Budget, work: Path) -> tuple[dict[str, Any], Any]:
+    import shutil
+
+    from sslbench.backbones import load_encoder
+    from sslbench.config import build_config
+    from sslbench.pipeline import train_and_score
+
+    out = work / f"sslbench-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    backbone = budget.vit_backbone if method in VIT_METHODS else budget.backbone
+    sets = [f"train_subset={budget.subset}", "checkpoint_every=0", "quick_knn=false"]
+    if method == "mae":
+        dim, depth, heads = budget.mae_decoder.split(",")
+        sets += [f"method_cfg.decoder_dim={dim}", f"method_cfg.decoder_depth={depth}", f"method_cfg.decoder_heads={heads}"]
+    if method not in VIT_METHODS and budget.channels:
+        sets.append(f"backbone_kwargs.channels={budget.channels}")
+    flags = {
+        "method": method,
+        "backbone": backbone,
+        "data": f"imagefolder:{budget.data}",
+        "epochs": budget.epochs,
+        "batch_size": budget.batch_size,
+        "image_size": budget.image_size,
+        "precision": "no",
+        "seed": budget.seed,
+        "output": str(out),
+    }
+    cfg = build_config(flags=flags, sets=sets)
+    result = train_and_score(cfg, quiet=True)
+    summary = json.loads((out / "results.json").read_text())
+    side = {
+        "images_per_s": result.images_per_s,
+        "wall_s": result.wall_time_s,
+        "steps": result.steps,
+        "train_images": summary.get("train_images"),
+        "recipe_source": f"methods/{method}.py recipe() (docs/recipes.md)",
+        "recipe": f"{summary.get('optimizer')} lr {summary.get('lr')} ({summary.get('lr_scaling')} scaling), sslbench's own heads, loss and augmentation",
+        "sslbench_command": "sslbench train "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if k != "output")
+        + "".join(f" --set {s}" for s in sets),
+    }
+    return side, load_encoder(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The README, a pure function of the rows
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def render_readme(rows: list[dict[str, Any]]) -> str:
+    """leaderboards/peer-parity/README.md from the JSONL rows (the last row of each method, side and
+    budget wins); a method with only one side so far is listed as pending."""
+    if not rows:
+        return "# Peer parity: sslbench vs lightly's parts\n\nNo rows yet: run `benchmarks/peer_parity.py`.\n"
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        latest[(json.dumps(row["budget"], sort_keys=True), row["method"], row["side"])] = row
+    budgets = sorted({k[0] for k in latest})
+    lines = ["# Peer parity: sslbench vs lightly's parts, same data, backbone, budget and k-NN", ""]
+    lines += [
+        "Generated by `benchmarks/peer_parity.py` from `results.jsonl` (`python benchmarks/peer_parity.py --render-only`).",
+        "Each method trains twice on the same class-balanced CIFAR-10 subset, backbone, epochs, batch, image size and seed:",
+        "**peer** = lightly's parts with lightly's own published recipe for that method (source: file and lines at",
+        f"lightly-ai/lightly@{LIGHTLY_COMMIT[:10]}), replayed as a plain PyTorch loop with a torch DataLoader and lightly's",
+        "transforms; **sslbench** = `sslbench train` with the method's sslbench recipe. Both frozen encoders are scored with",
+        "sslbench's k-NN (k=200, T=0.1, exp weighting, features h; CIFAR-10 test set). images/s = training images per",
+        "second of the training loop, data loading included. Δ = sslbench - peer.",
+        "",
+    ]
+    for bkey in budgets:
+        b = json.loads(bkey)
+        methods = sorted({k[1] for k in latest if k[0] == bkey}, key=lambda m: METHODS.index(m) if m in METHODS else 99)
+        bank = f"a balanced {b['knn_bank']}-image subset of train" if b["knn_bank"] else "all train images"
+        bank += f"; test: a balanced {b['knn_test']}-image subset" if b.get("knn_test") else "; test: all test images"
+        lines += [
+            f"## {b['subset']} images x {b['epochs']} epochs, batch {b['batch_size']}, {b['image_size']} px, seed {b['seed']}",
+            "",
+            f"Data: `imagefolder:{b['data']}`, class-balanced subset of {b['subset']} training images (sslbench's `train_subset`, seed {b['seed']}); "
+            f"k-NN memory bank: {bank}. Backbone: `{b['backbone']}`"
+            + (f" channels {b['channels']}" if b["channels"] else "")
+            + f" (CIFAR stem); MAE: "
+            f"`{b['vit_backbone']}` at {b['image_size']} px, decoder dim,depth,heads = {b['mae_decoder']} on both sides. Peer DataLoader workers: {b['num_workers']}.",
+            "",
+            "| method | peer k-NN | sslbench k-NN | Δ k-NN | peer img/s | sslbench img/s | speed ratio | peer wall (s) | sslbench wall (s) | verdict |",
+            "| :-- | --: | --: | --: | --: | --: | --: | --: | --: | :-- |",
+        ]
+        pending, trailing, slow = [], [], []
+        for method in methods:
+            peer, ours = latest.get((bkey, method, "peer")), latest.get((bkey, method, "sslbench"))
+            if peer is None or ours is None:
+                pending.append(f"{method} ({'peer' if peer is None else 'sslbench'} side missing)")
+                continue
+            d = ours["knn_top1"] - peer["knn_top1"]
+            ratio = ours["images_per_s"] / peer["images_per_s"]
+            verdict = []
+            if d < -1.0:
+                trailing.append(method)
+                verdict.append("k-NN trails")
+            if ratio < 2.0:
+                slow.append(method)
+                verdict.append("< 2x speed")
+            lines.append(
+                f"| {method} | {_fmt(peer['knn_top1'])} | {_fmt(ours['knn_top1'])} | {d:+.2f} | {_fmt(peer['images_per_s'], '.0f')} | "
+                f"{_fmt(ours['images_per_s'], '.0f')} | {ratio:.2f}x | {_fmt(peer['wall_s'], '.0f')} | {_fmt(ours['wall_s'], '.0f')} | {'; '.join(verdict) or 'ok'} |"
+            )
+        loads = [x for r in latest.values() if json.dumps(r["budget"], sort_keys=True) == bkey for x in r.get("loadavg_1min", [])]
+        if loads:
+            lines += [
+                "",
+                f"1-minute load average at the start and end of the runs: {min(loads):.1f}-{max(loads):.1f} "
+                "(other jobs on the machine slow both sides; compare images/s within a row).",
+            ]
+        lines += ["", "Reading (computed from the rows): "]
+        done_n = len(methods) - len(pending)
+        lines[-1] += (
+            f"methods with both sides: {done_n}; sslbench rows within 1 k-NN point of the peer or above: {done_n - len(trailing)}"
+            + (f"; trailing by more than 1 point: {', '.join(trailing)}" if trailing else "")
+            + f"; sslbench rows at least 2x the peer's images/s: {done_n - len(slow)}"
+            + (f"; below 2x: {', '.join(slow)}" if slow else "")
+            + "."
+            + (f" Pending: {', '.join(pending)}." if pending else "")
+        )
+        lines += ["", "Recipes:", ""]
+        for method in methods:
+            peer = latest.get((bkey, method, "peer"))
+            ours = latest.get((bkey, method, "sslbench"))
+            if peer:
+                lines.append(f"- **{method}**, peer: `{peer['recipe_source']}`: {peer['recipe']}.")
+            if ours:
+                lines.append(f"  sslbench: {ours['recipe']}; `{ours.get('sslbench_command', '')}`.")
+        envs = {
+            (r["commit"], r["dirty"], r["cpu"], r["threads"], json.dumps(r["versions"], sort_keys=True))
+            for r in latest.values()
+            if json.dumps(r["budget"], sort_keys=True) == bkey
+        }
+        lines += ["", "Runs (commit, CPU, threads, versions):", ""]
+        for commit, dirty, cpu, threads, versions in sorted(envs):
+            v = json.loads(versions)
+            vs = ", ".join(f"{k} {v[k]}" for k in sorted(v) if v[k])
+            lines.append(f"- `{commit}`{' (dirty tree)' if dirty else ''}; {cpu}; {threads} torch threads; {vs}")
+        commands = sorted({r["command"] for r in latest.values() if json.dumps(r["budget"], sort_keys=True) == bkey})
+        lines += ["", "Commands:", "", "```bash", *commands, "```", ""]
+    if NOT_SHIPPED:
+        lines += ["Not covered: " + "; ".join(f"{m}: {why}" for m, why in NOT_SHIPPED.items()) + ".", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    ap.add_argument("--data", default="/tmp/cifar10", help="image folder with train/ and test/ (one folder per class)")
+    ap.add_argument("--subset", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--channels", default="16,32,64,128", help="ResNet widths ('' for timm's own)")
+    ap.add_argument("--vit-backbone", default="vit_tiny_patch16_224", help="backbone of the ViT-only methods (MAE)")
+    ap.add_argument("--mae-decoder", default="128,2,4", help="MAE decoder dim,depth,heads on both sides (lightly's ImageNet: 512,8,16)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=2, help="the peer's DataLoader workers")
+    ap.add_argument("--knn-bank", type=int, default=0, help="k-NN memory bank: a balanced subset of train (0: all of it; smoke tests only)")
+    ap.add_argument("--knn-test", type=int, default=0, help="k-NN test images: a balanced subset of test (0: all of it; smoke tests only)")
+    ap.add_argument("--sides", default="peer,sslbench")
+    ap.add_argument("--rows", type=Path, default=ROWS)
+    ap.add_argument("--readme", type=Path, default=None, help="default: README.md next to --rows")
+    ap.add_argument("--work", type=Path, default=Path("runs/peer-parity"), help="sslbench run directories")
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    readme = args.readme or args.rows.parent / "README.md"
+    if not args.render_only:
+        budget = Budget(
+            data=str(Path(args.data).expanduser().resolve()),
+            subset=args.subset,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            backbone=args.backbone,
+            channels=args.channels,
+            vit_backbone=args.vit_backbone,
+            seed=args.seed,
+            num_workers=args.num_workers,
+            knn_bank=args.knn_bank,
+            knn_test=args.knn_test,
+            mae_decoder=args.mae_decoder,
+        )
+        command = "python benchmarks/peer_parity.py " + " ".join(a for a in sys.argv[1:] if a != "--render-only")
+        env = environment()
+        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            if method not in RECIPES:
+                raise SystemExit(f"{method!r}: {NOT_SHIPPED.get(method, 'not a method lightly ships')}; choose from {', '.join(METHODS)}")
+            for side_name in [s.strip() for s in args.sides.split(",")]:
+                if done(read_rows(args.rows), method, side_name, budget):
+                    print(f"{method:13s} {side_name:8s} already in {args.rows}; skipped")
+                    continue
+                t0 = time.perf_counter()
+                load_before = round(os.getloadavg()[0], 2)
+                print(f"{method:13s} {side_name:8s} training ...", flush=True)
+                side, encoder = train_peer(method, budget) if side_name == "peer" else train_sslbench(method, budget, args.work)
+                print(f"{method:13s} {side_name:8s} trained in {side['wall_s']:.1f} s ({side['images_per_s']:.1f} img/s); k-NN ...", flush=True)
+                side.update(knn_score(encoder, budget))
+                row = {"method": method, "side": side_name, "budget": budget.key(), "seed": budget.seed, "command": command, **env, **side}
+                row["date"] = time.strftime("%Y-%m-%d")
+                row["loadavg_1min"] = [load_before, round(os.getloadavg()[0], 2)]  # other jobs on the machine skew images/s
+                append_row(args.rows, row)
+                print(
+                    f"{method:13s} {side_name:8s} k-NN {side['knn_top1']:6.2f}  {side['images_per_s']:7.1f} img/s  train {side['wall_s']:7.1f} s  "
+                    f"(with scoring {time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+    readme.parent.mkdir(parents=True, exist_ok=True)
+    readme.write_text(render_readme(read_rows(args.rows)))
+    print(f"wrote {readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""benchmarks/peer_parity.py: the README is a pure function of the result rows, and neither the
+script's import nor the rendering needs lightly (a benchmark-only extra, never a test dependency)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "peer_parity.py"
+spec = importlib.util.spec_from_file_location("peer_parity", SCRIPT)
+assert spec is not None and spec.loader is not None
+peer_parity = importlib.util.module_from_spec(spec)
+sys.modules["peer_parity"] = peer_parity  # dataclasses look their module up there
+spec.loader.exec_module(peer_parity)
+
+BUDGET = {
+    "data": "/tmp/cifar10",
+    "subset": 5000,
+    "epochs": 5,
+    "batch_size": 256,
+    "image_size": 32,
+    "backbone": "resnet18",
+    "channels": "16,32,64,128",
+    "vit_backbone": "vit_tiny_patch16_224",
+    "seed": 0,
+    "num_workers": 2,
+    "knn_bank": 0,
+    "knn_test": 0,
+    "mae_decoder": "128,2,4",
+}
+ENV = {
+    "commit": "abc1234",
+    "dirty": False,
+    "cpu": "AMD EPYC (2 cores)",
+    "threads": 2,
+    "versions": {"torch": "2.14.1", "lightly": "1.6.0"},
+    "command": "python benchmarks/peer_parity.py --subset 5000",
+    "seed": 0,
+}
+
+
+def row(method, side, knn, ips, **extra):
+    out = {"method": method, "side": side, "budget": dict(BUDGET), "knn_top1": knn, "images_per_s": ips, "wall_s": 100.0, **ENV, **extra}
+    if side == "peer":
+        out.update(recipe_source="lightly cifar10_benchmark.py:360-389", recipe="SGD 0.06")
+    else:
+        out.update(recipe="sgd lr 0.3", sslbench_command="sslbench train --method " + method)
+    return out
+
+
+def test_readme_lists_both_sides_the_difference_and_the_verdicts():
+    rows = [
+        row("simclr", "peer", 40.0, 50.0),
+        row("simclr", "sslbench", 40.5, 120.0),
+        row("byol", "peer", 42.0, 40.0),
+        row("byol", "sslbench", 39.0, 60.0),
+        row("dino", "peer", 30.0, 40.0),  # sslbench side not run yet
+    ]
+    text = peer_parity.render_readme(rows)
+    assert text == peer_parity.render_readme(list(rows))  # a pure function of the rows
+    assert "| simclr | 40.00 | 40.50 | +0.50 | 50 | 120 | 2.40x | 100 | 100 | ok |" in text
+    assert "| byol | 42.00 | 39.00 | -3.00 | 40 | 60 | 1.50x | 100 | 100 | k-NN trails; < 2x speed |" in text
+    assert "trailing by more than 1 point: byol" in text and "below 2x: byol" in text and "methods with both sides: 2" in text
+    assert "Pending: dino (sslbench side missing)" in text
+    assert "python benchmarks/peer_parity.py --subset 5000" in text and "`abc1234`" in text
+
+
+def test_a_rerun_row_replaces_the_earlier_one_of_the_same_side_and_budget():
+    rows = [row("simclr", "peer", 40.0, 50.0), row("simclr", "sslbench", 30.0, 120.0), row("simclr", "sslbench", 41.0, 110.0)]
+    text = peer_parity.render_readme(rows)
+    assert "| simclr | 40.00 | 41.00 | +1.00 |" in text and "30.00" not in text
+
+
+def test_the_script_imports_without_lightly():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('p', {str(SCRIPT)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m)\n"
+        "m.render_readme([])\n"
+        "assert not [k for k in sys.modules if k.split('.')[0] == 'lightly'], 'lightly imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
