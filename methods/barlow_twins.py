@@ -66,7 +66,9 @@ class BarlowTwins(Method):
     def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256 for the weights, wd 1.5e-6
         (Zbontar et al. 2021, Sec. 4, "Implementation details"; biases: see ``param_groups``).
-        Small images: lr 0.3 x B/256, wd 1e-4 (solo-learn's CIFAR Barlow Twins config)."""
+        Small images: lr 0.3 x B/256, wd 1e-4 (solo-learn's CIFAR Barlow Twins config, tuned with
+        its LARS form, eta 0.02 and clipping; sslbench keeps the official eta 0.001 without: see
+        docs/recipes.md). No reference trains Barlow Twins on a ViT, so ViTs get the same recipe."""
         if image_size < 96:
             return Recipe(optimizer="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-4)
         return Recipe(optimizer="lars", lr=0.2, lr_scaling="linear", weight_decay=1.5e-6)

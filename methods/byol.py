@@ -65,7 +65,9 @@ class BYOL(Method):
     @classmethod
     def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling. ImageNet-size: lr 0.2 x B/256, wd 1.5e-6
-        (BYOL Sec. 3.2). Small images: lr 1.0 x B/256, wd 1e-5 (solo-learn's CIFAR byol config)."""
+        (BYOL Sec. 3.2). Small images: lr 1.0 x B/256, wd 1e-5 (solo-learn's CIFAR byol config,
+        tuned with its LARS form, eta 0.02 and clipping; sslbench keeps eta 0.001 without: see
+        docs/recipes.md). No reference trains BYOL on a ViT, so ViTs get the same recipe."""
         if image_size < 96:
             return Recipe(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-5)
         return Recipe(optimizer="lars", lr=0.2, lr_scaling="linear", weight_decay=1.5e-6)

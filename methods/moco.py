@@ -85,7 +85,8 @@ class MoCo(Method):
     def recipe(cls, image_size: int, family: Family) -> Recipe:
         """SGD with linear lr scaling. ImageNet-size: lr 0.03 x B/256, wd 1e-4
         (MoCo v2, Sec. 2, batch 256; wd from MoCo v1, Sec. 4). Small images: lr 0.3 x B/256,
-        wd 1e-4 (solo-learn's CIFAR mocov2plus config, batch 256)."""
+        wd 1e-4 (solo-learn's CIFAR mocov2plus config, batch 256). No reference trains MoCo v2 on a
+        ViT, so ViTs get the same recipe (docs/recipes.md)."""
         if image_size < 96:
             return Recipe(optimizer="sgd", lr=0.3, lr_scaling="linear", weight_decay=1e-4)
         return Recipe(optimizer="sgd", lr=0.03, lr_scaling="linear", weight_decay=1e-4)

@@ -68,10 +68,13 @@ class MoCoV3(Method):
 
     @classmethod
     def recipe(cls, image_size: int, family: Family) -> Recipe:
-        """LARS with linear lr scaling. ImageNet-size: lr 0.6 x B/256, wd 1e-6
-        (the ResNet-50 100-epoch setting of the official code; 0.3 for 300+ epochs; ViTs use AdamW
-        lr 1.5e-4 x B/256, wd 0.1). Small images: lr 0.3 x B/256, wd 1e-6 (solo-learn's CIFAR
-        mocov3 config)."""
+        """Per backbone family (sources in docs/recipes.md). ViTs, every size: AdamW, lr 1.5e-4 x
+        B/256, wd 0.1 (the official ViT-S/ViT-B commands, ``CONFIG.md`` of facebookresearch/moco-v3
+        at c349e6e). Convnets: LARS with linear lr scaling; ImageNet-size lr 0.6 x B/256, wd 1e-6
+        (``main_moco.py`` defaults, the ResNet-50 100-epoch setting; 0.3 for 300+ epochs); small
+        images lr 0.3 x B/256, wd 1e-6 (solo-learn's ``scripts/pretrain/cifar/mocov3.yaml``)."""
+        if family == "vit":
+            return Recipe(optimizer="adamw", lr=1.5e-4, lr_scaling="linear", weight_decay=0.1)
         if image_size < 96:
             return Recipe(optimizer="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-6)
         return Recipe(optimizer="lars", lr=0.6, lr_scaling="linear", weight_decay=1e-6)

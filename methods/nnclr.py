@@ -73,7 +73,9 @@ class NNCLR(Method):
     def recipe(cls, image_size: int, family: Family) -> Recipe:
         """LARS with linear lr scaling. ImageNet-size: lr 0.3 x B/256, wd 1e-6 (SimCLR's LARS
         setting, on which the paper's batch-4096 training builds). Small images: lr 0.4 x B/256,
-        wd 1e-5 (solo-learn's CIFAR NNCLR config)."""
+        wd 1e-5 (solo-learn's CIFAR NNCLR config, tuned with its LARS form, eta 0.02 and clipping;
+        sslbench keeps eta 0.001 without: see docs/recipes.md). No reference trains NNCLR on a ViT,
+        so ViTs get the same recipe."""
         if image_size < 96:
             return Recipe(optimizer="lars", lr=0.4, lr_scaling="linear", weight_decay=1e-5)
         return Recipe(optimizer="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-6)

@@ -63,10 +63,11 @@ class SimCLR(Method):
 
     @classmethod
     def recipe(cls, image_size: int, family: Family) -> Recipe:
-        """LARS with linear lr scaling (SimCLR Sec. 4 / Appendix B.9): lr 0.3 x B/256, wd 1e-6 for
-        ImageNet-size images; lr 1.0 x B/256 with wd 1e-6 is the paper's CIFAR choice at batch
-        1024, and short CPU runs at batch 256 train better with wd 1e-5 (solo-learn's CIFAR
-        config), so small images use lr 1.0 x B/256, wd 1e-5."""
+        """LARS (eta 0.001, no clipping: the official ``lars_optimizer.py``) with linear lr scaling.
+        ImageNet-size: lr 0.3 x B/256, wd 1e-6 (google-research/simclr ``run.py`` defaults; Sec. 4).
+        Small images: lr 1.0 x B/256 (the official README's CIFAR-10 command) and wd 1e-5,
+        sslbench's own value (the README: 1e-4; solo-learn's CIFAR config: 1e-4). No reference
+        trains SimCLR on a ViT, so ViTs get the same recipe (docs/recipes.md)."""
         if image_size < 96:
             return Recipe(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-5)
         return Recipe(optimizer="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-6)

@@ -65,7 +65,8 @@ class SimSiam(Method):
     def recipe(cls, image_size: int, family: Family) -> Recipe:
         """SGD with linear lr scaling. ImageNet-size: lr 0.05 x B/256, wd 1e-4
         (Sec. 4 "Baseline settings"). Small images: lr 0.03 x B/256, wd 5e-4 (Appendix D, the
-        CIFAR-10 experiments)."""
+        CIFAR-10 experiments). No reference trains SimSiam on a ViT, so ViTs get the same recipe
+        (docs/recipes.md)."""
         if image_size < 96:
             return Recipe(optimizer="sgd", lr=0.03, lr_scaling="linear", weight_decay=5e-4)
         return Recipe(optimizer="sgd", lr=0.05, lr_scaling="linear", weight_decay=1e-4)

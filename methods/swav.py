@@ -87,7 +87,9 @@ class SwAV(Method):
         """LARS with linear lr scaling, wd 1e-6. ImageNet-size: lr 0.3 x B/256 (the official
         4096-batch scripts: 4.8), global crops of area (0.14, 1). Small images: lr 0.6 x B/256
         (solo-learn's CIFAR config, as the official batch-256 script's 0.6), global crops of area
-        (0.2, 1) (solo-learn's CIFAR multi-crop config)."""
+        (0.2, 1) (solo-learn's CIFAR multi-crop config). LARS eta 0.001 without clipping (the
+        official LARC). No reference trains SwAV on a ViT, so ViTs get the same recipe
+        (docs/recipes.md)."""
         if image_size < 96:
             return Recipe(optimizer="lars", lr=0.6, lr_scaling="linear", weight_decay=1e-6, aug={"crop_scale": (0.2, 1.0)})
         return Recipe(optimizer="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-6, aug={"crop_scale": (0.14, 1.0)})

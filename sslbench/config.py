@@ -70,6 +70,7 @@ class TrainConfig:
     betas: tuple[float, float] | None = None  # AdamW betas (None: the method's recipe, else (0.9, 0.999))
     sgd_momentum: float = 0.9  # momentum of SGD and LARS
     lars_eta: float | None = None  # LARS trust coefficient (None: the method's recipe; 0.001 as in SimCLR/BYOL)
+    lars_clip: bool | None = None  # LARS ratio clipped to min(trust / lr, 1), solo-learn clip_lr (None: recipe)
     warmup_epochs: float | None = None  # linear warm-up length (None: 10% of training, at most 10 epochs)
     grad_clip: float | None = None  # clip the global gradient norm to this (None: off)
     precision: str = "auto"  # auto (bf16 on CUDA, no on CPU; recorded as what it resolved to) | no | bf16 | fp16 (CUDA only)
@@ -296,7 +297,7 @@ def _backbone_value(key: Any, value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-RECIPE_FIELDS = ("optimizer", "lr", "lr_scaling", "weight_decay", "weight_decay_end", "lars_eta", "betas", "grad_clip")
+RECIPE_FIELDS = ("optimizer", "lr", "lr_scaling", "weight_decay", "weight_decay_end", "lars_eta", "lars_clip", "betas", "grad_clip")
 
 
 def apply_recipe(cfg: TrainConfig, recipe: Recipe) -> None:

@@ -119,7 +119,8 @@ class Recipe:
     lr_scaling: str = "linear"  # linear | sqrt | none
     weight_decay: float = 5e-4  # weight decay at the start (never on norm and bias parameters)
     weight_decay_end: float | None = None  # cosine schedule of the weight decay to this value (None: constant)
-    lars_eta: float = 0.001  # LARS trust coefficient
+    lars_eta: float = 0.001  # LARS trust coefficient (official Barlow Twins/VICReg/SwAV/MoCo v3 form: 0.001; solo-learn's: 0.02)
+    lars_clip: bool = False  # LARS trust ratio clipped to min(trust / lr, 1) (solo-learn's clip_lr; the official codes: off)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float | None = None  # global gradient-norm clip (None: off)
     aug: dict[str, Any] = field(default_factory=dict)  # AugmentConfig fields the method changes by default

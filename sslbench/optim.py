@@ -129,7 +129,10 @@ class LARS(torch.optim.Optimizer):
     ``lars_exclude``:
 
     - ``d = g + weight_decay * w``
-    - ``trust = eta * ||w|| / ||d||`` (1 when ``||w||`` or ``||d||`` is 0)
+    - ``trust = eta * ||w|| / ||d||`` (1 when ``||w||`` or ``||d||`` is 0); with ``clip``
+      (solo-learn's ``clip_lr``, ``solo/utils/lars.py``), ``trust = min(trust / lr, 1)``, so the
+      layer's step size ``lr * trust`` is ``min(eta * ||w|| / ||d||, lr)``: ``lr`` caps the
+      layer-wise rate instead of multiplying it (1 when ``lr`` is 0)
     - ``buf = momentum * buf + trust * d`` (``buf = trust * d`` at the first step)
     - ``w = w - lr * buf`` (Nesterov: ``w = w - lr * (trust * d + momentum * buf)``)
 
@@ -139,7 +142,13 @@ class LARS(torch.optim.Optimizer):
     (device, dtype) bucket.
 
     Group keys (defaults from the constructor): ``lr``, ``momentum``, ``weight_decay``, ``eta``,
-    ``nesterov``, ``lars_exclude``.
+    ``clip``, ``nesterov``, ``lars_exclude``.
+
+    The two published forms: the official Barlow Twins, VICReg, SwAV, MoCo v3 and BYOL/SimCLR
+    code uses eta 0.001 without clipping (a step moves a weight by about ``lr * 0.001`` of its
+    norm); solo-learn's configs use eta 0.02 with ``clip`` (a step moves it by at most 0.02 of its
+    norm, and by ``lr * ||d||`` where that is smaller). Their learning rates are not
+    interchangeable.
     """
 
     def __init__(
@@ -150,12 +159,13 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         eta: float = 0.001,
         nesterov: bool = False,
+        clip: bool = False,
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
             raise ValueError(f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay}, eta={eta}")
         if nesterov and momentum == 0:
             raise ValueError("LARS: nesterov needs momentum > 0")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov, lars_exclude=False)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, nesterov=nesterov, lars_exclude=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -188,6 +198,8 @@ class LARS(torch.optim.Optimizer):
             w_norm = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
             d_norm = torch.stack(torch._foreach_norm(d, 2, dtype=torch.float32))
             trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+            if group.get("clip", False) and group["lr"] > 0:
+                trust = torch.clamp(trust / group["lr"], max=1.0)
             d = torch._foreach_mul(d, list(trust.to(params[0].dtype).unbind()))
 
         m = group["momentum"]
@@ -281,6 +293,7 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     lars_eta: float = 0.001,
+    lars_clip: bool = False,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over ``groups`` (as from :func:`param_groups`).
 
@@ -288,7 +301,8 @@ def build_optimizer(
     ``fixed_lr`` (default False) and ``lr_scale`` (default 1.0), see the module docstring.
 
     - ``'sgd'``: ``torch.optim.SGD`` with ``momentum``;
-    - ``'lars'``: :class:`LARS` with ``momentum`` (``eta`` 0.001; foreach kernels);
+    - ``'lars'``: :class:`LARS` with ``momentum``, ``eta`` ``lars_eta`` and ``clip`` ``lars_clip``
+      (foreach kernels);
     - ``'adamw'``: ``torch.optim.AdamW`` with ``betas``.
 
     SGD and AdamW are fused (one kernel per step) when every parameter is already on CUDA (build
@@ -303,7 +317,7 @@ def build_optimizer(
         kernels = {"fused": True} if fused else {"foreach": True}
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernels)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta, clip=lars_clip)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda, foreach=None if on_cuda else True)
     raise UserError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")

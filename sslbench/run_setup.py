@@ -393,6 +393,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
         momentum=cfg.sgd_momentum,
         weight_decay=cfg.weight_decay or 0.0,
         lars_eta=cfg.lars_eta or 0.001,
+        lars_clip=bool(cfg.lars_clip),
         betas=cfg.betas or (0.9, 0.999),
     )
     model, optimizer = accelerator.prepare(StepModule(module), optimizer)

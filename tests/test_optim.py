@@ -138,6 +138,26 @@ def test_lars_trust_ratio_matches_formula() -> None:
     torch.testing.assert_close(w.detach() - w1, -lr * buf)
 
 
+@pytest.mark.parametrize(("lr", "rate"), [(5.0, 0.02 * 5.0 / 5.5), (0.01, 0.01)])
+def test_lars_clip_matches_solo_learn_formula(lr: float, rate: float) -> None:
+    """solo-learn's ``clip_lr`` (``solo/utils/lars.py``): trust = min(eta |w| / |d| / lr, 1), so a
+    first step is ``-min(eta |w| / |d|, lr) * d``. By hand: w = (3, 4), |w| = 5; g = (3, 4), wd
+    0.1, d = (3.3, 4.4), |d| = 5.5; eta 0.02: eta |w| / |d| = 0.01818. At lr 5 the step size is
+    0.01818, not lr times it (0.0909, the unclipped form); at lr 0.01 it is lr itself, 0.01."""
+    w0 = torch.tensor([[3.0, 4.0]])
+    w = nn.Parameter(w0.clone())
+    opt = LARS([{"params": [w], "weight_decay": 0.1}], lr=lr, momentum=0.9, eta=0.02, clip=True)
+    w.grad = torch.tensor([[3.0, 4.0]])
+    opt.step()
+    torch.testing.assert_close(w.detach() - w0, -rate * torch.tensor([[3.3, 4.4]]))
+
+
+def test_build_optimizer_passes_lars_clip() -> None:
+    w = nn.Parameter(torch.ones(2, 2))
+    assert build_optimizer("lars", [{"params": [w]}], 0.1, weight_decay=0.0, lars_clip=True).param_groups[0]["clip"] is True
+    assert build_optimizer("lars", [{"params": [w]}], 0.1, weight_decay=0.0).param_groups[0]["clip"] is False
+
+
 def test_lars_trust_ratio_is_one_for_zero_norms() -> None:
     zero_w = nn.Parameter(torch.zeros(3, 3))
     zero_g = nn.Parameter(torch.ones(2, 2))
