@@ -7,19 +7,24 @@ that neighbour must identify the other view's prediction among the global batch'
 prediction the neighbour, the symmetrised loss). The support set holds view 1's projections of
 every process (gathered), so every process keeps the same set and a run on N processes computes
 what one computes.
+
+Each view has its own forward pass through backbone, projector and predictor (BatchNorm statistics
+per view), as the peers' NNCLR: lightly's CIFAR-10 benchmark (lightly-ai/lightly at e8d317f,
+``docs/source/getting_started/benchmarks/cifar10_benchmark.py``, ``NNCLRModel.training_step``:
+``z0, p0 = self.forward(x0)``, ``z1, p1 = self.forward(x1)``) and solo-learn (vturrisi/solo-learn at
+9187ea3, ``solo/methods/base.py``: one ``base_training_step`` per crop).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
+from sslbench.heads import feature_dim, mlp
 from sslbench.losses import NNCLRLoss
 from sslbench.memory import MemoryBank
 from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
@@ -90,10 +95,10 @@ class NNCLR(Method):
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """``batch.views``: two augmented (B, 3, S, S) batches -> (scalar loss, logs). The
         neighbours come from the support set as it was before this step; then view 1's unit
-        projections of every process are pushed."""
-        z = self.projector(torch.cat(encode_views(self.encoder, batch.views)))  # (2B, proj_dim)
-        p1, p2 = self.predictor(z).chunk(2)
-        z1, z2 = F.normalize(z.detach().float(), dim=1).chunk(2)
+        projections of every process are pushed. One forward pass per view."""
+        za, zb = (self.projector(self.encoder(x)) for x in batch.views)  # (B, proj_dim) each
+        p1, p2 = self.predictor(za), self.predictor(zb)
+        z1, z2 = (F.normalize(z.detach().float(), dim=1) for z in (za, zb))
         nn1, nn2 = self.bank.nearest(z1), self.bank.nearest(z2)
         loss = self.criterion(nn1, nn2, p1, p2)
         self.bank.push(z1)

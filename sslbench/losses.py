@@ -403,9 +403,17 @@ class NNCLRLoss(nn.Module):
     ``S[i, k] = NN(z1_i) . p2_k / tau`` between the unit nearest neighbours (from the support set)
     of view 1's projections and view 2's unit predictions, over the global batch. Eq. 2 is the
     cross-entropy of each row (NN(z1_i) must pick p2_i among all p2_k); the symmetrised loss adds
-    each column (p2_i must pick NN(z1_i) among all NN(z1_k)), and the two view orders are averaged
-    as in lightly and solo-learn: ``L = (CE_rows(S12) + CE_cols(S12) + CE_rows(S21) + CE_cols(S21)) / 4``
-    (VISSL's ``nnclr_loss`` has the same four terms). Neighbours carry no gradient; predictions of
+    each column (p2_i must pick NN(z1_i) among all NN(z1_k)), and the two view orders are averaged:
+    ``L = (CE_rows(S12) + CE_cols(S12) + CE_rows(S21) + CE_cols(S21)) / 4``, the four terms of
+    VISSL's ``nnclr_loss`` (facebookresearch/vissl, ``vissl/losses/nnclr_loss.py``). The peers
+    differ: solo-learn (vturrisi/solo-learn at 9187ea3, ``solo/losses/nnclr.py`` and
+    ``solo/methods/nnclr.py``) uses the two row terms only, ``(CE_rows(S12) + CE_rows(S21)) / 2``
+    over gathered predictions; lightly (lightly-ai/lightly at e8d317f, the NNCLR model of
+    ``docs/source/getting_started/benchmarks/cifar10_benchmark.py``) uses
+    ``(NTXent(NN(z1), p2) + NTXent(NN(z2), p1)) / 2`` with its ``NTXentLoss``
+    (``lightly/loss/ntx_ent_loss.py``): SimCLR's 2n-row form, where a neighbour also has the other
+    neighbours and a prediction the other predictions as negatives, within the process's batch
+    (``gather_distributed=False`` by default). Neighbours carry no gradient; predictions of
     other processes come through :func:`sslbench.dist.gather_with_grad`, labels are offset by rank,
     and each process averages over its own rows. Computed in float32.
 

@@ -285,6 +285,21 @@ def test_nnclr_pushes_view_one_and_takes_neighbours_from_before_the_push():
     assert int(m.bank.ptr) == 8
 
 
+def test_nnclr_runs_one_forward_pass_per_view():
+    """Each view through backbone, projector and predictor on its own (BatchNorm statistics per
+    view), as lightly's and solo-learn's NNCLR; the loss is NNCLRLoss of the old set's neighbours."""
+    m = _method("nnclr", queue_size=16)
+    g = torch.Generator().manual_seed(3)
+    views = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    before = m.bank.rows.clone()
+    loss, _ = m.training_step(make_batch(views))
+    m.bank.rows.copy_(before)
+    z1, z2 = (m.projector(m.encoder(x)) for x in views)
+    nn1, nn2 = (m.bank.nearest(F.normalize(z.detach(), dim=1)) for z in (z1, z2))
+    want = NNCLRLoss(m.cfg.temperature)(nn1, nn2, m.predictor(z1), m.predictor(z2))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # The losses on two processes (gloo) against one
 
