@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .rundir import write_failure
+from .rundir import share_mode, write_failure
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -133,6 +133,7 @@ def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[s
         if accelerator.is_main_process:
             (tmp / "meta.json").write_text(json.dumps(meta))
             write_manifest(tmp)
+            share_mode(tmp)  # Accelerate's safetensors files are created 0600: the umask's mode, as every run file
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)

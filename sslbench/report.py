@@ -134,9 +134,14 @@ def end_summary(run_dir: str | os.PathLike[str]) -> list[str]:
         (run.summary, "what ran: speed, precision, device, quick k-NN"),
         (run.config, "the resolved config"),
         (run.metrics, "loss, lr, images/s per logged step"),
+        (run.curves, "the loss and lr curves (sslbench plot)"),
+        (run.picture, "test images and their reconstructions"),
+        (run.budget, "the budget compare gave the run"),
     ):
         if path.is_file():
             held.append(f"  {path.name:<20} {what} ({_size(path)})")
+    if run.trackers.is_dir():
+        held.append(f"  {run.trackers.name + '/':<20} the experiment trackers' logs")
     checkpoints = ckpt.list_checkpoints(run.checkpoints)
     if checkpoints:
         held.append(f"  {'checkpoints/':<20} {checkpoints[0].name}: the full training state, to resume or extend the run")

@@ -65,6 +65,25 @@ def test_plain_progress_lines_carry_an_eta_and_the_end_summary_says_what_to_run_
     assert tail[-1] == f"evaluate it: sslbench eval {out} --protocol knn,linear"
 
 
+def test_the_end_summary_names_every_file_of_the_run(talking_run):
+    """Every file and folder the run left (curves.png included) has its line in the end summary (issue 34)."""
+    err, out = lines(talking_run["train"].stderr), talking_run["out"]
+    tail = err[err.index(f"saved {out}:") + 1 : -1]
+    named = {line.split()[0].rstrip("/") for line in tail}
+    assert {p.name for p in out.iterdir()} <= named, (sorted(p.name for p in out.iterdir()), tail)
+    assert "curves.png" in named
+
+
+def test_run_files_share_the_umask_mode(talking_run):
+    """safetensors creates its files 0600: the weights, the checkpoints' files and every other run
+    file get the mode of a new file under the umask (0644 under 022), one mode for all (issue 34)."""
+    from sslbench.rundir import file_mode
+
+    modes = {str(p.relative_to(talking_run["out"])): oct(p.stat().st_mode & 0o777) for p in talking_run["out"].rglob("*") if p.is_file()}
+    assert "encoder.safetensors" in modes and any(k.startswith("checkpoints/") and k.endswith(".safetensors") for k in modes), modes
+    assert set(modes.values()) == {oct(file_mode())}, modes
+
+
 def test_records_name_what_ran(talking_run, setting):
     out, row = talking_run["out"], talking_run["row"]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
