@@ -309,6 +309,7 @@ def _run_compare(args: argparse.Namespace, plans: list[Any], opts: EvalOptions, 
 
     command = commands.command_line(args)
     rows: list[dict[str, Any]] = []
+    appended = 0  # the rows this command stored (a re-run reuses the stored ones)
     for i, plan in enumerate(plans, 1):
         method, seed, cfg = plan.method, plan.seed, plan.cfg
         run_dir = Path(cfg.output)
@@ -336,14 +337,21 @@ def _run_compare(args: argparse.Namespace, plans: list[Any], opts: EvalOptions, 
         )
         assert todo is not None  # a finished run with nothing left to evaluate continued above
         extra = {"vary": plan.settings} if args.vary else None
-        rows += commands.evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget, run_fields=extra)
+        scored = commands.evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget, run_fields=extra)
+        rows += scored
+        appended += len(scored)
 
     text = render(rows, "md")
     board = out_dir / LEADERBOARD_FILE
     write_text_atomic(board, text, f"the rows are in {results}: render them with `sslbench leaderboard {results}`")
     print()
     print(text, end="")
-    print(f"rows appended to {results}; leaderboard written to {board}", file=sys.stderr)
+    stored = (
+        f"{appended} row{'' if appended == 1 else 's'} appended to {results}"
+        if appended
+        else f"no rows appended to {results} (all were stored already)"
+    )
+    print(f"{stored}; leaderboard written to {board}", file=sys.stderr)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
