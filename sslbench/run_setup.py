@@ -204,6 +204,7 @@ class Run:
     last_ckpt: Path | None = None
     time_based: bool = False  # a time budget alone bounds the run
     lock: RunLock | None = None  # the run directory's lock (main process), released when the run is done
+    resume_command: str = ""  # the command that continues this run after a failure: `sslbench train --output DIR --resume`, or compare's own
 
     @property
     def device(self) -> torch.device:
@@ -243,7 +244,9 @@ class Run:
         }
         if final:
             meta["final"] = True  # the end of training (a resume only rewrites the final files)
-        self.last_ckpt = ckpt.save(self.accelerator, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints, meta=meta, on_written=on_written)
+        self.last_ckpt = ckpt.save(
+            self.accelerator, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints, meta=meta, on_written=on_written, again=self.resume_command
+        )
         return self.last_ckpt
 
 
@@ -330,10 +333,11 @@ def _restore(run: Run, *, quiet: bool) -> None:
         print(f"resuming {run.run_dir} from step {run.start_step} ({found.name})", file=sys.stderr)
 
 
-def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Run:
+def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None) -> Run:
     """Build the run of ``cfg``: accelerator, run directory (locked: :mod:`sslbench.runlock`),
     data, method, optimizer, schedules, and the restored state when resuming. The returned run
-    holds the lock (``run.lock``); whoever finishes it releases it."""
+    holds the lock (``run.lock``); whoever finishes it releases it. ``resume_command`` is what every
+    failure message tells to run to continue (default ``sslbench train --output RUN_DIR --resume``)."""
     cfg.resolve_defaults()
     assert cfg.image_size is not None
     check_precision(cfg.precision)  # before anything is written: fp16 on a CPU would train in fp32
@@ -352,7 +356,8 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
 
     try:
         on_main(accelerator, claim)
-        run = _build_run(cfg, accelerator, run_dir, resume=resume, quiet=quiet)
+        again = resume_command or f"sslbench train --output {run_dir} --resume"
+        run = _build_run(cfg, accelerator, run_dir, resume=resume, quiet=quiet, resume_command=again)
     except BaseException:
         lock.release()  # (and the run directory, if this run made it and nothing is in it)
         raise
@@ -360,7 +365,7 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
     return run
 
 
-def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: bool, quiet: bool) -> Run:
+def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: bool, quiet: bool, resume_command: str) -> Run:
     from accelerate.utils import set_seed
 
     from sslbench import dist
@@ -425,13 +430,14 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
         data_on_device=data_on_device,
         channels_last=cfg.channels_last,
         time_based=plan.total_steps == UNBOUNDED_STEPS,
+        resume_command=resume_command,
     )
     if resume:
         _restore(run, quiet=quiet)
     if main:
         create_run_dir(run_dir)
         again = (
-            f"the checkpoints are intact: free some space and continue with `sslbench train --output {run_dir} --resume`"
+            f"the checkpoints are intact: free some space and continue with `{resume_command}`"
             if resume
             else "nothing was trained yet: free some space (or pass another --output) and run the command again"
         )
