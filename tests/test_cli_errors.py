@@ -151,6 +151,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["is in use by pid", "pass another --output"],
     ),
     "eval-a-run-still-training": (["eval", "{locked_run}"], ["is still being trained by pid", "once training has finished"]),
+    "export-a-run-still-training": (
+        ["export", "{locked_run}", "{tmp}/exported"],
+        ["is still being trained by pid", "export it once training has finished"],
+    ),
     # ---- records equal what ran; settings that cannot take effect here
     "precision-fp16-on-cpu": (["train", "--precision", "fp16", "--output", "{tmp}/fp16"], ["precision fp16 needs a CUDA GPU", "--precision no"]),
     "precision-fp16-in-config": (["train", "--config", "{fp16_yaml}", "--output", "{tmp}/fp16c"], ["precision fp16 needs a CUDA GPU"]),
