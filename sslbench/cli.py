@@ -101,7 +101,7 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import build_config, load_yaml
+    from .config import build_config, load_yaml, run_config
     from .pipeline import train_and_score
     from .report import end_summary
     from .rundir import RunDir
@@ -114,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise UserError(f"--resume: {args.output} has no config.yaml; is it an sslbench run directory?")
         saved = load_yaml(path)
+        run_config(path)  # a mistake in the saved config names its file
     given = load_yaml(args.config) if args.config else {}
     flags = {k: getattr(args, k) for k in _TRAIN_FLAG_KEYS}
     flags["output"] = args.output

@@ -61,6 +61,11 @@ def make_plan(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -
         raise UserError(f"batch size {batch} is too small for {cfg.method} (needs >= {min_batch}); pass --batch-size {max(min_batch, 2) * 128}")
     if batch > n_train:
         batch = n_train - n_train % world_size
+        if batch < min_batch:  # a one-image folder: SimCLR would train at loss 0 (no negatives), BatchNorm on one sample
+            raise UserError(
+                f"{cfg.data} has {n_train} training image{'' if n_train == 1 else 's'}, fewer than the {min_batch} that {cfg.method} "
+                "needs for one batch (its loss or BatchNorm compares the samples of a batch; with fewer it learns nothing); add images to the data"
+            )
         print(f"note: batch size {cfg.batch_size} > {n_train} training images; using {batch}", file=sys.stderr)
     if batch % world_size:
         raise UserError(f"batch size {batch} must be divisible by the number of processes ({world_size})")
@@ -268,7 +273,7 @@ def _accelerator(cfg: TrainConfig, precision: str) -> Any:
     return accelerator
 
 
-def _load_train_split(cfg: TrainConfig, *, warn: bool) -> ImageSplit | FileSplit:
+def _load_train_split(cfg: TrainConfig) -> ImageSplit | FileSplit:
     assert cfg.image_size is not None
     split = load_split(cfg.data, "train", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
     classes = int(torch.unique(split.labels).numel()) if len(split) else 0
@@ -279,13 +284,17 @@ def _load_train_split(cfg: TrainConfig, *, warn: bool) -> ImageSplit | FileSplit
                 f"needs at least one image per class; pass --train-subset {classes} or more"
             )
         split = split.subset(balanced_subset(split.labels, cfg.train_subset, cfg.seed))
-    if classes < 2 and warn:
+    return split
+
+
+def _warn_single_class(cfg: TrainConfig, split: ImageSplit | FileSplit) -> None:
+    classes = int(torch.unique(split.labels).numel()) if len(split) else 0
+    if classes < 2:
         print(
             f"warning: {cfg.data} has a single class: training works (labels are not used), but every k-NN, linear or "
             "fine-tuning accuracy would be 100% and mean nothing, so the quick k-NN is skipped",
             file=sys.stderr,
         )
-    return split
 
 
 def on_main(accelerator: Any, fn: Any) -> None:
@@ -374,10 +383,12 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
 
     assert cfg.image_size is not None
     world, main = accelerator.num_processes, accelerator.is_main_process
-    train_split = _load_train_split(cfg, warn=main)
+    train_split = _load_train_split(cfg)
     set_seed(cfg.seed)
     method = build_method(cfg)
     plan = make_plan(cfg, len(train_split), world, type(method).min_batch_size)
+    if main:  # (after the checks that refuse the data: a refused run prints its error only)
+        _warn_single_class(cfg, train_split)
     module: nn.Module = method
     if world > 1 and cfg.sync_bn:
         module = dist.convert_sync_batchnorm(module)
