@@ -28,9 +28,9 @@ from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .hostmem import keep_freed_memory
 from .protocols import DEFAULT_FEATURES, EvalContext, EvalOptions, add_eval_flags, eval_options, get_protocol, protocol_names, row_depth
-from .rundir import RESULTS_STORE, RunDir, check_writable, write_text_atomic
+from .rundir import RESULTS_STORE, RUNS, RunDir, check_writable, write_text_atomic
 
-DEFAULT_LEADERBOARD_RESULTS = Path("runs") / RESULTS_STORE  # where `eval` puts rows of runs/<name>
+DEFAULT_LEADERBOARD_RESULTS = RUNS / RESULTS_STORE  # where `eval` puts rows of runs/<name>
 
 
 # ---------------------------------------------------------------------------------------------

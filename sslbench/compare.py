@@ -29,7 +29,7 @@ from .cli import _EXTRA_COMMANDS, check_config_file
 from .config import check_precision
 from .errors import UserError
 from .protocols import EvalOptions, add_eval_flags, eval_options, get_protocol, parse_list, reusable
-from .rundir import RESULTS_STORE, RunDir, check_writable, write_text_atomic
+from .rundir import RESULTS_STORE, RUNS, RunDir, check_writable, write_text_atomic
 from .runlock import RunLock
 
 LEADERBOARD_FILE = "leaderboard.md"  # in the comparison's directory, next to its results.jsonl
@@ -277,7 +277,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             check_config_file(args.config, {k: v for k, v in file_values.items() if k != "method"}, method=name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data_name = str(args.data or file_values.get("data") or "digits").replace(":", "-").replace("/", "_").strip("_")[-40:]
-    out_dir = Path(args.output) if args.output else Path("runs") / f"compare-{data_name}-{args.backbone or 'resnet18'}-{stamp}"
+    out_dir = Path(args.output) if args.output else RUNS / f"compare-{data_name}-{args.backbone or 'resnet18'}-{stamp}"
     results = Path(args.results) if args.results else out_dir / RESULTS_STORE
     if results.suffix != ".jsonl":
         raise UserError(f"--results {results} must be a .jsonl file (JSON Lines), e.g. results.jsonl")
@@ -346,12 +346,12 @@ def _run_compare(args: argparse.Namespace, plans: list[Any], opts: EvalOptions, 
     write_text_atomic(board, text, f"the rows are in {results}: render them with `sslbench leaderboard {results}`")
     print()
     print(text, end="")
-    stored = (
+    told = (
         f"{appended} row{'' if appended == 1 else 's'} appended to {results}"
         if appended
         else f"no rows appended to {results} (all were stored already)"
     )
-    print(f"{stored}; leaderboard written to {board}", file=sys.stderr)
+    print(f"{told}; leaderboard written to {board}", file=sys.stderr)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

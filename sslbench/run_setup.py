@@ -32,7 +32,7 @@ from .hostmem import keep_freed_memory
 from .method import Batch, Method, Schedule, StepInfo, ViewSpec, default_views
 from .momentum import cosine_momentum
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
-from .rundir import RunDir, write_text_atomic
+from .rundir import RUNS, RunDir, write_text_atomic
 from .runlock import RunLock
 
 UNBOUNDED_STEPS = 2**62  # the step count of a run bounded only by its time budget (time_budget_s)
@@ -114,7 +114,7 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: dict[str, Sched
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     data = cfg.data.replace(":", "-").replace("/", "_").strip("_")[-40:]
-    return Path("runs") / f"{cfg.method}-{cfg.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RUNS / f"{cfg.method}-{cfg.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_run_dir(path: Path) -> None:

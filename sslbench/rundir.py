@@ -48,6 +48,13 @@ BUDGET = "budget.json"
 LOCK = "run.lock"
 PICTURE = "reconstructions.png"
 RESULTS_STORE = "results.jsonl"  # a results store (next to run directories, or in a comparison's directory)
+RUNS = Path("runs")  # where run directories go when no --output is given (relative to the current directory)
+
+
+def default_cache_dir() -> Path:
+    """Download and decode cache: ``$SSLBENCH_CACHE`` when set, else ``~/.cache/sslbench``."""
+    env = os.environ.get("SSLBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sslbench"
 
 
 @dataclass(frozen=True)
