@@ -91,10 +91,24 @@ def _create(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.Modu
                     kwargs = {**vit_kwargs, **kwargs}  # what the model is built with (recorded for the export)
                     model = timm.create_model(name, num_classes=0, **kwargs)
     except (TypeError, ValueError) as exc:
+        words = {k: v for k, v in kwargs.items() if k in given and _holds_words(v)}
+        if words:  # the usual cause: text where timm expects numbers (channels=a,b)
+            key, value = next(iter(words.items()))
+            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+            raise UserError(
+                f"backbone {name!r} rejected backbone_kwargs.{key}={shown}: its value is text, not numbers ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:80]}); give numbers, e.g. --set backbone_kwargs.channels=16,32,64,128"
+            ) from exc
         raise UserError(
             f"backbone {name!r} rejected backbone_kwargs {given} ({' '.join(str(exc).split())[:160]}); check their names and values"
         ) from exc
     return model, {**kwargs, "num_classes": 0}
+
+
+def _holds_words(value: Any) -> bool:
+    """Whether a backbone_kwargs value is a list holding text (``channels=a,b``)."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    return isinstance(value, (tuple, list)) and any(isinstance(v, str) for v in items)
 
 
 def is_vision_transformer(model: nn.Module) -> bool:

@@ -51,6 +51,7 @@ class BYOL(Method):
     description = "Non-contrastive: predict an EMA target's projection of the other view (BYOL)"
     paper = "Grill et al., Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning, NeurIPS 2020"
     supports_grad_cache = True
+    min_batch_size = 2  # the projector's and predictor's BatchNorm need more than one sample
 
     def __init__(self, backbone: nn.Module, cfg: BYOLConfig | None = None) -> None:
         super().__init__()

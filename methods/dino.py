@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from sslbench.augment import AugmentConfig
 from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, fit_to_patches, mlp, patch_side
+from sslbench.heads import check_local_crops, encode_views, feature_dim, fit_to_patches, mlp, patch_side
 from sslbench.losses import DINOLoss
 from sslbench.method import EMBEDDING_LOG, ENTROPY_FRAC_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
 from sslbench.momentum import freeze_
@@ -153,6 +153,7 @@ class DINO(Method):
     Config = DINOConfig
     description = "Self-distillation: a student matches an EMA teacher's centred, sharpened prototypes across multi-crop views (DINO)"
     paper = "Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021"
+    min_batch_size = 2  # the centre is the batch mean of the teacher's outputs: one sample centres itself away
 
     def __init__(self, backbone: nn.Module, cfg: DINOConfig | None = None) -> None:
         super().__init__()
@@ -197,6 +198,7 @@ class DINO(Method):
         size = fit_to_patches(
             self.cfg.local_crop_size or local_crop_size(image_size, patch_side(self.encoder)), self.encoder, given, "method_cfg.local_crop_size"
         )
+        check_local_crops(size, image_size, self.cfg.local_crops, "method_cfg.local_crop_size", "method_cfg.local_crops")
         local = ViewSpec(replace(base, crop_scale=self.cfg.local_crop_scale, blur_p=0.5, solarize_p=0.0), size)
         return [
             ViewSpec(replace(base, blur_p=1.0, solarize_p=0.0), image_size),

@@ -50,6 +50,7 @@ class SimSiam(Method):
     description = "Non-contrastive: predictor + stop-gradient, no negatives, no momentum encoder (SimSiam)"
     paper = "Chen and He, Exploring Simple Siamese Representation Learning, CVPR 2021"
     supports_grad_cache = True
+    min_batch_size = 2  # the projector's and predictor's BatchNorm need more than one sample
 
     def __init__(self, backbone: nn.Module, cfg: SimSiamConfig | None = None) -> None:
         super().__init__()

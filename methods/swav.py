@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from sslbench.augment import AugmentConfig
 from sslbench.dist import get_rank, get_world_size
 from sslbench.errors import UserError
-from sslbench.heads import Prototypes, encode_views, feature_dim, fit_to_patches, mlp
+from sslbench.heads import Prototypes, check_local_crops, encode_views, feature_dim, fit_to_patches, mlp
 from sslbench.losses import SwAVLoss
 from sslbench.memory import MemoryBank
 from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec
@@ -100,6 +100,7 @@ class SwAV(Method):
         ViT the default size is rounded to a multiple of the patch (16 px at 32 px with 4 px patches)."""
         given = self.cfg.local_crop_size > 0
         size = fit_to_patches(self.cfg.local_crop_size or max(1, round(image_size * 9 / 16)), self.encoder, given, "method_cfg.local_crop_size")
+        check_local_crops(size, image_size, self.cfg.num_local_crops, "method_cfg.local_crop_size", "method_cfg.num_local_crops")
         local = replace(base, crop_scale=self.cfg.local_crop_scale)
         return [ViewSpec(base, image_size)] * 2 + [ViewSpec(local, size)] * self.cfg.num_local_crops
 

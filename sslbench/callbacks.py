@@ -204,10 +204,7 @@ class MetricsFile(Callback):
     @staticmethod
     def _error(run: Run, exc: OSError) -> UserError:
         last = f"the last checkpoint ({run.last_ckpt.name}) is intact; " if run.last_ckpt else ""
-        return UserError(
-            f"cannot write {run.files.metrics} ({exc.strerror or exc}); {last}free some space and continue with "
-            f"`sslbench train --output {run.run_dir} --resume`"
-        )
+        return UserError(f"cannot write {run.files.metrics} ({exc.strerror or exc}); {last}free some space and continue with `{run.resume_command}`")
 
 
 class ProgressDisplay(Callback):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .rundir import write_failure
+from .rundir import share_mode, write_failure
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -109,14 +109,24 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[str, Any], on_written: Callable[[Path], None] | None = None) -> Path:
+def save(
+    accelerator: Any,
+    ckpt_dir: Path,
+    step: int,
+    *,
+    keep: int,
+    meta: dict[str, Any],
+    on_written: Callable[[Path], None] | None = None,
+    again: str | None = None,
+) -> Path:
     """Save the full training state at ``step`` atomically; keep the newest ``keep`` checkpoints.
 
     Everything is written into ``.tmp-step-N/`` and renamed to ``step-N/`` only once complete
     (manifest included). A checkpoint of the same step that already exists is moved aside first and
     deleted after the rename. ``on_written(tmp)`` runs once Accelerate's files are in the temporary
     directory, before the manifest and the rename (tests crash a run there). An ``OSError`` (disk full, permissions) removes the partial directory
-    and becomes a :class:`UserError`; earlier checkpoints are untouched.
+    and becomes a :class:`UserError` that tells to run ``again`` (default: ``sslbench train --output
+    RUN_DIR --resume``); earlier checkpoints are untouched.
     """
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
@@ -133,6 +143,7 @@ def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[s
         if accelerator.is_main_process:
             (tmp / "meta.json").write_text(json.dumps(meta))
             write_manifest(tmp)
+            share_mode(tmp)  # Accelerate's safetensors files are created 0600: the umask's mode, as every run file
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
@@ -152,7 +163,7 @@ def save(accelerator: Any, ckpt_dir: Path, step: int, *, keep: int, meta: dict[s
         kept = f"the last good checkpoint is {earlier[0].name}" if earlier else "no earlier checkpoint exists"
         raise UserError(
             f"cannot write checkpoint {final} ({reason}: {where}); {kept}: free some space and continue with "
-            f"`sslbench train --output {ckpt_dir.parent} --resume`"
+            f"`{again or f'sslbench train --output {ckpt_dir.parent} --resume'}`"
         ) from exc
     accelerator.wait_for_everyone()
     return final

@@ -1,4 +1,4 @@
-"""The ``sslbench`` command line: train, eval, compare, leaderboard, list, export, plot, picture.
+"""The ``sslbench`` command line: train, eval, compare, leaderboard, list, export, plot, picture, doctor.
 
 Every mistake a user can make ends as one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead.
@@ -74,7 +74,10 @@ _TRAIN_FLAG_KEYS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extras: bool = True) -> argparse.ArgumentParser:
+    """The parser of every sub-command; ``extras=False`` leaves out those of the modules that import
+    torchvision (all but train, list and doctor): ``sslbench doctor`` runs on an install whose
+    torchvision does not load."""
     parser = _Parser(prog="sslbench", description="Self-supervised learning benchmark suite.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -91,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("pattern", nargs="?", help="filter backbones by a wildcard, e.g. 'resnet*'")
     ls.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from .doctor import register_doctor
+
+    register_doctor(sub)
+    if extras:
+        _load_extra_commands()
+        for register in _EXTRA_COMMANDS:
+            register(sub)
     return parser
 
 
@@ -101,7 +109,7 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import build_config, load_yaml
+    from .config import build_config, load_yaml, run_config
     from .pipeline import train_and_score
     from .report import end_summary
     from .rundir import RunDir
@@ -114,6 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise UserError(f"--resume: {args.output} has no config.yaml; is it an sslbench run directory?")
         saved = load_yaml(path)
+        run_config(path)  # a mistake in the saved config names its file
     given = load_yaml(args.config) if args.config else {}
     flags = {k: getattr(args, k) for k in _TRAIN_FLAG_KEYS}
     flags["output"] = args.output
@@ -244,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:  # a warning is one line on stderr, as errors are (--debug: Python's own format)
         warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {_one_line(message)}\n"
     try:
-        parser = build_parser()
+        command = next((a for a in argv if not a.startswith("-")), None)
+        parser = build_parser(extras=command != "doctor")
         args = parser.parse_args(argv)
         args.argv = argv  # the exact command line, recorded in result rows
         from .runlock import set_command
@@ -323,6 +333,3 @@ def _load_extra_commands() -> None:
 
 def run() -> None:
     sys.exit(main())
-
-
-_load_extra_commands()

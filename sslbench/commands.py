@@ -28,9 +28,9 @@ from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .hostmem import keep_freed_memory
 from .protocols import DEFAULT_FEATURES, EvalContext, EvalOptions, add_eval_flags, eval_options, get_protocol, protocol_names, row_depth
-from .rundir import RESULTS_STORE, RunDir, check_writable, write_text_atomic
+from .rundir import RESULTS_STORE, RUNS, RunDir, check_writable, write_text_atomic
 
-DEFAULT_LEADERBOARD_RESULTS = Path("runs") / RESULTS_STORE  # where `eval` puts rows of runs/<name>
+DEFAULT_LEADERBOARD_RESULTS = RUNS / RESULTS_STORE  # where `eval` puts rows of runs/<name>
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def _print_table(rows: list[dict[str, Any]], out: Callable[[str], None]) -> None
     lines = [("protocol", "features", "labels", "metric", "value")]
     for row in rows:
         frac = row.get("label_fraction")
-        labels = "100%" if frac is None else f"{frac * 100:g}%"
+        labels = "-" if not get_protocol(row["protocol"]["name"]).uses_labels else "100%" if frac is None else f"{frac * 100:g}%"
         depth = row_depth(row) if "features" in row["protocol"] else "-"
         for name, value in row["metrics"].items():
             lines.append((row["protocol"]["name"], depth, labels, name, _value_text(value)))
@@ -230,7 +230,9 @@ def evaluate_run(
         raise UserError(f"{run_dir} is a file; pass a run directory (config.yaml + encoder.safetensors)")
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    check_not_training(run_dir)
+    from .runlock import check_not_training
+
+    check_not_training(run_dir, "evaluate")
     cfg = load_run_config(run_dir)
     encoder = load_encoder(run_dir)  # strict: a mismatched encoder is a UserError, never a partial load
     protocols = [get_protocol(name) for name in opts.protocols]
@@ -277,15 +279,6 @@ def evaluate_run(
     out(f"{run_dir}: {cfg.method} / {cfg.backbone} / {run['data']} / {run['budget_kind']}={run['budget']}")
     _print_table(rows, out)
     return rows
-
-
-def check_not_training(run_dir: Path) -> None:
-    """Refuse a run that a process is still training (its lock is held): its encoder is not final."""
-    from .runlock import lock_holder
-
-    holder = lock_holder(run_dir)
-    if holder is not None:
-        raise UserError(f"{run_dir} is still being trained by {holder.describe()}; evaluate it once training has finished")
 
 
 # ---------------------------------------------------------------------------------------------

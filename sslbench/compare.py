@@ -29,7 +29,7 @@ from .cli import _EXTRA_COMMANDS, check_config_file
 from .config import check_precision
 from .errors import UserError
 from .protocols import EvalOptions, add_eval_flags, eval_options, get_protocol, parse_list, reusable
-from .rundir import RESULTS_STORE, RunDir, check_writable, write_text_atomic
+from .rundir import RESULTS_STORE, RUNS, RunDir, check_writable, write_text_atomic
 from .runlock import RunLock
 
 LEADERBOARD_FILE = "leaderboard.md"  # in the comparison's directory, next to its results.jsonl
@@ -277,7 +277,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             check_config_file(args.config, {k: v for k, v in file_values.items() if k != "method"}, method=name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data_name = str(args.data or file_values.get("data") or "digits").replace(":", "-").replace("/", "_").strip("_")[-40:]
-    out_dir = Path(args.output) if args.output else Path("runs") / f"compare-{data_name}-{args.backbone or 'resnet18'}-{stamp}"
+    out_dir = Path(args.output) if args.output else RUNS / f"compare-{data_name}-{args.backbone or 'resnet18'}-{stamp}"
     results = Path(args.results) if args.results else out_dir / RESULTS_STORE
     if results.suffix != ".jsonl":
         raise UserError(f"--results {results} must be a .jsonl file (JSON Lines), e.g. results.jsonl")
@@ -309,6 +309,7 @@ def _run_compare(args: argparse.Namespace, plans: list[Any], opts: EvalOptions, 
 
     command = commands.command_line(args)
     rows: list[dict[str, Any]] = []
+    appended = 0  # the rows this command stored (a re-run reuses the stored ones)
     for i, plan in enumerate(plans, 1):
         method, seed, cfg = plan.method, plan.seed, plan.cfg
         run_dir = Path(cfg.output)
@@ -336,14 +337,21 @@ def _run_compare(args: argparse.Namespace, plans: list[Any], opts: EvalOptions, 
         )
         assert todo is not None  # a finished run with nothing left to evaluate continued above
         extra = {"vary": plan.settings} if args.vary else None
-        rows += commands.evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget, run_fields=extra)
+        scored = commands.evaluate_run(run_dir, todo, results_path=results, command=command, budget=budget, run_fields=extra)
+        rows += scored
+        appended += len(scored)
 
     text = render(rows, "md")
     board = out_dir / LEADERBOARD_FILE
     write_text_atomic(board, text, f"the rows are in {results}: render them with `sslbench leaderboard {results}`")
     print()
     print(text, end="")
-    print(f"rows appended to {results}; leaderboard written to {board}", file=sys.stderr)
+    told = (
+        f"{appended} row{'' if appended == 1 else 's'} appended to {results}"
+        if appended
+        else f"no rows appended to {results} (all were stored already)"
+    )
+    print(f"{told}; leaderboard written to {board}", file=sys.stderr)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

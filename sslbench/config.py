@@ -264,6 +264,8 @@ def build_config(
             nested["method_cfg"][key] = raw
         elif key in aug_names:
             nested["aug"][key] = raw
+        elif _other_methods_key(key, method_name):
+            raise UserError(_other_methods_key(key, method_name))
         else:
             allkeys = sorted(top_names | {f"method_cfg.{n}" for n in mcfg_names} | {f"aug.{n}" for n in aug_names})
             close = difflib.get_close_matches(key, allkeys, n=3, cutoff=0.5)
@@ -280,11 +282,29 @@ def build_config(
 
     recipe: Recipe = method_cls.recipe(cfg.image_size, backbone_family(cfg.backbone, cfg.image_size, cfg.backbone_kwargs))
     cfg.aug = update_dataclass(dataclasses.replace(cfg.aug, **recipe.aug), nested["aug"], prefix="aug.")
+    for key in nested["method_cfg"]:
+        if key not in mcfg_names and _other_methods_key(str(key), method_name):
+            raise UserError(_other_methods_key(str(key), method_name, prefix="method_cfg."))
     method_defaults = update_dataclass(method_cls.Config(), recipe.method, prefix="method_cfg.")
     cfg.method_cfg = update_dataclass(method_defaults, nested["method_cfg"], prefix="method_cfg.")
     apply_recipe(cfg, recipe)
     cfg.validate()
     return cfg
+
+
+def _other_methods_key(key: str, method: str, *, prefix: str = "") -> str:
+    """The message for ``key``, a setting of other methods but not of ``method`` (BYOL given
+    ``temperature``), or ``""`` when no method has it (then it is a typo, with close matches)."""
+    from .registry import METHODS
+
+    owners = sorted(name for name, cls in METHODS.items() if name != method and key in {f.name for f in fields(cls.Config)})
+    if not owners:
+        return ""
+    own = sorted(f.name for f in fields(METHODS.get(method).Config))
+    return (
+        f"config key {prefix + key!r} is a setting of {', '.join(owners)}, not of {method} (its own keys: {', '.join(own) or 'none'}); "
+        f"drop it, or train one of those methods with --method"
+    )
 
 
 def _backbone_value(key: Any, value: Any) -> Any:
@@ -389,4 +409,15 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     path = RunDir(run_dir).config
     if not path.is_file():
         raise UserError(f"{run_dir} is not an sslbench run directory (no config.yaml)")
-    return config_from_dict(load_yaml(path))
+    return run_config(path)
+
+
+def run_config(path: str | Path) -> TrainConfig:
+    """The saved config of a run, its file ``path`` (a run's ``config.yaml``) named in any mistake
+    in it (a key another sslbench version wrote, a hand edit)."""
+    try:
+        return config_from_dict(load_yaml(path))
+    except UserError as exc:
+        if str(path) in str(exc):
+            raise
+        raise UserError(f"the run's saved config {path}: {exc}; correct or remove that entry in {path}") from None

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import os
 from pathlib import Path
 
 import torch
@@ -62,6 +61,7 @@ from ._data_sources import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
 from ._data_splits import SPLITS as SPLITS
 from ._data_splits import FileSplit, ImageSplit, _check_memory
 from .errors import UserError
+from .rundir import default_cache_dir as default_cache_dir  # (defined with the other paths; re-exported)
 
 __all__ = [
     "DATASETS",
@@ -100,12 +100,6 @@ def default_image_size(spec: str) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Public helpers
-
-
-def default_cache_dir() -> Path:
-    """Download and decode cache: ``$SSLBENCH_CACHE`` when set, else ``~/.cache/sslbench``."""
-    env = os.environ.get("SSLBENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sslbench"
 
 
 def store_size(image_size: int) -> int:

@@ -151,6 +151,9 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     run_dir, out_dir = Path(run_dir), Path(out_dir).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass a finished run (config.yaml + encoder.safetensors)")
+    from .runlock import check_not_training
+
+    check_not_training(run_dir, "export")  # its encoder is written when training ends
     cfg = load_run_config(run_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; pass a folder to export into")

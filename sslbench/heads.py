@@ -63,6 +63,17 @@ def patch_side(backbone: nn.Module) -> int:
     return int(patch[0]) if patch else 1
 
 
+def check_local_crops(local: int, global_size: int, count: int, size_key: str, count_key: str) -> None:
+    """Multi-crop's local views must be smaller than the global ones: they are the cheap, partial
+    views the student matches to the teacher's global ones; as large or larger they cost
+    ``(local / global)^2`` times a global view each and teach nothing a global view does not."""
+    if count > 0 and local >= global_size:
+        raise UserError(
+            f"{size_key} {local} px is not smaller than the global views ({global_size} px, the image size): local crops must be "
+            f"the small views of multi-crop; pass --set {size_key}={max(1, global_size // 2)} (or less), or --set {count_key}=0 for no local crops"
+        )
+
+
 def fit_to_patches(size: int, backbone: nn.Module, given: bool, what: str) -> int:
     """A multi-crop view side that the backbone can tile: ``size`` when it is a multiple of the
     patch side (always for a convolutional backbone); a default (``given=False``) is rounded to

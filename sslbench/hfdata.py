@@ -144,6 +144,16 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", "\\")) or Path(name).suffix.lower() in FILE_BUILDERS or name in (".", "..")
 
 
+def _is_builder_name(name: str) -> bool:
+    """Whether ``name`` is one of the datasets library's own builders (``parquet``, ``csv``,
+    ``imagefolder``, ...), which ``load_dataset`` runs on the current directory when given no files."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as builders
+    except ImportError:
+        builders = {b for b, _ in FILE_BUILDERS.values()} | {"imagefolder", "audiofolder", "text", "webdataset", "pandas"}
+    return name.strip().lower() in builders
+
+
 def _data_files(folder: Path) -> tuple[str, dict[str, Any], dict[str, list[str]]] | None:
     """The datasets builder and split -> files for a folder of data files (the most common
     format; splits by the datasets library's own name patterns), or ``None`` when it has none."""
@@ -198,6 +208,11 @@ def _open(name: str, options: dict[str, str], cache_root: Path) -> tuple[Any, Pa
             return datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=hf_cache), root, f"imagefolder:{root}"
         if _looks_local(name):
             raise UserError(f"hf:{name}: no such file or folder; {HF_FORMS}")
+        if _is_builder_name(name):  # datasets would read every file under the current directory as that format
+            raise UserError(
+                f"hf:{name} names the datasets library's {name!r} format, not a data set (and there is no file or folder {name!r} here); "
+                f"pass the data itself: hf:FILE (e.g. hf:data/train.parquet) or hf:DIR of data files; {HF_FORMS}"
+            )
         from .hub import hub_access, offline_reason
 
         with hub_access() as offline:
@@ -254,6 +269,11 @@ def load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: fl
     if wanted not in dsd:
         raise UserError(f"hf:{name} has no split {wanted!r}{_did_you_mean(wanted, list(dsd))}; splits: {', '.join(dsd)}; choose with ?{split}=SPLIT")
     ds = dsd[wanted]
+    if source.startswith("imagefolder:") and not options.get("label") and not any(isinstance(f, datasets.ClassLabel) for f in ds.features.values()):
+        raise UserError(
+            f"hf:{name}: the image folder's images are all in one class folder (or in none), so the datasets library gives them no label "
+            "column; put each class in a folder of its own (two or more classes), or pass --data imagefolder:PATH, which trains on a single class"
+        )
     image_col = options.get("image") or _column(ds, name, "image", lambda f: isinstance(f, datasets.Image), _IMAGE_COLUMN_NAMES)
     label_col = options.get("label") or _column(ds, name, "label", lambda f: isinstance(f, datasets.ClassLabel), _LABEL_COLUMN_NAMES)
     for role, col in (("image", image_col), ("label", label_col)):
@@ -262,6 +282,7 @@ def load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: fl
                 f"hf:{name} split {wanted!r} has no column {col!r}{_did_you_mean(col, ds.column_names)}; columns: {', '.join(ds.column_names)}; choose with ?{role}=COLUMN"
             )
     ds = ds.select_columns([image_col, label_col])
+    _check_image_paths(ds, image_col, base, name)
     if isinstance(ds.features[image_col], datasets.Image):
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
     classes, labels = _labels(dsd, ds, name, wanted, split, label_col)
@@ -299,6 +320,21 @@ def load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: fl
     if not cache_files:  # an in-memory dataset has no files to key a cache on
         return build()
     return _cached(cache_root, key, split, size, _fingerprint(cache_files), build)
+
+
+def _check_image_paths(ds: Any, column: str, base: Path | None, name: str) -> None:
+    """An image column of file paths (a CSV's) of which not one exists is the cause of whatever
+    would fail next (no readable image, no class to hold out): say so, with the first path."""
+    if len(ds) == 0 or not isinstance(ds[0][column], str):
+        return
+    images = _HFImages(ds, column, base)
+    if any(Path(images[i]).exists() for i in range(len(ds))):  # (stops at the first that exists)
+        return
+    where = f"{base} (the data file's folder) and " if base is not None else ""
+    raise UserError(
+        f"hf:{name}: none of the {len(ds)} image files in column {column!r} exists (first: {ds[0][column]!r}, looked for in {where}"
+        f"the current directory {Path.cwd()}); correct the paths in the data file, or run from the folder they are relative to"
+    )
 
 
 def _labels(dsd: Any, ds: Any, name: str, wanted: str, split: str, label_col: str) -> tuple[list[str], Tensor]:

@@ -2,8 +2,9 @@
 process, not with ``--quiet``).
 
 The banner names everything that decides what the run trains and where it goes: the method, the
-backbone and its size, the data and its size, the image size and why, the batch, the budget, the
-precision, the devices and the run directory. The summary says where the run is, what it holds
+backbone and its size, the data and its size, the image size and why, the views (sizes and counts;
+a ViT's patch size, a masking method's mask ratio), the batch, the budget, the precision, the
+devices and the run directory. The summary says where the run is, what it holds
 and the command that evaluates it.
 """
 
@@ -72,6 +73,29 @@ def _n(count: float, noun: str) -> str:
     return f"{shown.removesuffix('.0')} {noun}{'' if count == 1 else 's'}"
 
 
+def _views(run: Run) -> str:
+    """``2 x 16 px + 6 x 8 px per image; ViT patches of 2 px (64 per 16 px view); mask ratio 0.75``:
+    the views a step encodes (multi-crop's local crops included), and for a vision transformer its
+    patch size and for a masking method its mask ratio, which decide what a step costs."""
+    from .heads import patch_side
+
+    groups: list[list[int]] = []  # [size, count] in the method's order
+    for spec in run.specs:
+        if groups and groups[-1][0] == spec.size:
+            groups[-1][1] += 1
+        else:
+            groups.append([spec.size, 1])
+    text = " + ".join(f"{n} x {size} px" for size, n in groups) + " per image"
+    patch = patch_side(run.method.encoder)
+    if hasattr(run.method.encoder, "patch_embed"):
+        size = run.cfg.image_size or patch
+        text += f"; ViT patches of {patch} px ({(size // patch) ** 2} per {size} px view)"
+    ratio = getattr(getattr(run.method, "cfg", None), "mask_ratio", None)
+    if isinstance(ratio, float):
+        text += f"; mask ratio {ratio:g} (the encoder sees {1 - ratio:.0%} of the patches)"
+    return text
+
+
 def start_banner(run: Run) -> list[str]:
     """The lines printed when a run starts."""
     cfg, plan, method = run.cfg, run.plan, run.method
@@ -87,6 +111,7 @@ def start_banner(run: Run) -> list[str]:
         f"sslbench: {cfg.method} on {cfg.backbone} ({millions(backbone_n)} parameters; {millions(heads_n)} more in the method's heads)",
         f"  data: {cfg.data}, {len(split):,} training images in {classes} classes ({where})",
         f"  image size: {cfg.image_size} px ({image_size_reason(cfg.data, cfg.image_size)})",
+        f"  views: {_views(run)}",
         f"  batch {plan.global_batch} ({cfg.optimizer}{scaled}), {_budget(run)}, warm-up {_n(plan.warmup_steps, 'step')}",
         f"  precision {cfg.precision}{' (fp32)' if cfg.precision == 'no' else ''} on {_devices(run)}",
         f"  output: {run.run_dir}",
@@ -134,9 +159,14 @@ def end_summary(run_dir: str | os.PathLike[str]) -> list[str]:
         (run.summary, "what ran: speed, precision, device, quick k-NN"),
         (run.config, "the resolved config"),
         (run.metrics, "loss, lr, images/s per logged step"),
+        (run.curves, "the loss and lr curves (sslbench plot)"),
+        (run.picture, "test images and their reconstructions"),
+        (run.budget, "the budget compare gave the run"),
     ):
         if path.is_file():
             held.append(f"  {path.name:<20} {what} ({_size(path)})")
+    if run.trackers.is_dir():
+        held.append(f"  {run.trackers.name + '/':<20} the experiment trackers' logs")
     checkpoints = ckpt.list_checkpoints(run.checkpoints)
     if checkpoints:
         held.append(f"  {'checkpoints/':<20} {checkpoints[0].name}: the full training state, to resume or extend the run")

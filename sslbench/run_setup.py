@@ -32,7 +32,7 @@ from .hostmem import keep_freed_memory
 from .method import Batch, Method, Schedule, StepInfo, ViewSpec, default_views
 from .momentum import cosine_momentum
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
-from .rundir import RunDir, write_text_atomic
+from .rundir import RUNS, RunDir, write_text_atomic
 from .runlock import RunLock
 
 UNBOUNDED_STEPS = 2**62  # the step count of a run bounded only by its time budget (time_budget_s)
@@ -61,6 +61,11 @@ def make_plan(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -
         raise UserError(f"batch size {batch} is too small for {cfg.method} (needs >= {min_batch}); pass --batch-size {max(min_batch, 2) * 128}")
     if batch > n_train:
         batch = n_train - n_train % world_size
+        if batch < min_batch:  # a one-image folder: SimCLR would train at loss 0 (no negatives), BatchNorm on one sample
+            raise UserError(
+                f"{cfg.data} has {n_train} training image{'' if n_train == 1 else 's'}, fewer than the {min_batch} that {cfg.method} "
+                "needs for one batch (its loss or BatchNorm compares the samples of a batch; with fewer it learns nothing); add images to the data"
+            )
         print(f"note: batch size {cfg.batch_size} > {n_train} training images; using {batch}", file=sys.stderr)
     if batch % world_size:
         raise UserError(f"batch size {batch} must be divisible by the number of processes ({world_size})")
@@ -109,7 +114,7 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: dict[str, Sched
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     data = cfg.data.replace(":", "-").replace("/", "_").strip("_")[-40:]
-    return Path("runs") / f"{cfg.method}-{cfg.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RUNS / f"{cfg.method}-{cfg.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_run_dir(path: Path) -> None:
@@ -204,6 +209,7 @@ class Run:
     last_ckpt: Path | None = None
     time_based: bool = False  # a time budget alone bounds the run
     lock: RunLock | None = None  # the run directory's lock (main process), released when the run is done
+    resume_command: str = ""  # the command that continues this run after a failure: `sslbench train --output DIR --resume`, or compare's own
 
     @property
     def device(self) -> torch.device:
@@ -243,7 +249,9 @@ class Run:
         }
         if final:
             meta["final"] = True  # the end of training (a resume only rewrites the final files)
-        self.last_ckpt = ckpt.save(self.accelerator, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints, meta=meta, on_written=on_written)
+        self.last_ckpt = ckpt.save(
+            self.accelerator, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints, meta=meta, on_written=on_written, again=self.resume_command
+        )
         return self.last_ckpt
 
 
@@ -265,7 +273,7 @@ def _accelerator(cfg: TrainConfig, precision: str) -> Any:
     return accelerator
 
 
-def _load_train_split(cfg: TrainConfig, *, warn: bool) -> ImageSplit | FileSplit:
+def _load_train_split(cfg: TrainConfig) -> ImageSplit | FileSplit:
     assert cfg.image_size is not None
     split = load_split(cfg.data, "train", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
     classes = int(torch.unique(split.labels).numel()) if len(split) else 0
@@ -276,13 +284,17 @@ def _load_train_split(cfg: TrainConfig, *, warn: bool) -> ImageSplit | FileSplit
                 f"needs at least one image per class; pass --train-subset {classes} or more"
             )
         split = split.subset(balanced_subset(split.labels, cfg.train_subset, cfg.seed))
-    if classes < 2 and warn:
+    return split
+
+
+def _warn_single_class(cfg: TrainConfig, split: ImageSplit | FileSplit) -> None:
+    classes = int(torch.unique(split.labels).numel()) if len(split) else 0
+    if classes < 2:
         print(
             f"warning: {cfg.data} has a single class: training works (labels are not used), but every k-NN, linear or "
             "fine-tuning accuracy would be 100% and mean nothing, so the quick k-NN is skipped",
             file=sys.stderr,
         )
-    return split
 
 
 def on_main(accelerator: Any, fn: Any) -> None:
@@ -330,10 +342,11 @@ def _restore(run: Run, *, quiet: bool) -> None:
         print(f"resuming {run.run_dir} from step {run.start_step} ({found.name})", file=sys.stderr)
 
 
-def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Run:
+def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, resume_command: str | None = None) -> Run:
     """Build the run of ``cfg``: accelerator, run directory (locked: :mod:`sslbench.runlock`),
     data, method, optimizer, schedules, and the restored state when resuming. The returned run
-    holds the lock (``run.lock``); whoever finishes it releases it."""
+    holds the lock (``run.lock``); whoever finishes it releases it. ``resume_command`` is what every
+    failure message tells to run to continue (default ``sslbench train --output RUN_DIR --resume``)."""
     cfg.resolve_defaults()
     assert cfg.image_size is not None
     check_precision(cfg.precision)  # before anything is written: fp16 on a CPU would train in fp32
@@ -352,7 +365,8 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
 
     try:
         on_main(accelerator, claim)
-        run = _build_run(cfg, accelerator, run_dir, resume=resume, quiet=quiet)
+        again = resume_command or f"sslbench train --output {run_dir} --resume"
+        run = _build_run(cfg, accelerator, run_dir, resume=resume, quiet=quiet, resume_command=again)
     except BaseException:
         lock.release()  # (and the run directory, if this run made it and nothing is in it)
         raise
@@ -360,7 +374,7 @@ def setup_run(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) ->
     return run
 
 
-def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: bool, quiet: bool) -> Run:
+def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: bool, quiet: bool, resume_command: str) -> Run:
     from accelerate.utils import set_seed
 
     from sslbench import dist
@@ -369,10 +383,12 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
 
     assert cfg.image_size is not None
     world, main = accelerator.num_processes, accelerator.is_main_process
-    train_split = _load_train_split(cfg, warn=main)
+    train_split = _load_train_split(cfg)
     set_seed(cfg.seed)
     method = build_method(cfg)
     plan = make_plan(cfg, len(train_split), world, type(method).min_batch_size)
+    if main:  # (after the checks that refuse the data: a refused run prints its error only)
+        _warn_single_class(cfg, train_split)
     module: nn.Module = method
     if world > 1 and cfg.sync_bn:
         module = dist.convert_sync_batchnorm(module)
@@ -426,13 +442,14 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
         data_on_device=data_on_device,
         channels_last=cfg.channels_last,
         time_based=plan.total_steps == UNBOUNDED_STEPS,
+        resume_command=resume_command,
     )
     if resume:
         _restore(run, quiet=quiet)
     if main:
         create_run_dir(run_dir)
         again = (
-            f"the checkpoints are intact: free some space and continue with `sslbench train --output {run_dir} --resume`"
+            f"the checkpoints are intact: free some space and continue with `{resume_command}`"
             if resume
             else "nothing was trained yet: free some space (or pass another --output) and run the command again"
         )

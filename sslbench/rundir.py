@@ -18,7 +18,8 @@ Results stores (``results.jsonl``) live next to run directories, not in them:
 
 :func:`write_atomic` is how every file that is replaced as a whole is written (run files, the
 decoded-data cache, leaderboard tables): a reader never sees half a file, and a failure (disk full)
-removes the temporary file, keeps the previous file and raises a one-line :class:`UserError`.
+removes the temporary file, keeps the previous file and raises a one-line :class:`UserError`;
+every file it writes has the umask's mode (:func:`file_mode`).
 :func:`write_failure` tells a failed write (``OSError``, safetensors' and ``torch.save``'s own
 errors) from a bug; :func:`check_writable` checks an output path before any work starts.
 """
@@ -47,6 +48,13 @@ BUDGET = "budget.json"
 LOCK = "run.lock"
 PICTURE = "reconstructions.png"
 RESULTS_STORE = "results.jsonl"  # a results store (next to run directories, or in a comparison's directory)
+RUNS = Path("runs")  # where run directories go when no --output is given (relative to the current directory)
+
+
+def default_cache_dir() -> Path:
+    """Download and decode cache: ``$SSLBENCH_CACHE`` when set, else ``~/.cache/sslbench``."""
+    env = os.environ.get("SSLBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sslbench"
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,22 @@ def _free_space(path: str | os.PathLike[str] | None) -> str:
     return "" if free is None else f"; {free / 2**20:,.0f} MB free on its disk"
 
 
+def file_mode() -> int:
+    """The permission bits of a new file under this process's umask (``0o644`` under umask 022): every
+    file sslbench writes gets them, whatever the library that wrote it (safetensors creates 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def share_mode(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode of :func:`file_mode`."""
+    mode = file_mode()
+    path = Path(path)
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(f, mode)
+
+
 def write_atomic(
     path: str | os.PathLike[str],
     write: Callable[[Path], object],
@@ -168,6 +192,7 @@ def write_atomic(
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        share_mode(tmp)  # one mode for every run file (the umask's), whoever created the temporary file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -223,3 +223,11 @@ def lock_holder(directory: str | os.PathLike[str]) -> Holder | None:
         return None
     finally:
         os.close(fd)
+
+
+def check_not_training(run_dir: str | os.PathLike[str], verb: str) -> None:
+    """Refuse a run that a process is still training (its lock is held): its encoder is not final.
+    ``verb`` is what the refused command does with the run (``evaluate``, ``export``)."""
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise UserError(f"{run_dir} is still being trained by {holder.describe()}; {verb} it once training has finished")

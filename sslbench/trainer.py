@@ -124,9 +124,7 @@ def _forward(run: Run, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
     return out
 
 
-def train_loop(
-    run: Run, callbacks: list[Callback], *, resume_command: str | None = None, health: HealthMonitor | None = None
-) -> tuple[int, int | None]:
+def train_loop(run: Run, callbacks: list[Callback], *, health: HealthMonitor | None = None) -> tuple[int, int | None]:
     """Train from ``run.start_step``; returns (steps done, the signal that stopped it or None).
     ``health`` collects the collapse figures (:mod:`sslbench.health`; default: a fresh monitor)."""
     cfg, plan, acc = run.cfg, run.plan, run.accelerator
@@ -208,7 +206,7 @@ def train_loop(
         if control.stop_signal is not None:
             if run.main:
                 name = signal.Signals(control.stop_signal).name
-                again = resume_command or f"sslbench train --output {run.run_dir} --resume"
+                again = run.resume_command
                 print(f"{name}: saved checkpoint at step {done} in {run.last_ckpt}; resume with: {again}", file=sys.stderr)
             return done, control.stop_signal
     guard.check()
@@ -242,7 +240,7 @@ def finish(run: Run, callbacks: list[Callback], result: TrainResult) -> None:
     _save(run, callbacks, total, final=True)
     run.accelerator.wait_for_everyone()
     if run.main:
-        fix = f"the checkpoint of step {total} is saved: free some space and finish with `sslbench train --output {run.run_dir} --resume`"
+        fix = f"the checkpoint of step {total} is saved: free some space and finish with `{run.resume_command}`"
         encoder_meta = {"backbone": cfg.backbone, "step": total}
         save_encoder(run.method.encoder, run.files.encoder, meta=encoder_meta, what=fix)
         state = {k: v.detach().contiguous().cpu() for k, v in run.method.state_dict().items()}
@@ -302,14 +300,14 @@ def train(
     --output RUN_DIR --resume``; ``compare`` passes its own command). The run directory is locked
     until the run ends; with ``keep_lock`` a finished run's lock is handed to the caller in
     ``result.lock`` (the pipeline writes the quick k-NN into ``results.json`` before letting go)."""
-    run = setup_run(cfg, resume=resume, quiet=quiet)
+    run = setup_run(cfg, resume=resume, quiet=quiet, resume_command=resume_command)
     handed_over = False
     try:
         cbs = sorted([*(callbacks or []), *default_callbacks(quiet)], key=lambda cb: cb.order)
         t0 = time.perf_counter()
         health = health_monitor(run)
         try:
-            steps_done, stop_signal = train_loop(run, cbs, resume_command=resume_command, health=health)
+            steps_done, stop_signal = train_loop(run, cbs, health=health)
         finally:
             for cb in cbs:
                 cb.on_train_end(run, run.start_step)

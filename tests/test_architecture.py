@@ -28,6 +28,7 @@ COMMANDS = {
     "sslbench.curves",
     "sslbench.export",
     "sslbench.picture",
+    "sslbench.doctor",
 }
 EVALUATION = {"sslbench.protocols"}  # plus everything in evals/
 

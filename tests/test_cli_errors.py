@@ -151,6 +151,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["is in use by pid", "pass another --output"],
     ),
     "eval-a-run-still-training": (["eval", "{locked_run}"], ["is still being trained by pid", "once training has finished"]),
+    "export-a-run-still-training": (
+        ["export", "{locked_run}", "{tmp}/exported"],
+        ["is still being trained by pid", "export it once training has finished"],
+    ),
     # ---- records equal what ran; settings that cannot take effect here
     "precision-fp16-on-cpu": (["train", "--precision", "fp16", "--output", "{tmp}/fp16"], ["precision fp16 needs a CUDA GPU", "--precision no"]),
     "precision-fp16-in-config": (["train", "--config", "{fp16_yaml}", "--output", "{tmp}/fp16c"], ["precision fp16 needs a CUDA GPU"]),
@@ -204,6 +208,18 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "tuple-empty-item": (["train", "--set", "betas=0.9,,0.99"], ["betas: '0.9,,0.99' has an empty item between commas"]),
     "tuple-words": (["train", "--set", "aug.crop_scale=a,b"], ["aug.crop_scale expects 2 comma-separated numbers", "got 'a,b'"]),
     "tuple-nan": (["train", "--set", "betas=nan,0.9"], ["betas expects 2 comma-separated numbers"]),
+    "backbone-kwarg-words": (
+        ["train", "--data", "imagefolder:{data}", *TINY, "--set", "backbone_kwargs.channels=a,b", "--output", "{tmp}/kw3"],
+        ["backbone_kwargs.channels=a,b", "is text, not numbers", "backbone_kwargs.channels=16,32,64,128"],
+    ),
+    "byol-given-temperature": (
+        ["train", "--method", "byol", "--set", "temperature=0.1"],
+        ["'temperature' is a setting of", "simclr", "not of byol", "--method"],
+    ),
+    "byol-config-temperature": (
+        ["train", "--method", "byol", "--config", "{methodtemp_yaml}"],
+        ["methodtemp.yaml", "'method_cfg.temperature' is a setting of"],
+    ),
     "backbone-kwarg-empty-item": (["train", "--set", "backbone_kwargs.channels=8,,16,32"], ["backbone_kwargs.channels:", "empty item"]),
     # ---- more ranges and types
     "epochs-zero": (["train", "--epochs", "0"], ["epochs must be > 0"]),
@@ -232,6 +248,35 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "set-section-method-cfg": (["train", "--set", "method_cfg=1"], ["method_cfg is a section"]),
     "set-empty-key": (["train", "--set", "=1"], ["unknown config key ''"]),
     "hf-unknown-option": (["train", "--data", "hf:someone/set?imgae=img"], ["unknown option 'imgae'", "image"]),
+    # ---- issue 34: errors that name the real cause
+    "dino-batch-1": (
+        ["train", "--method", "dino", "--data", "imagefolder:{data}", *TINY, "--batch-size", "1", "--output", "{tmp}/dino1"],
+        ["batch size 1 is too small for dino"],
+    ),
+    "one-image-folder": (
+        ["train", "--data", "imagefolder:{oneimg}", *TINY, "--output", "{tmp}/oneimg"],
+        ["has 1 training image", "simclr", "add images"],
+    ),
+    "local-crops-larger-than-global": (
+        ["train", "--method", "dino", "--data", "imagefolder:{data}", *TINY, "--set", "method_cfg.local_crop_size=64", "--output", "{tmp}/lc"],
+        ["method_cfg.local_crop_size 64 px is not smaller than the global views (16 px", "method_cfg.local_crops=0"],
+    ),
+    "swav-local-crops-as-large": (
+        ["train", "--method", "swav", "--data", "imagefolder:{data}", *TINY, "--set", "local_crop_size=16", "--output", "{tmp}/lc2"],
+        ["method_cfg.local_crop_size 16 px is not smaller than the global views", "method_cfg.num_local_crops=0"],
+    ),
+    "hf-a-builder-name": (
+        ["train", "--data", "hf:parquet", "--output", "{tmp}/hfp"],
+        ["hf:parquet names the datasets library's 'parquet' format", "hf:FILE"],
+    ),
+    "hf-image-folder-one-class": (
+        ["train", "--data", "hf:{hfone}", *TINY, "--output", "{tmp}/hf1"],
+        ["all in one class folder", "no label column", "a folder of its own", "imagefolder:PATH"],
+    ),
+    "hf-csv-missing-images": (
+        ["train", "--data", "hf:{csv_missing}", *TINY, "--output", "{tmp}/hfcsv"],
+        ["none of the 2 image files in column 'image' exists", "'img/a.png'", "correct the paths"],
+    ),
     "data-class-folders-differ": (["train", "--data", "imagefolder:{differ}", "--output", "{tmp}/differ"], ["class folders differ"]),
     "output-is-a-file": (["train", "--data", "imagefolder:{data}", "--output", "{file}"], ["cannot write to output directory", "Not a directory"]),
     "resume-config-malformed": (["train", "--resume", "--output", "{run_bad_config}"], ["is not valid YAML"]),
@@ -289,6 +334,11 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "eval-encoder-missing": (["eval", "{run_no_encoder}"], ["encoder.safetensors not found"]),
     "eval-encoder-corrupt": (["eval", "{run_bad_encoder}"], ["is not a readable safetensors file"]),
     "eval-budget-corrupt": (["eval", "{run_bad_budget}", "--protocol", "knn"], ["is not a valid budget file"]),
+    "eval-run-config-unknown-key": (["eval", "{run_bad_key}"], ["run-bad_key/config.yaml", "unknown config key 'bogus_key'", "remove"]),
+    "resume-run-config-unknown-key": (
+        ["train", "--resume", "--output", "{run_bad_key}"],
+        ["run-bad_key/config.yaml", "unknown config key 'bogus_key'", "remove"],
+    ),
     "eval-config-malformed": (["eval", "{run_bad_config}"], ["is not valid YAML"]),
     "eval-max-memory-negative": (["eval", "{run}", "--max-memory-gb", "-1"], ["--max-memory-gb must be >= 0"]),
     "eval-no-cuda": (["eval", "{run}", "--device", "cuda:3"], ["--device cuda:3: no such CUDA device here"]),
@@ -339,6 +389,8 @@ ENV = {
     "pretrained-weights-no-dns": {"HF_HOME": "{root}/hf"},
     "hub-dataset-offline": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": "{root}/hf"},
     "callbacks-env-unknown": {"SSLBENCH_CALLBACKS": "no_such_module:Thing"},
+    "hf-image-folder-one-class": {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"},  # (the datasets library's own progress lines)
+    "hf-csv-missing-images": {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"},
 }
 
 
@@ -423,12 +475,16 @@ def table(tmp_path_factory):
     tmp = root / "scratch"
     tmp.mkdir()
     onecls = make_image_folder(root / "onecls", classes=1, train=8, test=4)
+    oneimg = make_image_folder(root / "oneimg", classes=1, train=1, test=1)
+    hfone = make_image_folder(root / "hfone", classes=1, train=4, test=0)
+    (root / "missing.csv").write_text("image,label\nimg/a.png,cat\nimg/b.png,dog\n")
     differ = root / "differ"
     make_image_folder(differ, classes=2, train=2, test=2)
     (differ / "test" / "c1").rename(differ / "test" / "other")
     (root / "both.yaml").write_text("epochs: 2\nsteps: 3\n")
     (root / "fp16.yaml").write_text("precision: fp16\n")
     (root / "methodkey.yaml").write_text("method_cfg:\n  temprature: 0.1\n")
+    (root / "methodtemp.yaml").write_text("method_cfg:\n  temperature: 0.1\n")
     (root / "badtype.yaml").write_text("lr: fast\n")
     (root / "badrange.yaml").write_text("epochs: 0\n")
     (root / "badtuple.yaml").write_text("aug:\n  crop_scale: [0.2, 0.5, 0.9]\n")
@@ -441,6 +497,7 @@ def table(tmp_path_factory):
         ("bad_budget", lambda d: (d / "budget.json").write_text("{oops")),
         ("bad_config", lambda d: (d / "config.yaml").write_text("lr: [0.1\n")),
         ("busy", lambda d: None),
+        ("bad_key", lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text() + "bogus_key: 1\n")),
     ):  # (refused commands that lock it for a moment: the eval cases use "run")
         copies[f"run_{name}"] = root / f"run-{name}"
         shutil.copytree(run, copies[f"run_{name}"])
@@ -471,6 +528,9 @@ def table(tmp_path_factory):
         "run_other_backbone": _with_other_backbone(run, root / "run-other-backbone"),
         "eval_other_backbone": _with_other_backbone(run, root / "eval-other-backbone"),
         "onecls": onecls,
+        "hfone": hfone,
+        "oneimg": oneimg,
+        "csv_missing": root / "missing.csv",
         "differ": differ,
         "root": root,
         "rofs": root / "rofs",
@@ -479,7 +539,7 @@ def table(tmp_path_factory):
         "locked_run": locked_run,
         "locked_cmp": locked_cmp,
         "cmp_other": cmp_other,
-        **{f"{name}_yaml": root / f"{name}.yaml" for name in ("both", "fp16", "methodkey", "badtype", "badrange", "badtuple")},
+        **{f"{name}_yaml": root / f"{name}.yaml" for name in ("both", "fp16", "methodkey", "methodtemp", "badtype", "badrange", "badtuple")},
         **copies,
     }
     argv = {case: [a.format(**fill) for a in args] for case, (args, _) in CASES.items()}

@@ -266,6 +266,7 @@ def test_rerunning_a_comparison_reuses_stored_rows_and_scores_only_what_is_missi
         "2",
     ]
     assert main([*argv, "--protocol", "knn"]) == 0
+    assert f"1 row appended to {out / 'results.jsonl'}" in capsys.readouterr().err
     first = read_rows(out / "results.jsonl")
     assert [r["protocol"]["name"] for r in first] == ["knn"]
     encoder = (out / "simclr-seed0" / "encoder.safetensors").read_bytes()
@@ -274,6 +275,7 @@ def test_rerunning_a_comparison_reuses_stored_rows_and_scores_only_what_is_missi
     assert main([*argv, "--protocol", "knn"]) == 0  # the same command again: nothing trained, scored or stored twice
     err = capsys.readouterr().err
     assert "reusing its stored rows" in err and read_rows(out / "results.jsonl") == first
+    assert f"no rows appended to {out / 'results.jsonl'}" in err and " rows appended" not in err.replace("no rows appended", "")  # (issue 34)
     assert (out / "simclr-seed0" / "encoder.safetensors").read_bytes() == encoder
 
     assert main([*argv, "--protocol", "knn,linear"]) == 0  # only the linear probe is new

@@ -199,7 +199,7 @@ def test_depths_are_separate_rows_and_a_missing_depth_is_one_line(run, tmp_path,
     assert "'deep' is not a feature depth" in capsys.readouterr().err
 
 
-def test_the_label_free_metrics_score_data_without_labels(run, tmp_path):
+def test_the_label_free_metrics_score_data_without_labels(run, tmp_path, capsys):
     """Unlabelled images are an image folder with one class folder: every label is the same, and
     the label-free protocols never read them."""
     from _reliability import make_image_folder
@@ -220,7 +220,10 @@ def test_the_label_free_metrics_score_data_without_labels(run, tmp_path):
         "--results",
         str(results),
     ]
+    capsys.readouterr()
     assert main(argv) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["alignment"], ["rankme"])]
+    assert table and all(line[2] == "-" for line in table), table  # no label fraction for protocols without labels (issue 34)
     rows = read_rows(results)
     assert [(r["protocol"]["name"], r["protocol"]["features"]) for r in rows] == [
         (name, depth) for name in ("alignment", "uniformity", "rankme", "feature_std") for depth in ("h", "z")

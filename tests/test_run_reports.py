@@ -20,6 +20,8 @@ import torch
 import yaml
 from _reliability import child_env, lines, make_image_folder, run_forked
 
+from sslbench.batches import Plan
+from sslbench.method import ViewSpec
 from sslbench.progress import TrainProgress, clock
 
 NARROW = ["--set", "backbone_kwargs.channels=8,16,32,64"]
@@ -46,10 +48,12 @@ def talking_run(setting):
 
 def test_the_start_banner_names_what_the_run_trains_and_where(talking_run, setting):
     err, out = talking_run["train"].stderr, talking_run["out"]
-    head = lines(err)[:6]
+    head = lines(err)[:7]
     assert re.fullmatch(r"sslbench: simclr on resnet18 \(\S+ parameters; \S+ more in the method's heads\)", head[0]), head
     assert head[1] == f"  data: imagefolder:{setting['data']}, 64 training images in 4 classes (in memory)"
     assert head[2] == "  image size: 32 px (the default for imagefolder; --image-size to change)", head[2]
+    assert head[3] == "  views: 2 x 32 px per image", head[3]
+    head = head[:3] + head[4:]
     assert head[3].startswith("  batch 16 (lars, lr ") and "2 steps = 0.5 epochs of 4 steps" in head[3] and "warm-up" in head[3], head[3]
     assert head[4] == "  precision no (fp32) on cpu (1 thread), 1 process", head[4]  # auto: fp32 on the CPU
     assert head[5] == f"  output: {out}"
@@ -63,6 +67,25 @@ def test_plain_progress_lines_carry_an_eta_and_the_end_summary_says_what_to_run_
     assert any(line.split()[0] == "encoder.safetensors" for line in tail[1:]), tail
     assert any(line.split()[0] == "checkpoints/" and "step-00000002" in line for line in tail[1:]), tail
     assert tail[-1] == f"evaluate it: sslbench eval {out} --protocol knn,linear"
+
+
+def test_the_end_summary_names_every_file_of_the_run(talking_run):
+    """Every file and folder the run left (curves.png included) has its line in the end summary (issue 34)."""
+    err, out = lines(talking_run["train"].stderr), talking_run["out"]
+    tail = err[err.index(f"saved {out}:") + 1 : -1]
+    named = {line.split()[0].rstrip("/") for line in tail}
+    assert {p.name for p in out.iterdir()} <= named, (sorted(p.name for p in out.iterdir()), tail)
+    assert "curves.png" in named
+
+
+def test_run_files_share_the_umask_mode(talking_run):
+    """safetensors creates its files 0600: the weights, the checkpoints' files and every other run
+    file get the mode of a new file under the umask (0644 under 022), one mode for all (issue 34)."""
+    from sslbench.rundir import file_mode
+
+    modes = {str(p.relative_to(talking_run["out"])): oct(p.stat().st_mode & 0o777) for p in talking_run["out"].rglob("*") if p.is_file()}
+    assert "encoder.safetensors" in modes and any(k.startswith("checkpoints/") and k.endswith(".safetensors") for k in modes), modes
+    assert set(modes.values()) == {oct(file_mode())}, modes
 
 
 def test_records_name_what_ran(talking_run, setting):
@@ -111,7 +134,6 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
     """`--backbone resnet50` on the default data (digits, 16 px): the banner says the size is the
     data's default and that such a backbone is made for larger images."""
     from sslbench.backbones import create_backbone
-    from sslbench.batches import Plan
     from sslbench.config import build_config
     from sslbench.report import start_banner
 
@@ -128,15 +150,45 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
         world=1,
         run_dir="runs/x",
         time_based=False,
+        specs=[ViewSpec(cfg.aug, 16)] * 2,
     )
     text = start_banner(run)  # type: ignore[arg-type]
     assert text[2] == "  image size: 16 px (the default for digits; --image-size to change)"
     assert text[-1].startswith("note: resnet50 (23.5M parameters) is made for images of ~224 px; here it trains at 16 px (the default for digits)")
 
 
+@pytest.mark.parametrize(
+    ("method", "sets", "expected"),
+    [
+        ("dino", ["method_cfg.local_crops=2"], "  views: 2 x 16 px + 2 x 8 px per image; ViT patches of 2 px (64 per 16 px view)"),
+        ("mae", [], "  views: 1 x 16 px per image; ViT patches of 2 px (64 per 16 px view); mask ratio 0.75 (the encoder sees 25% of the patches)"),
+    ],
+)
+def test_the_banner_names_the_views_the_patch_size_and_the_mask_ratio(method, sets, expected):
+    """Multi-crop's local crops, a ViT's patch size and MAE's mask ratio decide what a step costs (issue 34)."""
+    from sslbench.build import build_method
+    from sslbench.config import build_config
+    from sslbench.method import default_views
+    from sslbench.report import start_banner
+
+    cfg = build_config(flags={"method": method, "backbone": "vit_tiny_patch16_224", "image_size": 16, "output": "runs/x"}, sets=sets)
+    m = build_method(cfg)
+    run = SimpleNamespace(
+        cfg=cfg,
+        plan=Plan(5, 50, 5, 256, 256),
+        method=m,
+        train_split=_Split(torch.arange(10).repeat(5)),
+        device=torch.device("cpu"),
+        world=1,
+        run_dir="runs/x",
+        time_based=False,
+        specs=default_views(m, cfg.aug, 16),
+    )
+    assert start_banner(run)[3] == expected  # type: ignore[arg-type]
+
+
 def test_bf16_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
     import sslbench.report as report
-    from sslbench.batches import Plan
     from sslbench.config import build_config
 
     cfg = build_config(flags={"precision": "bf16", "output": "runs/x", "image_size": 32}, sets=["backbone_kwargs.channels=8,16,32,64"])
@@ -151,11 +203,12 @@ def test_bf16_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
         world=1,
         run_dir="runs/x",
         time_based=False,
+        specs=[ViewSpec(cfg.aug, 16)] * 2,
     )
     monkeypatch.setattr(report, "cpu_has_bf16", lambda: False)
     assert report.start_banner(run)[-1].startswith("note: this CPU has no native bf16")  # type: ignore[arg-type]
     monkeypatch.setattr(report, "cpu_has_bf16", lambda: True)
-    assert not any("bf16" in line for line in report.start_banner(run)[5:])  # type: ignore[arg-type]
+    assert not any("bf16" in line for line in report.start_banner(run)[6:])  # type: ignore[arg-type]
 
 
 class _Split:

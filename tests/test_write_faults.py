@@ -211,7 +211,7 @@ def test_a_full_disk_while_writing_a_leaderboard_keeps_the_previous_table_and_pl
     assert plot.read_bytes() == b"previous plot" and sorted(p.name for p in tmp_path.iterdir()) == ["board.md", "board.png"]
 
 
-@pytest.mark.parametrize("site", ["budget.json", "results.jsonl", "leaderboard.md"])
+@pytest.mark.parametrize("site", ["budget.json", "results.jsonl", "leaderboard.md", "checkpoint", "encoder.safetensors", "metrics.jsonl"])
 def test_a_full_disk_in_a_comparison_loses_nothing_and_the_same_command_finishes_it(base, tmp_path, site):
     out = tmp_path / "cmp"
     argv = [
@@ -236,9 +236,18 @@ def test_a_full_disk_in_a_comparison_loses_nothing_and_the_same_command_finishes
         "--output",
         str(out),
     ]
-    pattern = {"budget.json": r"budget\.json\.tmp-", "results.jsonl": r"cmp/results\.jsonl$", "leaderboard.md": r"leaderboard\.md\.tmp-"}[site]
+    pattern = {
+        "budget.json": r"budget\.json\.tmp-",
+        "results.jsonl": r"cmp/results\.jsonl$",
+        "leaderboard.md": r"leaderboard\.md\.tmp-",
+        "checkpoint": r"\.tmp-step-00000002/model\.safetensors$",
+        "encoder.safetensors": r"encoder\.safetensors\.tmp-",
+        "metrics.jsonl": r"metrics\.jsonl$",
+    }[site]
     error = _one_error(run_forked(argv, base["env"], before=fail_writes(pattern)))
     assert site in error and "No space left on device" in error, error
+    if site in ("checkpoint", "encoder.safetensors", "metrics.jsonl"):  # a run of the comparison: the comparison's command finishes it (issue 34)
+        assert "`sslbench compare --methods simclr" in error and "sslbench train" not in error, error
     assert _leftovers(out) == []
     r = run_forked(argv, base["env"])
     assert r.returncode == 0, r.describe()
