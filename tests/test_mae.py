@@ -22,7 +22,7 @@ from sslbench.backbones import create_backbone
 from sslbench.cli import main
 from sslbench.config import TrainConfig, build_config, dump_yaml
 from sslbench.errors import UserError
-from sslbench.method import Batch, StepInfo
+from sslbench.method import EMBEDDING_LOG, Batch, StepInfo
 from sslbench.methods.mae import MAE, MAEConfig, mae_loss, norm_pix_targets, patchify, random_masking, sincos_pos_embed_2d, unpatchify
 from sslbench.picture import picture_size
 
@@ -153,7 +153,7 @@ def test_the_training_step_loss_is_the_reference_on_its_own_prediction_and_mask(
     assert torch.equal(target, norm_pix_targets(patchify(x, 4)))
     loss, logs = mae.training_step(b)
     assert loss.item() == pytest.approx(_reference_loss(pred.double(), target.double(), mask), rel=1e-5)
-    assert set(logs) == {"loss"}
+    assert set(logs) == {"loss", EMBEDDING_LOG}
     raw = tiny_mae(norm_pix_loss=False).forward_masked(b)[2]
     assert torch.equal(raw, patchify(x, 4))
 
