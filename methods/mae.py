@@ -175,11 +175,10 @@ class MAE(Method):
             prefix = pos.shape[1] - grid.shape[0]  # 0 when timm adds no position to the class token
             pos.copy_(torch.cat([grid.new_zeros(prefix, grid.shape[1]), grid]).unsqueeze(0))
             pos.requires_grad_(False)
-        w = cast(Tensor, cast(nn.Module, vit.patch_embed).get_submodule("proj").weight)
+        w = cast(nn.Module, vit.patch_embed).proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        cls_token = getattr(vit, "cls_token", None)
-        if isinstance(cls_token, nn.Parameter):
-            nn.init.normal_(cls_token, std=0.02)
+        if isinstance(getattr(vit, "cls_token", None), nn.Parameter):
+            nn.init.normal_(vit.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
