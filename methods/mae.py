@@ -156,38 +156,13 @@ class MAE(Method):
         )
         self.decoder_norm = norm(d)
         self.decoder_pred = nn.Linear(d, self.patch * self.patch * 3)
-        self._initialize_weights()
-
-    @torch.no_grad()
-    def _initialize_weights(self) -> None:
-        """The official ``initialize_weights`` and ``_init_weights`` (facebookresearch/mae at
-        efb2a80, ``models_mae.py``), in its order, on encoder and decoder: the encoder's position
-        embedding becomes the fixed 2D sine-cosine one (zero rows for the class token; frozen, as
-        the official ``requires_grad=False``), the patch embedding's convolution weight is
-        xavier-uniform on its (D, 3 p p) view (its bias keeps torch's default, as there), the
-        class and mask tokens are N(0, 0.02), and every Linear is xavier-uniform with zero bias and
-        every LayerNorm weight 1, bias 0. The rest keeps timm's init (the official code has no
-        other layers)."""
-        vit = self.encoder
-        pos = getattr(vit, "pos_embed", None)
-        if isinstance(pos, nn.Parameter):
-            grid = sincos_pos_embed_2d(pos.shape[-1], self.grid)  # (N, D)
-            prefix = pos.shape[1] - grid.shape[0]  # 0 when timm adds no position to the class token
-            pos.copy_(torch.cat([grid.new_zeros(prefix, grid.shape[1]), grid]).unsqueeze(0))
-            pos.requires_grad_(False)
-        w = cast(nn.Module, vit.patch_embed).proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        if isinstance(getattr(vit, "cls_token", None), nn.Parameter):
-            nn.init.normal_(vit.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
+        # The official initialisation of the decoder: xavier-uniform linear layers, zero biases, mask token N(0, 0.02).
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
 
     @classmethod
     def recipe(cls, image_size: int, family: Family) -> Recipe:
