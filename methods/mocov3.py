@@ -4,11 +4,6 @@ Chen, Xie, He. "An Empirical Study of Training Self-Supervised Vision Transforme
 Queries come from the online encoder (backbone, projector, predictor), keys from a momentum
 encoder (backbone, projector); the negatives are the other keys of the batch, gathered from every
 process. No queue. BatchNorm is synchronised across processes by the trainer (as in the paper).
-
-Each view has its own forward pass through backbone, projector and predictor (and through the
-momentum networks), so every BatchNorm normalises one view's batch, as the official
-``MoCo.forward`` does (facebookresearch/moco-v3 ``moco/builder.py`` at c349e6e:
-``q1 = self.predictor(self.base_encoder(x1))``, then the same for ``x2`` and for the keys).
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sslbench.errors import UserError
-from sslbench.heads import feature_dim, mlp
+from sslbench.heads import encode_views, feature_dim, mlp
 from sslbench.losses import MoCoV3Loss
 from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, cosine_schedule
 from sslbench.momentum import freeze_
@@ -93,14 +88,14 @@ class MoCoV3(Method):
     def embed(self, batch: Batch, targets: bool = True) -> Tensor:
         """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample q1, q2 (with gradient) and k1, k2
         (momentum encoder, no gradient); ``targets=False``: (B, 2, proj_dim), q1 and q2 only (the
-        gradient cache's recomputation). One forward pass per view (BatchNorm statistics per view)."""
+        gradient cache's recomputation)."""
         views = batch.views
-        q = [self.predictor(self.projector(self.encoder(x))) for x in views]
+        q = self.predictor(self.projector(torch.cat(encode_views(self.encoder, views))))
         if not targets:
-            return torch.stack(q, dim=1)
+            return torch.stack(q.chunk(2), dim=1)
         with torch.no_grad():
-            k = [self.momentum_projector(self.momentum_encoder(x)) for x in views]
-        return torch.stack([*q, *k], dim=1)
+            k = self.momentum_projector(torch.cat(encode_views(self.momentum_encoder, views)))
+        return torch.stack([*q.chunk(2), *k.chunk(2)], dim=1)
 
     def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         k1, k2 = emb[:, 2].detach(), emb[:, 3].detach()  # keys are targets: stop-gradient
