@@ -141,17 +141,7 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
     encoder = create_backbone("resnet50", 16)
     method = torch.nn.Module()
     method.encoder = encoder
-    run = SimpleNamespace(
-        cfg=cfg,
-        plan=Plan(5, 50, 5, 256, 256),
-        method=method,
-        train_split=_Split(torch.arange(10).repeat(5)),
-        device=torch.device("cpu"),
-        world=1,
-        run_dir="runs/x",
-        time_based=False,
-        specs=[ViewSpec(cfg.aug, 16)] * 2,
-    )
+    run = _banner_run(cfg, method, [ViewSpec(cfg.aug, 16)] * 2)
     text = start_banner(run)  # type: ignore[arg-type]
     assert text[2] == "  image size: 16 px (the default for digits; --image-size to change)"
     assert text[-1].startswith("note: resnet50 (23.5M parameters) is made for images of ~224 px; here it trains at 16 px (the default for digits)")
@@ -173,17 +163,7 @@ def test_the_banner_names_the_views_the_patch_size_and_the_mask_ratio(method, se
 
     cfg = build_config(flags={"method": method, "backbone": "vit_tiny_patch16_224", "image_size": 16, "output": "runs/x"}, sets=sets)
     m = build_method(cfg)
-    run = SimpleNamespace(
-        cfg=cfg,
-        plan=Plan(5, 50, 5, 256, 256),
-        method=m,
-        train_split=_Split(torch.arange(10).repeat(5)),
-        device=torch.device("cpu"),
-        world=1,
-        run_dir="runs/x",
-        time_based=False,
-        specs=default_views(m, cfg.aug, 16),
-    )
+    run = _banner_run(cfg, m, default_views(m, cfg.aug, 16))
     assert start_banner(run)[3] == expected  # type: ignore[arg-type]
 
 
@@ -194,21 +174,27 @@ def test_bf16_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
     cfg = build_config(flags={"precision": "bf16", "output": "runs/x", "image_size": 32}, sets=["backbone_kwargs.channels=8,16,32,64"])
     method = torch.nn.Module()
     method.encoder = torch.nn.Linear(2, 2)
-    run = SimpleNamespace(
-        cfg=cfg,
-        plan=Plan(5, 50, 5, 256, 256),
-        method=method,
-        train_split=_Split(torch.arange(10).repeat(5)),
-        device=torch.device("cpu"),
-        world=1,
-        run_dir="runs/x",
-        time_based=False,
-        specs=[ViewSpec(cfg.aug, 16)] * 2,
-    )
+    run = _banner_run(cfg, method, [ViewSpec(cfg.aug, 16)] * 2)
     monkeypatch.setattr(report, "cpu_has_bf16", lambda: False)
     assert report.start_banner(run)[-1].startswith("note: this CPU has no native bf16")  # type: ignore[arg-type]
     monkeypatch.setattr(report, "cpu_has_bf16", lambda: True)
     assert not any("bf16" in line for line in report.start_banner(run)[6:])  # type: ignore[arg-type]
+
+
+def _banner_run(cfg, method, specs) -> SimpleNamespace:
+    """The fields of a Run that start_banner reads: 5 epochs of 10 steps on 50 images of 10 classes."""
+    train_split = _Split(torch.arange(10).repeat(5))
+    return SimpleNamespace(
+        cfg=cfg,
+        plan=Plan(5, 50, 5, 256, 256),
+        method=method,
+        train_split=train_split,
+        device=torch.device("cpu"),
+        world=1,
+        run_dir="runs/x",
+        time_based=False,
+        specs=specs,
+    )
 
 
 class _Split:
