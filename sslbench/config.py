@@ -264,8 +264,8 @@ def build_config(
             nested["method_cfg"][key] = raw
         elif key in aug_names:
             nested["aug"][key] = raw
-        elif _other_methods_key(key, method_name):
-            raise UserError(_other_methods_key(key, method_name))
+        elif other := _other_methods_key(key, method_name):
+            raise UserError(other)
         else:
             allkeys = sorted(top_names | {f"method_cfg.{n}" for n in mcfg_names} | {f"aug.{n}" for n in aug_names})
             close = difflib.get_close_matches(key, allkeys, n=3, cutoff=0.5)
@@ -283,8 +283,8 @@ def build_config(
     recipe: Recipe = method_cls.recipe(cfg.image_size, backbone_family(cfg.backbone, cfg.image_size, cfg.backbone_kwargs))
     cfg.aug = update_dataclass(dataclasses.replace(cfg.aug, **recipe.aug), nested["aug"], prefix="aug.")
     for key in nested["method_cfg"]:
-        if key not in mcfg_names and _other_methods_key(str(key), method_name):
-            raise UserError(_other_methods_key(str(key), method_name, prefix="method_cfg."))
+        if key not in mcfg_names and (other := _other_methods_key(str(key), method_name, prefix="method_cfg.")):
+            raise UserError(other)
     method_defaults = update_dataclass(method_cls.Config(), recipe.method, prefix="method_cfg.")
     cfg.method_cfg = update_dataclass(method_defaults, nested["method_cfg"], prefix="method_cfg.")
     apply_recipe(cfg, recipe)
