@@ -40,7 +40,7 @@ from torch import nn
 from sslbench.errors import UserError
 from sslbench.method import Family
 from sslbench.registry import unknown_name_message
-from sslbench.rundir import ENCODER, RunDir, write_atomic
+from sslbench.rundir import ENCODER, write_atomic
 
 from .small_stem import ARCHITECTURE as SMALL_STEM_ARCHITECTURE
 from .small_stem import cifar_stem_ as _cifar_stem_
@@ -270,27 +270,3 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
             parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
         raise UserError(f"{source} does not match the backbone: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-
-
-def load_encoder(run_dir: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the trained encoder of a run directory: its backbone (from ``config.yaml``) with the
-    weights of ``encoder.safetensors``, strictly checked, in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from sslbench.config import load_run_config
-
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    path = RunDir(run_dir).encoder
-    if not path.is_file():
-        raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
-    assert cfg.image_size is not None  # resolved when the config is loaded
-    kwargs = {**cfg.backbone_kwargs, "pretrained": False}  # the weights come from the run: nothing to download
-    model = create_backbone(cfg.backbone, cfg.image_size, **kwargs)
-    try:
-        state = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file: {exc}") from exc
-    load_state_strict(model, state, source=str(path))
-    return model.eval()

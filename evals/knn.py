@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslbench.errors import UserError
+from sslbench.api import UserError
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

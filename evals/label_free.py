@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslbench.errors import UserError
-from sslbench.health import RANK_EPS, effective_rank, normalised_std
+from sslbench.api import RANK_EPS, UserError, effective_rank, normalised_std
 
 RANKME_EPS = RANK_EPS  # Garrido et al. 2023, Eq. 1
 ALIGNMENT_ALPHA = 2.0  # Wang & Isola 2020

@@ -5,7 +5,7 @@ Representation Learning", and Chen et al. 2020, "A Simple Framework for Contrast
 Visual Representations"):
 
 - The encoder is frozen; features are extracted once by the caller, without augmentation
-  (:func:`probe_encoder` does it with :func:`evals.features.extract_features`).
+  (:func:`probe_encoder` does it with :func:`sslbench.features.extract_features`).
 - Features are standardised with the mean and standard deviation of the data the classifier is
   fitted on (the training part during the search, all of train for the final fit). This is what
   a non-affine BatchNorm in front of the linear layer does at test time (He et al. 2022, MAE), it
@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.errors import UserError
+from sslbench.api import Transform, UserError, extract_features, module_device
 
-from .features import Transform, extract_features, module_device
 from .knn import topk_accuracy
 
 OPTIMIZERS = ("sgd", "lbfgs")
@@ -362,7 +361,7 @@ def probe_encoder(
     """Linear probe of a frozen encoder on uint8 images: extract features, then
     :func:`linear_probe`.
 
-    Features come from :func:`evals.features.extract_features` on the encoder's own device
+    Features come from :func:`sslbench.features.extract_features` on the encoder's own device
     (eval mode, no gradients), so the encoder's parameters, BatchNorm buffers and train/eval
     flags are left exactly as they were.
 

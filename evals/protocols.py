@@ -4,7 +4,7 @@ distillation, and the label-free feature metrics (alignment, uniformity, RankMe,
 deviation). See ``docs/evaluation.md``.
 
 k-NN, the linear probe, fine-tuning and the label-free metrics are scored at every ``--features``
-depth (``h``, ``projK``, ``z``; :func:`sslbench.evals.features.parse_depth`).
+depth (``h``, ``projK``, ``z``; :func:`sslbench.features.parse_depth`).
 
 The evaluators are imported when a protocol runs, so that registering (and ``sslbench --help``)
 stays cheap.
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sslbench.errors import UserError
-from sslbench.protocols import EvalContext, EvalOptions, Option, Score, at_least, positive, register_protocol, within
+from sslbench.api import EvalContext, EvalOptions, Option, Score, UserError, at_least, positive, register_protocol, within
 
 
 @register_protocol(
@@ -29,7 +28,9 @@ def knn(ctx: EvalContext, fraction: float | None) -> Score:
 
     train, test = ctx.features()
     dev, cfg = ctx.device, ctx.cfg
-    metrics = knn_eval(train.to(dev), ctx.train.labels.to(dev), test.to(dev), ctx.test.labels.to(dev), k=cfg.knn_k, temperature=cfg.knn_temperature)
+    metrics = knn_eval(
+        train.to(dev), ctx.split("train").labels.to(dev), test.to(dev), ctx.split("test").labels.to(dev), k=cfg.knn_k, temperature=cfg.knn_temperature
+    )
     return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature))
 
 
@@ -48,7 +49,9 @@ def linear(ctx: EvalContext, fraction: float | None) -> Score:
 
     train, test = ctx.features()
     opts = ctx.opts
-    metrics = linear_probe(train, ctx.train.labels, test, ctx.test.labels, epochs=opts.linear_epochs, seed=opts.seed, device=ctx.device)
+    metrics = linear_probe(
+        train, ctx.split("train").labels, test, ctx.split("test").labels, epochs=opts.linear_epochs, seed=opts.seed, device=ctx.device
+    )
     best_lr, best_wd = metrics.pop("linear_best_lr"), metrics.pop("linear_best_wd")
     return Score(metrics, linear_protocol(epochs=opts.linear_epochs, seed=opts.seed, best_lr=best_lr, best_wd=best_wd))
 
@@ -132,7 +135,7 @@ def finetune_optimizer(opts: EvalOptions, cfg: Any) -> tuple[str, float]:
 
     name = opts.finetune_optimizer
     if name == "auto":
-        from sslbench.backbones import is_vision_transformer_backbone
+        from sslbench.api import is_vision_transformer_backbone
 
         name = "adamw" if is_vision_transformer_backbone(cfg.backbone, cfg.image_size, cfg.backbone_kwargs) else "sgd"
     return name, DEFAULT_LRS[name] if opts.finetune_lr is None else float(opts.finetune_lr)
@@ -229,10 +232,10 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
     optimizer, lr = finetune_optimizer(opts, ctx.cfg)
     model_and_metrics = finetune_model(
         ctx.encoder,
-        ctx.train,
-        ctx.test,
+        ctx.in_memory("train"),
+        ctx.in_memory("test"),
         fraction=fraction,
-        image_size=ctx.cfg.image_size,
+        image_size=ctx.image_size,
         epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size,
         lr=lr,
@@ -256,7 +259,7 @@ def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str, model:
     opts = ctx.opts
     return finetune_protocol(
         fraction=fraction,
-        n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
+        n_labelled=len(label_subset(ctx.in_memory("train"), fraction, opts.seed)[0]),
         epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size,
         lr=model.lr,
@@ -299,7 +302,7 @@ def finetune(ctx: EvalContext, fraction: float | None) -> Score:
 def distill(ctx: EvalContext, fraction: float | None) -> Score:
     import torch
 
-    from sslbench.backbones import create_backbone
+    from sslbench.api import create_backbone
 
     from .distill import distill as run_distill
     from .distill import distill_protocol
@@ -311,16 +314,16 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
         student = ctx.encoder
     else:
         torch.manual_seed(opts.seed)
-        student = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
+        student = create_backbone(cfg.backbone, ctx.image_size, **cfg.backbone_kwargs)
     layer = opts.from_projector_layer
     model, _ = _teacher(ctx, fraction, layer)
     metrics = run_distill(
         model,
         student,
-        ctx.train,
-        ctx.test,
+        ctx.in_memory("train"),
+        ctx.in_memory("test"),
         fraction=fraction,
-        image_size=cfg.image_size,
+        image_size=ctx.image_size,
         epochs=opts.distill_epochs,
         batch_size=opts.finetune_batch_size,
         lr=_distill_lr(opts),
@@ -335,8 +338,8 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
         metrics,
         distill_protocol(
             fraction=fraction,
-            n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
-            n_images=len(ctx.train),
+            n_labelled=len(label_subset(ctx.in_memory("train"), fraction, opts.seed)[0]),
+            n_images=len(ctx.split("train")),
             student_init=opts.distill_student_init,
             epochs=opts.distill_epochs,
             batch_size=opts.finetune_batch_size,
@@ -367,7 +370,7 @@ def _sample_index(ctx: EvalContext) -> Any:
     them drawn by ``--eval-seed`` (all when the split is smaller); the same for every run."""
     import torch
 
-    n = len(ctx.test)
+    n = len(ctx.split("test"))
     if n < 2:
         raise UserError(f"the label-free metrics need at least 2 test images; {ctx.data} has {n}")
     if n <= ctx.opts.metric_samples:
@@ -396,21 +399,20 @@ def _record(ctx: EvalContext, **fields: Any) -> dict[str, Any]:
 def alignment(ctx: EvalContext, fraction: float | None) -> Score:
     import torch
 
-    from sslbench.augment import BatchAugment
+    from sslbench.api import BatchAugment, autocast, eval_mode
 
-    from .features import _autocast, eval_mode
     from .label_free import alignment as align
 
     idx = _sample_index(ctx)
-    aug = BatchAugment(ctx.cfg.aug, ctx.cfg.image_size)  # the run's own training augmentation
+    aug = BatchAugment(ctx.cfg.aug, ctx.image_size)  # the run's own training augmentation
     head = ctx.head()
     views: list[list[Any]] = [[], []]
     with eval_mode(ctx.encoder), torch.no_grad():
         for start in range(0, idx.numel(), 256):
             batch_idx = idx[start : start + 256]
-            images = ctx.test.images[batch_idx].to(ctx.device)
+            images = ctx.in_memory("test").images[batch_idx].to(ctx.device)
             for v in (0, 1):
-                with _autocast(ctx.device, ctx.precision):
+                with autocast(ctx.device, ctx.precision):
                     h = ctx.encoder(aug(images, batch_idx, seed=ctx.opts.seed, epoch=0, view=v)).flatten(1).float()
                 views[v].append((h if head is None else head(h)).float().cpu())
     metric = align(torch.cat(views[0]), torch.cat(views[1]), alpha=ctx.opts.alignment_alpha)

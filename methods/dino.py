@@ -40,13 +40,29 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.errors import UserError
-from sslbench.heads import check_local_crops, encode_views, feature_dim, fit_to_patches, mlp, patch_side
-from sslbench.losses import DINOLoss
-from sslbench.method import EMBEDDING_LOG, ENTROPY_FRAC_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
-from sslbench.momentum import freeze_
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    ENTROPY_FRAC_LOG,
+    AugmentConfig,
+    Batch,
+    DINOLoss,
+    Family,
+    Method,
+    MethodConfig,
+    Recipe,
+    StepInfo,
+    UserError,
+    ViewSpec,
+    check_local_crops,
+    cosine_schedule,
+    encode_views,
+    feature_dim,
+    fit_to_patches,
+    freeze_,
+    mlp,
+    patch_side,
+    register_method,
+)
 
 __all__ = ["DINO", "DINOConfig", "DINOHead", "DINOLoss", "WeightNormLinear", "local_crop_size"]
 

@@ -26,13 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.losses import InfoNCELoss
-from sslbench.memory import MemoryBank
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo
-from sslbench.momentum import freeze_
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    Batch,
+    Family,
+    InfoNCELoss,
+    MemoryBank,
+    Method,
+    MethodConfig,
+    Recipe,
+    StepInfo,
+    UserError,
+    encode_views,
+    feature_dim,
+    freeze_,
+    mlp,
+    register_method,
+)
 
 __all__ = ["InfoNCELoss", "MoCo", "MoCoConfig"]
 

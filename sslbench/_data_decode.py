@@ -16,6 +16,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+#: File name endings read as images in an image folder (torchvision's ImageFolder list).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 #: Images decoded per DataLoader item.
 _CHUNK = 512
 #: Below this many images decoding runs in the calling process (starting workers costs more).

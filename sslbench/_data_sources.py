@@ -1,7 +1,11 @@
-"""The data sources of :mod:`sslbench.data` (private): one loader per kind of spec, ``digits``,
-the torchvision sets (``cifar10``, ``cifar100``, ``stl10``), ``imagefolder:PATH`` and ``hf:NAME``.
-Each returns the requested split decoded (through the cache) or, for a large image folder, a
-:class:`~sslbench.data.FileSplit`.
+"""The data-source registry and the built-in sources of :mod:`sslbench.data`: ``digits``, the
+torchvision sets (``cifar10``, ``cifar100``, ``stl10``), ``imagefolder:PATH`` and ``hf:NAME``.
+
+A data source is one kind of data spec: its name alone (``cifar10``) or its name, a colon and an
+argument (``imagefolder:PATH``). Its loader returns the requested split decoded (through the
+cache) or, for a large image folder, a :class:`~sslbench.data.FileSplit`. A third-party source is
+one registration (:func:`register_data_source`, found through the entry-point group
+``sslbench.data_sources``), after which ``--data yourprefix:ARG`` dispatches to it.
 """
 
 from __future__ import annotations
@@ -19,15 +23,68 @@ import torch
 import torch.nn.functional as F
 
 from ._data_cache import _cached, _decode_split, _fingerprint
-from ._data_decode import _fit_array, _one_line
+from ._data_decode import IMAGE_EXTENSIONS, _fit_array, _one_line
 from ._data_splits import SPLITS, FileSplit, ImageSplit, _check_memory
 from .errors import UserError
+from .registry import Registry
+
+DATA_SOURCES_ENTRY_POINT_GROUP = "sslbench.data_sources"
+
+#: ``load(arg, split, size, cache_root, max_memory_gb, download)``: ``arg`` is what follows
+#: ``name:`` in the spec ('' for a source without an argument), ``split`` 'train' or 'test',
+#: ``size`` the side every image is stored at (:func:`sslbench.data.store_size`), ``cache_root`` the
+#: folder for downloads and decoded splits, ``download`` whether fetching missing files is allowed.
+Loader = Callable[[str, str, int, Path, float, bool], ImageSplit | FileSplit]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One kind of data spec: ``name`` or ``name:ARG``."""
+
+    name: str
+    load: Loader
+    description: str  # one line for `sslbench list data-sources` and the unknown-spec error
+    arg: str | None = None  # what follows "name:" ("PATH"); None: the spec is the name alone
+    image_size: int | None = None  # the native training resolution; None: the fallback (32 px)
+
+    @property
+    def spec(self) -> str:
+        """How a spec of this source is written: ``cifar10``, ``imagefolder:PATH``."""
+        return f"{self.name}:{self.arg}" if self.arg else self.name
+
+
+def _check_source(name: str, source: DataSource) -> None:
+    if not isinstance(source, DataSource):
+        raise TypeError(f"data source {name!r}: {source!r} must be an sslbench.api.DataSource (use @register_data_source)")
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise TypeError(f"data source {name!r}: a name is letters, digits, '-' and '_' (it is the prefix before ':' in --data)")
+
+
+#: Every data source, in registration order (the built-ins below first).
+DATA_SOURCES: Registry[DataSource] = Registry(
+    "data source",
+    DATA_SOURCES_ENTRY_POINT_GROUP,
+    ("sslbench._data_sources",),
+    check=_check_source,
+    same=lambda a, b: a.spec == b.spec and a.load.__qualname__ == b.load.__qualname__,
+    ordered=True,
+)
+
+
+def register_data_source(name: str, *, description: str, arg: str | None = None, image_size: int | None = None) -> Callable[[Loader], Loader]:
+    """Decorator registering ``load`` (see :data:`Loader`) as the data source ``name``: ``--data
+    name`` (``arg=None``) or ``--data name:ARG`` (``arg`` names what follows the colon, e.g. "PATH")."""
+
+    def deco(load: Loader) -> Loader:
+        DATA_SOURCES.add(name, DataSource(name, load, description, arg, image_size))
+        return load
+
+    return deco
+
 
 #: The one logger of the data modules (named ``sslbench.data`` whichever module logs).
 logger = logging.getLogger("sslbench.data")
 
-#: File name endings read as images in an image folder (torchvision's ImageFolder list).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # --------------------------------------------------------------------------------------------
 # digits
@@ -227,3 +284,48 @@ def _image_files(folder: Path | str) -> list[str]:
         elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
             found.append(entry.path)
     return found
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in sources, in the order `sslbench list data-sources` shows them
+
+
+@register_data_source(
+    "digits",
+    description="scikit-learn's 8x8 handwritten digits upsampled to RGB, 16 px by default (1,347 train / 450 test, 10 classes); offline default",
+    image_size=16,  # its 8x8 pixels doubled: keeps the default CPU job to a few minutes (--image-size 32 upsamples more)
+)
+def _digits(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: float, download: bool) -> ImageSplit:
+    out = _cached(cache_root, "digits", split, size, {}, lambda: _build_digits(split, size, max_memory_gb))
+    _check_memory(len(out), size, max_memory_gb, f"digits {split}")  # also on a cache hit
+    return out
+
+
+def _torchvision_source(name: str, description: str, image_size: int) -> None:
+    def load(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: float, download: bool) -> ImageSplit:
+        return _load_torchvision(name, split, size, cache_root, max_memory_gb, download)
+
+    load.__qualname__ = f"_torchvision_source.{name}"  # one loader per set (the registry tells re-registrations by it)
+    register_data_source(name, description=description, image_size=image_size)(load)
+
+
+_torchvision_source("cifar10", "CIFAR-10, 32 px (50,000 / 10,000, 10 classes); torchvision download into the cache", 32)
+_torchvision_source("cifar100", "CIFAR-100, 32 px (50,000 / 10,000, 100 fine classes); torchvision download into the cache", 32)
+_torchvision_source("stl10", "STL-10 labelled splits, 96 px (5,000 / 8,000, 10 classes); torchvision download into the cache", 96)
+
+
+@register_data_source("imagefolder", arg="PATH", description="PATH/train and PATH/test (or PATH/val), one sub-folder per class")
+def _imagefolder(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: float, download: bool) -> ImageSplit | FileSplit:
+    return _load_imagefolder(arg, split, size, cache_root, max_memory_gb)
+
+
+@register_data_source(
+    "hf",
+    arg="NAME",
+    description="Hugging Face dataset: hub name (?config=CONFIG), save_to_disk folder, parquet/csv/tsv/json/jsonl/arrow file or folder, "
+    "image folder; options ?image=COL&label=COL&train=SPLIT&test=SPLIT; one split: held-out test part (?heldout=0.2&split_seed=0)",
+)
+def _hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: float, download: bool) -> ImageSplit:
+    from .hfdata import load_hf
+
+    return load_hf(arg, split, size, cache_root, max_memory_gb)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import TrainConfig
 from .errors import UserError
@@ -48,3 +49,29 @@ def load_trained_method(run_dir: str | Path) -> tuple[TrainConfig, Method]:
         raise UserError(f"{path} is not a readable safetensors file: {exc}") from exc
     load_state_strict(method, state, source=str(path))
     return cfg, method.eval()
+
+
+def load_encoder(run_dir: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the trained encoder of a run directory: its backbone (from ``config.yaml``) with the
+    weights of ``encoder.safetensors``, strictly checked, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .backbones import create_backbone, load_state_strict
+    from .config import load_run_config
+    from .rundir import RunDir
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    path = RunDir(run_dir).encoder
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a finished sslbench run directory?")
+    assert cfg.image_size is not None  # resolved when the config is loaded
+    kwargs = {**cfg.backbone_kwargs, "pretrained": False}  # the weights come from the run: nothing to download
+    model = create_backbone(cfg.backbone, cfg.image_size, **kwargs)
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file: {exc}") from exc
+    load_state_strict(model, state, source=str(path))
+    return model.eval()

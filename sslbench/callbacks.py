@@ -10,8 +10,11 @@ it, stop after it) live in a :class:`Control` that callbacks may set. The built-
 - :class:`ProgressDisplay`: the progress bar, or plain lines when not on a terminal.
 
 Other layers add their own (the online probe of :mod:`sslbench.evals.online_probe`, a test's fault
-injection, a user's logger): :func:`callbacks_from_env` imports the ones named in
-``$SSLBENCH_CALLBACKS`` (``module:Class`` entries, comma-separated), also in subprocesses.
+injection, a user's logger). A package registers its callback classes with
+:func:`register_callback` (entry-point group ``sslbench.callbacks``; ``sslbench list callbacks``)
+and a run uses those named in ``$SSLBENCH_CALLBACKS`` (comma-separated registered names, or
+``module:Class`` entries for a class that is not registered), also in its subprocesses:
+:func:`callbacks_from_env`.
 """
 
 from __future__ import annotations
@@ -30,14 +33,27 @@ from torch import Tensor
 
 from .errors import UserError
 from .method import Batch, StepInfo
+from .registry import Registry
 
 if TYPE_CHECKING:
     from .progress import TrainProgress
     from .run_setup import Run
 
-__all__ = ["CALLBACKS_ENV", "Callback", "CheckpointPolicy", "Control", "MetricsFile", "ProgressDisplay", "StopControl", "callbacks_from_env"]
+__all__ = [
+    "CALLBACKS",
+    "CALLBACKS_ENV",
+    "Callback",
+    "CheckpointPolicy",
+    "Control",
+    "MetricsFile",
+    "ProgressDisplay",
+    "StopControl",
+    "callbacks_from_env",
+    "register_callback",
+]
 
 CALLBACKS_ENV = "SSLBENCH_CALLBACKS"
+CALLBACKS_ENTRY_POINT_GROUP = "sslbench.callbacks"
 
 
 @dataclass
@@ -80,15 +96,38 @@ class Callback:
         """After the last step, or after a stop: also on an error, for closing files."""
 
 
+def _check_callback(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Callback)):
+        raise TypeError(f"callback {name!r}: {cls!r} must subclass sslbench.api.Callback")
+
+
+#: Callback classes a run can name in ``$SSLBENCH_CALLBACKS`` (none built in: the built-in
+#: observers are always on, and the online probe and the trackers are config keys).
+CALLBACKS: Registry[type[Callback]] = Registry("callback", CALLBACKS_ENTRY_POINT_GROUP, check=_check_callback)
+
+
+def register_callback(name: str) -> Any:
+    """Class decorator: ``@register_callback("my_logger")`` adds a :class:`Callback` subclass that
+    ``SSLBENCH_CALLBACKS=my_logger`` switches on (its class is built with no arguments)."""
+    return CALLBACKS.register(name)
+
+
 def callbacks_from_env() -> list[Callback]:
-    """The callbacks named in ``$SSLBENCH_CALLBACKS`` (``pkg.module:Class,...``), instantiated."""
+    """The callbacks named in ``$SSLBENCH_CALLBACKS``, instantiated: registered names
+    (:data:`CALLBACKS`) or ``module:Class`` entries (imported)."""
     out: list[Callback] = []
     for spec in filter(None, (s.strip() for s in os.environ.get(CALLBACKS_ENV, "").split(","))):
-        module, _, name = spec.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module), name or "Callback")
-        except (ImportError, AttributeError) as exc:
-            raise UserError(f"${CALLBACKS_ENV}: cannot import {spec!r} ({exc}); use module:Class entries") from exc
+        if ":" not in spec:
+            try:
+                obj: Any = CALLBACKS.get(spec)
+            except UserError as exc:
+                raise UserError(f"${CALLBACKS_ENV}: {exc}; or name a class as module:Class") from None
+        else:
+            module, _, name = spec.partition(":")
+            try:
+                obj = getattr(importlib.import_module(module), name or "Callback")
+            except (ImportError, AttributeError) as exc:
+                raise UserError(f"${CALLBACKS_ENV}: cannot import {spec!r} ({exc}); use registered names or module:Class entries") from exc
         cb = obj()
         if not isinstance(cb, Callback):
             raise UserError(f"${CALLBACKS_ENV}: {spec!r} is not an sslbench.callbacks.Callback")

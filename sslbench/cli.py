@@ -11,10 +11,11 @@ import errno
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, error_line
+from .registry import COMMANDS, register_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,41 +76,49 @@ _TRAIN_FLAG_KEYS = (
 
 
 def build_parser(extras: bool = True) -> argparse.ArgumentParser:
-    """The parser of every sub-command; ``extras=False`` leaves out those of the modules that import
-    torchvision (all but train, list and doctor): ``sslbench doctor`` runs on an install whose
-    torchvision does not load."""
+    """The parser of every registered sub-command (:data:`sslbench.registry.COMMANDS`: the built-ins,
+    then third-party entry points); ``extras=False`` keeps to train, list and doctor, which import
+    no torchvision: ``sslbench doctor`` runs on an install whose torchvision does not load."""
     parser = _Parser(prog="sslbench", description="Self-supervised learning benchmark suite.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    if extras:
+        commands = COMMANDS.in_order()
+    else:
+        from .doctor import register_doctor
 
+        commands = [register_train, register_list, register_doctor]
+    for register in commands:
+        register(sub)
+    return parser
+
+
+@register_command("train")
+def register_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train a method on a backbone")
     _add_train_flags(t)
     t.add_argument("--output", help="run directory (default runs/<method>-<backbone>-<data>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    t.set_defaults(func=cmd_train)
 
-    ls = sub.add_parser("list", help="list methods, backbones or datasets")
-    ls.add_argument("what", choices=["methods", "backbones", "datasets"])
+
+#: What ``sslbench list`` lists: the registries, then timm's backbones and the named data sets.
+LIST_KINDS = ("methods", "protocols", "data-sources", "commands", "callbacks", "backbones", "datasets")
+
+
+@register_command("list")
+def register_list(sub: Any) -> None:
+    ls = sub.add_parser("list", help="list methods, protocols, data sources, commands, callbacks, backbones or datasets")
+    ls.add_argument("what", choices=LIST_KINDS)
     ls.add_argument("pattern", nargs="?", help="filter backbones by a wildcard, e.g. 'resnet*'")
     ls.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-
-    from .doctor import register_doctor
-
-    register_doctor(sub)
-    if extras:
-        _load_extra_commands()
-        for register in _EXTRA_COMMANDS:
-            register(sub)
-    return parser
-
-
-# Other modules add sub-commands here: each entry is register(subparsers) and sets `func`.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+    ls.set_defaults(func=cmd_list)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import build_config, load_yaml, run_config
+    from .config import build_config, check_config_file, load_yaml, run_config
     from .pipeline import train_and_score
     from .report import end_summary
     from .rundir import RunDir
@@ -165,21 +174,6 @@ def _asked_method(args: argparse.Namespace, saved: dict[str, Any], given: dict[s
     return str(set_methods[-1] if set_methods else (args.method or given.get("method") or saved.get("method") or "simclr"))
 
 
-def check_config_file(path: str, values: dict[str, Any], *, method: str) -> None:
-    """The values of a ``--config`` file on their own, so that a mistake in it names the file: an
-    unknown key, a wrong type or range, both ``epochs`` and ``steps``."""
-    from .config import build_config
-    from .registry import get_method
-
-    if values.get("epochs") is not None and values.get("steps") is not None:
-        raise UserError(f"config file {path} gives both epochs ({values['epochs']}) and steps ({values['steps']}); keep one of them")
-    get_method(method)  # an unknown method is the method flag's error, not the file's
-    try:
-        build_config(file_values={**values, "method": values.get("method", method)})
-    except UserError as exc:
-        raise UserError(f"config file {path}: {exc}") from None
-
-
 def merge_config_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``override``'s values on top; the sections (``aug``, ``method_cfg``,
     ``backbone_kwargs``) merge key by key, so a file naming one key of a section changes that key only."""
@@ -222,6 +216,13 @@ def _check_resume_unchanged(args: argparse.Namespace, saved: dict[str, Any], cfg
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "backbones":
+        import timm
+
+        names = timm.list_models(args.pattern or "")
+        print("\n".join(names))
+        print(f"# {len(names)} timm models; any of them works with --backbone", file=sys.stderr)
+        return 0
     if args.what == "methods":
         from rich.console import Console
         from rich.table import Table
@@ -232,18 +233,46 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, cls in METHODS.items():
             table.add_row(name, getattr(cls, "description", ""), getattr(cls, "paper", ""))
         Console(width=200).print(table)
-    elif args.what == "backbones":
-        import timm
-
-        names = timm.list_models(args.pattern or "")
-        print("\n".join(names))
-        print(f"# {len(names)} timm models; any of them works with --backbone", file=sys.stderr)
-    else:
-        from .data import DATASETS
-
-        for name, desc in DATASETS.items():
-            print(f"{name:<20} {desc}")
+        return 0
+    rows = _listing(args.what)
+    for name, text in rows:
+        print(f"{name:<20} {text}".rstrip())
+    if not rows:
+        print(f"# none registered; a package adds one under the entry-point group {_LIST_GROUPS[args.what]}", file=sys.stderr)
     return 0
+
+
+_LIST_GROUPS = {
+    "protocols": "sslbench.protocols",
+    "data-sources": "sslbench.data_sources",
+    "datasets": "sslbench.data_sources",
+    "commands": "sslbench.commands",
+    "callbacks": "sslbench.callbacks",
+}
+
+
+def _listing(what: str) -> list[tuple[str, str]]:
+    """``(name, one line)`` of each entry of a registry, for ``sslbench list``."""
+    if what == "protocols":
+        from .protocols import PROTOCOLS
+
+        return [(p.name, p.description) for p in PROTOCOLS.in_order()]
+    if what in ("data-sources", "datasets"):
+        from .data import data_sources
+
+        return list(data_sources().items())
+    if what == "commands":
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        helps = {c.dest: c.help or "" for c in sub._choices_actions}
+        return [(name, helps.get(name, "")) for name in sub.choices]
+    from .callbacks import CALLBACKS
+
+    return [(name, _first_line(cls.__doc__)) for name, cls in CALLBACKS.items()]
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n")[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        func = {"train": cmd_train, "list": cmd_list}.get(args.command) or args.func
-        return int(func(args) or 0)
+        return int(args.func(args) or 0)
     except UserError as exc:
         if debug:
             raise
@@ -281,18 +309,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         warnings.formatwarning = formatwarning
-
-
-def error_line(text: str) -> None:
-    """Write ``text`` and its newline to stderr in one write: the error lines of several processes
-    (torchrun's) never interleave into one line (a pipe write of up to 4 KiB is atomic)."""
-    sys.stderr.flush()
-    data = (text + "\n").encode(errors="replace")
-    try:
-        os.write(sys.stderr.fileno(), data)
-    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured by a test)
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
 
 
 def _one_line(exc: BaseException | str) -> str:
@@ -317,18 +333,6 @@ def _environment_error(exc: BaseException) -> str | None:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return "out of memory; lower --batch-size or --image-size, or use --grad-cache-chunk (--debug shows the traceback)"
     return None
-
-
-def _load_extra_commands() -> None:
-    """Import the modules that register sub-commands (eval/compare/leaderboard, export, plot, picture), if present."""
-    import importlib
-
-    for mod in ("sslbench.commands", "sslbench.compare", "sslbench.export", "sslbench.curves", "sslbench.picture"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
 
 
 def run() -> None:

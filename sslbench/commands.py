@@ -24,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .hostmem import keep_freed_memory
 from .protocols import DEFAULT_FEATURES, EvalContext, EvalOptions, add_eval_flags, eval_options, get_protocol, protocol_names, row_depth
+from .registry import register_command
 from .rundir import RESULTS_STORE, RUNS, RunDir, check_writable, write_text_atomic
 
 DEFAULT_LEADERBOARD_RESULTS = RUNS / RESULTS_STORE  # where `eval` puts rows of runs/<name>
@@ -220,8 +220,7 @@ def evaluate_run(
     """Score the encoder of ``run_dir`` with ``opts.protocols``; append one row per protocol (and
     per label fraction and feature depth) to ``results_path`` (``None``: do not store) and return
     the rows. ``run_fields`` are added to every row (``compare`` records a grid's settings as ``vary``)."""
-    from sslbench.backbones import load_encoder
-
+    from .build import load_encoder
     from .config import load_run_config
     from .results import append_row, make_row
 
@@ -304,7 +303,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from .leaderboard import plot, render
+    from .leaderboard import render
+    from .leaderboard_plot import plot
     from .results import read_rows
 
     path = Path(args.results) if args.results else DEFAULT_LEADERBOARD_RESULTS
@@ -345,6 +345,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 # Parsers
 
 
+@register_command("eval")
 def register_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a run's encoder (k-NN, linear probe, fine-tune) and store the results")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (config.yaml + encoder.safetensors)")
@@ -354,6 +355,7 @@ def register_eval(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+@register_command("leaderboard")
 def register_leaderboard(sub: Any) -> None:
     p = sub.add_parser("leaderboard", help="render a results store as a leaderboard table")
     p.add_argument("results", nargs="?", metavar="RESULTS", help=f"results.jsonl or a directory holding one (default {DEFAULT_LEADERBOARD_RESULTS})")
@@ -366,17 +368,3 @@ def register_leaderboard(sub: Any) -> None:
     )
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_leaderboard)
-
-
-for _register in (register_eval, register_leaderboard):
-    if _register not in _EXTRA_COMMANDS:
-        _EXTRA_COMMANDS.append(_register)
-
-
-def __getattr__(name: str) -> Any:
-    """``compare`` moved to :mod:`sslbench.compare`; its names are still found here."""
-    if name in ("plan_compare", "cmd_compare", "register_compare", "parse_seeds"):
-        from . import compare
-
-        return getattr(compare, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from . import commands  # (a module, not its names: commands may be importing this module while it loads)
-from .cli import _EXTRA_COMMANDS, check_config_file
-from .config import check_precision
+from .config import check_config_file, check_precision
 from .errors import UserError
 from .protocols import EvalOptions, add_eval_flags, eval_options, get_protocol, parse_list, reusable
+from .registry import register_command
 from .rundir import RESULTS_STORE, RUNS, RunDir, check_writable, write_text_atomic
 from .runlock import RunLock
 
@@ -190,7 +190,8 @@ def check_depths(plans: list[Plan], opts: EvalOptions) -> None:
     """Every ``--features`` depth exists in every planned run's projector (and fine-tuning can
     start there): checked on freshly built methods before anything trains."""
     from sslbench.build import build_method
-    from sslbench.evals.features import projector_depths
+
+    from .features import projector_depths
 
     if not any(get_protocol(p).per_features for p in opts.protocols) or opts.features == ["h"]:
         return
@@ -304,7 +305,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace, plans: list[Any], opts: EvalOptions, budget: tuple[str, Any], out_dir: Path, results: Path) -> int:
-    from .leaderboard import plot, render
+    from .leaderboard import render
+    from .leaderboard_plot import plot
     from .pipeline import train_and_score
 
     command = commands.command_line(args)
@@ -366,7 +368,7 @@ def _setting_label(settings: dict[str, Any]) -> str:
 
 def _check_plot_path(path: str) -> None:
     """A plot needs matplotlib and a file name it can write: checked before anything trains."""
-    from .leaderboard import plot_formats
+    from .leaderboard_plot import plot_formats
 
     suffix = Path(path).suffix.lstrip(".").lower()
     formats = plot_formats()
@@ -393,6 +395,7 @@ def _link_finished_run(cfg: Any, run_dir: Path, roots: list[Path]) -> None:
                 return
 
 
+@register_command("compare")
 def register_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="train several methods under one budget and compare them")
     p.add_argument("--methods", required=True, help="comma-separated method names, e.g. simclr,moco,byol,simsiam")
@@ -439,7 +442,3 @@ def register_compare(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_eval_flags(p)
     p.set_defaults(func=cmd_compare)
-
-
-if register_compare not in _EXTRA_COMMANDS:
-    _EXTRA_COMMANDS.append(register_compare)

@@ -421,3 +421,17 @@ def run_config(path: str | Path) -> TrainConfig:
         if str(path) in str(exc):
             raise
         raise UserError(f"the run's saved config {path}: {exc}; correct or remove that entry in {path}") from None
+
+
+def check_config_file(path: str, values: dict[str, Any], *, method: str) -> None:
+    """The values of a ``--config`` file on their own, so that a mistake in it names the file: an
+    unknown key, a wrong type or range, both ``epochs`` and ``steps``."""
+    from .registry import get_method
+
+    if values.get("epochs") is not None and values.get("steps") is not None:
+        raise UserError(f"config file {path} gives both epochs ({values['epochs']}) and steps ({values['steps']}); keep one of them")
+    get_method(method)  # an unknown method is the method flag's error, not the file's
+    try:
+        build_config(file_values={**values, "method": values.get("method", method)})
+    except UserError as exc:
+        raise UserError(f"config file {path}: {exc}") from None

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import _EXTRA_COMMANDS
 from .errors import UserError
+from .registry import register_command
 from .rundir import CURVES, RunDir, write_atomic
 
 CURVES_FILE = CURVES  # the run directory's picture (sslbench.rundir.RunDir.curves)
@@ -144,6 +144,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+@register_command("plot")
 def register_plot(sub: Any) -> None:
     """Add ``sslbench plot`` to the CLI's sub-commands."""
     p = sub.add_parser("plot", help="draw training curves (loss, lr, images/s, probe accuracy) of one run or several overlaid")
@@ -151,7 +152,3 @@ def register_plot(sub: Any) -> None:
     p.add_argument("--output", metavar="FILE.png", help=f"image to write (default: RUN/{CURVES_FILE} for one run, ./{CURVES_FILE} for several)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_plot)
-
-
-if register_plot not in _EXTRA_COMMANDS:
-    _EXTRA_COMMANDS.append(register_plot)

@@ -1,6 +1,6 @@
 """Data specs -> in-memory uint8 splits (or file-backed splits for very large image folders).
 
-A *spec* names where images come from (see :data:`DATASETS`):
+A *spec* names where images come from (see :func:`data_sources`):
 
 - ``digits``: scikit-learn's bundled 8x8 digits, upsampled to 32 px RGB. Offline; the default.
 - ``cifar10``, ``cifar100``, ``stl10``: torchvision's files, downloaded once into
@@ -51,51 +51,51 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._data_cache import _cached
 from ._data_cache import _read_cache as _read_cache  # re-exported (tests)
+from ._data_decode import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
 from ._data_decode import _did_you_mean
-from ._data_decode import _fit as _fit  # re-exported (evals.features)
+from ._data_decode import _fit as _fit  # re-exported (sslbench.features, sslbench.api.fit_image)
 from ._data_decode import _open_rgb as _open_rgb  # re-exported (tests)
-from ._data_sources import _TORCHVISION, _build_digits, _load_imagefolder, _load_torchvision
-from ._data_sources import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
+from ._data_sources import DATA_SOURCES, DataSource, register_data_source
 from ._data_splits import SPLITS as SPLITS
-from ._data_splits import FileSplit, ImageSplit, _check_memory
+from ._data_splits import FileSplit, ImageSplit
 from .errors import UserError
 from .rundir import default_cache_dir as default_cache_dir  # (defined with the other paths; re-exported)
 
 __all__ = [
-    "DATASETS",
+    "DATA_SOURCES",
+    "DataSource",
     "FileSplit",
     "ImageSplit",
     "balanced_subset",
     "default_cache_dir",
     "default_image_size",
+    "data_sources",
     "load_split",
+    "parse_spec",
+    "register_data_source",
     "store_size",
 ]
 
 logger = logging.getLogger(__name__)
 
-DATASETS: dict[str, str] = {
-    "digits": "scikit-learn's 8x8 handwritten digits upsampled to RGB, 16 px by default (1,347 train / 450 test, 10 classes); offline default",
-    "cifar10": "CIFAR-10, 32 px (50,000 / 10,000, 10 classes); torchvision download into the cache",
-    "cifar100": "CIFAR-100, 32 px (50,000 / 10,000, 100 fine classes); torchvision download into the cache",
-    "stl10": "STL-10 labelled splits, 96 px (5,000 / 8,000, 10 classes); torchvision download into the cache",
-    "imagefolder:PATH": "PATH/train and PATH/test (or PATH/val), one sub-folder per class",
-    "hf:NAME": "Hugging Face dataset: hub name (?config=CONFIG), save_to_disk folder, parquet/csv/tsv/json/jsonl/arrow file or folder, "
-    "image folder; options ?image=COL&label=COL&train=SPLIT&test=SPLIT; one split: held-out test part (?heldout=0.2&split_seed=0)",
-}
-
-#: Training resolution used when none is given: the data's native size (digits: its 8x8 pixels
-#: doubled, which keeps the default CPU job to a few minutes; ``--image-size 32`` upsamples more).
-NATIVE_IMAGE_SIZE: dict[str, int] = {"digits": 16, "cifar10": 32, "cifar100": 32, "stl10": 96}
-#: ... and for image folders and Hugging Face data, whose size is unknown until read.
+#: The training resolution of data whose source names none (image folders, Hugging Face data:
+#: their size is unknown until read).
 FALLBACK_IMAGE_SIZE = 32
 
 
+def data_sources() -> dict[str, str]:
+    """How each registered data source's spec is written -> its one-line description, in
+    registration order: ``{"digits": ..., "imagefolder:PATH": ..., "hf:NAME": ...}``."""
+    return {source.spec: source.description for source in DATA_SOURCES.in_order()}
+
+
 def default_image_size(spec: str) -> int:
-    """The resolution a run on data ``spec`` trains at when ``image_size`` is not given."""
-    return NATIVE_IMAGE_SIZE.get(str(spec).strip().lower(), FALLBACK_IMAGE_SIZE)
+    """The resolution a run on data ``spec`` trains at when ``image_size`` is not given: its
+    source's native size (digits 16, cifar 32, stl10 96), else ``FALLBACK_IMAGE_SIZE``."""
+    name = str(spec).strip().partition(":")[0].lower()
+    source = DATA_SOURCES.get(name) if name in DATA_SOURCES else None
+    return source.image_size if source is not None and source.image_size is not None else FALLBACK_IMAGE_SIZE
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def load_split(
     max_memory_gb: float = 8.0,
     download: bool = True,
 ) -> ImageSplit | FileSplit:
-    """Load the ``split`` ('train' or 'test') of the data set ``spec`` (see :data:`DATASETS`),
+    """Load the ``split`` ('train' or 'test') of the data set ``spec`` (see :func:`data_sources`),
     stored at ``store_size(image_size)`` pixels square.
 
     ``cache_dir`` (default :func:`default_cache_dir`) holds downloads and decoded splits;
@@ -188,30 +188,20 @@ def load_split(
         raise UserError(f"max_memory_gb must be >= 0, got {max_memory_gb}")
     size = store_size(image_size)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    kind, arg = _parse_spec(spec)
-    if kind == "imagefolder":
-        return _load_imagefolder(arg, split, size, cache_root, max_memory_gb)
-    if kind == "hf":
-        from .hfdata import load_hf
-
-        return load_hf(arg, split, size, cache_root, max_memory_gb)
-    if kind == "digits":
-        out = _cached(cache_root, "digits", split, size, {}, lambda: _build_digits(split, size, max_memory_gb))
-        _check_memory(len(out), size, max_memory_gb, f"digits {split}")  # also on a cache hit
-        return out
-    return _load_torchvision(kind, split, size, cache_root, max_memory_gb, download)
+    source, arg = parse_spec(spec)
+    return source.load(arg, split, size, cache_root, max_memory_gb, download)
 
 
-def _parse_spec(spec: str) -> tuple[str, str]:
-    """``'cifar10'`` -> ``('cifar10', '')``; ``'imagefolder:/x'`` -> ``('imagefolder', '/x')``."""
-    valid = ", ".join(DATASETS)
-    kind, colon, arg = spec.partition(":")
-    if kind in ("imagefolder", "hf"):
+def parse_spec(spec: str) -> tuple[DataSource, str]:
+    """``'cifar10'`` -> (the cifar10 source, ``''``); ``'imagefolder:/x'`` -> (the imagefolder source, ``'/x'``)."""
+    name, colon, arg = spec.partition(":")
+    source = DATA_SOURCES.get(name) if name in DATA_SOURCES else None
+    if source is not None and source.arg is not None:
         if not arg.strip():
-            example = "imagefolder:PATH" if kind == "imagefolder" else "hf:NAME"
-            raise UserError(f"data spec {spec!r} needs a {'path' if kind == 'imagefolder' else 'name'}: write {example}")
-        return kind, arg.strip()
-    if not colon and (kind == "digits" or kind in _TORCHVISION):
-        return kind, ""
-    names = [name.split(":")[0] for name in DATASETS]
-    raise UserError(f"unknown data set {spec!r}{_did_you_mean(kind, names)}; valid: {valid}")
+            what = source.arg.lower() if source.arg in ("PATH", "NAME") else f"{source.arg} argument"
+            raise UserError(f"data spec {spec!r} needs a {what}: write {source.spec}")
+        return source, arg.strip()
+    if source is not None and not colon:
+        return source, ""
+    valid = ", ".join(data_sources())
+    raise UserError(f"unknown data set {spec!r}{_did_you_mean(name, DATA_SOURCES.names())}; valid: {valid}")

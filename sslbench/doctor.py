@@ -27,6 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .registry import register_command
+
 PACKAGES = ("torch", "torchvision", "timm", "accelerate", "datasets")  # what sslbench cannot run without
 TORCHVISION_MINOR_OFFSET = 15  # torchvision 0.(N+15) is built for torch 2.N (0.15 <-> 2.0, 0.29 <-> 2.14)
 LOW_DISK_BYTES = 2 * 2**30  # less free space than this in the runs or cache folder is a problem
@@ -185,7 +187,7 @@ def diagnose() -> Report:
 
 def cmd_doctor(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     """``sslbench doctor``: the findings on stdout, one ``sslbench: error:`` line per problem; exit 2 if any."""
-    from .cli import error_line
+    from .errors import error_line
 
     report = diagnose()
     for line in report.lines:
@@ -197,9 +199,10 @@ def cmd_doctor(args: argparse.Namespace, out: Callable[[str], None] = print) -> 
     return 2 if report.problems else 0
 
 
+@register_command("doctor")
 def register_doctor(sub: Any) -> None:
-    """Add ``sslbench doctor`` to the CLI's sub-commands (registered by :mod:`sslbench.cli` itself,
-    before the other commands' modules, which import torchvision, are loaded)."""
+    """Add ``sslbench doctor`` to the CLI's sub-commands (the CLI builds a parser of train, list and
+    doctor alone for ``sslbench doctor``: the other commands' modules import torchvision)."""
     p = sub.add_parser("doctor", help="check the install: versions, the torch/torchvision pair, devices, disk, hub")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_doctor)

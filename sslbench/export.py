@@ -32,8 +32,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .cli import _EXTRA_COMMANDS
 from .errors import UserError
+from .registry import register_command
 from .rundir import write_atomic
 
 CONFIG_FILE = "config.json"
@@ -144,8 +144,7 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from sslbench.backbones import load_encoder
-
+    from .build import load_encoder
     from .config import load_run_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir).expanduser()
@@ -261,6 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@register_command("export")
 def register_export(sub: Any) -> None:
     """Add ``sslbench export`` to the CLI's sub-commands."""
     p = sub.add_parser("export", help="write a run's encoder as a timm model folder (config.json + model.safetensors)")
@@ -271,7 +271,3 @@ def register_export(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing an earlier export")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_export)
-
-
-if register_export not in _EXTRA_COMMANDS:
-    _EXTRA_COMMANDS.append(register_export)

@@ -201,7 +201,7 @@ def _open(name: str, options: dict[str, str], cache_root: Path) -> tuple[Any, Pa
             if found is not None:
                 builder, kwargs, split_files = found
                 return datasets.load_dataset(builder, data_files=split_files, cache_dir=hf_cache, **kwargs), root, f"{builder}:{root}"
-            from ._data_sources import IMAGE_EXTENSIONS
+            from ._data_decode import IMAGE_EXTENSIONS
 
             if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file()):
                 raise UserError(f"hf:{name}: folder {root} holds no data files or images; {HF_FORMS}")

@@ -44,7 +44,6 @@ import html
 import io
 import json
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -433,17 +432,3 @@ def render(rows: Iterable[Row], fmt: str = "md") -> str:
     if fmt == "html":
         return _render_html(_groups(entries))
     return _render_md(_groups(entries))
-
-
-def plot_formats() -> list[str]:
-    """The image formats :func:`plot` can write (:mod:`sslbench.leaderboard_plot`)."""
-    from .leaderboard_plot import plot_formats as formats
-
-    return formats()
-
-
-def plot(rows: Iterable[Row], path: str | os.PathLike[str]) -> None:
-    """Draw ``rows`` to ``path`` (:func:`sslbench.leaderboard_plot.plot`)."""
-    from .leaderboard_plot import plot as draw
-
-    draw(rows, path)

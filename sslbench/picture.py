@@ -28,9 +28,9 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, eval_batch
-from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .method import Batch, StepInfo
+from .registry import register_command
 from .rundir import RunDir, write_atomic
 
 __all__ = ["COLUMNS", "HEADER", "MIN_TILE", "PAD", "picture_size", "reconstruction_grid", "supports_picture", "write_picture"]
@@ -141,6 +141,7 @@ def cmd_picture(args: argparse.Namespace) -> int:
     return 0
 
 
+@register_command("picture")
 def register_picture(sub: Any) -> None:
     p = sub.add_parser("picture", help="draw a run's test images, masked inputs and reconstructions (MAE) as a PNG")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory of a method that reconstructs images (mae)")
@@ -149,7 +150,3 @@ def register_picture(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="which test images and masks (default 0)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_picture)
-
-
-if register_picture not in _EXTRA_COMMANDS:
-    _EXTRA_COMMANDS.append(register_picture)

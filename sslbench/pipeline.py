@@ -70,7 +70,7 @@ def train_and_score(
 
 def _score(cfg: TrainConfig, result: TrainResult, quiet: bool) -> None:
     """The quick k-NN of a finished run, into ``result.metrics`` and its ``results.json``."""
-    from .backbones import load_encoder
+    from .build import load_encoder
     from .rundir import RunDir, write_text_atomic
 
     path = RunDir(result.run_dir).summary
@@ -90,8 +90,8 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
     from accelerate.utils import set_seed
 
     from sslbench.backbones import create_backbone
-    from sslbench.evals.features import eval_mode
 
+    from .features import eval_mode
     from .protocols import EvalContext, EvalOptions, get_protocol
 
     assert cfg.image_size is not None

@@ -22,7 +22,7 @@ become flags (checked before anything runs) and :class:`EvalOptions` attributes,
 With ``per_fraction=True`` the function is called once per ``--label-fractions`` value (the
 row's ``label_fraction``), else once with ``fraction=None``. With ``per_features=True`` it is
 called once per ``--features`` depth (``h``, ``proj1``, ..., ``z``: see
-:func:`sslbench.evals.features.parse_depth`), with ``ctx.depth`` set and ``ctx.features()``
+:func:`sslbench.features.parse_depth`), with ``ctx.depth`` set and ``ctx.features()``
 returning that depth's features; the row's ``protocol.features`` records the depth, and a stored
 row is reused only at the same depth. ``in_memory=True`` refuses data read
 from disk (it needs :class:`sslbench.data.ImageSplit`\\ s) before anything trains or is scored.
@@ -37,17 +37,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import warnings
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import UserError
-from .registry import unknown_name_message
+from .registry import Registry
 from .results import protocol_depth
+
+if TYPE_CHECKING:  # (torch and the data types are imported by the functions that use them: `sslbench --help` stays fast)
+    import torch
+    from torch import Tensor, nn
+
+    from .config import TrainConfig
+    from .data import FileSplit, ImageSplit
 
 PROTOCOLS_ENTRY_POINT_GROUP = "sslbench.protocols"
 DEFAULT_PROTOCOLS = "knn,linear"
@@ -120,45 +125,14 @@ class EvalProtocol:
     uses_labels: bool = True  # False: scores data without labels (a single class is fine)
 
 
-class _Registry:
-    """The protocols in registration order (the order of ``--protocol``'s help and of the flags)."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, EvalProtocol] = {}
-        self._loaded = False
-
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        importlib.import_module("sslbench.evals.protocols")  # the built-ins
-        for ep in entry_points(group=PROTOCOLS_ENTRY_POINT_GROUP):
-            try:
-                ep.load()
-            except Exception as exc:  # a broken third-party plugin must not break sslbench
-                warnings.warn(f"could not load sslbench protocol plugin {ep.name!r} ({ep.value}): {exc}", stacklevel=2)
-
-    def add(self, protocol: EvalProtocol) -> None:
-        old = self._items.get(protocol.name)
-        if old is not None and getattr(old.run, "__qualname__", None) != getattr(protocol.run, "__qualname__", object()):
-            raise ValueError(f"protocol {protocol.name!r} is already registered by {old.run!r}")
-        self._items[protocol.name] = protocol
-
-    def remove(self, name: str) -> None:
-        self._items.pop(name, None)
-
-    def all(self) -> list[EvalProtocol]:
-        self._load()
-        return list(self._items.values())
-
-    def get(self, name: str) -> EvalProtocol:
-        self._load()
-        if name not in self._items:
-            raise UserError(unknown_name_message("protocol", name, list(self._items), n_close=1))
-        return self._items[name]
+def _same_protocol(old: EvalProtocol, new: EvalProtocol) -> bool:
+    return getattr(old.run, "__qualname__", None) == getattr(new.run, "__qualname__", object())
 
 
-PROTOCOLS = _Registry()
+#: The protocols in registration order (the order of ``--protocol``'s help and of the flags).
+PROTOCOLS: Registry[EvalProtocol] = Registry(
+    "protocol", PROTOCOLS_ENTRY_POINT_GROUP, ("sslbench.evals.protocols",), same=_same_protocol, n_close=1, ordered=True
+)
 
 
 def register_protocol(
@@ -179,7 +153,9 @@ def register_protocol(
     ``per_features`` protocol ``opts.features`` is then the one depth being matched."""
 
     def deco(run: Callable[[EvalContext, float | None], Score]) -> Callable[[EvalContext, float | None], Score]:
-        PROTOCOLS.add(EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features, uses_labels))
+        PROTOCOLS.add(
+            name, EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features, uses_labels)
+        )
         return run
 
     return deco
@@ -196,13 +172,13 @@ def get_protocol(name: str) -> EvalProtocol:
 
 
 def protocol_names() -> list[str]:
-    return [p.name for p in PROTOCOLS.all()]
+    return [p.name for p in PROTOCOLS.in_order()]
 
 
 def protocol_options() -> list[Option]:
     """Every protocol's options, each once, in registration order."""
     seen: dict[str, Option] = {}
-    for p in PROTOCOLS.all():
+    for p in PROTOCOLS.in_order():
         for opt in p.options:
             seen.setdefault(opt.flag, opt)
     return list(seen.values())
@@ -246,47 +222,69 @@ class EvalContext:
     depth a ``per_features`` protocol is scoring (``h`` otherwise)."""
 
     run_dir: Path
-    cfg: Any  # the run's TrainConfig
+    cfg: TrainConfig  # the run's config
     opts: EvalOptions
-    encoder: Any  # on ``device``, eval mode
-    device: Any
+    encoder: nn.Module  # on ``device``, eval mode
+    device: torch.device
     precision: str  # "no", "bf16" or "fp16" (the run's mixed precision on CUDA, else "no")
     data: str  # the data spec evaluated on
-    train: Any = None
-    test: Any = None
-    cache: dict[str, Any] = field(default_factory=dict)
+    train: ImageSplit | FileSplit | None = None  # loaded after the protocols' ``prepare``
+    test: ImageSplit | FileSplit | None = None
+    cache: dict[str, Any] = field(default_factory=dict)  # shared by the protocols of one evaluation
     depth: str = DEFAULT_FEATURES
 
-    def features(self) -> tuple[Any, Any]:
+    @property
+    def image_size(self) -> int:
+        """The run's training resolution (resolved when its config was loaded)."""
+        size = self.cfg.image_size
+        assert size is not None, "a loaded run's config has its image size resolved"
+        return size
+
+    def split(self, name: str) -> ImageSplit | FileSplit:
+        """The loaded ``train`` or ``test`` split (loaded after the protocols' ``prepare``)."""
+        data = self.train if name == "train" else self.test
+        assert data is not None, f"the {name} split is loaded after the protocols' prepare"
+        return data
+
+    def in_memory(self, name: str) -> ImageSplit:
+        """The ``train`` or ``test`` split of an ``in_memory`` protocol (the command refused data read from disk)."""
+        from .data import ImageSplit
+
+        data = self.split(name)
+        assert isinstance(data, ImageSplit), "an in_memory protocol never sees data read from disk"
+        return data
+
+    def features(self) -> tuple[Tensor, Tensor]:
         """Frozen features of the train and test splits at ``depth`` (each computed once per evaluation)."""
         return self.split_features("train"), self.split_features("test")
 
-    def split_features(self, split: str, depth: str | None = None) -> Any:
+    def split_features(self, split: str, depth: str | None = None) -> Tensor:
         """Frozen features ``(N, D)`` of ``split`` (``train`` or ``test``) at ``depth`` (default
         ``self.depth``): the encoder's output ``h``, computed once, then the run's projector
-        layers up to ``depth`` (:func:`sslbench.evals.features.depth_head`) in eval mode."""
+        layers up to ``depth`` (:func:`sslbench.features.depth_head`) in eval mode."""
         depth = self.depth if depth is None else depth
         key = f"features:{split}:{depth}"
         if key not in self.cache:
             if depth == DEFAULT_FEATURES:
-                from sslbench.evals.features import split_features
+                from .features import split_features
 
                 self.cache[key] = split_features(
                     self.encoder,
-                    self.train if split == "train" else self.test,
-                    image_size=self.cfg.image_size,
+                    self.split(split),
+                    image_size=self.image_size,
                     device=self.device,
                     precision=self.precision,
                     num_workers=self.cfg.num_workers,
                 )
             else:
-                from sslbench.evals.features import apply_head
+                from .features import apply_head
 
                 h = self.split_features(split, DEFAULT_FEATURES)
                 self.cache[key] = apply_head(self.head(depth), h, device=self.device)
-        return self.cache[key]
+        features: Tensor = self.cache[key]
+        return features
 
-    def head(self, depth: str | None = None) -> Any:
+    def head(self, depth: str | None = None) -> nn.Module | None:
         """The module that maps ``h`` to the features at ``depth`` (``None`` for ``h``), with the
         run's trained projector weights, on ``device``, loaded once."""
         depth = self.depth if depth is None else depth
@@ -294,15 +292,16 @@ class EvalContext:
             return None
         key = f"head:{depth}"
         if key not in self.cache:
-            from sslbench.evals.features import depth_head
+            from .features import depth_head
 
             projector = self.cache.get("projector:whole")
             if projector is None:
-                from sslbench.evals.features import load_projector
+                from .features import load_projector
 
                 projector = self.cache["projector:whole"] = load_projector(self.run_dir)
             self.cache[key] = depth_head(projector, depth, method=self.cfg.method).to(self.device)
-        return self.cache[key]
+        head: nn.Module | None = self.cache[key]
+        return head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +329,6 @@ def parse_protocols(text: str) -> list[str]:
 
 def parse_fractions(text: str) -> list[float]:
     """``'0.01,0.1,1'`` -> ``[0.01, 0.1, 1.0]``; each must lie in (0, 1]."""
-    from sslbench.evals.finetune import check_fraction
 
     out: list[float] = []
     for part in parse_list(text, "--label-fractions"):
@@ -347,7 +345,7 @@ def parse_fractions(text: str) -> list[float]:
 def parse_features(text: str) -> list[str]:
     """``'h,proj1,z'`` -> ``['h', 'proj1', 'z']``; each a valid depth name (whether the run's
     projector has it is checked when the run is loaded)."""
-    from sslbench.evals.features import parse_depth
+    from .features import parse_depth
 
     return [parse_depth(part) for part in parse_list(text, "--features")]
 
@@ -467,3 +465,10 @@ def _redone(row: dict[str, Any], fractions: list[float], depths: list[str]) -> b
 def _matches(value: Any, expected: Any) -> bool:
     """A stored protocol field against what is asked: equal, or accepted by ``expected`` when it is a predicate."""
     return bool(expected(value)) if callable(expected) else value == expected
+
+
+def check_fraction(fraction: float) -> float:
+    """``fraction`` as a float in (0, 1], else a :class:`UserError`."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0 or math.isnan(fraction):
+        raise UserError(f"label fraction must be in (0, 1], got {fraction!r}; e.g. 0.01 for 1% of the labels")
+    return float(fraction)

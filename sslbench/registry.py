@@ -1,11 +1,18 @@
-"""Typed registries with helpful errors and entry-point discovery.
+"""One registry type for every kind of extension, each with an entry-point group.
 
-Methods register themselves with ``@register_method("name")``. Third-party packages add methods
-through the entry-point group ``sslbench.methods``: each entry point names a module (or an object in
-it) whose import runs the decorator, e.g. in the plugin's ``pyproject.toml``::
+sslbench is extended in five ways, all through :class:`Registry`: methods (``sslbench.methods``),
+evaluation protocols (``sslbench.protocols``), data sources (``sslbench.data_sources``: the prefix
+of a data spec such as ``imagefolder:`` or ``hf:``), sub-commands (``sslbench.commands``) and
+training callbacks (``sslbench.callbacks``). A registry imports its built-in modules, then every
+entry point of its group, the first time it is read; each entry point names a module (or an object
+in it) whose import runs the registering decorator, e.g. in a plugin's ``pyproject.toml``::
 
     [project.entry-points."sslbench.methods"]
     barlow = "my_pkg.barlow"
+
+``sslbench list <kind>`` lists what each registry holds. Plugins register through the decorators
+that :mod:`sslbench.api` exports (``register_method``, ``register_protocol``,
+``register_data_source``, ``register_command``, ``register_callback``).
 """
 
 from __future__ import annotations
@@ -13,9 +20,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import UserError
 
@@ -25,25 +32,50 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 METHODS_ENTRY_POINT_GROUP = "sslbench.methods"
+COMMANDS_ENTRY_POINT_GROUP = "sslbench.commands"
+
+
+def _same(old: object, new: object) -> bool:
+    """Whether ``new`` is ``old`` again (a module imported twice, e.g. as a script and as a module)."""
+    return old is new or getattr(old, "__qualname__", None) == getattr(new, "__qualname__", object())
 
 
 class Registry(Generic[T]):
-    """A name -> object table whose unknown-name error lists the valid names and close matches."""
+    """A name -> object table of one extension kind, in registration order.
 
-    def __init__(self, kind: str, loader: Callable[[], None] | None = None) -> None:
-        self.kind = kind  # what the entries are, for error messages ("method")
+    Its unknown-name error lists the valid names and close matches. On first read it imports the
+    ``builtins`` (module names), then loads every entry point of ``group``; a broken third-party
+    plugin is a warning, never a failure of sslbench. ``check(name, obj)`` raises ``TypeError`` for
+    an object that is not of the kind; ``same(old, new)`` tells a re-registration of the same object
+    (allowed) from a second object under a taken name (a ``ValueError``).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        group: str,
+        builtins: Sequence[str] = (),
+        *,
+        check: Callable[[str, T], None] | None = None,
+        same: Callable[[T, T], bool] = _same,
+        n_close: int = 3,
+        ordered: bool = False,
+    ) -> None:
+        self.kind = kind  # what the entries are, for messages ("method", "data source")
+        self.group = group  # the entry-point group third-party packages register under
+        self.builtins = tuple(builtins)  # modules whose import registers the built-in entries
+        self._check = check
+        self._same = same
+        self._n_close = n_close  # close matches an unknown-name error suggests
+        self._ordered = ordered  # names() in registration order (True) or sorted (False)
         self._items: dict[str, T] = {}
-        self._loader = loader  # imports built-ins and entry points on first lookup
         self._loaded = False
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator adding ``obj`` under ``name``; a second, different object under one name is an error."""
+        """Decorator adding ``obj`` under ``name`` (and setting ``obj.name`` where it can)."""
 
         def deco(obj: T) -> T:
-            old = self._items.get(name)
-            if old is not None and old is not obj and getattr(old, "__qualname__", None) != getattr(obj, "__qualname__", object()):
-                raise ValueError(f"{self.kind} {name!r} is already registered by {old!r}")
-            self._items[name] = obj
+            self.add(name, obj)
             try:
                 obj.name = name  # type: ignore[attr-defined]  # T is any object; one that refuses the attribute is skipped
             except (AttributeError, TypeError):
@@ -52,27 +84,56 @@ class Registry(Generic[T]):
 
         return deco
 
-    def _ensure_loaded(self) -> None:
-        if not self._loaded and self._loader is not None:
-            self._loaded = True
-            self._loader()
+    def add(self, name: str, obj: T) -> None:
+        """Add ``obj`` under ``name``; a second, different object under one name is an error."""
+        if self._check is not None:
+            self._check(name, obj)
+        old = self._items.get(name)
+        if old is not None and not self._same(old, obj):
+            raise ValueError(f"{self.kind} {name!r} is already registered by {old!r}")
+        self._items[name] = obj
+
+    def remove(self, name: str) -> None:
+        """Remove ``name`` if registered (tests)."""
+        self._items.pop(name, None)
+
+    def load(self) -> None:
+        """Import the built-ins, then every entry point of the group (once)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self.builtins:
+            importlib.import_module(module)
+        for ep in entry_points(group=self.group):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken third-party plugin must not break sslbench
+                warnings.warn(f"could not load sslbench {self.kind} plugin {ep.name!r} ({ep.value}): {exc}", stacklevel=2)
 
     def names(self) -> list[str]:
-        self._ensure_loaded()
-        return sorted(self._items)
+        """The registered names: sorted, or in registration order for an ``ordered`` registry."""
+        self.load()
+        return list(self._items) if self._ordered else sorted(self._items)
 
     def items(self) -> list[tuple[str, T]]:
-        self._ensure_loaded()
+        """``(name, obj)`` pairs sorted by name."""
+        self.load()
         return sorted(self._items.items())
 
+    def in_order(self) -> list[T]:
+        """The entries in registration order (built-ins first): the order of flags and help texts."""
+        self.load()
+        return list(self._items.values())
+
     def get(self, name: str) -> T:
-        self._ensure_loaded()
+        """The entry ``name``; a :class:`UserError` listing the valid names (and close matches) otherwise."""
+        self.load()
         if name in self._items:
             return self._items[name]
-        raise UserError(unknown_name_message(self.kind, name, self.names()))
+        raise UserError(unknown_name_message(self.kind, name, self.names(), n_close=self._n_close))
 
     def __contains__(self, name: str) -> bool:
-        self._ensure_loaded()
+        self.load()
         return name in self._items
 
 
@@ -84,34 +145,46 @@ def unknown_name_message(kind: str, name: str, valid: list[str], *, n_close: int
     return f"unknown {kind} {name!r}{hint}; valid: {shown}"
 
 
-def _load_methods() -> None:
-    """Import the built-in method plugins, then every entry point of the group ``sslbench.methods``."""
-    importlib.import_module("sslbench.methods")  # its __init__ imports the built-in plugins
-    for ep in entry_points(group=METHODS_ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken third-party plugin must not break sslbench
-            warnings.warn(f"could not load sslbench method plugin {ep.name!r} ({ep.value}): {exc}", stacklevel=2)
+# --------------------------------------------------------------------------------------------
+# Methods
 
 
-METHODS: Registry[type[Method]] = Registry("method", loader=_load_methods)
+def _check_method(name: str, cls: Any) -> None:
+    from .method import Method
+
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"method {name!r}: {cls!r} must subclass sslbench.api.Method (see docs/write-your-own-method.md)")
+
+
+METHODS: Registry[type[Method]] = Registry("method", METHODS_ENTRY_POINT_GROUP, ("sslbench.methods",), check=_check_method)
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: ``@register_method("simclr")`` adds a method plugin to :data:`METHODS`.
-    The class must subclass :class:`sslbench.method.Method` (the contract the trainer calls)."""
-    from .method import Method
-
-    add = METHODS.register(name)
-
-    def deco(cls: type[Method]) -> type[Method]:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise TypeError(f"method {name!r}: {cls!r} must subclass sslbench.method.Method (see docs/write-your-own-method.md)")
-        return add(cls)
-
-    return deco
+    The class must subclass :class:`sslbench.api.Method` (the contract the trainer calls)."""
+    return METHODS.register(name)
 
 
 def get_method(name: str) -> type[Method]:
     """The registered method class called ``name``; a :class:`UserError` listing valid names otherwise."""
     return METHODS.get(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Sub-commands
+
+#: A sub-command is ``register(subparsers)``: it adds its parser to argparse's sub-parsers and sets
+#: the parser's ``func`` (``args -> exit code``) with ``set_defaults(func=...)``.
+Command = Callable[[Any], None]
+
+COMMANDS: Registry[Command] = Registry(
+    "command",
+    COMMANDS_ENTRY_POINT_GROUP,
+    ("sslbench.cli", "sslbench.doctor", "sslbench.commands", "sslbench.compare", "sslbench.export", "sslbench.curves", "sslbench.picture"),
+)
+
+
+def register_command(name: str) -> Callable[[Command], Command]:
+    """Decorator: ``@register_command("plot")`` on ``register(subparsers)`` adds the sub-command
+    ``sslbench plot``; the CLI's parser is built from :data:`COMMANDS`."""
+    return COMMANDS.register(name)

@@ -182,7 +182,7 @@ def preload() -> None:
         "sslbench.trainer",
         "sslbench.progress",
         "sslbench.backbones",
-        "sslbench.evals.features",
+        "sslbench.features",
         "sslbench.evals.knn",
     ):
         try:

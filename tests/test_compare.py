@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sslbench.cli import main
-from sslbench.commands import format_duration, parse_duration, plan_compare
+from sslbench.commands import format_duration, parse_duration
+from sslbench.compare import plan_compare
 from sslbench.config import build_config
 from sslbench.errors import UserError
 from sslbench.results import RUN_FIELDS, read_rows

@@ -351,7 +351,7 @@ def test_short_training_teacher_is_neither_uniform_nor_one_hot(tmp_path, monkeyp
     from sslbench.backbones import create_backbone
     from sslbench.config import build_config
     from sslbench.data import load_split
-    from sslbench.evals.features import eval_mode
+    from sslbench.features import eval_mode
     from sslbench.trainer import train
 
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from sslbench.augment import IMAGENET_MEAN, IMAGENET_STD
-from sslbench.backbones import ENCODER_FILE, create_backbone, load_encoder, save_encoder
+from sslbench.backbones import ENCODER_FILE, create_backbone, save_encoder
+from sslbench.build import load_encoder
 from sslbench.cli import main
 from sslbench.config import build_config, dump_yaml
 from sslbench.export import CONFIG_FILE, WEIGHTS_FILE, export_encoder, push_to_hub

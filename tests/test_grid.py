@@ -237,7 +237,7 @@ def test_a_grid_table_has_one_row_per_setting_in_value_order_and_the_plot_draws_
         ["simclr", "128", "43.00 ± 1.00"],
         ["simclr", "512", "49.00 ± 1.00"],
     ]
-    from sslbench.leaderboard import plot
+    from sslbench.leaderboard_plot import plot
 
     plot(rows, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -265,7 +265,7 @@ def test_a_compare_scored_at_h_then_at_h_and_z_scores_only_z(tmp_path, capsys):
 def test_simclr_projector_ablation_heads(projector, depths, z_dim):
     """SimCLR Fig. 8's heads: none (z = h), linear, nonlinear (v1) and SimCLR v2's 3-layer one."""
     from sslbench.backbones import create_backbone
-    from sslbench.evals.features import depth_head, projector_depths
+    from sslbench.features import depth_head, projector_depths
     from sslbench.methods.simclr import SimCLR, SimCLRConfig
 
     model = SimCLR(create_backbone("resnet18", 16, channels=(8, 16, 32, 64)), SimCLRConfig(projector=projector, proj_hidden_dim=32, proj_dim=16))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sslbench.errors import UserError
-from sslbench.leaderboard import aggregate, plot, render
+from sslbench.leaderboard import aggregate, render
+from sslbench.leaderboard_plot import plot
 
 
 def _row(

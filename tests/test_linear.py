@@ -1,4 +1,4 @@
-"""Tests for the linear probe (evals/linear.py) and feature extraction (evals/features.py)."""
+"""Tests for the linear probe (evals/linear.py) and feature extraction (sslbench/features.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from torch import nn
 
 from sslbench.errors import UserError
 from sslbench.evals import linear
-from sslbench.evals.features import extract_features
 from sslbench.evals.linear import (
     DEFAULT_WEIGHT_DECAYS,
     linear_probe,
@@ -17,6 +16,7 @@ from sslbench.evals.linear import (
     probe_encoder,
     stratified_split,
 )
+from sslbench.features import extract_features
 
 
 def _separable(n_train: int, n_test: int, dim: int, n_classes: int, seed: int):

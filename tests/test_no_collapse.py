@@ -27,10 +27,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslbench.backbones import create_backbone, load_encoder
+from sslbench.backbones import create_backbone
+from sslbench.build import load_encoder
 from sslbench.config import build_config
 from sslbench.data import load_split
-from sslbench.evals.features import extract_features
+from sslbench.features import extract_features
 from sslbench.pipeline import train_and_score
 from sslbench.registry import METHODS
 

@@ -105,7 +105,7 @@ def trained(tmp_path_factory):
 
 
 def test_encoder_loading_reads_safetensors_only(trained, tmp_path):
-    from sslbench.backbones import load_encoder
+    from sslbench.build import load_encoder
 
     _, run, _ = trained
     copy = tmp_path / "run"

@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 
 from sslbench.augment import AugmentConfig, eval_batch
 from sslbench.backbones import create_backbone
-from sslbench.evals.features import extract_features
+from sslbench.features import extract_features
 from sslbench.method import default_views
 from sslbench.registry import METHODS, get_method
 

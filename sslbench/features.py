@@ -1,4 +1,5 @@
-"""Frozen-feature extraction for the evaluators.
+"""Frozen-feature extraction for the evaluators (the evaluation protocols, the quick k-NN at the end
+of training, the online probe), and the projector heads that give features at other depths.
 
 The k-NN and linear-probe protocols (Wu et al. 2018; Kolesnikov et al. 2019; Chen et al. 2020)
 evaluate a *frozen* encoder: features are computed once, without augmentation and without
@@ -15,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sslbench.data import FileSplit, ImageSplit, _fit, store_size
-from sslbench.errors import UserError
+from .augment import eval_batch
+from .data import FileSplit, ImageSplit, _fit, store_size
+from .errors import UserError
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -46,7 +48,7 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "auto":
@@ -98,8 +100,6 @@ def extract_features(
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if transform is None:
-        # Imported here: augment is optional for callers that bring their own transform.
-        from sslbench.augment import eval_batch
 
         def transform(batch: Tensor) -> Tensor:
             return eval_batch(batch, image_size)
@@ -113,7 +113,7 @@ def extract_features(
         )
 
     chunks: list[Tensor] = []
-    with eval_mode(encoder), torch.no_grad(), _autocast(run_device, precision):
+    with eval_mode(encoder), torch.no_grad(), autocast(run_device, precision):
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(run_device, non_blocking=True)
             out = encoder(transform(batch))
@@ -243,10 +243,10 @@ def load_projector(run_dir: str | Path) -> nn.Module | None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from sslbench.backbones import load_state_strict
-    from sslbench.build import build_method
-    from sslbench.config import load_run_config
-    from sslbench.rundir import RunDir
+    from .backbones import load_state_strict
+    from .build import build_method
+    from .config import load_run_config
+    from .rundir import RunDir
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
