@@ -4,6 +4,7 @@ built-in methods; third-party methods arrive through the ``sslbench.methods`` en
 from . import (
     barlow_twins,  # noqa: F401  (registers "barlow_twins")
     byol,  # noqa: F401  (registers "byol")
+    dcl,  # noqa: F401  (registers "dcl" and "dclw")
     dino,  # noqa: F401  (registers "dino")
     mae,  # noqa: F401  (registers "mae")
     moco,  # noqa: F401  (registers "moco")

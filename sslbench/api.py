@@ -78,6 +78,7 @@ from .health import RANK_EPS, effective_rank, normalised_std
 from .losses import (
     BarlowTwinsLoss,
     BYOLLoss,
+    DCLLoss,
     DINOLoss,
     InfoNCELoss,
     MoCoV3Loss,
@@ -135,6 +136,7 @@ __all__ = [
     "AugmentConfig",
     "BYOLLoss",
     "BarlowTwinsLoss",
+    "DCLLoss",
     "Batch",
     "BatchAugment",
     "Callback",

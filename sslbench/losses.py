@@ -439,3 +439,71 @@ class NNCLRLoss(nn.Module):
     def forward(self, nn1: Tensor, nn2: Tensor, p1: Tensor, p2: Tensor) -> Tensor:
         with torch.autocast(p1.device.type, enabled=False):
             return (self._pair(nn1, p2) + self._pair(nn2, p1)) / 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The zoo's second wave (issue 29): decoupled contrastive learning, shared by DCL and DCLW.
+
+__all__ += ["DCLLoss"]
+
+
+class DCLLoss(nn.Module):
+    """The decoupled contrastive loss (Yeh et al. 2022, "Decoupled Contrastive Learning", Eq. 6)
+    and, with ``sigma``, its weighted form DCLW (Sec. 4, the negative von Mises-Fisher weight).
+
+    For N images with unit embeddings ``z_i^(1)``, ``z_i^(2)`` every one of the 2N views is an
+    anchor, and with temperature tau::
+
+        L_i^(k) = -w_i <z_i^(1), z_i^(2)> / tau + log sum_{l in {1,2}, j != i} exp(<z_i^(k), z_j^(l)> / tau)
+
+    NT-Xent without the positive pair in the denominator: only the 2(N-1) views of other images
+    are summed. The loss is the mean over the 2N anchors (lightly's ``DCLLoss``: the mean of the
+    two view orders). DCL: ``w_i = 1``. DCLW: ``w_i = 2 - exp(<z_i^(1), z_i^(2)> / sigma) /
+    mean_j exp(<z_j^(1), z_j^(2)> / sigma)``, the same for both anchors of image i, with the mean
+    over the global batch and no gradient through the weight (lightly's
+    ``negative_mises_fisher_weights`` detaches it; the weights average to 1).
+
+    In a multi-process run the other processes' views come through
+    :func:`sslbench.dist.gather_with_grad` (the negatives), the positive similarities through
+    :func:`sslbench.dist.gather_no_grad` (the weights' mean), and each process's loss is the mean
+    over its own 2n anchors: DDP's averaging then gives the single-process gradient. Computed in
+    float32 at least (float64 input stays float64).
+
+    Shapes: ``z0``, ``z1``: (n, D), row i of both is the same image. Returns a scalar.
+    """
+
+    def __init__(self, temperature: float = 0.1, sigma: float | None = None) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise UserError(f"temperature must be > 0, got {temperature}")
+        if sigma is not None and not sigma > 0:
+            raise UserError(f"sigma must be > 0, got {sigma}")
+        self.temperature, self.sigma = temperature, sigma
+
+    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        with torch.autocast(z0.device.type, enabled=False):  # similarities in float32, even under bf16
+            dtype = torch.promote_types(z0.dtype, torch.float32)
+            return self._loss(z0.to(dtype), z1.to(dtype))
+
+    def weights(self, z0: Tensor, z1: Tensor) -> Tensor:
+        """DCLW's weights (n,) of unit ``z0``, ``z1`` (n, D): ``2 - N softmax_global(<z0_i, z1_i> / sigma)_i``."""
+        assert self.sigma is not None
+        s = (z0 * z1).sum(dim=1).detach() / self.sigma  # (n,)
+        s_all = gather_no_grad(s)  # (N,)
+        return 2 - s_all.shape[0] * torch.exp(s - torch.logsumexp(s_all, dim=0))
+
+    def _loss(self, z0: Tensor, z1: Tensor) -> Tensor:
+        n = z0.shape[0]
+        local = F.normalize(torch.cat([z0, z1]), dim=1)  # (2n, D) anchors
+        cands = torch.cat([gather_with_grad(local[:n]), gather_with_grad(local[n:])])  # (2N, D)
+        big_n = cands.shape[0] // 2
+        logits = local @ cands.T / self.temperature  # (2n, 2N)
+        i = torch.arange(n, device=logits.device) + get_rank() * n
+        own, twin = torch.cat([i, i + big_n]), torch.cat([i + big_n, i])  # columns of the anchor and of its positive
+        rows = torch.arange(2 * n, device=logits.device).repeat(2)
+        neg_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
+        negatives = torch.logsumexp(logits.index_put((rows, torch.cat([own, twin])), neg_inf), dim=1)  # (2n,)
+        positive = (local * local.roll(n, dims=0)).sum(dim=1) / self.temperature  # (2n,) <z_i^(1), z_i^(2)> / tau
+        if self.sigma is not None:
+            positive = positive * self.weights(local[:n], local[n:]).repeat(2)
+        return (negatives - positive).mean()
