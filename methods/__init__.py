@@ -13,5 +13,6 @@ from . import (
     simclr,  # noqa: F401  (registers "simclr")
     simsiam,  # noqa: F401  (registers "simsiam")
     swav,  # noqa: F401  (registers "swav")
+    tico,  # noqa: F401  (registers "tico")
     vicreg,  # noqa: F401  (registers "vicreg")
 )
