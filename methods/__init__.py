@@ -7,6 +7,7 @@ from . import (
     dcl,  # noqa: F401  (registers "dcl" and "dclw")
     dino,  # noqa: F401  (registers "dino")
     mae,  # noqa: F401  (registers "mae")
+    mmcr,  # noqa: F401  (registers "mmcr")
     moco,  # noqa: F401  (registers "moco")
     mocov3,  # noqa: F401  (registers "mocov3")
     nnclr,  # noqa: F401  (registers "nnclr")
