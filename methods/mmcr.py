@@ -38,7 +38,7 @@ __all__ = ["MMCR", "MMCRConfig", "MMCRLoss"]
 
 
 class MMCRLoss(nn.Module):
-    """The MMCR loss (Yerxa et al. 2023, Eq. 3, with the official code's optional local term).
+    """The MMCR loss (Yerxa et al. 2023, as the official code computes it, with its optional local term).
 
     With ``z_iv`` the L2-normalised embedding of view v of image i, ``c_i = (1/k) sum_v z_iv`` the
     centroid, ``C`` the (N, D) matrix of the global batch's centroids and ``Z_i`` the (k, D) matrix

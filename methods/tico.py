@@ -44,7 +44,7 @@ __all__ = ["TiCo", "TiCoConfig", "TiCoLoss"]
 
 
 class TiCoLoss(nn.Module):
-    """TiCo's loss and its covariance (Zhu et al. 2022, Eq. 2-4), as lightly's ``TiCoLoss`` computes it.
+    """TiCo's loss and its covariance (Zhu et al. 2022) as lightly's ``TiCoLoss`` computes it.
 
     With ``z_a``, ``z_b`` L2-normalised and ``B_t = (1/N) sum_i z_a,i z_a,i^T`` over the global batch::
 

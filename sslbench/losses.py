@@ -448,8 +448,9 @@ __all__ += ["DCLLoss"]
 
 
 class DCLLoss(nn.Module):
-    """The decoupled contrastive loss (Yeh et al. 2022, "Decoupled Contrastive Learning", Eq. 6)
-    and, with ``sigma``, its weighted form DCLW (Sec. 4, the negative von Mises-Fisher weight).
+    """The decoupled contrastive loss (Yeh et al. 2022, "Decoupled Contrastive Learning", Eq. 6 as
+    lightly's ``DCLLoss`` cites it) and, with ``sigma``, its weighted form DCLW (the paper's
+    negative von Mises-Fisher weight).
 
     For N images with unit embeddings ``z_i^(1)``, ``z_i^(2)`` every one of the 2N views is an
     anchor, and with temperature tau::

@@ -93,7 +93,7 @@ def ref_dcl(z1: Tensor, z2: Tensor, tau: float, sigma: float | None = None, *, w
 
 
 def ref_tico(za: Tensor, zb: Tensor, c_prev: Tensor, beta: float, rho: float, *, use_prev: bool = False) -> tuple[Tensor, Tensor]:
-    """Zhu et al. 2022 (Eq. 2-4 as lightly's TiCoLoss computes them), sample by sample: the new
+    """Zhu et al. 2022 (as lightly's TiCoLoss computes it), sample by sample: the new
     covariance ``C = beta C_prev + (1 - beta) (1/N) sum_i a_i a_i^T`` (a constant) and the loss
     ``-(1/N) sum_i <a_i, b_i> + rho (1/N) sum_i a_i^T C a_i`` of the unit rows. ``use_prev``: the
     contrast against C_prev (a wrong TiCo)."""
@@ -118,7 +118,7 @@ def _nuclear(m: Tensor) -> Tensor:
 
 
 def ref_mmcr(z: Tensor, lambd: float, *, average: bool = True) -> Tensor:
-    """Yerxa et al. 2023, Eq. 3 with the official local term: ``-||C||_* + lambda (1/N) sum_i
+    """Yerxa et al. 2023 with the official code's local term: ``-||C||_* + lambda (1/N) sum_i
     ||Z_i||_*``, C the rows ``c_i = (1/k) sum_v u_iv`` of unit views. ``average=False``: centroids
     of the raw (unnormalised) views (a wrong MMCR)."""
     n, k, _ = z.shape
