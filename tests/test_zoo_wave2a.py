@@ -242,6 +242,28 @@ def test_mmcr_trains_on_its_views_in_one_backbone_pass():
     torch.testing.assert_close(loss, -logs["centroid_nuclear_norm"])  # lambda 0: the centroids' term alone
 
 
+@pytest.mark.parametrize(
+    ("name", "change"),
+    [
+        ("dcl", {"temperature": 0.0}),
+        ("dclw", {"sigma": -0.5}),
+        ("tico", {"beta": 1.0}),
+        ("tico", {"rho": -1.0}),
+        ("tico", {"base_momentum": 1.5}),
+        ("mmcr", {"num_views": 1}),
+        ("mmcr", {"lambd": -0.1}),
+    ],
+)
+def test_configs_reject_bad_values(name, change):
+    from dataclasses import replace
+
+    from sslbench.errors import UserError
+
+    cfg = replace(get_method(name).Config(), **change)
+    with pytest.raises(UserError, match=next(iter(change))):
+        cfg.validate()
+
+
 # --------------------------------------------------------------------------------------------
 # The losses on two processes (gloo) against one
 
