@@ -29,6 +29,7 @@ COMMANDS = {
     "sslbench.export",
     "sslbench.picture",
     "sslbench.doctor",
+    "sslbench.testing",  # the method contract's checks: builds, trains and runs methods through the CLI
 }
 EVALUATION = {"sslbench.protocols"}  # plus everything in evals/
 
