@@ -615,14 +615,15 @@ def check_views_of_several_sizes(method: MethodLike, *, backbone: Backbone = MUL
     one size, the same views with the last at half the size (16 px, a 4x4 grid): one step gives a
     finite loss and gradients on the patch and position embeddings. Returns why it does not apply
     (a method that trains on one view), or None."""
-    cls = resolve_method(method).cls
+    ref = resolve_method(method)
+    cls = ref.cls
     torch.manual_seed(0)
     module = tiny_backbone(backbone)
     model = cls(module, cls.Config())
     model.train()
     sizes = [s.size for s in default_views(model, AugmentConfig(), 32)]
     if len(sizes) < 2:
-        return f"{cls.__name__} trains on one view (nothing to encode at a second size)"
+        return f"{ref.label} trains on one view (nothing to encode at a second size)"
     if len(set(sizes)) == 1:
         sizes[-1] //= 2
     _require(len(set(sizes)) == 2, f"{cls.__name__}.views() gives {len(set(sizes))} sizes; this check trains two")

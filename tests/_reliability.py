@@ -31,6 +31,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# the checks' own helpers, shared with the tests
+from sslbench.testing import assert_same_weights as assert_same_weights
+from sslbench.testing import run_group as run_group
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 TEST_ENV_VARS = ("SSLBENCH_TEST_KILL_AT", "SSLBENCH_TEST_SIGNAL_AT", "SSLBENCH_TEST_NAN_AT", "SSLBENCH_TEST_GATE", "SSLBENCH_CALLBACKS")
@@ -88,24 +92,6 @@ class Result:
 def run_subprocess(argv: Sequence[str], env: dict[str, str], *, timeout: float = 600) -> Result:
     proc = subprocess.run([sys.executable, "-m", "sslbench", *argv], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
     return Result(list(argv), proc.returncode, proc.stdout, proc.stderr)
-
-
-def run_group(cmd: list[str], env: dict[str, str], timeout_s: float, log: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers
-    too) and fail with the tail of its stderr. ``log`` gets stdout + stderr either way."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    timed_out = False
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        timed_out = True
-    if log is not None:
-        log.write_text(out + err)
-    if timed_out:
-        raise AssertionError(f"{' '.join(cmd[:6])} ... did not finish in {timeout_s}s:\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 class Forked:
@@ -265,21 +251,3 @@ def _collect(child: Forked, status: int) -> Result:
     result = Result(child.argv, code, child.out.read_text(), child.err.read_text())
     shutil.rmtree(child.out.parent, ignore_errors=True)
     return result
-
-
-def load_tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    """``encoder.safetensors`` and ``method.safetensors`` of run dirs ``a`` and ``b`` hold exactly
-    the same tensors (same keys, dtypes, shapes and bits)."""
-    import torch
-
-    for name in ("encoder.safetensors", "method.safetensors"):
-        ta, tb = load_tensors(a / name), load_tensors(b / name)
-        assert ta.keys() == tb.keys(), name
-        different = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
-        assert not different, f"{name}: {len(different)} of {len(ta)} tensors differ, e.g. {different[:3]}"
