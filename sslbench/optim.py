@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import UserError
+from .schedules import cosine_between
 
 __all__ = [
     "NORM_TYPES",
@@ -248,10 +249,10 @@ def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int, fin
 
     - warm-up, ``step < warmup_steps``: ``base_lr * (step + 1) / warmup_steps``, so the first step
       already moves (``base_lr / warmup_steps``) and step ``warmup_steps - 1`` reaches ``base_lr``;
-    - then ``final + (base_lr - final) * (1 + cos(pi * p)) / 2`` with ``final = base_lr *
-      final_ratio`` and ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` clipped to
-      [0, 1]: ``base_lr`` at ``step == warmup_steps``, exactly ``final`` at and after
-      ``total_steps`` (Loshchilov & Hutter, "SGDR", 2017, without restarts).
+    - then the cosine from ``base_lr`` to ``final = base_lr * final_ratio``
+      (:func:`sslbench.schedules.cosine_between` at ``p = (step - warmup_steps) / (total_steps -
+      warmup_steps)``): exactly ``base_lr`` at ``step == warmup_steps``, exactly ``final`` at and
+      after ``total_steps`` (Loshchilov & Hutter, "SGDR", 2017, without restarts).
 
     A pure function of its arguments (resumed runs get the same schedule).
     """
@@ -264,8 +265,7 @@ def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int, fin
     final = base_lr * final_ratio
     if step >= total_steps:
         return final
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return final + (base_lr - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cosine_between((step - warmup_steps) / (total_steps - warmup_steps), 1.0, base_lr, final)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

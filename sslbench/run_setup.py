@@ -30,10 +30,10 @@ from .errors import UserError
 from .grad_cache import GradCache, make_grad_cache
 from .hostmem import keep_freed_memory
 from .method import Batch, Method, Schedule, StepInfo, ViewSpec, default_views
-from .momentum import cosine_momentum
 from .optim import build_optimizer, lr_at, param_groups, scale_lr
 from .rundir import RUNS, RunDir, write_text_atomic
 from .runlock import RunLock
+from .schedules import cosine_between
 
 UNBOUNDED_STEPS = 2**62  # the step count of a run bounded only by its time budget (time_budget_s)
 
@@ -96,7 +96,7 @@ def make_schedules(cfg: TrainConfig, plan: Plan, base_lr: float, method: Method)
     if wd_end is not None:
         assert cfg.weight_decay is not None
         wd0 = cfg.weight_decay
-        out["weight_decay"] = lambda info: cosine_momentum(info.step, plan.total_steps, wd0, wd_end)
+        out["weight_decay"] = lambda info: cosine_between(info.step, plan.total_steps, wd0, wd_end)
     out.update(method.schedules())
     return out
 
