@@ -14,8 +14,9 @@ Conventions shared with the trainer and the methods:
   * ``K_scale`` (float, default 1.0): the group follows the schedule scaled by this factor.
 
   Every step the trainer (``sslbench.run_setup.apply_schedules``) sets
-  ``group[K] = value(step) * group.get('K_scale', 1.0)`` for every group without ``fixed_K``;
-  for the lr, ``value`` is :func:`lr_at` (and :func:`set_lr` does the same for the lr alone).
+  ``group[K] = value(step) * group.get('K_scale', 1.0)`` for every group without ``fixed_K``
+  (:func:`set_scheduled_value`, the one place this rule is written); for the lr, ``value`` is
+  :func:`lr_at` (and :func:`set_lr` does the same for the lr alone).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "LR_SCALING_RULES",
     "scale_lr",
     "lr_at",
+    "set_scheduled_value",
     "set_lr",
     "OPTIMIZERS",
     "build_optimizer",
@@ -268,12 +270,19 @@ def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int, fin
     return cosine_between((step - warmup_steps) / (total_steps - warmup_steps), 1.0, base_lr, final)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Apply the scheduled ``lr``: ``group['lr'] = lr * group.get('lr_scale', 1.0)`` for every
-    group whose ``fixed_lr`` is not set; ``fixed_lr`` groups keep their own ``lr``."""
+def set_scheduled_value(optimizer: torch.optim.Optimizer, key: str, value: float) -> None:
+    """The per-group rule of a scheduled key K, written once: ``group[K] = value *
+    group.get('K_scale', 1.0)`` for every group whose ``fixed_K`` is not set; ``fixed_K`` groups
+    keep their own K (see the module docstring)."""
     for group in optimizer.param_groups:
-        if not group.get("fixed_lr", False):
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if not group.get(f"fixed_{key}", False):
+            group[key] = value * group.get(f"{key}_scale", 1.0)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Apply the scheduled ``lr`` (:func:`set_scheduled_value` for ``'lr'``): ``group['lr'] = lr *
+    group.get('lr_scale', 1.0)`` for every group whose ``fixed_lr`` is not set."""
+    set_scheduled_value(optimizer, "lr", lr)
 
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "lars", "adamw")

@@ -30,7 +30,7 @@ from .errors import UserError
 from .grad_cache import GradCache, make_grad_cache
 from .hostmem import keep_freed_memory
 from .method import Batch, Method, Schedule, StepInfo, ViewSpec, default_views
-from .optim import build_optimizer, lr_at, param_groups, scale_lr
+from .optim import build_optimizer, lr_at, param_groups, scale_lr, set_scheduled_value
 from .rundir import RUNS, RunDir, write_text_atomic
 from .runlock import RunLock
 from .schedules import cosine_between
@@ -102,13 +102,12 @@ def make_schedules(cfg: TrainConfig, plan: Plan, base_lr: float, method: Method)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, schedules: dict[str, Schedule], info: StepInfo) -> dict[str, float]:
-    """Set every scheduled key in every group (times the group's ``<key>_scale``; groups with
-    ``fixed_<key>`` keep their value); returns the values, for logging."""
+    """Set every scheduled key in every group (:func:`sslbench.optim.set_scheduled_value`: times
+    the group's ``<key>_scale``; groups with ``fixed_<key>`` keep their value); returns the
+    values, for logging."""
     values = {key: fn(info) for key, fn in schedules.items()}
-    for g in optimizer.param_groups:
-        for key, value in values.items():
-            if not g.get(f"fixed_{key}", False):
-                g[key] = value * g.get(f"{key}_scale", 1.0)
+    for key, value in values.items():
+        set_scheduled_value(optimizer, key, value)
     return values
 
 
