@@ -141,7 +141,7 @@ def refuse_existing_run(path: Path) -> None:
     """A new (not resumed) run must not write into a run directory that already holds checkpoints or
     results: its checkpoints would mix with the old ones and the old results would be lost."""
     run = RunDir(path)
-    if ckpt.list_checkpoints(run.checkpoints) or run.summary.exists():
+    if ckpt.list_checkpoints(run.checkpoints) or run.results.exists():
         raise UserError(
             f"{path} already holds a run (checkpoints or results.json); continue it with "
             f"`sslbench train --output {path} --resume`, or pass a new --output"
