@@ -240,7 +240,7 @@ def evaluate_run(
     summary = _read_results(run_dir)
     device = _eval_device(opts.device)
     if device.type == "cpu" and cfg.keep_freed_memory:
-        keep_freed_memory()  # as in training (sslbench/hostmem.py): feature extraction ~1.6x faster on CPU
+        keep_freed_memory()  # as in training (sslbench/hostmem.py): feature extraction reuses freed memory on the CPU
     run_precision = summary.get("precision", cfg.precision)
     precision = run_precision if run_precision in ("bf16", "fp16") and device.type == "cuda" else "no"
     data = opts.data or cfg.data

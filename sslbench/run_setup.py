@@ -268,7 +268,7 @@ def _accelerator(cfg: TrainConfig, precision: str) -> Any:
         # keeps the fastest (not in deterministic runs, where the choice could vary).
         torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.keep_freed_memory and accelerator.device.type == "cpu":
-        keep_freed_memory()  # see sslbench/hostmem.py: ~25% faster CPU steps, fewer page faults
+        keep_freed_memory()  # see sslbench/hostmem.py: activations reused, not page-faulted in every step
     return accelerator
 
 
@@ -391,7 +391,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
     module: nn.Module = method
     if world > 1 and cfg.sync_bn:
         module = dist.convert_sync_batchnorm(module)
-    # NHWC: ~2x faster convolutions on CUDA and on AVX2 CPUs. PyTorch's channels-last CPU BatchNorm
+    # NHWC (channels-last) for the convolutions. PyTorch's channels-last CPU BatchNorm
     # computes the variance in one pass (E[x^2] - E[x]^2), which costs up to ~1% relative error in
     # fp32 gradients on inputs with a large mean; tests that compare gradients exactly turn it off.
     if cfg.channels_last:
