@@ -112,8 +112,11 @@ def _fit_sgd(
     The G classifiers are the column blocks of one ``(D, G*C)`` matrix, so a step is a single
     GEMM. The update is PyTorch's SGD with momentum, written out so that every column block gets
     its own lr and weight decay: ``buf = m * buf + (grad + wd * W)``, ``W -= lr_t * buf``, with
-    ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` and no weight decay on the bias.
+    ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` (:func:`sslbench.api.cosine_between` from 1 to
+    0) and no weight decay on the bias.
     """
+    from sslbench.api import cosine_between
+
     n, dim = x.shape
     n_cfg = len(configs)
     lr = torch.tensor([c[0] for c in configs], device=x.device).repeat_interleave(n_classes)  # (G*C,)
@@ -133,7 +136,7 @@ def _fit_sgd(
             # Sum over configurations of each one's mean loss: each block gets its own gradient.
             loss = F.cross_entropy(logits, yb, reduction="sum") / xb.shape[0]
             grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
-            lr_t = lr * (0.5 * (1.0 + math.cos(math.pi * step / total)))
+            lr_t = lr * cosine_between(step, total, 1.0, 0.0)
             with torch.no_grad():
                 buf_w.mul_(MOMENTUM).add_(grad_w + wd * weight)
                 buf_b.mul_(MOMENTUM).add_(grad_b)

@@ -30,11 +30,11 @@ _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
 # ---------------------------------------------------------------------------------------------
 # Batched operations on float32 images in [0, 1]; per-sample parameters are (B,) tensors.
 #
-# Cost model (CPU). A 256 x 3 x 32 x 32 batch is 3 MiB, so an elementwise pass is ~0.1-0.2 ms on
-# one core, but some kernels are 10-30x slower than that: ``torch.where``, comparisons that
-# produce ``bool`` images, ``remainder``/``fmod``, ``aminmax``/``max(dim)``/``argmax`` over the
-# channels, ``addcmul`` with two per-sample scalars, and any kernel whose innermost dimension is
-# tiny. Image-sized work therefore uses only arithmetic, ``amax``/``amin``, ``clamp``, ``lerp``
+# Cost model (CPU). A 256 x 3 x 32 x 32 batch is 3 MiB, so an elementwise pass is cheap, but some
+# kernels are many times slower than that (figures: leaderboards/speed.md): ``torch.where``,
+# comparisons that produce ``bool`` images, ``remainder``/``fmod``, ``aminmax``/``max(dim)``/
+# ``argmax`` over the channels, ``addcmul`` with two per-sample scalars, and any kernel whose
+# innermost dimension is tiny. Image-sized work therefore uses only arithmetic, ``amax``/``amin``, ``clamp``, ``lerp``
 # and comparisons written into float tensors (exact 0/1 masks). On the CPU, where data-dependent
 # shapes cost nothing, each operation runs only on the samples that need it (``index_select`` /
 # ``index_copy_``); on other devices the same operations run on the whole batch and per-sample

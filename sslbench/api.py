@@ -15,7 +15,8 @@ What is here, by use:
 - bad input: ``UserError`` (one line on stderr, exit code 2: name the key, the cause and the fix);
 - the method contract: ``Method``, ``MethodConfig``, ``Batch``, ``StepInfo``, ``ViewSpec``,
   ``Recipe``, ``Family``/``FAMILIES``, ``Reconstruction``, ``asymmetric``, ``cosine_schedule`` and
-  the log keys ``EMBEDDING_LOG``/``ENTROPY_FRAC_LOG`` of the collapse check;
+  the log keys ``EMBEDDING_LOG``/``ENTROPY_FRAC_LOG`` of the collapse check; ``cosine_between``,
+  the one cosine schedule;
 - registration, one registry per kind of extension, each with its entry-point group:
   ``register_method``, ``register_protocol``, ``register_data_source`` (``DataSource``),
   ``register_command``, ``register_callback`` (``Callback``, ``Control``); ``get_method``,
@@ -112,6 +113,7 @@ from .optim import build_optimizer, is_no_decay, lr_at, param_groups, set_lr
 from .protocols import EvalContext, EvalOptions, Option, Score, at_least, check_fraction, positive, register_protocol, within
 from .registry import get_method, register_command, register_method, unknown_name_message
 from .rundir import ENCODER, RunDir, write_atomic
+from .schedules import cosine_between
 
 __all__ = [
     "check_fraction",
@@ -178,6 +180,7 @@ __all__ = [
     "check_local_crops",
     "constant_momentum",
     "copy_params_",
+    "cosine_between",
     "cosine_momentum",
     "cosine_schedule",
     "create_backbone",

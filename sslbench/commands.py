@@ -90,8 +90,9 @@ def run_budget(run_dir: Path, cfg: Any) -> tuple[str, Any]:
     return "epochs", cfg.epochs if cfg.epochs is not None else 10
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
-    path = RunDir(run_dir).summary
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    """The run's ``results.json`` (empty when it is missing)."""
+    path = RunDir(run_dir).results
     if not path.is_file():
         print(f"note: {path} not found; the rows will lack the run's wall time and speed", file=sys.stderr)
         return {}
@@ -235,10 +236,10 @@ def evaluate_run(
     cfg = load_run_config(run_dir)
     encoder = load_encoder(run_dir)  # strict: a mismatched encoder is a UserError, never a partial load
     protocols = [get_protocol(name) for name in opts.protocols]
-    summary = _read_summary(run_dir)
+    summary = _read_results(run_dir)
     device = _eval_device(opts.device)
     if device.type == "cpu" and cfg.keep_freed_memory:
-        keep_freed_memory()  # as in training (sslbench/hostmem.py): feature extraction ~1.6x faster on CPU
+        keep_freed_memory()  # as in training (sslbench/hostmem.py): feature extraction reuses freed memory on the CPU
     run_precision = summary.get("precision", cfg.precision)
     precision = run_precision if run_precision in ("bf16", "fp16") and device.type == "cuda" else "no"
     data = opts.data or cfg.data

@@ -74,9 +74,9 @@ class TrainConfig:
     warmup_epochs: float | None = None  # linear warm-up length (None: 10% of training, at most 10 epochs)
     grad_clip: float | None = None  # clip the global gradient norm to this (None: off)
     precision: str = "auto"  # auto (bf16 on CUDA, no on CPU; recorded as what it resolved to) | no | bf16 | fp16 (CUDA only)
-    channels_last: bool = True  # NHWC layout: ~2x faster convolutions on CUDA and on AVX2 CPUs (CPU BatchNorm then uses a one-pass variance)
+    channels_last: bool = True  # NHWC layout for the convolutions (CPU BatchNorm then uses a one-pass variance)
     compile: bool = False  # torch.compile the training step's model
-    keep_freed_memory: bool = True  # CPU on Linux/glibc: malloc keeps freed activations for reuse instead of unmapping them (~25% faster training steps, ~1.6x faster evaluation; RSS stays at its peak)
+    keep_freed_memory: bool = True  # CPU on Linux/glibc: malloc keeps freed activations for reuse instead of unmapping them (no page faults of each step's activations; RSS stays at its peak)
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm when running on several processes
     grad_cache_chunk: int = 0  # gradient cache chunk size (exact full-batch gradient, less memory); 0: off
     seed: int = 0  # seed for weights, data order and augmentation

@@ -70,7 +70,7 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
 def _final_knn(run_dir: Path) -> tuple[float, float] | None:
     """(last step, k-NN top-1) from ``results.json``, when present."""
     try:
-        summary = json.loads((run_dir / "results.json").read_text())
+        summary = json.loads(RunDir(run_dir).results.read_text())
         return float(summary["steps"]), float(summary["metrics"]["knn_top1"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

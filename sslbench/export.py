@@ -34,7 +34,7 @@ from typing import Any
 
 from .errors import UserError
 from .registry import register_command
-from .rundir import write_atomic
+from .rundir import RunDir, write_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -161,7 +161,7 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
     encoder = load_encoder(run_dir)  # strict key check
-    summary_path = run_dir / "results.json"
+    summary_path = RunDir(run_dir).results
     try:
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     except (OSError, ValueError):

@@ -3,10 +3,9 @@
 A CPU training step allocates and frees activations of tens of megabytes (a narrow ResNet-18 at
 32 px, batch 256: 512 views x 16 channels x 32 x 32 fp32 = 33.5 MB per feature map). glibc's
 malloc serves blocks above its mmap threshold (which adapts up to 32 MB on 64-bit) with a fresh
-``mmap`` and ``munmap``s them on ``free``, so every step page-faults its activations in again.
-Measured on a 2-core AMD EPYC (the backbone's fp32 forward + backward alone): ~335,000 minor
-page faults per step and 26% of the CPU time in the kernel; with :func:`keep_freed_memory`,
-~17,000 faults, 2% kernel time, 104 -> 132 images/s.
+``mmap`` and ``munmap``s them on ``free``, so every step page-faults its activations in again
+and spends that time in the kernel. With :func:`keep_freed_memory` those blocks come from the
+heap and are reused from step to step. (Measurements: leaderboards/speed.md, 2026-11-23.)
 
 The cost: memory freed by the process stays in its heap for reuse instead of going back to the
 operating system, so the resident size stays at its peak until the process exits. Turn it off

@@ -17,7 +17,6 @@ draws what an unbroken one draws.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -25,7 +24,8 @@ from typing import Any, ClassVar, Literal, NamedTuple
 from torch import Tensor, nn
 
 from .augment import AugmentConfig, counter_uniform
-from .momentum import cosine_momentum, ema_update_
+from .momentum import ema_update_
+from .schedules import cosine_between
 
 __all__ = [
     "EMBEDDING_LOG",
@@ -239,12 +239,12 @@ class Method(nn.Module):
 
 def cosine_schedule(info: StepInfo, start: float, end: float) -> float:
     """Cosine from ``start`` (step 0) to ``end`` (the last step): BYOL's momentum and DINO's
-    schedules, ``end - (end - start) * (cos(pi * k / K) + 1) / 2``. With a known step count
-    ``k / K`` is step / total_steps exactly; under a time budget alone it is the progress."""
+    schedules, ``end - (end - start) * (cos(pi * k / K) + 1) / 2``
+    (:func:`sslbench.schedules.cosine_between`). With a known step count ``k / K`` is step /
+    total_steps exactly; under a time budget alone it is the progress."""
     if not info.time_based:
-        return cosine_momentum(info.step, info.total_steps, start, end)
-    p = min(max(info.progress, 0.0), 1.0)
-    return end - (end - start) * (math.cos(math.pi * p) + 1.0) / 2.0
+        return cosine_between(info.step, info.total_steps, start, end)
+    return cosine_between(info.progress, 1.0, start, end)
 
 
 def asymmetric(base: AugmentConfig, image_size: int, first: dict[str, Any], second: dict[str, Any]) -> list[ViewSpec]:

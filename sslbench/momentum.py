@@ -10,10 +10,10 @@ each optimizer step. The trainer calls :func:`ema_update_` for every pair a meth
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from .schedules import cosine_between
 
 __all__ = ["ema_update_", "copy_params_", "freeze_", "cosine_momentum", "constant_momentum"]
 
@@ -89,17 +89,14 @@ def freeze_(module: nn.Module) -> nn.Module:
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
-    """BYOL's momentum schedule: ``final - (final - base) * (cos(pi * k / K) + 1) / 2``.
+    """BYOL's momentum schedule: ``final - (final - base) * (cos(pi * k / K) + 1) / 2``, the one
+    cosine (:func:`sslbench.schedules.cosine_between`) from ``base`` to ``final``.
 
     With ``final = 1`` this is Grill et al. 2020, Sec. 3.2: ``tau = 1 - (1 - tau_base) *
     (cos(pi k / K) + 1) / 2``. Returns exactly ``base`` at ``k = 0`` and exactly ``final`` at
     ``k >= K``; monotone in between. ``k`` = ``step``, ``K`` = ``total_steps``.
     """
-    if step <= 0:
-        return base
-    if step >= total_steps:
-        return final
-    return final - (final - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+    return cosine_between(step, total_steps, base, final)
 
 
 def constant_momentum(step: int, total_steps: int, base: float) -> float:

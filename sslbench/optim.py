@@ -14,8 +14,9 @@ Conventions shared with the trainer and the methods:
   * ``K_scale`` (float, default 1.0): the group follows the schedule scaled by this factor.
 
   Every step the trainer (``sslbench.run_setup.apply_schedules``) sets
-  ``group[K] = value(step) * group.get('K_scale', 1.0)`` for every group without ``fixed_K``;
-  for the lr, ``value`` is :func:`lr_at` (and :func:`set_lr` does the same for the lr alone).
+  ``group[K] = value(step) * group.get('K_scale', 1.0)`` for every group without ``fixed_K``
+  (:func:`set_scheduled_value`, the one place this rule is written); for the lr, ``value`` is
+  :func:`lr_at` (and :func:`set_lr` does the same for the lr alone).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import UserError
+from .schedules import cosine_between
 
 __all__ = [
     "NORM_TYPES",
@@ -41,6 +43,7 @@ __all__ = [
     "LR_SCALING_RULES",
     "scale_lr",
     "lr_at",
+    "set_scheduled_value",
     "set_lr",
     "OPTIMIZERS",
     "build_optimizer",
@@ -248,10 +251,10 @@ def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int, fin
 
     - warm-up, ``step < warmup_steps``: ``base_lr * (step + 1) / warmup_steps``, so the first step
       already moves (``base_lr / warmup_steps``) and step ``warmup_steps - 1`` reaches ``base_lr``;
-    - then ``final + (base_lr - final) * (1 + cos(pi * p)) / 2`` with ``final = base_lr *
-      final_ratio`` and ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` clipped to
-      [0, 1]: ``base_lr`` at ``step == warmup_steps``, exactly ``final`` at and after
-      ``total_steps`` (Loshchilov & Hutter, "SGDR", 2017, without restarts).
+    - then the cosine from ``base_lr`` to ``final = base_lr * final_ratio``
+      (:func:`sslbench.schedules.cosine_between` at ``p = (step - warmup_steps) / (total_steps -
+      warmup_steps)``): exactly ``base_lr`` at ``step == warmup_steps``, exactly ``final`` at and
+      after ``total_steps`` (Loshchilov & Hutter, "SGDR", 2017, without restarts).
 
     A pure function of its arguments (resumed runs get the same schedule).
     """
@@ -264,16 +267,22 @@ def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int, fin
     final = base_lr * final_ratio
     if step >= total_steps:
         return final
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return final + (base_lr - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cosine_between((step - warmup_steps) / (total_steps - warmup_steps), 1.0, base_lr, final)
+
+
+def set_scheduled_value(optimizer: torch.optim.Optimizer, key: str, value: float) -> None:
+    """The per-group rule of a scheduled key K, written once: ``group[K] = value *
+    group.get('K_scale', 1.0)`` for every group whose ``fixed_K`` is not set; ``fixed_K`` groups
+    keep their own K (see the module docstring)."""
+    for group in optimizer.param_groups:
+        if not group.get(f"fixed_{key}", False):
+            group[key] = value * group.get(f"{key}_scale", 1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Apply the scheduled ``lr``: ``group['lr'] = lr * group.get('lr_scale', 1.0)`` for every
-    group whose ``fixed_lr`` is not set; ``fixed_lr`` groups keep their own ``lr``."""
-    for group in optimizer.param_groups:
-        if not group.get("fixed_lr", False):
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+    """Apply the scheduled ``lr`` (:func:`set_scheduled_value` for ``'lr'``): ``group['lr'] = lr *
+    group.get('lr_scale', 1.0)`` for every group whose ``fixed_lr`` is not set."""
+    set_scheduled_value(optimizer, "lr", lr)
 
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "lars", "adamw")

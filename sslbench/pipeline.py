@@ -73,7 +73,7 @@ def _score(cfg: TrainConfig, result: TrainResult, quiet: bool) -> None:
     from .build import load_encoder
     from .rundir import RunDir, write_text_atomic
 
-    path = RunDir(result.run_dir).summary
+    path = RunDir(result.run_dir).results
     summary = json.loads(path.read_text())
     device = torch.device(str(summary.get("device", "cuda" if torch.cuda.is_available() else "cpu")))  # where the trainer trained
     precision = "bf16" if summary.get("precision") == "bf16" else "no"

@@ -156,7 +156,7 @@ def end_summary(run_dir: str | os.PathLike[str]) -> list[str]:
     for path, what in (
         (run.encoder, "the backbone's weights (timm key names)"),
         (run.method, "the whole method, heads included"),
-        (run.summary, "what ran: speed, precision, device, quick k-NN"),
+        (run.results, "what ran: speed, precision, device, quick k-NN"),
         (run.config, "the resolved config"),
         (run.metrics, "loss, lr, images/s per logged step"),
         (run.curves, "the loss and lr curves (sslbench plot)"),

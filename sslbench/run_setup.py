@@ -30,10 +30,10 @@ from .errors import UserError
 from .grad_cache import GradCache, make_grad_cache
 from .hostmem import keep_freed_memory
 from .method import Batch, Method, Schedule, StepInfo, ViewSpec, default_views
-from .momentum import cosine_momentum
-from .optim import build_optimizer, lr_at, param_groups, scale_lr
+from .optim import build_optimizer, lr_at, param_groups, scale_lr, set_scheduled_value
 from .rundir import RUNS, RunDir, write_text_atomic
 from .runlock import RunLock
+from .schedules import cosine_between
 
 UNBOUNDED_STEPS = 2**62  # the step count of a run bounded only by its time budget (time_budget_s)
 
@@ -96,19 +96,18 @@ def make_schedules(cfg: TrainConfig, plan: Plan, base_lr: float, method: Method)
     if wd_end is not None:
         assert cfg.weight_decay is not None
         wd0 = cfg.weight_decay
-        out["weight_decay"] = lambda info: cosine_momentum(info.step, plan.total_steps, wd0, wd_end)
+        out["weight_decay"] = lambda info: cosine_between(info.step, plan.total_steps, wd0, wd_end)
     out.update(method.schedules())
     return out
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, schedules: dict[str, Schedule], info: StepInfo) -> dict[str, float]:
-    """Set every scheduled key in every group (times the group's ``<key>_scale``; groups with
-    ``fixed_<key>`` keep their value); returns the values, for logging."""
+    """Set every scheduled key in every group (:func:`sslbench.optim.set_scheduled_value`: times
+    the group's ``<key>_scale``; groups with ``fixed_<key>`` keep their value); returns the
+    values, for logging."""
     values = {key: fn(info) for key, fn in schedules.items()}
-    for g in optimizer.param_groups:
-        for key, value in values.items():
-            if not g.get(f"fixed_{key}", False):
-                g[key] = value * g.get(f"{key}_scale", 1.0)
+    for key, value in values.items():
+        set_scheduled_value(optimizer, key, value)
     return values
 
 
@@ -142,7 +141,7 @@ def refuse_existing_run(path: Path) -> None:
     """A new (not resumed) run must not write into a run directory that already holds checkpoints or
     results: its checkpoints would mix with the old ones and the old results would be lost."""
     run = RunDir(path)
-    if ckpt.list_checkpoints(run.checkpoints) or run.summary.exists():
+    if ckpt.list_checkpoints(run.checkpoints) or run.results.exists():
         raise UserError(
             f"{path} already holds a run (checkpoints or results.json); continue it with "
             f"`sslbench train --output {path} --resume`, or pass a new --output"
@@ -269,7 +268,7 @@ def _accelerator(cfg: TrainConfig, precision: str) -> Any:
         # keeps the fastest (not in deterministic runs, where the choice could vary).
         torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.keep_freed_memory and accelerator.device.type == "cpu":
-        keep_freed_memory()  # see sslbench/hostmem.py: ~25% faster CPU steps, fewer page faults
+        keep_freed_memory()  # see sslbench/hostmem.py: activations reused, not page-faulted in every step
     return accelerator
 
 
@@ -392,7 +391,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
     module: nn.Module = method
     if world > 1 and cfg.sync_bn:
         module = dist.convert_sync_batchnorm(module)
-    # NHWC: ~2x faster convolutions on CUDA and on AVX2 CPUs. PyTorch's channels-last CPU BatchNorm
+    # NHWC (channels-last) for the convolutions. PyTorch's channels-last CPU BatchNorm
     # computes the variance in one pass (E[x^2] - E[x]^2), which costs up to ~1% relative error in
     # fp32 gradients on inputs with a large mean; tests that compare gradients exactly turn it off.
     if cfg.channels_last:

@@ -41,7 +41,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 ENCODER = "encoder.safetensors"
 METHOD = "method.safetensors"
-SUMMARY = "results.json"
+RESULTS = "results.json"
 CURVES = "curves.png"
 TRACKERS = "trackers"
 BUDGET = "budget.json"
@@ -103,9 +103,9 @@ class RunDir:
         return self.path / METHOD
 
     @property
-    def summary(self) -> Path:
+    def results(self) -> Path:
         """``results.json``: what training wrote when it finished."""
-        return self.path / SUMMARY
+        return self.path / RESULTS
 
     @property
     def budget(self) -> Path:
@@ -127,8 +127,8 @@ class RunDir:
         return self.path.resolve().parent / RESULTS_STORE
 
     def is_finished(self) -> bool:
-        """Whether training wrote its final files (the summary and the encoder)."""
-        return self.summary.is_file() and self.encoder.is_file()
+        """Whether training wrote its final files (``results.json`` and the encoder)."""
+        return self.results.is_file() and self.encoder.is_file()
 
 
 def write_failure(exc: BaseException, path: str | os.PathLike[str] | None = None) -> str | None:

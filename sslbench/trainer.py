@@ -245,11 +245,11 @@ def finish(run: Run, callbacks: list[Callback], result: TrainResult) -> None:
         save_encoder(run.method.encoder, run.files.encoder, meta=encoder_meta, what=fix)
         state = {k: v.detach().contiguous().cpu() for k, v in run.method.state_dict().items()}
         write_atomic(run.files.method, lambda tmp: save_file(state, str(tmp)), fix, errors=(OSError, SafetensorError))
-        write_text_atomic(run.files.summary, json.dumps(summary(run, result), indent=2), fix)
+        write_text_atomic(run.files.results, json.dumps(results_json(run, result), indent=2), fix)
     run.accelerator.wait_for_everyone()
 
 
-def summary(run: Run, result: TrainResult) -> dict[str, Any]:
+def results_json(run: Run, result: TrainResult) -> dict[str, Any]:
     """The ``results.json`` of a finished run: what ran (the effective precision, device, image
     size, batch, lr and schedule lengths), not only what was asked."""
     cfg, plan = run.cfg, run.plan

@@ -21,6 +21,7 @@ from sslbench.optim import (
     param_groups,
     scale_lr,
     set_lr,
+    set_scheduled_value,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +229,16 @@ def test_set_lr_respects_fixed_lr_and_scale() -> None:
     assert [g["lr"] for g in opt.param_groups] == [1.0, 0.05, 1.0]
     set_lr(opt, lr_at(5, 100, base_lr=1.0, warmup_steps=10))
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.6, 0.05, 0.06])
+
+
+def test_set_scheduled_value_is_the_rule_of_every_scheduled_key() -> None:
+    a, b, c = (nn.Parameter(torch.zeros(2)) for _ in range(3))
+    groups = [{"params": [a]}, {"params": [b], "weight_decay": 0.0, "fixed_weight_decay": True}, {"params": [c], "weight_decay_scale": 0.5}]
+    opt = build_optimizer("sgd", groups, lr=1.0, weight_decay=0.1)
+    set_scheduled_value(opt, "weight_decay", 0.3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0, 0.15]
+    set_scheduled_value(opt, "lr", 0.25)  # set_lr's rule
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25, 0.25]
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def test_run_dir_names_every_file(tmp_path):
         run.checkpoints: "checkpoints",
         run.encoder: "encoder.safetensors",
         run.method: "method.safetensors",
-        run.summary: "results.json",
+        run.results: "results.json",
         run.budget: "budget.json",
     }
     assert all(p == tmp_path / "run" / name for p, name in names.items())
@@ -30,7 +30,7 @@ def test_run_dir_names_every_file(tmp_path):
     assert RunDir(tmp_path / "run") == run and hash(RunDir(tmp_path / "run")) == hash(run)
     assert not run.is_finished()
     run.path.mkdir()
-    run.summary.write_text("{}")
+    run.results.write_text("{}")
     assert not run.is_finished()
     run.encoder.write_bytes(b"")
     assert run.is_finished()
