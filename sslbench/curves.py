@@ -42,7 +42,7 @@ __all__ = ["CURVES_FILE", "CURVES_SIZE", "plot_runs", "read_metrics", "write_cur
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``run_dir/metrics.jsonl`` (a torn last line of a killed run is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} an sslbench run directory?")
     records = []
