@@ -1,7 +1,7 @@
 """Method plugins, installed as ``sslbench.methods``. Importing this package registers the
 built-in methods; third-party methods arrive through the ``sslbench.methods`` entry-point group."""
 
-from . import (
+from sslbench.methods import (
     barlow_twins,  # noqa: F401  (registers "barlow_twins")
     byol,  # noqa: F401  (registers "byol")
     dino,  # noqa: F401  (registers "dino")

@@ -1,5 +1,5 @@
-"""Build the contract's inputs by hand: a :class:`~sslbench.method.Batch` of given views and a
-:class:`~sslbench.method.StepInfo` of a given step."""
+"""Build the contract's inputs by hand: a :class:`~sslbench.core.method.Batch` of given views and a
+:class:`~sslbench.core.method.StepInfo` of a given step."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sslbench.method import Batch, StepInfo
+from sslbench.core.method import Batch, StepInfo
 
 
 def info(step: int = 0, total: int = 100, *, steps_per_epoch: int = 10, seed: int = 0, progress: float | None = None) -> StepInfo:

@@ -1,6 +1,6 @@
 """Every mistake a user can make: one line on stderr, exit code 2, no traceback (issue 7).
 
-The table runs each case as a separate process: forked children running ``sslbench.cli.main``
+The table runs each case as a separate process: forked children running ``sslbench.commands.cli.main``
 (tests/_reliability.py; no import cost), and a few of them again through ``python -m sslbench``
 (the real entry point, import-time warnings included). Cases that need data use a 64-image folder
 at 16 px; the ones that need a run directory share one 2-step run.
@@ -22,7 +22,7 @@ from _faults import fail_writes
 from _reliability import TINY, child_env, lines, make_image_folder, run_forked, run_many, run_subprocess
 from PIL import Image
 
-from sslbench.runlock import RunLock
+from sslbench.core.runlock import RunLock
 
 # --------------------------------------------------------------------------------------------
 # The table: id -> (argv with {placeholders}, key phrases the one stderr line must contain)
@@ -619,12 +619,12 @@ def test_debug_shows_the_traceback(table):
 
 def test_a_real_bug_keeps_its_traceback(table):
     def bug() -> None:
-        import sslbench.cli
+        import sslbench.commands.cli
 
         def broken(args):
             raise KeyError("a bug, not a user error")
 
-        sslbench.cli.cmd_list = broken
+        sslbench.commands.cli.cmd_list = broken
 
     r = run_forked(["list", "methods"], table["env"], before=bug)
     assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError" in r.stderr, r.describe()
@@ -708,7 +708,7 @@ def test_corrupt_grayscale_and_alpha_images_train_with_a_count(table, tmp_path):
 
 
 def test_environment_oserrors_are_one_line_and_bugs_are_not(table):
-    from sslbench.cli import _environment_error
+    from sslbench.commands.cli import _environment_error
 
     assert "No space left on device" in _environment_error(OSError(errno.ENOSPC, "No space left on device"))
     assert "Permission denied: /data/x" in _environment_error(PermissionError(errno.EACCES, "Permission denied", "/data/x"))
@@ -717,12 +717,12 @@ def test_environment_oserrors_are_one_line_and_bugs_are_not(table):
     assert _environment_error(RuntimeError("shape mismatch")) is None
 
     def read_only_cache() -> None:  # an OSError from deep inside, not wrapped in a UserError
-        import sslbench.run_setup
+        import sslbench.train.run_setup
 
         def load_split(*args, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system", "/cache/decoded/x.pt")
 
-        sslbench.run_setup.load_split = load_split
+        sslbench.train.run_setup.load_split = load_split
 
     r = run_forked(
         ["train", "--data", "imagefolder:{}".format(table["fill"]["data"]), *TINY, "--output", str(table["fill"]["tmp"] / "rofs")],

@@ -10,7 +10,7 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 from torch.overrides import TorchFunctionMode
 
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
 from sslbench.evals.knn import knn_classify, knn_eval, knn_protocol, topk_accuracy
 
 

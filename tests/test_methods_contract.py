@@ -26,10 +26,10 @@ from _steps import info as step_info
 from _toy_methods import TOYS
 from torch import nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.method import EMBEDDING_LOG, FAMILIES, Method, Recipe, ViewSpec, default_views
-from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
-from sslbench.registry import METHODS, get_method
+from sslbench.core.augment import AugmentConfig
+from sslbench.core.method import EMBEDDING_LOG, FAMILIES, Method, Recipe, ViewSpec, default_views
+from sslbench.core.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
+from sslbench.core.registry import METHODS, get_method
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "align_uniform.py"
 EXAMPLE_MODULE = "sslbench_doc_example_align_uniform"
@@ -268,7 +268,7 @@ def test_example_loss_matches_formula(example, n, d, alpha, t):
 
 
 def test_configs_reject_bad_values():
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     bad = {
         "moco": {"queue_size": 0},

@@ -58,7 +58,7 @@ update (>= 1e-4).
 The runs use a narrow ResNet-18 (channels 8,16,32,64), or a two-block ViT for a method that trains ViTs
 only (MAE; tests/_backbones.py), digits at 32 px and one thread per process.
 They start in the background when the first CLI test runs: the 1-process references one after the
-other in one Python process (``sslbench.cli.main``; imports dominate such tiny runs), the
+other in one Python process (``sslbench.commands.cli.main``; imports dominate such tiny runs), the
 ``torchrun`` launches two at a time; each test waits for its own method's pair.
 """
 
@@ -84,13 +84,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import sslbench
 from sslbench.backbones import create_backbone
-from sslbench.batches import data_fits_on_device, stream_batches
 from sslbench.config import TrainConfig
+from sslbench.core.dist import SyncBatchNorm, SyncBatchNormAct2d, convert_sync_batchnorm
+from sslbench.core.method import default_views
+from sslbench.core.registry import METHODS, get_method
 from sslbench.data import ImageSplit
-from sslbench.dist import SyncBatchNorm, SyncBatchNormAct2d, convert_sync_batchnorm
-from sslbench.method import default_views
-from sslbench.registry import METHODS, get_method
-from sslbench.run_setup import make_plan
+from sslbench.train.batches import data_fits_on_device, stream_batches
+from sslbench.train.run_setup import make_plan
 
 METHOD_NAMES = METHODS.names()
 BATCH = 16  # global batch: 8 per process
@@ -196,10 +196,10 @@ def _torchrun(args: list[str]) -> list[str]:
 
 
 # The 1-process reference runs share one Python process (imports dominate a tiny run's time):
-# ``sslbench.cli.main`` once per method, exactly the argument lists of ``python -m sslbench``.
+# ``sslbench.commands.cli.main`` once per method, exactly the argument lists of ``python -m sslbench``.
 _REFERENCE_DRIVER = """
 import json, sys
-from sslbench.cli import main
+from sslbench.commands.cli import main
 for key, argv in json.loads(sys.argv[1]):
     rc = main(argv)
     print("REFERENCE_RUN", key, rc, flush=True)
@@ -451,7 +451,7 @@ def test_a_nan_in_one_process_stops_every_process_with_the_same_error(tmp_path: 
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "non-finite loss (NaN or inf) at step 3" in line]
     assert len(errors) == 2, proc.stderr[-4000:]  # one per process
-    assert "sslbench/trainer.py" not in proc.stderr, proc.stderr[-4000:]  # (torchrun prints its own traceback)
+    assert "sslbench/train/trainer.py" not in proc.stderr, proc.stderr[-4000:]  # (torchrun prints its own traceback)
     assert not (out / "encoder.safetensors").exists()
 
 
@@ -461,7 +461,7 @@ def test_the_main_process_holds_the_run_directory_for_the_group(tmp_path: Path) 
     the group ends the lock file is gone."""
     from _reliability import child_env, fork_cli, lines
 
-    from sslbench.runlock import lock_holder
+    from sslbench.core.runlock import lock_holder
 
     out, gate = tmp_path / "run", tmp_path / "gate"
     args = [*_common_args("simclr", out), "--set", "quick_knn=false"]

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from sslbench.backbones import create_backbone
-from sslbench.build import load_encoder
+from sslbench.commands.pipeline import train_and_score
 from sslbench.config import build_config
+from sslbench.config.build import load_encoder
+from sslbench.core.registry import METHODS
 from sslbench.data import load_split
-from sslbench.features import extract_features
-from sslbench.pipeline import train_and_score
-from sslbench.registry import METHODS
+from sslbench.evaluation.features import extract_features
 
 
 @pytest.mark.slow

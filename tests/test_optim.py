@@ -1,4 +1,4 @@
-"""Tests for sslbench.optim: no-decay groups, LARS, lr scaling and schedule, optimizer factory."""
+"""Tests for sslbench.core.optim: no-decay groups, LARS, lr scaling and schedule, optimizer factory."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import timm
 import torch
 from torch import nn
 
-from sslbench.dist import SyncBatchNorm
-from sslbench.errors import UserError
-from sslbench.optim import (
+from sslbench.core.dist import SyncBatchNorm
+from sslbench.core.errors import UserError
+from sslbench.core.optim import (
     LARS,
     NORM_TYPES,
     build_optimizer,
@@ -276,8 +276,8 @@ def test_build_adamw_fused_on_cuda() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_trainer_on_cuda_builds_a_fused_adamw_and_lets_cudnn_pick_its_fastest_kernels(tmp_path, monkeypatch) -> None:
-    import sslbench.run_setup as run_setup
-    import sslbench.trainer as trainer
+    import sslbench.train.run_setup as run_setup
+    import sslbench.train.trainer as trainer
     from sslbench.config import build_config
 
     built = []

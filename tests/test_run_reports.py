@@ -20,9 +20,9 @@ import torch
 import yaml
 from _reliability import child_env, lines, make_image_folder, run_forked
 
-from sslbench.batches import Plan
-from sslbench.method import ViewSpec
-from sslbench.progress import TrainProgress, clock
+from sslbench.core.method import ViewSpec
+from sslbench.core.progress import TrainProgress, clock
+from sslbench.train.batches import Plan
 
 NARROW = ["--set", "backbone_kwargs.channels=8,16,32,64"]
 
@@ -81,7 +81,7 @@ def test_the_end_summary_names_every_file_of_the_run(talking_run):
 def test_run_files_share_the_umask_mode(talking_run):
     """safetensors creates its files 0600: the weights, the checkpoints' files and every other run
     file get the mode of a new file under the umask (0644 under 022), one mode for all (issue 34)."""
-    from sslbench.rundir import file_mode
+    from sslbench.core.rundir import file_mode
 
     modes = {str(p.relative_to(talking_run["out"])): oct(p.stat().st_mode & 0o777) for p in talking_run["out"].rglob("*") if p.is_file()}
     assert "encoder.safetensors" in modes and any(k.startswith("checkpoints/") and k.endswith(".safetensors") for k in modes), modes
@@ -135,7 +135,7 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
     data's default and that such a backbone is made for larger images."""
     from sslbench.backbones import create_backbone
     from sslbench.config import build_config
-    from sslbench.report import start_banner
+    from sslbench.train.report import start_banner
 
     cfg = build_config(flags={"backbone": "resnet50", "output": "runs/x"})
     encoder = create_backbone("resnet50", 16)
@@ -156,10 +156,10 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
 )
 def test_the_banner_names_the_views_the_patch_size_and_the_mask_ratio(method, sets, expected):
     """Multi-crop's local crops, a ViT's patch size and MAE's mask ratio decide what a step costs (issue 34)."""
-    from sslbench.build import build_method
     from sslbench.config import build_config
-    from sslbench.method import default_views
-    from sslbench.report import start_banner
+    from sslbench.config.build import build_method
+    from sslbench.core.method import default_views
+    from sslbench.train.report import start_banner
 
     cfg = build_config(flags={"method": method, "backbone": "vit_tiny_patch16_224", "image_size": 16, "output": "runs/x"}, sets=sets)
     m = build_method(cfg)
@@ -168,7 +168,7 @@ def test_the_banner_names_the_views_the_patch_size_and_the_mask_ratio(method, se
 
 
 def test_bf16_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
-    import sslbench.report as report
+    import sslbench.train.report as report
     from sslbench.config import build_config
 
     cfg = build_config(flags={"precision": "bf16", "output": "runs/x", "image_size": 32}, sets=["backbone_kwargs.channels=8,16,32,64"])
@@ -207,7 +207,7 @@ class _Split:
 
 def test_plain_progress_lines_have_an_eta(monkeypatch, capsys):
     now = [100.0]
-    monkeypatch.setattr("sslbench.progress.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("sslbench.core.progress.time.monotonic", lambda: now[0])
     bar = TrainProgress(100, 0, enabled=True, plain_every_s=0)
     assert not bar.rich  # captured stderr is not a terminal
     now[0] = 110.0

@@ -1,4 +1,4 @@
-"""The one cosine schedule (sslbench.schedules.cosine_between) gives every caller, bit for bit, the
+"""The one cosine schedule (sslbench.core.schedules.cosine_between) gives every caller, bit for bit, the
 value of the formula that caller had written out before it existed (issue 31). The old formulas are
 kept here, verbatim, as the reference."""
 
@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from sslbench.method import StepInfo, cosine_schedule
-from sslbench.momentum import cosine_momentum
-from sslbench.optim import lr_at
-from sslbench.schedules import cosine_between
+from sslbench.core.method import StepInfo, cosine_schedule
+from sslbench.core.momentum import cosine_momentum
+from sslbench.core.optim import lr_at
+from sslbench.core.schedules import cosine_between
 
 TOTALS = [*range(1, 121), 1000, 9375]
 
