@@ -69,6 +69,7 @@ def make_plan(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -
         print(f"note: batch size {cfg.batch_size} > {n_train} training images; using {batch}", file=sys.stderr)
     if batch % world_size:
         raise UserError(f"batch size {batch} must be divisible by the number of processes ({world_size})")
+    check_local_batch(cfg, batch, world_size, min_batch)
     steps_per_epoch = max(1, n_train // batch)  # drop_last: every step sees a full batch
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch
     unbounded = cfg.time_budget_s is not None and cfg.steps is None and cfg.epochs is None
@@ -84,6 +85,32 @@ def make_plan(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -
     else:
         warmup = steps_per_epoch if unbounded else min(10 * steps_per_epoch, total // 10)
     return Plan(steps_per_epoch, total, min(warmup, total), batch, batch // world_size)
+
+
+def check_local_batch(cfg: TrainConfig, batch: int, world_size: int, min_batch: int) -> None:
+    """Refuse a global ``batch`` whose share per process (``batch / world_size``) is below the
+    method's ``min_batch`` when each process normalises its own share (``sync_bn=false``).
+
+    With ``sync_bn`` on (the default) nothing that compares the samples of a batch is per process:
+    BatchNorm statistics, in-batch negatives (gathered), DINO's centre, SwAV's Sinkhorn, Barlow
+    Twins' and VICReg's statistics are all over the global batch, so one image per process trains
+    what one process trains on the whole batch (docs/distributed.md; tests/test_multiprocess.py),
+    and the global check of :func:`make_plan` suffices. With ``sync_bn=false`` each process's
+    BatchNorm sees only its share: one image's views are normalised against each other, and the
+    run trains without an error (BYOL at --batch-size 2 on 2 processes did) on statistics of one image."""
+    local = batch // world_size
+    if world_size < 2 or cfg.sync_bn or local >= min_batch:
+        return
+    need = min_batch * world_size
+    if batch == cfg.batch_size:
+        what, fix = f"--batch-size {batch}", f"pass --batch-size {need} or more ({min_batch} per process)"
+    else:  # cut to the data (make_plan): a larger --batch-size cannot help
+        what, fix = f"the batch of {batch} (all the training images)", f"add training images ({need} or more)"
+    raise UserError(
+        f"{what} over {world_size} processes is {local} image{'' if local == 1 else 's'} per process, fewer than the "
+        f"{min_batch} that {cfg.method} needs per process with sync_bn=false (each process's BatchNorm normalises only its own share); "
+        f"{fix}, run fewer processes, or keep sync_bn on (the default)"
+    )
 
 
 def make_schedules(cfg: TrainConfig, plan: Plan, base_lr: float, method: Method) -> dict[str, Schedule]:
