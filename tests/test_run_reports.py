@@ -119,6 +119,33 @@ def test_quiet_is_quiet(setting):
     assert lines(r.stderr) == [] and lines(r.stdout) == [], r.describe()
 
 
+def test_tiny_images_are_warned_of_once_and_recorded(setting):
+    """2x2 px images, upscaled 16x to 32 px: one warning line, recorded in results.json (issue 34)."""
+    data = make_image_folder(setting["root"] / "tiny", classes=2, train=8, test=4, size=2)
+    out = setting["root"] / "tiny-run"
+    r = run_forked(
+        ["train", "--data", f"imagefolder:{data}", "--steps", "1", "--batch-size", "8", *NARROW, "--quiet", "--set", "quick_knn=false"]
+        + ["--output", str(out)],
+        setting["env"],
+    )
+    assert r.returncode == 0, r.describe()
+    (line,) = lines(r.stderr)
+    assert line.startswith(f"warning: imagefolder:{data}'s training images are 2 px (median shorter side), upscaled 16x to 32 px: below 8 px"), line
+    assert json.loads((out / "results.json").read_text())["warnings"] == [line.removeprefix("warning: ")]
+
+
+def test_the_default_data_and_common_upscaling_do_not_warn_of_tiny_images(tmp_path):
+    """The quick start's digits (8 px originals at the default 16 px) is the smallest data that
+    trains well, and CIFAR's 32 px upscaled to 224 px is common practice: neither warns."""
+    from sslbench.data import default_image_size, load_split
+    from sslbench.run_setup import tiny_images_warning
+
+    digits = load_split("digits", "train", default_image_size("digits"), cache_dir=tmp_path)
+    assert digits.source_side == 8 and tiny_images_warning("digits", digits.source_side, 16) is None
+    assert tiny_images_warning("cifar10", 32, 224) is None and tiny_images_warning("x", None, 32) is None  # None: not known
+    assert tiny_images_warning("x", 7, 32) is not None and tiny_images_warning("x", 4, 4) is not None
+
+
 def test_a_one_class_data_set_trains_with_one_warning_and_no_knn(setting):
     data = make_image_folder(setting["root"] / "onecls", classes=1, train=16, test=4)
     out = setting["root"] / "onecls-run"
@@ -127,7 +154,8 @@ def test_a_one_class_data_set_trains_with_one_warning_and_no_knn(setting):
     )
     assert r.returncode == 0, r.describe()
     assert len(lines(r.stderr)) == 1 and "has a single class" in r.stderr and "quick k-NN is skipped" in r.stderr, r.describe()
-    assert json.loads((out / "results.json").read_text())["metrics"] == {}
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["metrics"] == {} and summary["warnings"] == [lines(r.stderr)[0].removeprefix("warning: ")]  # recorded too
 
 
 def test_a_large_backbone_at_the_default_16_px_says_so():
