@@ -30,7 +30,7 @@ def knn(ctx: EvalContext, fraction: float | None) -> Score:
     train, test = ctx.features()
     dev, cfg = ctx.device, ctx.cfg
     metrics = knn_eval(train.to(dev), ctx.train.labels.to(dev), test.to(dev), ctx.test.labels.to(dev), k=cfg.knn_k, temperature=cfg.knn_temperature)
-    return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature))
+    return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature, bank=train.shape[0]))
 
 
 LINEAR_EPOCHS = Option("--linear-epochs", 100, "linear-probe epochs (default 100)", type=int, check=at_least(1))

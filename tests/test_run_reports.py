@@ -43,7 +43,7 @@ def talking_run(setting):
     assert r.returncode == 0, r.describe()
     e = run_forked(["eval", str(out), "--protocol", "knn"], setting["env"])
     assert e.returncode == 0, e.describe()
-    return {"out": out, "train": r, "row": json.loads((setting["root"] / "results.jsonl").read_text().splitlines()[-1])}
+    return {"out": out, "train": r, "eval": e, "row": json.loads((setting["root"] / "results.jsonl").read_text().splitlines()[-1])}
 
 
 def test_the_start_banner_names_what_the_run_trains_and_where(talking_run, setting):
@@ -117,6 +117,30 @@ def test_quiet_is_quiet(setting):
     )
     assert r.returncode == 0, r.describe()
     assert lines(r.stderr) == [] and lines(r.stdout) == [], r.describe()
+    # the quick k-NN's caveat (k=200 on 64 training images) goes where its figures go: results.json
+    (note,) = json.loads((out / "results.json").read_text())["warnings"]
+    assert note.startswith("k-NN k=200 is more than the 64 training images in its memory bank"), note
+
+
+KNN_K_BEYOND_64 = (
+    "k-NN k=200 is more than the 64 training images in its memory bank, so it runs with k=64: every test image is scored by a vote "
+    "of all 64, not of its nearest neighbours, and trained and untrained features may score alike; set knn_k below 64"
+)
+
+
+def test_a_knn_k_beyond_the_training_images_is_said_once_with_the_k_that_ran_and_recorded(talking_run):
+    """k=200 on 64 training images: one warning line with the k that ran, in the quick k-NN's line
+    too; results.json's ``warnings`` and the eval row's protocol record it (issue 34: "k-NN with
+    k=200 on 48 training images gives trained = untrained without a word")."""
+    train, out = talking_run["train"], talking_run["out"]
+    warned = [line for line in lines(train.stderr) if line.startswith("warning: ")]
+    assert len(warned) == 1 and warned[0].startswith("warning: " + KNN_K_BEYOND_64), train.describe()
+    (knn_line,) = [line for line in lines(train.stdout) if line.startswith("k-NN top-1")]
+    assert "(k=64: knn_k=200 cut to the training images, T=0.1)" in knn_line, knn_line
+    assert json.loads((out / "results.json").read_text())["warnings"] == [warned[0].removeprefix("warning: ")]
+    protocol = talking_run["row"]["protocol"]
+    assert protocol["k"] == 200 and protocol["k_effective"] == 64 and protocol["warnings"] == [warned[0].removeprefix("warning: ")]
+    assert [line for line in lines(talking_run["eval"].stderr) if line.startswith("warning: ")] == warned
 
 
 def test_tiny_images_are_warned_of_once_and_recorded(setting):
