@@ -31,7 +31,7 @@ def knn(ctx: EvalContext, fraction: float | None) -> Score:
     metrics = knn_eval(
         train.to(dev), ctx.split("train").labels.to(dev), test.to(dev), ctx.split("test").labels.to(dev), k=cfg.knn_k, temperature=cfg.knn_temperature
     )
-    return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature))
+    return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature, bank=train.shape[0]))
 
 
 LINEAR_EPOCHS = Option("--linear-epochs", 100, "linear-probe epochs (default 100)", type=int, check=at_least(1))

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sslbench.core.errors import UserError
+from sslbench.core.errors import UserError, warn
 from sslbench.core.hostmem import keep_freed_memory
 from sslbench.core.registry import register_command
 from sslbench.core.rundir import RESULTS_STORE, RUNS, RunDir, check_writable, write_text_atomic
@@ -264,6 +264,7 @@ def evaluate_run(
     run = {**_run_fields(run_dir, cfg, summary, data, budget or run_budget(run_dir, cfg), command, device), **(run_fields or {})}
 
     rows: list[dict[str, Any]] = []
+    warned: set[str] = set()  # (a protocol scored at several depths or fractions says a warning once)
     for protocol in protocols:
         t0 = time.perf_counter()
         depths: list[str | None] = list(opts.features) if protocol.per_features else [None]
@@ -271,6 +272,10 @@ def evaluate_run(
             ctx.depth = depth or DEFAULT_FEATURES
             for fraction in opts.fractions if protocol.per_fraction else [None]:
                 metrics, record = protocol.run(ctx, fraction)
+                for text in record.get("warnings", ()):
+                    if text not in warned:
+                        warned.add(text)
+                        warn(text)
                 record = {
                     "name": protocol.name,
                     **record,

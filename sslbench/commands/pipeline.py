@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sslbench.config import TrainConfig
+from sslbench.core.errors import warn
 from sslbench.data import ImageSplit, load_split
 from sslbench.train.callbacks import Callback, callbacks_from_env
 from sslbench.train.tracking import TrackerCallback, parse_trackers
@@ -77,21 +78,26 @@ def _score(cfg: TrainConfig, result: TrainResult, quiet: bool) -> None:
     summary = json.loads(path.read_text())
     device = torch.device(str(summary.get("device", "cuda" if torch.cuda.is_available() else "cpu")))  # where the trainer trained
     precision = "bf16" if summary.get("precision") == "bf16" else "no"
-    result.metrics = quick_knn(cfg, load_encoder(result.run_dir), device, precision, quiet=quiet)
+    notes = summary.setdefault("warnings", [])  # (after setup's)
+    result.metrics = quick_knn(cfg, load_encoder(result.run_dir), device, precision, quiet=quiet, record=notes)
     summary["metrics"] = result.metrics
     fix = f"the run is trained; score it with `sslbench eval {result.run_dir}`"
     write_text_atomic(path, json.dumps(summary, indent=2), fix)
 
 
-def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precision: str, *, quiet: bool = False) -> dict[str, float]:
+def quick_knn(
+    cfg: TrainConfig, encoder: nn.Module, device: torch.device, precision: str, *, quiet: bool = False, record: list[str] | None = None
+) -> dict[str, float]:
     """The end-of-training k-NN (k=200, T=0.1, cosine) of h on the test split through the
     registered ``knn`` protocol (the code of ``sslbench eval --protocol knn``), and the same for
-    the untrained backbone (same seed) as a baseline."""
+    the untrained backbone (same seed) as a baseline. The protocol's warnings (a k beyond the
+    training images) go to ``record`` and, with the figures they qualify, to stderr unless ``quiet``
+    (which prints neither)."""
     from accelerate.utils import set_seed
 
     from sslbench.backbones import create_backbone
     from sslbench.evaluation.features import eval_mode
-    from sslbench.evaluation.protocols import EvalContext, EvalOptions, get_protocol
+    from sslbench.evaluation.protocols import EvalContext, EvalOptions, Score, get_protocol
 
     assert cfg.image_size is not None
     size = cfg.image_size
@@ -109,19 +115,24 @@ def quick_knn(cfg: TrainConfig, encoder: nn.Module, device: torch.device, precis
     knn = get_protocol("knn")
     opts = EvalOptions(protocols=["knn"], data=cfg.data)
 
-    def score(enc: nn.Module) -> dict[str, float]:
+    def score(enc: nn.Module) -> Score:
         with eval_mode(enc.to(device)):
             ctx = EvalContext(Path(str(cfg.output)), cfg, opts, enc, device, precision, cfg.data, train_split, test_split)
-            return dict(knn.run(ctx, None).metrics)
+            return knn.run(ctx, None)
 
-    trained = score(encoder)
+    trained_score = score(encoder)
+    trained = dict(trained_score.metrics)
+    for text in trained_score.protocol.get("warnings", ()):  # (the untrained score runs on the same bank)
+        warn(text, record, show=not quiet)
     set_seed(cfg.seed)
-    untrained = score(create_backbone(cfg.backbone, size, **cfg.backbone_kwargs))
+    untrained = dict(score(create_backbone(cfg.backbone, size, **cfg.backbone_kwargs)).metrics)
     out = dict(trained)
     out.update({f"untrained_{k}": v for k, v in untrained.items()})
     if not quiet:
+        k = trained_score.protocol.get("k_effective", cfg.knn_k)
+        k_text = f"k={k}" if k == cfg.knn_k else f"k={k}: knn_k={cfg.knn_k} cut to the training images"
         print(
-            f"k-NN top-1 on {cfg.data} test (k={cfg.knn_k}, T={cfg.knn_temperature}): trained {trained.get('knn_top1', float('nan')):.2f}%"
+            f"k-NN top-1 on {cfg.data} test ({k_text}, T={cfg.knn_temperature}): trained {trained.get('knn_top1', float('nan')):.2f}%"
             f"  untrained {untrained.get('knn_top1', float('nan')):.2f}%"
         )
     return out

@@ -159,7 +159,7 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig  # the method's typed config dataclass
     description: ClassVar[str] = ""  # one line, for `sslbench list methods`
     paper: ClassVar[str] = ""  # citation, for `sslbench list methods`
-    min_batch_size: ClassVar[int] = 1  # the smallest global batch the loss is defined for
+    min_batch_size: ClassVar[int] = 1  # the smallest global batch the loss is defined for (per process, too, with sync_bn=false)
     supports_grad_cache: ClassVar[bool] = False  # implements embed() and loss_from_embeddings()
     supports_reconstruction: ClassVar[bool] = False  # implements reconstruct() (`sslbench picture`)
     name: ClassVar[str] = ""  # set by @register_method

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sslbench.core.errors import UserError
 from sslbench.core.rundir import write_atomic
-from sslbench.data.decode import _decode_all, _one_line
+from sslbench.data.decode import _decode_all, _one_line, median_side
 from sslbench.data.splits import ImageSplit
 
 #: The one logger of the data modules (named ``sslbench.data`` whichever module logs).
@@ -34,17 +34,17 @@ _CACHE_VERSION = 1
 def _decode_split(sources: Sequence[Any], labels: Tensor, classes: list[str], size: int, names: Callable[[int], str], where: str) -> ImageSplit:
     """Decode ``sources`` into an :class:`ImageSplit`, skipping (and reporting once) unreadable ones."""
     logger.info("decoding %d images from %s at %d px", len(sources), where, size)
-    images, ok, errors = _decode_all(sources, size)
+    images, ok, sides, errors = _decode_all(sources, size)
     if errors:
         index, message = errors[0]
         if not ok.any():  # (raised before the warning: a failing command prints one line)
             raise UserError(f"no readable image in {where} (first failure: {names(index)}: {message}); check the files")
         note = f"skipped {len(errors)} unreadable image(s) in {where}; first: {names(index)} ({message})"
         _warn_skipped(note)
-        split = ImageSplit(images[ok], labels[ok], classes)
+        split = ImageSplit(images[ok], labels[ok], classes, median_side(sides[ok]))
         split.skipped_note = note  # type: ignore[attr-defined]  # kept in the decode cache, repeated on a cache hit
         return split
-    return ImageSplit(images, labels, classes)
+    return ImageSplit(images, labels, classes, median_side(sides))
 
 
 _WARNED: set[str] = set()
@@ -90,7 +90,13 @@ def _cached(cache_root: Path, source: str, split: str, size: int, fingerprint: d
         if hit is not None:
             return hit
         result = build()
-        payload = {"images": result.images, "labels": result.labels, "classes": result.classes, "skipped_note": getattr(result, "skipped_note", "")}
+        payload = {
+            "images": result.images,
+            "labels": result.labels,
+            "classes": result.classes,
+            "skipped_note": getattr(result, "skipped_note", ""),
+            "source_side": result.source_side,
+        }
         write_atomic(
             path,
             lambda tmp: torch.save(payload, tmp),
@@ -106,7 +112,8 @@ def _read_cache(path: Path) -> ImageSplit | None:
         return None
     try:
         data = torch.load(path, weights_only=True)
-        split = ImageSplit(data["images"], data["labels"], list(data["classes"]))
+        side = data.get("source_side")  # (absent from files cached before it was recorded: unknown)
+        split = ImageSplit(data["images"], data["labels"], list(data["classes"]), int(side) if side is not None else None)
         if data.get("skipped_note"):
             _warn_skipped(data["skipped_note"])
         return split

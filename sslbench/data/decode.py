@@ -83,14 +83,15 @@ def _fit_array(images: np.ndarray, size: int) -> Tensor:
     return torch.from_numpy(out)
 
 
-#: An item of :class:`_DecodeChunks`: ``(start, images, ok, errors)``.
-_Chunk = tuple[int, Tensor, Tensor, list[tuple[int, str]]]
+#: An item of :class:`_DecodeChunks`: ``(start, images, ok, sides, errors)``.
+_Chunk = tuple[int, Tensor, Tensor, Tensor, list[tuple[int, str]]]
 
 
 class _DecodeChunks(torch.utils.data.Dataset[_Chunk]):
     """Item ``k``: images ``k*chunk .. (k+1)*chunk`` of ``sources`` decoded and fitted to ``size``,
-    as ``(start, images uint8 (n, 3, size, size), ok bool (n,), errors [(index, message)])``.
-    Unreadable images are zeros with ``ok`` False."""
+    as ``(start, images uint8 (n, 3, size, size), ok bool (n,), sides int64 (n,), errors [(index,
+    message)])``; ``sides`` is each image's shorter side as decoded. Unreadable images are zeros
+    with ``ok`` False (and side 0)."""
 
     def __init__(self, sources: Sequence[Any], size: int, chunk: int) -> None:
         self.sources, self.size, self.chunk = sources, size, chunk
@@ -103,32 +104,43 @@ class _DecodeChunks(torch.utils.data.Dataset[_Chunk]):
         batch = self.sources[start : start + self.chunk]
         images = np.zeros((len(batch), 3, self.size, self.size), dtype=np.uint8)
         ok = np.zeros(len(batch), dtype=bool)
+        sides = np.zeros(len(batch), dtype=np.int64)
         errors: list[tuple[int, str]] = []
         for j, source in enumerate(batch):
             try:
-                images[j] = np.asarray(_fit(_open_rgb(source), self.size)).transpose(2, 0, 1)
+                img = _open_rgb(source)
+                sides[j] = min(img.size)
+                images[j] = np.asarray(_fit(img, self.size)).transpose(2, 0, 1)
                 ok[j] = True
             except _DECODE_ERRORS as err:
                 errors.append((start + j, _one_line(err)))
-        return start, torch.from_numpy(images), torch.from_numpy(ok), errors
+        return start, torch.from_numpy(images), torch.from_numpy(ok), torch.from_numpy(sides), errors
 
 
-def _decode_all(sources: Sequence[Any], size: int) -> tuple[Tensor, Tensor, list[tuple[int, str]]]:
+def _decode_all(sources: Sequence[Any], size: int) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, str]]]:
     """Decode every source (in order) with DataLoader workers when there are many.
 
-    Returns ``(images uint8 (N, 3, size, size), ok bool (N,), errors)``; rows that failed are zeros.
+    Returns ``(images uint8 (N, 3, size, size), ok bool (N,), sides int64 (N,), errors)``: rows that
+    failed are zeros; ``sides`` are the shorter sides of the images as decoded (0 where one failed).
     """
     n = len(sources)
     workers = min(_cpu_count(), 8) if n >= _PARALLEL_MIN_IMAGES else 0
     loader = torch.utils.data.DataLoader(_DecodeChunks(sources, size, _CHUNK), batch_size=None, shuffle=False, num_workers=workers)
     images = torch.empty((n, 3, size, size), dtype=torch.uint8)
     ok = torch.empty(n, dtype=torch.bool)
+    sides = torch.zeros(n, dtype=torch.int64)
     errors: list[tuple[int, str]] = []
-    for start, chunk_images, chunk_ok, chunk_errors in loader:
+    for start, chunk_images, chunk_ok, chunk_sides, chunk_errors in loader:
         images[start : start + len(chunk_ok)] = chunk_images
         ok[start : start + len(chunk_ok)] = chunk_ok
+        sides[start : start + len(chunk_ok)] = chunk_sides
         errors.extend(chunk_errors)
-    return images, ok, errors
+    return images, ok, sides, errors
+
+
+def median_side(sides: Tensor) -> int | None:
+    """The median (the lower one of an even count) of the image sides ``sides``; None when empty."""
+    return int(sides.median()) if sides.numel() else None
 
 
 def _cpu_count() -> int:

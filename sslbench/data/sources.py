@@ -106,7 +106,7 @@ def _build_digits(split: str, size: int, max_memory_gb: float) -> ImageSplit:
     gray = (big * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8)
     images = gray.expand(-1, 3, -1, -1).numpy()
     labels = torch.from_numpy(digits.target[idx]).to(torch.int64)
-    return ImageSplit(_fit_array(images, size), labels, [str(d) for d in range(10)])
+    return ImageSplit(_fit_array(images, size), labels, [str(d) for d in range(10)], source_side=8)  # (the 8x8 originals)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def _load_torchvision(name: str, split: str, size: int, cache_root: Path, max_me
         except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
             raise UserError(f"cannot read {name} files in {folder} ({_one_line(err)}); delete {root} to download again") from err
         _check_memory(len(labels), size, max_memory_gb, f"{name} {split}")
-        return ImageSplit(_fit_array(images, size), torch.from_numpy(labels), classes)
+        return ImageSplit(_fit_array(images, size), torch.from_numpy(labels), classes, source_side=min(images.shape[2:]))
 
     out = _cached(cache_root, f"{name}:{folder.resolve()}", split, size, _fingerprint([str(f.resolve()) for f in files]), build)
     _check_memory(len(out), size, max_memory_gb, f"{name} {split}")  # also on a cache hit

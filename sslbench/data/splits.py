@@ -19,12 +19,15 @@ SPLITS = ("train", "test")
 
 @dataclass
 class ImageSplit:
-    """A split held in memory: ``images`` uint8 (N, 3, H, W), ``labels`` int64 (N,), and the class
-    names (``classes[label]``)."""
+    """A split held in memory: ``images`` uint8 (N, 3, H, W), ``labels`` int64 (N,), the class
+    names (``classes[label]``), and ``source_side``: the median shorter side in pixels of the images
+    as read, before they were fitted to the storage size (None when not known, e.g. a split cached
+    before it was recorded)."""
 
     images: Tensor
     labels: Tensor
     classes: list[str]
+    source_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -37,7 +40,7 @@ class ImageSplit:
 
     def subset(self, idx: Tensor) -> ImageSplit:
         """The images at ``idx`` (class list unchanged, so labels keep their meaning)."""
-        return ImageSplit(self.images[idx], self.labels[idx], list(self.classes))
+        return ImageSplit(self.images[idx], self.labels[idx], list(self.classes), self.source_side)
 
 
 @dataclass

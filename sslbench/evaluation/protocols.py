@@ -105,7 +105,9 @@ def within(lo: float, hi: float) -> Callable[[Any], str | None]:
 class Score(NamedTuple):
     """What a protocol returns: the metrics of one row and the record of how they were measured
     (the row's ``protocol``, without ``name``, ``eval_data``, ``image_size`` and ``precision``,
-    which the command adds)."""
+    which the command adds). A ``warnings`` list in the record (one-line texts: the metrics were
+    measured, but mislead, e.g. a k-NN k beyond its training images) stays in the row, and the
+    command prints each as a ``warning:`` line."""
 
     metrics: dict[str, float]
     protocol: dict[str, Any]

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sslbench.config import DEFAULT_EPOCHS, TrainConfig, check_precision, dump_yaml
 from sslbench.config.build import build_method
-from sslbench.core.errors import UserError
+from sslbench.core.errors import UserError, warn
 from sslbench.core.hostmem import keep_freed_memory
 from sslbench.core.method import Batch, Method, Schedule, StepInfo, ViewSpec, default_views
 from sslbench.core.optim import build_optimizer, lr_at, param_groups, scale_lr, set_scheduled_value
@@ -69,6 +69,7 @@ def make_plan(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -
         print(f"note: batch size {cfg.batch_size} > {n_train} training images; using {batch}", file=sys.stderr)
     if batch % world_size:
         raise UserError(f"batch size {batch} must be divisible by the number of processes ({world_size})")
+    check_local_batch(cfg, batch, world_size, min_batch)
     steps_per_epoch = max(1, n_train // batch)  # drop_last: every step sees a full batch
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch
     unbounded = cfg.time_budget_s is not None and cfg.steps is None and cfg.epochs is None
@@ -84,6 +85,32 @@ def make_plan(cfg: TrainConfig, n_train: int, world_size: int, min_batch: int) -
     else:
         warmup = steps_per_epoch if unbounded else min(10 * steps_per_epoch, total // 10)
     return Plan(steps_per_epoch, total, min(warmup, total), batch, batch // world_size)
+
+
+def check_local_batch(cfg: TrainConfig, batch: int, world_size: int, min_batch: int) -> None:
+    """Refuse a global ``batch`` whose share per process (``batch / world_size``) is below the
+    method's ``min_batch`` when each process normalises its own share (``sync_bn=false``).
+
+    With ``sync_bn`` on (the default) nothing that compares the samples of a batch is per process:
+    BatchNorm statistics, in-batch negatives (gathered), DINO's centre, SwAV's Sinkhorn, Barlow
+    Twins' and VICReg's statistics are all over the global batch, so one image per process trains
+    what one process trains on the whole batch (docs/distributed.md; tests/test_multiprocess.py),
+    and the global check of :func:`make_plan` suffices. With ``sync_bn=false`` each process's
+    BatchNorm sees only its share: one image's views are normalised against each other, and the
+    run trains without an error (BYOL at --batch-size 2 on 2 processes did) on statistics of one image."""
+    local = batch // world_size
+    if world_size < 2 or cfg.sync_bn or local >= min_batch:
+        return
+    need = min_batch * world_size
+    if batch == cfg.batch_size:
+        what, fix = f"--batch-size {batch}", f"pass --batch-size {need} or more ({min_batch} per process)"
+    else:  # cut to the data (make_plan): a larger --batch-size cannot help
+        what, fix = f"the batch of {batch} (all the training images)", f"add training images ({need} or more)"
+    raise UserError(
+        f"{what} over {world_size} processes is {local} image{'' if local == 1 else 's'} per process, fewer than the "
+        f"{min_batch} that {cfg.method} needs per process with sync_bn=false (each process's BatchNorm normalises only its own share); "
+        f"{fix}, run fewer processes, or keep sync_bn on (the default)"
+    )
 
 
 def make_schedules(cfg: TrainConfig, plan: Plan, base_lr: float, method: Method) -> dict[str, Schedule]:
@@ -209,6 +236,7 @@ class Run:
     time_based: bool = False  # a time budget alone bounds the run
     lock: RunLock | None = None  # the run directory's lock (main process), released when the run is done
     resume_command: str = ""  # the command that continues this run after a failure: `sslbench train --output DIR --resume`, or compare's own
+    warnings: list[str] = field(default_factory=list)  # what setup warned of (main process): results.json's "warnings"
 
     @property
     def device(self) -> torch.device:
@@ -286,14 +314,35 @@ def _load_train_split(cfg: TrainConfig) -> ImageSplit | FileSplit:
     return split
 
 
-def _warn_single_class(cfg: TrainConfig, split: ImageSplit | FileSplit) -> None:
+def _warn_single_class(cfg: TrainConfig, split: ImageSplit | FileSplit, record: list[str]) -> None:
     classes = int(torch.unique(split.labels).numel()) if len(split) else 0
     if classes < 2:
-        print(
-            f"warning: {cfg.data} has a single class: training works (labels are not used), but every k-NN, linear or "
+        warn(
+            f"{cfg.data} has a single class: training works (labels are not used), but every k-NN, linear or "
             "fine-tuning accuracy would be 100% and mean nothing, so the quick k-NN is skipped",
-            file=sys.stderr,
+            record,
         )
+
+
+#: Training images whose median shorter side, as read, is below this many pixels are warned of.
+#: 8 px is the side of the smallest data this suite ships and has measured, digits (8x8, upscaled
+#: to 16 px by default: k-NN ~80% trained vs ~49% untrained, README), so nothing smaller is known
+#: to hold enough detail to learn from; 2x2 images upscaled to 32 px are four colour blobs. The rule
+#: is on the images, not on their upscaling: CIFAR's 32 px upscaled 7x to 224 px for an
+#: ImageNet-size backbone is common practice, and a backbone too deep for the *training* size is
+#: refused already (the stride check of sslbench.backbones).
+MIN_USEFUL_SIDE = 8
+
+
+def tiny_images_warning(data: str, source_side: int | None, image_size: int) -> str | None:
+    """The warning for training images of ``source_side`` px (None: not known, no warning)."""
+    if source_side is None or source_side >= MIN_USEFUL_SIDE:
+        return None
+    upscaled = f", upscaled {image_size / source_side:.3g}x to {image_size} px" if image_size > source_side else ""
+    return (
+        f"{data}'s training images are {source_side} px (median shorter side){upscaled}: below {MIN_USEFUL_SIDE} px an image holds "
+        "too little detail to learn from (the smallest data set here, digits, is 8 px); check that these are the images you meant"
+    )
 
 
 def on_main(accelerator: Any, fn: Any) -> None:
@@ -385,8 +434,12 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
     set_seed(cfg.seed)
     method = build_method(cfg)
     plan = make_plan(cfg, len(train_split), world, type(method).min_batch_size)
+    notes: list[str] = []  # results.json's "warnings"
     if main:  # (after the checks that refuse the data: a refused run prints its error only)
-        _warn_single_class(cfg, train_split)
+        _warn_single_class(cfg, train_split, notes)
+        tiny = tiny_images_warning(cfg.data, train_split.source_side if isinstance(train_split, ImageSplit) else None, cfg.image_size)
+        if tiny is not None:
+            warn(tiny, notes)
     module: nn.Module = method
     if world > 1 and cfg.sync_bn:
         module = dist.convert_sync_batchnorm(module)
@@ -441,6 +494,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, *, resume: boo
         channels_last=cfg.channels_last,
         time_based=plan.total_steps == UNBOUNDED_STEPS,
         resume_command=resume_command,
+        warnings=notes,
     )
     if resume:
         _restore(run, quiet=quiet)

@@ -277,6 +277,7 @@ def results_json(run: Run, result: TrainResult) -> dict[str, Any]:
         "lr_scaling": cfg.lr_scaling,
         "metrics": result.metrics,
         "health": result.health,
+        "warnings": list(run.warnings),  # one line each, as printed (setup's; the quick k-NN adds its own)
     }
 
 
