@@ -13,4 +13,5 @@ from . import (
     simsiam,  # noqa: F401  (registers "simsiam")
     swav,  # noqa: F401  (registers "swav")
     vicreg,  # noqa: F401  (registers "vicreg")
+    wmse,  # noqa: F401  (registers "wmse")
 )
