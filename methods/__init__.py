@@ -5,6 +5,7 @@ from . import (
     barlow_twins,  # noqa: F401  (registers "barlow_twins")
     byol,  # noqa: F401  (registers "byol")
     dino,  # noqa: F401  (registers "dino")
+    lejepa,  # noqa: F401  (registers "lejepa")
     mae,  # noqa: F401  (registers "mae")
     moco,  # noqa: F401  (registers "moco")
     mocov3,  # noqa: F401  (registers "mocov3")
