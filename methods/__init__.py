@@ -10,6 +10,7 @@ from . import (
     moco,  # noqa: F401  (registers "moco")
     mocov3,  # noqa: F401  (registers "mocov3")
     nnclr,  # noqa: F401  (registers "nnclr")
+    ressl,  # noqa: F401  (registers "ressl")
     simclr,  # noqa: F401  (registers "simclr")
     simsiam,  # noqa: F401  (registers "simsiam")
     swav,  # noqa: F401  (registers "swav")
