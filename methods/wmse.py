@@ -86,7 +86,8 @@ class WMSELoss(nn.Module):
     (exactly ``w_size`` rows when N is a multiple of it, as the official code requires).
 
     Shapes: ``z`` (V, N, D), V views of the same N images (the global batch); ``perms``
-    (w_iter, N), each row a permutation of 0..N-1. Returns a scalar. Computed in float32.
+    (w_iter, N), each row a permutation of 0..N-1. Returns a scalar. Computed in float32, the
+    whitening itself in float64 (:func:`whiten`).
     """
 
     def __init__(self, w_size: int = 128, eps: float = 0.0) -> None:
