@@ -37,14 +37,14 @@ from _steps import batch as make_batch
 from _steps import info as step_info
 from torch import Tensor
 
-from sslbench import dist as sdist
-from sslbench.augment import AugmentConfig
 from sslbench.backbones import create_backbone
-from sslbench.method import Batch, default_views
+from sslbench.core import dist as sdist
+from sslbench.core.augment import AugmentConfig
+from sslbench.core.method import Batch, default_views
+from sslbench.core.registry import get_method
 from sslbench.methods.lejepa import LeJEPALoss, slice_directions
 from sslbench.methods.ressl import ReSSLLoss
 from sslbench.methods.wmse import WMSELoss, whiten
-from sslbench.registry import get_method
 
 WAVE = ["wmse", "lejepa", "ressl"]
 WORLD = 2
@@ -386,7 +386,7 @@ def test_a_killed_and_resumed_run_of_each_method_equals_an_unbroken_one(tmp_path
 
 
 def test_configs_reject_bad_values():
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     bad = {
         "wmse": [{"w_size": 1}, {"eps": 1.0}, {"num_views": 1}],
