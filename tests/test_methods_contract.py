@@ -115,7 +115,7 @@ def test_hooks_are_never_looked_up_by_name():
         "schedules",
         "validate",
     )
-    for name in ("trainer.py", "run_setup.py", "callbacks.py", "config.py", "grad_cache.py", "batches.py"):
+    for name in ("train/trainer.py", "train/run_setup.py", "train/callbacks.py", "config/__init__.py", "train/grad_cache.py", "train/batches.py"):
         text = (root / name).read_text()
         for hook in hooks:
             for lookup in (f'getattr(method, "{hook}"', f'hasattr(method, "{hook}"', f'"{hook}" in inspect'):
