@@ -51,6 +51,7 @@ MODULES = {
     "__init__.py": '"""Toy sslbench plugins (tests/test_plugin_package.py)."""\n',
     "method.py": '''
         """A contrastive toy method: NT-Xent between two views' projections."""
+
         from dataclasses import dataclass
 
         from sslbench.api import Batch, Method, MethodConfig, NTXentLoss, encode_views, feature_dim, mlp, register_method
@@ -81,6 +82,7 @@ MODULES = {
     ''',
     "protocol.py": '''
         """A label-free toy protocol: the mean L2 norm of the test features."""
+
         from sslbench.api import EvalContext, Score, register_protocol
 
 
@@ -91,6 +93,7 @@ MODULES = {
     ''',
     "source.py": '''
         """toysrc:N: N seeded images per split, two classes (dark and bright), no files."""
+
         import torch
 
         from sslbench.api import ImageSplit, UserError, register_data_source
@@ -110,6 +113,7 @@ MODULES = {
     ''',
     "command.py": '''
         """sslbench toyhello NAME: a sub-command from a plugin."""
+
         from sslbench.api import register_command
 
 
@@ -121,6 +125,7 @@ MODULES = {
     ''',
     "callback.py": '''
         """A callback that writes how many steps it saw into the run directory."""
+
         from sslbench.api import Callback, register_callback
 
 
