@@ -32,11 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.data import ImageSplit
-from sslbench.errors import UserError
-
-from .features import _autocast, module_device
-from .finetune import (
+from sslbench.api import ImageSplit, UserError, autocast, check_fraction, module_device
+from sslbench.evals.finetune import (
     CROP_SCALE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_LR,
@@ -44,7 +41,6 @@ from .finetune import (
     OPTIMIZER_RECORD,
     FinetuneModel,
     _evaluate,
-    check_fraction,
     finetune_steps,
     fraction_tag,
     label_subset,
@@ -126,7 +122,7 @@ def distill(
     labelled[label_subset(train, fraction, seed)[1].to(dev)] = 1.0
 
     def loss_fn(logits: Tensor, idx: Tensor, x: Tensor) -> Tensor:
-        with torch.no_grad(), _autocast(dev, precision):
+        with torch.no_grad(), autocast(dev, precision):
             target = teacher(x)
         loss = distillation_loss(logits, target, temperature)
         if label_weight > 0:

@@ -31,14 +31,14 @@ Chen et al. 2020b):
   short schedules it barely moves the model (on digits, 0.2 fine-tunes to ~94% where 0.05 gives
   ~64% in the same steps).
 - Augmentation: random resized crop (scale 0.08-1, as Inception/SimCLR) and horizontal flip only,
-  computed by :class:`sslbench.augment.BatchAugment` with colour jitter, grayscale, blur and
+  computed by :class:`sslbench.core.augment.BatchAugment` with colour jitter, grayscale, blur and
   solarisation off; randomness is a pure function of ``(seed, epoch, image index)``.
 - Length: ``epochs`` (default 10) passes over the labelled subset in full mini-batches of
   ``min(batch_size, n)`` images (seeded order; a remainder smaller than a batch is left out of that
   epoch), and at least ``min_steps`` (default 200) optimizer steps: a 1% subset is one batch, so
   ten epochs alone would be ten steps (SimCLR fine-tunes 1% of ImageNet for 60 epochs and 10% for
   30). See :func:`finetune_steps`.
-- Evaluation: the test split through :func:`sslbench.augment.eval_batch` (resize, centre crop,
+- Evaluation: the test split through :func:`sslbench.core.augment.eval_batch` (resize, centre crop,
   normalise) with the model in eval mode; top-1 and (with >= 5 classes) top-5 accuracy in percent.
 
 Given the same inputs and seed the result is deterministic on the CPU (no weight is initialised at
@@ -48,7 +48,6 @@ random: the head starts at zero).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,12 +56,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig, BatchAugment, eval_batch
-from sslbench.data import ImageSplit, balanced_subset
-from sslbench.errors import UserError
-
-from .features import _autocast, eval_mode, module_device
-from .knn import topk_accuracy
+from sslbench.api import (
+    AugmentConfig,
+    BatchAugment,
+    ImageSplit,
+    UserError,
+    autocast,
+    balanced_subset,
+    check_fraction,
+    eval_batch,
+    eval_mode,
+    module_device,
+)
+from sslbench.evals.knn import topk_accuracy
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.01, 0.1, 1.0)
 DEFAULT_EPOCHS = 10
@@ -114,17 +120,10 @@ def resolve_optimizer(optimizer: str, encoder: nn.Module) -> str:
     if optimizer not in OPTIMIZERS:
         raise UserError(f"unknown fine-tuning optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if optimizer == "auto":
-        from sslbench.backbones import is_vision_transformer
+        from sslbench.api import is_vision_transformer
 
         return "adamw" if is_vision_transformer(encoder) else "sgd"
     return optimizer
-
-
-def check_fraction(fraction: float) -> float:
-    """``fraction`` as a float in (0, 1], else a :class:`UserError`."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0 or math.isnan(fraction):
-        raise UserError(f"label fraction must be in (0, 1], got {fraction!r}; e.g. 0.01 for 1% of the labels")
-    return float(fraction)
 
 
 def fraction_tag(fraction: float) -> str:
@@ -149,15 +148,13 @@ def label_subset(train: ImageSplit, fraction: float, seed: int) -> tuple[ImageSp
 def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     """The first ``layers`` hidden layers (``Linear -> BatchNorm -> ReLU`` blocks) of the method's
     projector, with the trained weights of ``RUN_DIR/method.safetensors`` (strictly checked): the
-    head of feature depth ``proj<layers>`` (:func:`sslbench.evals.features.depth_head`).
+    head of feature depth ``proj<layers>`` (:func:`sslbench.evaluation.features.depth_head`).
 
     ``layers=1`` on a SimCLR v2 run (``method_cfg.projector=v2``, a 3-layer projector) gives the
     SimCLR v2 fine-tuning start ``projector[0:3]``. Raises :class:`UserError` when the method has no
     ``projector`` or it has fewer hidden layers.
     """
-    from sslbench.config import load_run_config
-
-    from .features import depth_head, hidden_layer_ends, load_projector
+    from sslbench.api import depth_head, hidden_layer_ends, load_projector, load_run_config
 
     projector = load_projector(run_dir)
     method = load_run_config(run_dir).method
@@ -235,9 +232,9 @@ def layer_decay_groups(model: FinetuneModel, decay: float) -> list[dict[str, Any
 def finetune_groups(model: FinetuneModel, decay: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """The optimizer groups of fine-tuning: :func:`layer_decay_groups` (each group's ``lr_scale``),
     each split into parameters with ``weight_decay`` and parameters without any: biases and norms
-    (:func:`sslbench.optim.is_no_decay`) and what the encoder lists in timm's ``no_weight_decay()``
+    (:func:`sslbench.core.optim.is_no_decay`) and what the encoder lists in timm's ``no_weight_decay()``
     (position embeddings, class tokens), as MAE's ``param_groups_lrd``."""
-    from sslbench.optim import is_no_decay, param_groups
+    from sslbench.api import is_no_decay, param_groups
 
     scale = {id(p): g["lr_scale"] for g in layer_decay_groups(model, decay) for p in g["params"]}
     listed = getattr(model.encoder, "no_weight_decay", None)
@@ -289,7 +286,7 @@ def start_lr_factor(model: FinetuneModel, images: Tensor, *, image_size: int, se
     head's curvature from a projector layer; it is never raised."""
     if isinstance(model.projector, nn.Identity):
         return 1.0
-    from .features import extract_features
+    from sslbench.api import extract_features
 
     if images.shape[0] > CURVATURE_IMAGES:
         pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:CURVATURE_IMAGES]
@@ -307,7 +304,7 @@ def _evaluate(model: nn.Module, test: ImageSplit, image_size: int, device: torch
     n_classes = len(test.classes)
     ks = (1, 5) if n_classes >= 5 else (1,)
     chunks = []
-    with eval_mode(model), _autocast(device, precision):
+    with eval_mode(model), autocast(device, precision):
         for start in range(0, len(test), batch_size):
             x = eval_batch(test.images[start : start + batch_size].to(device), image_size)
             chunks.append(model(x).float().cpu())
@@ -427,7 +424,7 @@ def train_classifier(
     H, W) on the model's device: SGD with Nesterov momentum 0.9 and no weight decay, or AdamW
     (``optimizer="adamw"``: betas :data:`ADAMW_BETAS`, each group's ``weight_decay``), lr
     warmed up linearly over ``warmup_steps`` and cosine-decayed from ``lr`` to zero
-    (:func:`sslbench.optim.lr_at`), full batches of ``min(batch_size, N)`` in a seeded order (a
+    (:func:`sslbench.core.optim.lr_at`), full batches of ``min(batch_size, N)`` in a seeded order (a
     remainder smaller than a batch is left out of its epoch), each image a random resized crop
     (``crop_scale``) with a horizontal flip (randomness a pure function of seed, epoch and image
     index). ``loss_fn(logits (B, C) float32, idx (B,), x (B, 3, S, S))`` gives the loss of the
@@ -440,7 +437,7 @@ def train_classifier(
         AugmentConfig(crop_scale=(float(crop_scale[0]), float(crop_scale[1])), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0),
         image_size,
     )
-    from sslbench.optim import build_optimizer, lr_at, set_lr
+    from sslbench.api import build_optimizer, lr_at, set_lr
 
     if groups is None:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
@@ -465,7 +462,7 @@ def train_classifier(
                 set_lr(opt, lr_at(step, steps, base_lr=lr, warmup_steps=warmup_steps))
                 idx_dev = order[b * batch : (b + 1) * batch].to(dev)
                 x = aug(images[idx_dev], idx_dev, seed=seed, epoch=epoch, view=0)
-                with _autocast(dev, precision):
+                with autocast(dev, precision):
                     logits = model(x)
                 loss = loss_fn(logits.float(), idx_dev, x)
                 if not torch.isfinite(loss):

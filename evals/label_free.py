@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslbench.errors import UserError
-from sslbench.health import RANK_EPS, effective_rank, normalised_std
+from sslbench.api import RANK_EPS, UserError, effective_rank, normalised_std
 
 RANKME_EPS = RANK_EPS  # Garrido et al. 2023, Eq. 1
 ALIGNMENT_ALPHA = 2.0  # Wang & Isola 2020
@@ -73,12 +72,12 @@ def uniformity(z: Tensor, t: float = UNIFORMITY_T, chunk: int = 512) -> float:
 
 def rankme(z: Tensor, eps: float = RANKME_EPS) -> float:
     """RankMe of ``z`` ``(N, D)``: ``exp`` of the entropy of its L1-normalised singular values (+ eps)
-    (:func:`sslbench.health.effective_rank`, which the training's collapse check uses too)."""
+    (:func:`sslbench.core.health.effective_rank`, which the training's collapse check uses too)."""
     return effective_rank(_matrix(z, "RankMe"), eps)
 
 
 def feature_std(z: Tensor) -> float:
     """The mean over dimensions of the (population) standard deviation over samples of the
     L2-normalised rows of ``z`` ``(N, D)``: 0 when collapsed, about ``1/sqrt(D)`` when isotropic
-    (:func:`sslbench.health.normalised_std`)."""
+    (:func:`sslbench.core.health.normalised_std`)."""
     return normalised_std(_matrix(z, "feature_std", min_rows=2))

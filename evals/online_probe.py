@@ -20,7 +20,7 @@ How it works (all on the main process, after each optimizer step):
   never synchronised. It is trained on the main process's share of each global batch only
   (1/world of the images) and evaluated there.
 - Evaluation: at the end of every epoch (and after the last step) the probe's top-1 accuracy on
-  the test split, with test features from :func:`sslbench.evals.features.extract_features`, is
+  the test split, with test features from :func:`sslbench.evaluation.features.extract_features`, is
   written to ``metrics.jsonl`` as ``{"step", "epoch", "online_probe_top1"}``.
 - Resuming: the probe's weights are not checkpointed; a resumed run starts a fresh probe.
 - A test split too large for memory (a file-backed split) is not evaluated (a note is printed);
@@ -36,11 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.data import ImageSplit
-from sslbench.heads import feature_dim
-
-from .features import _autocast, eval_mode, extract_features
-from .knn import topk_accuracy
+from sslbench.api import ImageSplit, autocast, eval_mode, extract_features, feature_dim
+from sslbench.evals.knn import topk_accuracy
 
 PROBE_LR = 0.1
 PROBE_MOMENTUM = 0.9
@@ -86,7 +83,7 @@ class OnlineProbe:
     @classmethod
     def for_run(cls, cfg: Any, encoder: nn.Module, train_split: Any, device: torch.device, precision: str) -> OnlineProbe:
         """The probe of a training run: its classes, labels and test split (loaded here)."""
-        from sslbench.data import load_split
+        from sslbench.api import load_split
 
         loaded = load_split(cfg.data, "test", cfg.image_size, cache_dir=cfg.cache_dir, max_memory_gb=cfg.max_memory_gb)
         test = loaded if isinstance(loaded, ImageSplit) else None
@@ -104,7 +101,7 @@ class OnlineProbe:
 
     def features(self, encoder: nn.Module, images: Tensor) -> Tensor:
         """Detached float32 features of normalised ``images`` (B, 3, S, S): eval mode, no grad."""
-        with eval_mode(encoder), torch.no_grad(), _autocast(images.device, self.precision):
+        with eval_mode(encoder), torch.no_grad(), autocast(images.device, self.precision):
             out: Tensor = encoder(images)
         return out.flatten(1).float().detach()
 

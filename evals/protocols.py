@@ -4,7 +4,7 @@ distillation, and the label-free feature metrics (alignment, uniformity, RankMe,
 deviation). See ``docs/evaluation.md``.
 
 k-NN, the linear probe, fine-tuning and the label-free metrics are scored at every ``--features``
-depth (``h``, ``projK``, ``z``; :func:`sslbench.evals.features.parse_depth`).
+depth (``h``, ``projK``, ``z``; :func:`sslbench.evaluation.features.parse_depth`).
 
 The evaluators are imported when a protocol runs, so that registering (and ``sslbench --help``)
 stays cheap.
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sslbench.errors import UserError
-from sslbench.protocols import EvalContext, EvalOptions, Option, Score, at_least, positive, register_protocol, within
+from sslbench.api import EvalContext, EvalOptions, Option, Score, UserError, at_least, positive, register_protocol, within
 
 
 @register_protocol(
@@ -25,12 +24,14 @@ from sslbench.protocols import EvalContext, EvalOptions, Option, Score, at_least
     per_features=True,
 )
 def knn(ctx: EvalContext, fraction: float | None) -> Score:
-    from .knn import knn_eval, knn_protocol
+    from sslbench.evals.knn import knn_eval, knn_protocol
 
     train, test = ctx.features()
     dev, cfg = ctx.device, ctx.cfg
-    metrics = knn_eval(train.to(dev), ctx.train.labels.to(dev), test.to(dev), ctx.test.labels.to(dev), k=cfg.knn_k, temperature=cfg.knn_temperature)
-    return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature))
+    metrics = knn_eval(
+        train.to(dev), ctx.split("train").labels.to(dev), test.to(dev), ctx.split("test").labels.to(dev), k=cfg.knn_k, temperature=cfg.knn_temperature
+    )
+    return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature, bank=train.shape[0]))
 
 
 LINEAR_EPOCHS = Option("--linear-epochs", 100, "linear-probe epochs (default 100)", type=int, check=at_least(1))
@@ -44,11 +45,13 @@ LINEAR_EPOCHS = Option("--linear-epochs", 100, "linear-probe epochs (default 100
     per_features=True,
 )
 def linear(ctx: EvalContext, fraction: float | None) -> Score:
-    from .linear import linear_probe, linear_protocol
+    from sslbench.evals.linear import linear_probe, linear_protocol
 
     train, test = ctx.features()
     opts = ctx.opts
-    metrics = linear_probe(train, ctx.train.labels, test, ctx.test.labels, epochs=opts.linear_epochs, seed=opts.seed, device=ctx.device)
+    metrics = linear_probe(
+        train, ctx.split("train").labels, test, ctx.split("test").labels, epochs=opts.linear_epochs, seed=opts.seed, device=ctx.device
+    )
     best_lr, best_wd = metrics.pop("linear_best_lr"), metrics.pop("linear_best_wd")
     return Score(metrics, linear_protocol(epochs=opts.linear_epochs, seed=opts.seed, best_lr=best_lr, best_wd=best_wd))
 
@@ -128,11 +131,11 @@ def finetune_optimizer(opts: EvalOptions, cfg: Any) -> tuple[str, float]:
     """The fine-tuning optimizer (``sgd`` or ``adamw``) and base lr that ``opts`` give for the run
     of config ``cfg``: ``--finetune-optimizer auto`` is AdamW for a vision-transformer backbone
     (built on the meta device to tell, no weights), and ``--finetune-lr`` defaults by optimizer."""
-    from .finetune import DEFAULT_LRS
+    from sslbench.evals.finetune import DEFAULT_LRS
 
     name = opts.finetune_optimizer
     if name == "auto":
-        from sslbench.backbones import is_vision_transformer_backbone
+        from sslbench.api import is_vision_transformer_backbone
 
         name = "adamw" if is_vision_transformer_backbone(cfg.backbone, cfg.image_size, cfg.backbone_kwargs) else "sgd"
     return name, DEFAULT_LRS[name] if opts.finetune_lr is None else float(opts.finetune_lr)
@@ -140,7 +143,7 @@ def finetune_optimizer(opts: EvalOptions, cfg: Any) -> tuple[str, float]:
 
 def _finetune_key_at(opts: EvalOptions, layer: int | str, cfg: Any) -> dict[str, Any]:
     decay, scaling = opts.finetune_layer_decay, opts.finetune_lr_scaling
-    from .finetune import applied_lr_scaling
+    from sslbench.evals.finetune import applied_lr_scaling
 
     optimizer, lr = finetune_optimizer(opts, cfg)
     scaling = applied_lr_scaling(scaling, optimizer)
@@ -181,7 +184,7 @@ def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
 
 def _distill_lr(opts: EvalOptions) -> float:
     """The student's lr (SGD, as SimCLR v2): ``--finetune-lr``, or SGD's default when none is given."""
-    from .finetune import DEFAULT_LR
+    from sslbench.evals.finetune import DEFAULT_LR
 
     return DEFAULT_LR if opts.finetune_lr is None else float(opts.finetune_lr)
 
@@ -190,7 +193,7 @@ def _projector(ctx: EvalContext) -> Any:
     """The run's first ``--from-projector-layer`` projector layers (None for 0), loaded once; as a
     ``prepare`` hook it fails before any data is loaded."""
     if "projector" not in ctx.cache:
-        from .finetune import projector_layers
+        from sslbench.evals.finetune import projector_layers
 
         layers = ctx.opts.from_projector_layer
         ctx.cache["projector"] = projector_layers(ctx.run_dir, layers) if layers else None
@@ -219,7 +222,7 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
     """The encoder fine-tuned on ``fraction`` of the labels from projector ``layer`` and its
     metrics, trained once for both the finetune row and the distillation teacher (kept only when a
     distillation will need it)."""
-    from .finetune import finetune_model
+    from sslbench.evals.finetune import finetune_model
 
     teachers = ctx.cache.setdefault("teachers", {})
     if (fraction, layer) in teachers:
@@ -229,10 +232,10 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
     optimizer, lr = finetune_optimizer(opts, ctx.cfg)
     model_and_metrics = finetune_model(
         ctx.encoder,
-        ctx.train,
-        ctx.test,
+        ctx.in_memory("train"),
+        ctx.in_memory("test"),
         fraction=fraction,
-        image_size=ctx.cfg.image_size,
+        image_size=ctx.image_size,
         epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size,
         lr=lr,
@@ -251,12 +254,12 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
 
 
 def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str, model: Any) -> dict[str, Any]:
-    from .finetune import applied_lr_scaling, finetune_protocol, label_subset
+    from sslbench.evals.finetune import applied_lr_scaling, finetune_protocol, label_subset
 
     opts = ctx.opts
     return finetune_protocol(
         fraction=fraction,
-        n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
+        n_labelled=len(label_subset(ctx.in_memory("train"), fraction, opts.seed)[0]),
         epochs=opts.finetune_epochs,
         batch_size=opts.finetune_batch_size,
         lr=model.lr,
@@ -299,11 +302,10 @@ def finetune(ctx: EvalContext, fraction: float | None) -> Score:
 def distill(ctx: EvalContext, fraction: float | None) -> Score:
     import torch
 
-    from sslbench.backbones import create_backbone
-
-    from .distill import distill as run_distill
-    from .distill import distill_protocol
-    from .finetune import label_subset
+    from sslbench.api import create_backbone
+    from sslbench.evals.distill import distill as run_distill
+    from sslbench.evals.distill import distill_protocol
+    from sslbench.evals.finetune import label_subset
 
     assert fraction is not None
     opts, cfg = ctx.opts, ctx.cfg
@@ -311,16 +313,16 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
         student = ctx.encoder
     else:
         torch.manual_seed(opts.seed)
-        student = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_kwargs)
+        student = create_backbone(cfg.backbone, ctx.image_size, **cfg.backbone_kwargs)
     layer = opts.from_projector_layer
     model, _ = _teacher(ctx, fraction, layer)
     metrics = run_distill(
         model,
         student,
-        ctx.train,
-        ctx.test,
+        ctx.in_memory("train"),
+        ctx.in_memory("test"),
         fraction=fraction,
-        image_size=cfg.image_size,
+        image_size=ctx.image_size,
         epochs=opts.distill_epochs,
         batch_size=opts.finetune_batch_size,
         lr=_distill_lr(opts),
@@ -335,8 +337,8 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
         metrics,
         distill_protocol(
             fraction=fraction,
-            n_labelled=len(label_subset(ctx.train, fraction, opts.seed)[0]),
-            n_images=len(ctx.train),
+            n_labelled=len(label_subset(ctx.in_memory("train"), fraction, opts.seed)[0]),
+            n_images=len(ctx.split("train")),
             student_init=opts.distill_student_init,
             epochs=opts.distill_epochs,
             batch_size=opts.finetune_batch_size,
@@ -367,7 +369,7 @@ def _sample_index(ctx: EvalContext) -> Any:
     them drawn by ``--eval-seed`` (all when the split is smaller); the same for every run."""
     import torch
 
-    n = len(ctx.test)
+    n = len(ctx.split("test"))
     if n < 2:
         raise UserError(f"the label-free metrics need at least 2 test images; {ctx.data} has {n}")
     if n <= ctx.opts.metric_samples:
@@ -396,21 +398,19 @@ def _record(ctx: EvalContext, **fields: Any) -> dict[str, Any]:
 def alignment(ctx: EvalContext, fraction: float | None) -> Score:
     import torch
 
-    from sslbench.augment import BatchAugment
-
-    from .features import _autocast, eval_mode
-    from .label_free import alignment as align
+    from sslbench.api import BatchAugment, autocast, eval_mode
+    from sslbench.evals.label_free import alignment as align
 
     idx = _sample_index(ctx)
-    aug = BatchAugment(ctx.cfg.aug, ctx.cfg.image_size)  # the run's own training augmentation
+    aug = BatchAugment(ctx.cfg.aug, ctx.image_size)  # the run's own training augmentation
     head = ctx.head()
     views: list[list[Any]] = [[], []]
     with eval_mode(ctx.encoder), torch.no_grad():
         for start in range(0, idx.numel(), 256):
             batch_idx = idx[start : start + 256]
-            images = ctx.test.images[batch_idx].to(ctx.device)
+            images = ctx.in_memory("test").images[batch_idx].to(ctx.device)
             for v in (0, 1):
-                with _autocast(ctx.device, ctx.precision):
+                with autocast(ctx.device, ctx.precision):
                     h = ctx.encoder(aug(images, batch_idx, seed=ctx.opts.seed, epoch=0, view=v)).flatten(1).float()
                 views[v].append((h if head is None else head(h)).float().cpu())
     metric = align(torch.cat(views[0]), torch.cat(views[1]), alpha=ctx.opts.alignment_alpha)
@@ -435,7 +435,7 @@ def alignment(ctx: EvalContext, fraction: float | None) -> Score:
     description="Wang & Isola uniformity: log E exp(-t||f(x)-f(y)||^2) over pairs of test images (no labels)",
 )
 def uniformity(ctx: EvalContext, fraction: float | None) -> Score:
-    from .label_free import uniformity as uniform
+    from sslbench.evals.label_free import uniformity as uniform
 
     metric = uniform(_test_embeddings(ctx), t=ctx.opts.uniformity_t)
     return Score(
@@ -459,8 +459,8 @@ def uniformity(ctx: EvalContext, fraction: float | None) -> Score:
     description="RankMe (Garrido et al.): effective rank of the test embedding matrix (no labels)",
 )
 def rankme(ctx: EvalContext, fraction: float | None) -> Score:
-    from .label_free import RANKME_EPS
-    from .label_free import rankme as effective_rank
+    from sslbench.evals.label_free import RANKME_EPS
+    from sslbench.evals.label_free import rankme as effective_rank
 
     z = _test_embeddings(ctx)
     return Score(
@@ -483,7 +483,7 @@ def rankme(ctx: EvalContext, fraction: float | None) -> Score:
 def feature_std(ctx: EvalContext, fraction: float | None) -> Score:
     import math
 
-    from .label_free import feature_std as std
+    from sslbench.evals.label_free import feature_std as std
 
     z = _test_embeddings(ctx)
     value = std(z)

@@ -16,12 +16,22 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.errors import UserError
-from sslbench.heads import expander, feature_dim
-from sslbench.losses import BarlowTwinsLoss
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    AugmentConfig,
+    BarlowTwinsLoss,
+    Batch,
+    Family,
+    Method,
+    MethodConfig,
+    Recipe,
+    UserError,
+    ViewSpec,
+    asymmetric,
+    expander,
+    feature_dim,
+    register_method,
+)
 
 __all__ = ["BarlowTwins", "BarlowTwinsConfig", "BarlowTwinsLoss"]
 

@@ -14,13 +14,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.losses import BYOLLoss, byol_loss
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, asymmetric, cosine_schedule
-from sslbench.momentum import freeze_
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    AugmentConfig,
+    Batch,
+    BYOLLoss,
+    Family,
+    Method,
+    MethodConfig,
+    Recipe,
+    StepInfo,
+    UserError,
+    ViewSpec,
+    asymmetric,
+    byol_loss,
+    cosine_schedule,
+    encode_views,
+    feature_dim,
+    freeze_,
+    mlp,
+    register_method,
+)
 
 __all__ = ["BYOL", "BYOLConfig", "BYOLLoss", "byol_loss"]
 

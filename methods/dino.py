@@ -3,7 +3,7 @@
 Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin. "Emerging Properties in Self-Supervised
 Vision Transformers." ICCV 2021. A student (backbone + DINO head) learns to predict, on every
 view, a teacher's centred and sharpened distribution over K prototypes on each *global* view; the
-teacher is an EMA of the student and gets no gradient (:class:`sslbench.losses.DINOLoss`).
+teacher is an EMA of the student and gets no gradient (:class:`sslbench.core.losses.DINOLoss`).
 
 Read against the official code (``facebookresearch/dino``: ``main_dino.py`` for ``DINOLoss``,
 ``DataAugmentationDINO`` and the training loop, ``vision_transformer.py`` for ``DINOHead``,
@@ -40,13 +40,29 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.errors import UserError
-from sslbench.heads import check_local_crops, encode_views, feature_dim, fit_to_patches, mlp, patch_side
-from sslbench.losses import DINOLoss
-from sslbench.method import EMBEDDING_LOG, ENTROPY_FRAC_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec, cosine_schedule
-from sslbench.momentum import freeze_
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    ENTROPY_FRAC_LOG,
+    AugmentConfig,
+    Batch,
+    DINOLoss,
+    Family,
+    Method,
+    MethodConfig,
+    Recipe,
+    StepInfo,
+    UserError,
+    ViewSpec,
+    check_local_crops,
+    cosine_schedule,
+    encode_views,
+    feature_dim,
+    fit_to_patches,
+    freeze_,
+    mlp,
+    patch_side,
+    register_method,
+)
 
 __all__ = ["DINO", "DINOConfig", "DINOHead", "DINOLoss", "WeightNormLinear", "local_crop_size"]
 

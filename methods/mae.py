@@ -24,10 +24,19 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.errors import UserError
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, Reconstruction, ViewSpec
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    AugmentConfig,
+    Batch,
+    Family,
+    Method,
+    MethodConfig,
+    Recipe,
+    Reconstruction,
+    UserError,
+    ViewSpec,
+    register_method,
+)
 
 __all__ = ["MAE", "MAEConfig", "mae_loss", "norm_pix_targets", "patchify", "random_masking", "sincos_pos_embed_2d", "unpatchify"]
 

@@ -7,7 +7,7 @@ with Momentum Contrastive Learning." arXiv:2003.04297, 2020 (v2: MLP head, tau 0
 BatchNorm: MoCo trains with per-GPU BatchNorm and "shuffling BN" (Sec. 3.3): keys are computed
 on a shuffled split of the batch, so a query and its positive key never share batch statistics
 that the model could use to find the positive. sslbench does not shuffle; with more than one
-process the trainer turns every BatchNorm into :class:`sslbench.dist.SyncBatchNorm`, whose
+process the trainer turns every BatchNorm into :class:`sslbench.core.dist.SyncBatchNorm`, whose
 statistics are those of the whole global batch, as SimCLR ("global BN") and MoCo v3 do. No
 per-process subset then has statistics of its own, and a run computes exactly what one process
 computes on the same global batch (shuffle-BN's result depends on how the batch is split over
@@ -26,13 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.losses import InfoNCELoss
-from sslbench.memory import MemoryBank
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo
-from sslbench.momentum import freeze_
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    Batch,
+    Family,
+    InfoNCELoss,
+    MemoryBank,
+    Method,
+    MethodConfig,
+    Recipe,
+    StepInfo,
+    UserError,
+    encode_views,
+    feature_dim,
+    freeze_,
+    mlp,
+    register_method,
+)
 
 __all__ = ["InfoNCELoss", "MoCo", "MoCoConfig"]
 

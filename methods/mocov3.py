@@ -14,12 +14,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.losses import MoCoV3Loss
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, cosine_schedule
-from sslbench.momentum import freeze_
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    Batch,
+    Family,
+    Method,
+    MethodConfig,
+    MoCoV3Loss,
+    Recipe,
+    StepInfo,
+    UserError,
+    cosine_schedule,
+    encode_views,
+    feature_dim,
+    freeze_,
+    mlp,
+    register_method,
+)
 
 __all__ = ["MoCoV3", "MoCoV3Config", "MoCoV3Loss"]
 

@@ -22,13 +22,23 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.errors import UserError
-from sslbench.heads import feature_dim, mlp
-from sslbench.losses import NNCLRLoss
-from sslbench.memory import MemoryBank
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    AugmentConfig,
+    Batch,
+    Family,
+    MemoryBank,
+    Method,
+    MethodConfig,
+    NNCLRLoss,
+    Recipe,
+    UserError,
+    ViewSpec,
+    asymmetric,
+    feature_dim,
+    mlp,
+    register_method,
+)
 
 __all__ = ["NNCLR", "NNCLRConfig", "NNCLRLoss"]
 

@@ -12,11 +12,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.losses import NTXentLoss
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    Batch,
+    Family,
+    Method,
+    MethodConfig,
+    NTXentLoss,
+    Recipe,
+    UserError,
+    encode_views,
+    feature_dim,
+    mlp,
+    register_method,
+)
 
 __all__ = ["NTXentLoss", "SimCLR", "SimCLRConfig"]
 

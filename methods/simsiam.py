@@ -14,11 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.losses import SimSiamLoss, negative_cosine
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    Batch,
+    Family,
+    Method,
+    MethodConfig,
+    Recipe,
+    SimSiamLoss,
+    UserError,
+    encode_views,
+    feature_dim,
+    mlp,
+    negative_cosine,
+    register_method,
+)
 
 __all__ = ["SimSiam", "SimSiamConfig", "SimSiamLoss", "negative_cosine"]
 

@@ -18,14 +18,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.dist import get_rank, get_world_size
-from sslbench.errors import UserError
-from sslbench.heads import Prototypes, check_local_crops, encode_views, feature_dim, fit_to_patches, mlp
-from sslbench.losses import SwAVLoss
-from sslbench.memory import MemoryBank
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, StepInfo, ViewSpec
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    AugmentConfig,
+    Batch,
+    Family,
+    MemoryBank,
+    Method,
+    MethodConfig,
+    Prototypes,
+    Recipe,
+    StepInfo,
+    SwAVLoss,
+    UserError,
+    ViewSpec,
+    check_local_crops,
+    encode_views,
+    feature_dim,
+    fit_to_patches,
+    get_rank,
+    get_world_size,
+    mlp,
+    register_method,
+)
 
 __all__ = ["SwAV", "SwAVConfig"]
 

@@ -15,12 +15,22 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.errors import UserError
-from sslbench.heads import expander, feature_dim
-from sslbench.losses import VICRegLoss
-from sslbench.method import EMBEDDING_LOG, Batch, Family, Method, MethodConfig, Recipe, ViewSpec, asymmetric
-from sslbench.registry import register_method
+from sslbench.api import (
+    EMBEDDING_LOG,
+    AugmentConfig,
+    Batch,
+    Family,
+    Method,
+    MethodConfig,
+    Recipe,
+    UserError,
+    VICRegLoss,
+    ViewSpec,
+    asymmetric,
+    expander,
+    feature_dim,
+    register_method,
+)
 
 __all__ = ["VICReg", "VICRegConfig", "VICRegLoss"]
 

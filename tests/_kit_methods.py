@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sslbench.dist import all_reduce_mean
-from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.losses import negative_cosine
-from sslbench.method import EMBEDDING_LOG, Batch, Method, MethodConfig
+from sslbench.core.dist import all_reduce_mean
+from sslbench.core.heads import encode_views, feature_dim, mlp
+from sslbench.core.losses import negative_cosine
+from sslbench.core.method import EMBEDDING_LOG, Batch, Method, MethodConfig
 
 
 @dataclass

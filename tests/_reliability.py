@@ -4,7 +4,7 @@ Two ways to run the command line as a separate process:
 
 - :func:`run_subprocess`: ``python -m sslbench ...``, the real thing (imports included, about 5
   CPU-seconds each before any work);
-- :func:`fork_cli`: fork this (already-imported) process and run ``sslbench.cli.main(argv)`` in
+- :func:`fork_cli`: fork this (already-imported) process and run ``sslbench.commands.cli.main(argv)`` in
   the child, with its own stdout/stderr files, environment, default warning filters and logging,
   one torch thread, and the real exit status (``os._exit(main(argv))``; an uncaught exception
   prints its traceback and exits 1, as Python does). A SIGKILL or a signal the child sends itself
@@ -95,7 +95,7 @@ def run_subprocess(argv: Sequence[str], env: dict[str, str], *, timeout: float =
 
 
 class Forked:
-    """A forked child running ``sslbench.cli.main``; :meth:`wait` gives its :class:`Result`."""
+    """A forked child running ``sslbench.commands.cli.main``; :meth:`wait` gives its :class:`Result`."""
 
     def __init__(self, argv: list[str], pid: int, out: Path, err: Path) -> None:
         self.argv, self.pid, self.out, self.err = argv, pid, out, err
@@ -163,19 +163,19 @@ def preload() -> None:
         "safetensors.torch",
         "rich.console",
         "rich.progress",
-        "sslbench.cli",
+        "sslbench.commands.cli",
         "sslbench.config",
-        "sslbench.trainer",
-        "sslbench.progress",
+        "sslbench.train.trainer",
+        "sslbench.core.progress",
         "sslbench.backbones",
-        "sslbench.evals.features",
+        "sslbench.evaluation.features",
         "sslbench.evals.knn",
     ):
         try:
             importlib.import_module(name)
         except ImportError:
             pass
-    from sslbench.registry import METHODS
+    from sslbench.core.registry import METHODS
 
     METHODS.names()  # imports the built-in methods
 
@@ -200,7 +200,7 @@ def fork_cli(argv: Sequence[str], env: dict[str, str], *, before: Callable[[], N
             _reset_child(env)
             if before is not None:
                 before()
-            from sslbench.cli import main
+            from sslbench.commands.cli import main
 
             code = main(argv)
         except SystemExit as exc:

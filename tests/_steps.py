@@ -1,5 +1,5 @@
-"""Build the contract's inputs by hand: a :class:`~sslbench.method.Batch` of given views and a
-:class:`~sslbench.method.StepInfo` of a given step (the helpers of :mod:`sslbench.testing`)."""
+"""Build the contract's inputs by hand: a :class:`~sslbench.core.method.Batch` of given views and a
+:class:`~sslbench.core.method.StepInfo` of a given step (the helpers of :mod:`sslbench.testing`)."""
 
 from __future__ import annotations
 

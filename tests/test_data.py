@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-import sslbench._data_decode as data_decode
 import sslbench.data as data
-from sslbench.data import DATASETS, FileSplit, ImageSplit, balanced_subset, default_cache_dir, load_split, store_size
-from sslbench.errors import UserError
+import sslbench.data.decode as data_decode
+from sslbench.core.errors import UserError
+from sslbench.data import FileSplit, ImageSplit, balanced_subset, data_sources, default_cache_dir, load_split, store_size
 
 CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -427,8 +427,8 @@ def test_user_errors(tmp_path: Path, spec, split, size, kwargs, match) -> None:
 
 
 def test_dataset_listing_and_cache_dir(monkeypatch, tmp_path: Path) -> None:
-    assert list(DATASETS) == ["digits", "cifar10", "cifar100", "stl10", "imagefolder:PATH", "hf:NAME"]
-    assert all(desc and "\n" not in desc for desc in DATASETS.values())
+    assert list(data_sources()) == ["digits", "cifar10", "cifar100", "stl10", "imagefolder:PATH", "hf:NAME"]
+    assert all(desc and "\n" not in desc for desc in data_sources().values())
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("SSLBENCH_CACHE")

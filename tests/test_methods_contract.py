@@ -23,9 +23,9 @@ import pytest
 import torch
 from _toy_methods import TOYS
 
-from sslbench.method import EMBEDDING_LOG, FAMILIES
-from sslbench.optim import build_optimizer, param_groups
-from sslbench.registry import METHODS, get_method
+from sslbench.core.method import EMBEDDING_LOG, FAMILIES
+from sslbench.core.optim import build_optimizer, param_groups
+from sslbench.core.registry import METHODS, get_method
 from sslbench.testing import (
     BATCH,
     SIZE,
@@ -115,7 +115,7 @@ def test_hooks_are_never_looked_up_by_name():
         "schedules",
         "validate",
     )
-    for name in ("trainer.py", "run_setup.py", "callbacks.py", "config.py", "grad_cache.py", "batches.py"):
+    for name in ("train/trainer.py", "train/run_setup.py", "train/callbacks.py", "config/__init__.py", "train/grad_cache.py", "train/batches.py"):
         text = (root / name).read_text()
         for hook in hooks:
             for lookup in (f'getattr(method, "{hook}"', f'hasattr(method, "{hook}"', f'"{hook}" in inspect'):
@@ -180,7 +180,7 @@ def test_example_loss_matches_formula(example, n, d, alpha, t):
 
 
 def test_configs_reject_bad_values():
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     bad = {
         "moco": {"queue_size": 0},

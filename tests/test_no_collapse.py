@@ -25,7 +25,7 @@ import json
 
 import pytest
 
-from sslbench.registry import METHODS
+from sslbench.core.registry import METHODS
 from sslbench.testing import check_no_collapse
 
 

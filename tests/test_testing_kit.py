@@ -8,8 +8,8 @@ import pytest
 import torch
 from _kit_methods import FlippedGradient, KitConfig, KitMethod, LocalCenter, NaNLoss, PythonCounter
 
-from sslbench.method import Batch, Method
-from sslbench.registry import METHODS, register_method
+from sslbench.core.method import Batch, Method
+from sslbench.core.registry import METHODS, register_method
 from sslbench.testing import (
     check_loss_decreases,
     check_method,
@@ -66,7 +66,7 @@ def test_a_class_defined_in_a_function_cannot_be_checked_in_new_processes():
     check_training_step(Local)  # in this process it is a method like any other
     with pytest.raises(ValueError, match="define the class at the top level of an importable module"):
         check_two_processes_equal_one(Local)
-    with pytest.raises(TypeError, match="subclasses sslbench.method.Method"):
+    with pytest.raises(TypeError, match="subclasses sslbench.core.method.Method"):
         resolve_method(KitConfig)  # type: ignore[arg-type]
 
 

@@ -11,10 +11,10 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from sslbench.augment import AugmentConfig, eval_batch
 from sslbench.backbones import create_backbone
-from sslbench.evals.features import extract_features
-from sslbench.registry import METHODS, get_method
+from sslbench.core.augment import AugmentConfig, eval_batch
+from sslbench.core.registry import METHODS, get_method
+from sslbench.evaluation.features import extract_features
 from sslbench.testing import check_views_of_several_sizes
 
 VIT = "vit_tiny_patch16_224"
@@ -71,7 +71,7 @@ def test_default_local_crops_fit_a_vits_patches_and_a_size_that_does_not_is_refu
     """At 32 px a ViT has 4 px patches: the default local crop side is rounded to a multiple of
     them (SwAV's 9/16 of 32 = 18 px becomes 16), while a ResNet keeps the method's own default;
     a local size the user sets that the patches do not tile is one clear error naming the key."""
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     cls = get_method(name)
     vit_sizes = {s.size for s in cls(create_backbone(VIT, 32, depth=1), cls.Config()).views(AugmentConfig(), 32)}

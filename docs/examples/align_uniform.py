@@ -18,11 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.dist import gather_with_grad
-from sslbench.errors import UserError
-from sslbench.heads import encode_views, feature_dim, mlp
-from sslbench.method import Batch, Family, Method, MethodConfig, Recipe
-from sslbench.registry import register_method
+from sslbench.api import Batch, Family, Method, MethodConfig, Recipe, UserError, encode_views, feature_dim, gather_with_grad, mlp, register_method
 
 
 class AlignUniformLoss(nn.Module):
@@ -33,7 +29,7 @@ class AlignUniformLoss(nn.Module):
     - ``L_uniform(x) = log mean_{i != j} exp(-t ||x_i - x_j||^2)`` over all pairs of the batch.
 
     x and y are L2-normalised here. Uniformity is a property of the whole batch: its pairs come
-    from the global batch, gathered with :func:`sslbench.dist.gather_with_grad`, so every process
+    from the global batch, gathered with :func:`sslbench.api.gather_with_grad`, so every process
     computes the same uniformity and, with DDP's averaging, the single-process gradient. Computed
     in float32.
 
