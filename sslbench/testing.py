@@ -146,8 +146,8 @@ RANK_STATE_ENV = "SSLBENCH_TESTING_RANK_STATE"  # SaveRankState: write every pro
 
 FIX_DISTRIBUTED = (
     "Usual causes: a loss over the batch computed on each process's half alone (gather negatives and batch statistics "
-    "from every process with sslbench.core.dist.gather_with_grad / all_reduce_sum_with_grad); a buffer updated from the "
-    "local batch (DDP does not synchronise buffers: reduce the update over processes, as sslbench.core.memory.MemoryBank "
+    "from every process with sslbench.api.gather_with_grad / all_reduce_sum_with_grad); a buffer updated from the "
+    "local batch (DDP does not synchronise buffers: reduce the update over processes, as sslbench.api.MemoryBank "
     "and DINO's centre do); per-sample randomness from torch.rand instead of batch.uniform(stream, n)."
 )
 
@@ -213,7 +213,7 @@ def resolve_method(method: MethodLike | MethodRef) -> MethodRef:
     else:
         obj = method
     if not (isinstance(obj, type) and issubclass(obj, Method)):
-        raise TypeError(f"{obj!r} is not a method class: a method subclasses sslbench.core.method.Method (docs/write-your-own-method.md)")
+        raise TypeError(f"{obj!r} is not a method class: a method subclasses sslbench.api.Method (docs/write-your-own-method.md)")
     cls: type[Method] = obj
     registered = bool(cls.name) and cls.name in METHODS and METHODS.get(cls.name) is cls
     name = cls.name if registered else f"{cls.__module__}.{cls.__qualname__}"
@@ -361,10 +361,10 @@ def check_builds(target: MethodLike | OneStep) -> None:
     r = _stepped(target)
     method, cls = r.method, r.cls
     n = cls.__name__
-    _require(isinstance(method, Method), f"{n} must subclass sslbench.core.method.Method")
+    _require(isinstance(method, Method), f"{n} must subclass sslbench.api.Method")
     _require(isinstance(cls.description, str) and cls.description.strip(), f"{n}.description must be one line for `sslbench list methods`")
     _require(isinstance(cls.paper, str) and cls.paper.strip(), f"{n}.paper must cite the method's paper")
-    _require(dataclasses.is_dataclass(cls.Config), f"{n}.Config must be a @dataclass (a subclass of sslbench.core.method.MethodConfig)")
+    _require(dataclasses.is_dataclass(cls.Config), f"{n}.Config must be a @dataclass (a subclass of sslbench.api.MethodConfig)")
     _require(
         method.encoder is r.backbone,
         f"{n}.encoder must be the backbone given to __init__ (self.encoder = backbone): it is what is saved and evaluated",
@@ -389,7 +389,7 @@ def check_builds(target: MethodLike | OneStep) -> None:
         for family in FAMILIES:
             recipe = cls.recipe(size, family)
             where = f"{n}.recipe({size}, {family!r})"
-            _require(isinstance(recipe, Recipe), f"{where} must return a sslbench.core.method.Recipe, got {type(recipe).__name__}")
+            _require(isinstance(recipe, Recipe), f"{where} must return a sslbench.api.Recipe, got {type(recipe).__name__}")
             _require(recipe.optimizer in OPTIMIZERS, f"{where}.optimizer {recipe.optimizer!r} is not one of {OPTIMIZERS}")
             _require(
                 recipe.lr > 0 and recipe.weight_decay >= 0, f"{where}: lr must be > 0 and weight_decay >= 0, got {recipe.lr}, {recipe.weight_decay}"
@@ -638,7 +638,7 @@ def check_views_of_several_sizes(method: MethodLike, *, backbone: Backbone = MUL
         _require(
             p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0,
             f"the ViT's {name} gets no finite, non-zero gradient from {cls.__name__} on views of sizes {sizes}: encode every view with "
-            "sslbench.core.heads.encode_views(self.encoder, batch.views) (one pass per size)",
+            "sslbench.api.encode_views(self.encoder, batch.views) (one pass per size)",
         )
     return None
 
@@ -874,8 +874,8 @@ def assert_ranks_agree(ranks: Path, min_scale: float = MIN_SCALE) -> None:
                     raise AssertionError(
                         f"buffer {key} differs between the processes of one run ({exc}): DDP does not synchronise buffers, so a buffer "
                         "updated from each process's own batch diverges; update it from values every process shares (gather the batch's "
-                        "values with sslbench.core.dist.gather_no_grad, or average the update with sslbench.core.dist.all_reduce_mean), as MoCo's "
-                        "queue (sslbench.core.memory.MemoryBank) and DINO's centre do, or keep the state out of buffers"
+                        "values with sslbench.api.gather_no_grad, or average the update with sslbench.api.all_reduce_mean), as MoCo's "
+                        "queue (sslbench.api.MemoryBank) and DINO's centre do, or keep the state out of buffers"
                     ) from None
                 raise AssertionError(
                     f"parameter {key} differs between the processes of one run ({exc}): DDP keeps parameters equal through the optimizer "
@@ -1182,7 +1182,7 @@ def check_resume_equals_unbroken(
         )
         fix = (
             "State a method keeps across steps must be in parameters or registered buffers (self.register_buffer, or "
-            "sslbench.core.memory.MemoryBank): checkpoints hold the state_dict, the optimizer and the RNG states, not Python attributes; "
+            "sslbench.api.MemoryBank): checkpoints hold the state_dict, the optimizer and the RNG states, not Python attributes; "
             "decisions that must survive a resume are pure functions of batch.info (step, epoch, progress)"
         )
         m_unbroken, m_resumed = _metrics(unbroken), _metrics(broken)

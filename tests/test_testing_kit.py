@@ -66,7 +66,7 @@ def test_a_class_defined_in_a_function_cannot_be_checked_in_new_processes():
     check_training_step(Local)  # in this process it is a method like any other
     with pytest.raises(ValueError, match="define the class at the top level of an importable module"):
         check_two_processes_equal_one(Local)
-    with pytest.raises(TypeError, match="subclasses sslbench.core.method.Method"):
+    with pytest.raises(TypeError, match="subclasses sslbench.api.Method"):
         resolve_method(KitConfig)  # type: ignore[arg-type]
 
 
