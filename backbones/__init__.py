@@ -37,13 +37,12 @@ import timm
 import torch
 from torch import nn
 
-from sslbench.errors import UserError
-from sslbench.method import Family
-from sslbench.registry import unknown_name_message
-from sslbench.rundir import ENCODER, write_atomic
-
-from .small_stem import ARCHITECTURE as SMALL_STEM_ARCHITECTURE
-from .small_stem import cifar_stem_ as _cifar_stem_
+from sslbench.backbones.small_stem import ARCHITECTURE as SMALL_STEM_ARCHITECTURE
+from sslbench.backbones.small_stem import cifar_stem_ as _cifar_stem_
+from sslbench.core.errors import UserError
+from sslbench.core.method import Family
+from sslbench.core.registry import unknown_name_message
+from sslbench.core.rundir import ENCODER, write_atomic
 
 SMALL_IMAGE_MAX = 64  # images of this size or less get the small-image adaptations
 
@@ -126,7 +125,7 @@ def is_vision_transformer_backbone(name: str, image_size: int = 224, kwargs: dic
 
 
 def backbone_family(name: str, image_size: int = 224, kwargs: dict[str, Any] | None = None) -> Family:
-    """The :data:`~sslbench.method.Family` of ``create_backbone(name, image_size, **kwargs)``, which
+    """The :data:`~sslbench.core.method.Family` of ``create_backbone(name, image_size, **kwargs)``, which
     picks a method's recipe: "vit" for a vision transformer (:func:`is_vision_transformer`), else
     "convnet". Told on the meta device, as :func:`is_vision_transformer_backbone`."""
     return "vit" if is_vision_transformer_backbone(name, image_size, kwargs) else "convnet"
@@ -159,7 +158,7 @@ def _weights_access(name: str, pretrained: bool) -> Iterator[None]:
     if not pretrained:
         yield
         return
-    from sslbench.hub import cache_dir, hub_access, offline_reason
+    from sslbench.core.hub import cache_dir, hub_access, offline_reason
 
     with hub_access() as offline:
         try:
@@ -238,12 +237,12 @@ def _runs_at(model: nn.Module, image_size: int) -> bool:
         return False
 
 
-ENCODER_FILE = ENCODER  # a run directory's encoder file (sslbench.rundir.RunDir.encoder)
+ENCODER_FILE = ENCODER  # a run directory's encoder file (sslbench.core.rundir.RunDir.encoder)
 
 
 def save_encoder(model: nn.Module, path: str | Path, *, meta: dict[str, Any], what: str = "free some space and try again") -> None:
     """Write the backbone's state dict (timm's own key names) as safetensors, atomically
-    (:func:`sslbench.rundir.write_atomic`: a failure keeps the previous file and is a one-line
+    (:func:`sslbench.core.rundir.write_atomic`: a failure keeps the previous file and is a one-line
     UserError ending with ``what``)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file

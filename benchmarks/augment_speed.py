@@ -1,4 +1,4 @@
-"""Speed benchmark (not a test): the batched SimCLR augmentation (`sslbench.augment.BatchAugment`).
+"""Speed benchmark (not a test): the batched SimCLR augmentation (`sslbench.core.augment.BatchAugment`).
 
 Prints the median milliseconds to augment one training step's two views:
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sslbench.augment import AugmentConfig, BatchAugment
+from sslbench.core.augment import AugmentConfig, BatchAugment
 
 
 @dataclass

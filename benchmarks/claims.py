@@ -9,7 +9,7 @@ rows into ``leaderboards/claims/README.md``:
 
 For every claim the README gives the paper's evidence (figure or table and its numbers), the
 command that tests it here (recorded in the rows; from run.sh while a claim has none), the numbers
-obtained (mean +- sample std over seeds, rendered by :func:`sslbench.leaderboard.render`) and a
+obtained (mean +- sample std over seeds, rendered by :func:`sslbench.results.leaderboard.render`) and a
 verdict. Verdicts come from the numbers only: each comparison the paper makes ("A beats B") is a
 one-sided Welch t-test over the seeds of A and B; p < 0.05 in the paper's direction is
 *reproduced*, p < 0.05 the other way is *opposite at this scale*, anything else *not resolved at
@@ -360,7 +360,7 @@ def _training_minutes(rows: Iterable[Mapping[str, Any]]) -> float:
 
 
 def claim_section(claim: Claim, rows: list[dict[str, Any]], script: Path) -> str:
-    from sslbench.leaderboard import aggregate, render
+    from sslbench.results.leaderboard import aggregate, render
 
     out = [f"## {claim.title}", "", f"**Paper.** {claim.paper}", ""]
     commands = sorted({str(r.get("command")) for r in rows if r.get("command")})
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         prepare(args.source, args.out, args.train_per_class, args.test_per_class)
         return 0
-    from sslbench.rundir import write_text_atomic
+    from sslbench.core.rundir import write_text_atomic
 
     output = args.output or args.rows / "README.md"
     write_text_atomic(output, readme(args.rows, args.script), "pass a writable --output")

@@ -30,7 +30,7 @@ from pathlib import Path
 # exec), so a parent that holds torch would hide the figure. Elsewhere: ru_maxrss.
 _CHILD = r"""
 import json, resource, sys
-from sslbench.cli import main
+from sslbench.commands.cli import main
 
 def peak_mb():
     try:
@@ -42,7 +42,7 @@ def peak_mb():
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 * 1024)
 
-import sslbench.trainer, sslbench.methods, timm, accelerate  # imports are part of the baseline
+import sslbench.train.trainer, sslbench.methods, timm, accelerate  # imports are part of the baseline
 before = peak_mb()
 rc = main(sys.argv[1:])
 print("GRAD_CACHE_MEMORY " + json.dumps({"rc": rc, "baseline_mb": before, "peak_mb": peak_mb()}))

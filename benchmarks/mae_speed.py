@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from sslbench.backbones import create_backbone
-from sslbench.hostmem import keep_freed_memory
-from sslbench.method import Batch, StepInfo
+from sslbench.core.hostmem import keep_freed_memory
+from sslbench.core.method import Batch, StepInfo
 from sslbench.methods.mae import MAE, MAEConfig, random_masking
 
 
@@ -68,7 +68,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        keep_freed_memory()  # as the trainer does on the CPU (sslbench/hostmem.py)
+        keep_freed_memory()  # as the trainer does on the CPU (sslbench/core/hostmem.py)
     cfg = MAEConfig(mask_ratio=args.mask_ratio)
     if args.decoder:
         cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads = (int(v) for v in args.decoder.lower().split("x"))

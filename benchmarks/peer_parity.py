@@ -6,13 +6,13 @@ the same images, backbone, epochs, batch, image size and seed, and scored with t
   (the ``training_step`` / ``configure_optimizers`` of lightly's benchmark module; pytorch-lightning
   is not needed), fed by a torch ``DataLoader`` with lightly's transforms and ``--num-workers``
   workers over the image files;
-* **sslbench**: the same method through ``sslbench.pipeline.train_and_score`` (what ``sslbench
+* **sslbench**: the same method through ``sslbench.commands.pipeline.train_and_score`` (what ``sslbench
   train`` runs) with the method's own sslbench recipe.
 
 Both sides train on the same class-balanced subset (``sslbench.data.balanced_subset`` of the
 train split's file order, the ``train_subset`` sslbench itself draws) and the same backbone
 construction (``sslbench.backbones.create_backbone``; lightly's heads take its ``num_features``);
-both frozen encoders are scored with sslbench's k-NN (``sslbench/features.py`` + ``evals/knn.py``,
+both frozen encoders are scored with sslbench's k-NN (``sslbench/evaluation/features.py`` + ``evals/knn.py``,
 k=200, T=0.1) on the test split, the memory bank being the whole train split (``--knn-bank``
 draws a balanced subset of it, for smoke tests only). images/s is the training loop's (data
 loading included; the peer's DataLoader workers start once per epoch, as under Lightning).
@@ -192,7 +192,7 @@ def environment() -> dict[str, Any]:
 
 def split_files(data: str) -> tuple[list[str], list[int]]:
     """The train split's files and labels in sslbench's order (sorted class folders, sorted files)."""
-    from sslbench._data_sources import _class_folders, _image_files
+    from sslbench.data.sources import _class_folders, _image_files
 
     train_dir = Path(data).expanduser().resolve() / "train"
     files: list[str] = []
@@ -210,7 +210,7 @@ def knn_score(encoder: Any, budget: Budget) -> dict[str, float]:
 
     from sslbench.data import balanced_subset, load_split
     from sslbench.evals.knn import knn_eval
-    from sslbench.features import extract_features
+    from sslbench.evaluation.features import extract_features
 
     spec = f"imagefolder:{budget.data}"
     train = load_split(spec, "train", budget.image_size)
@@ -529,9 +529,9 @@ def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
 def train_sslbench(method: str, budget: Budget, work: Path) -> tuple[dict[str, Any], Any]:
     import shutil
 
-    from sslbench.build import load_encoder
+    from sslbench.commands.pipeline import train_and_score
     from sslbench.config import build_config
-    from sslbench.pipeline import train_and_score
+    from sslbench.config.build import load_encoder
 
     out = work / f"sslbench-{method}"
     shutil.rmtree(out, ignore_errors=True)

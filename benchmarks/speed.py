@@ -4,7 +4,7 @@ In one run on the current machine it measures the median images/s (training imag
 each) of:
 
   (a) the backbone's forward + backward alone on random tensors of the training shapes: the ceiling;
-  (b) the full sslbench SimCLR training step (`sslbench.trainer.train`) on in-memory data with
+  (b) the full sslbench SimCLR training step (`sslbench.train.trainer.train`) on in-memory data with
       batched augmentation on the training device;
   (c) the same training step fed by the per-image torchvision/DataLoader path (workers decode and
       augment each image), forced with `max_memory_gb=0`;
@@ -180,7 +180,7 @@ def full_step(
         return _median_rate(out)
 
 
-SCOPES = ("sslbench.augment", "sslbench.forward", "sslbench.backward", "sslbench.optimizer")
+SCOPES = ("sslbench.core.augment", "sslbench.forward", "sslbench.backward", "sslbench.optimizer")
 
 
 def profile_step(
@@ -194,7 +194,7 @@ def profile_step(
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from sslbench.cli import main as cli_main
+    from sslbench.commands.cli import main as cli_main
 
     gpu = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
@@ -296,7 +296,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     keep_freed = not args.default_malloc
     if keep_freed and not gpu:
-        from sslbench.hostmem import keep_freed_memory
+        from sslbench.core.hostmem import keep_freed_memory
 
         keep_freed_memory()  # what the trainer does on CPU, so (a) and (b) share the allocator
     hw = hardware()

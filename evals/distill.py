@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslbench.api import ImageSplit, UserError, autocast, check_fraction, module_device
-
-from .finetune import (
+from sslbench.evals.finetune import (
     CROP_SCALE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_LR,

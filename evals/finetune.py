@@ -31,14 +31,14 @@ Chen et al. 2020b):
   short schedules it barely moves the model (on digits, 0.2 fine-tunes to ~94% where 0.05 gives
   ~64% in the same steps).
 - Augmentation: random resized crop (scale 0.08-1, as Inception/SimCLR) and horizontal flip only,
-  computed by :class:`sslbench.augment.BatchAugment` with colour jitter, grayscale, blur and
+  computed by :class:`sslbench.core.augment.BatchAugment` with colour jitter, grayscale, blur and
   solarisation off; randomness is a pure function of ``(seed, epoch, image index)``.
 - Length: ``epochs`` (default 10) passes over the labelled subset in full mini-batches of
   ``min(batch_size, n)`` images (seeded order; a remainder smaller than a batch is left out of that
   epoch), and at least ``min_steps`` (default 200) optimizer steps: a 1% subset is one batch, so
   ten epochs alone would be ten steps (SimCLR fine-tunes 1% of ImageNet for 60 epochs and 10% for
   30). See :func:`finetune_steps`.
-- Evaluation: the test split through :func:`sslbench.augment.eval_batch` (resize, centre crop,
+- Evaluation: the test split through :func:`sslbench.core.augment.eval_batch` (resize, centre crop,
   normalise) with the model in eval mode; top-1 and (with >= 5 classes) top-5 accuracy in percent.
 
 Given the same inputs and seed the result is deterministic on the CPU (no weight is initialised at
@@ -68,8 +68,7 @@ from sslbench.api import (
     eval_mode,
     module_device,
 )
-
-from .knn import topk_accuracy
+from sslbench.evals.knn import topk_accuracy
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.01, 0.1, 1.0)
 DEFAULT_EPOCHS = 10
@@ -149,7 +148,7 @@ def label_subset(train: ImageSplit, fraction: float, seed: int) -> tuple[ImageSp
 def projector_layers(run_dir: str | Path, layers: int) -> nn.Sequential:
     """The first ``layers`` hidden layers (``Linear -> BatchNorm -> ReLU`` blocks) of the method's
     projector, with the trained weights of ``RUN_DIR/method.safetensors`` (strictly checked): the
-    head of feature depth ``proj<layers>`` (:func:`sslbench.features.depth_head`).
+    head of feature depth ``proj<layers>`` (:func:`sslbench.evaluation.features.depth_head`).
 
     ``layers=1`` on a SimCLR v2 run (``method_cfg.projector=v2``, a 3-layer projector) gives the
     SimCLR v2 fine-tuning start ``projector[0:3]``. Raises :class:`UserError` when the method has no
@@ -233,7 +232,7 @@ def layer_decay_groups(model: FinetuneModel, decay: float) -> list[dict[str, Any
 def finetune_groups(model: FinetuneModel, decay: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """The optimizer groups of fine-tuning: :func:`layer_decay_groups` (each group's ``lr_scale``),
     each split into parameters with ``weight_decay`` and parameters without any: biases and norms
-    (:func:`sslbench.optim.is_no_decay`) and what the encoder lists in timm's ``no_weight_decay()``
+    (:func:`sslbench.core.optim.is_no_decay`) and what the encoder lists in timm's ``no_weight_decay()``
     (position embeddings, class tokens), as MAE's ``param_groups_lrd``."""
     from sslbench.api import is_no_decay, param_groups
 
@@ -425,7 +424,7 @@ def train_classifier(
     H, W) on the model's device: SGD with Nesterov momentum 0.9 and no weight decay, or AdamW
     (``optimizer="adamw"``: betas :data:`ADAMW_BETAS`, each group's ``weight_decay``), lr
     warmed up linearly over ``warmup_steps`` and cosine-decayed from ``lr`` to zero
-    (:func:`sslbench.optim.lr_at`), full batches of ``min(batch_size, N)`` in a seeded order (a
+    (:func:`sslbench.core.optim.lr_at`), full batches of ``min(batch_size, N)`` in a seeded order (a
     remainder smaller than a batch is left out of its epoch), each image a random resized crop
     (``crop_scale``) with a horizontal flip (randomness a pure function of seed, epoch and image
     index). ``loss_fn(logits (B, C) float32, idx (B,), x (B, 3, S, S))`` gives the loss of the

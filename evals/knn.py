@@ -147,18 +147,38 @@ def knn_eval(
     return out
 
 
-def knn_protocol(k: int = 200, temperature: float = 0.1, weighted: bool = True) -> dict[str, Any]:
+def knn_bank_warning(k: int, bank: int) -> str | None:
+    """The warning for a k-NN asked for more neighbours (``k``) than its memory bank holds training
+    images (``bank``), or None. :func:`knn_classify` then runs with ``k = bank``: every test image is
+    scored by a vote of the whole bank, nearest or not, so the accuracy says little of the features
+    (with 48 training images and k=200, trained and untrained encoders scored alike)."""
+    if k <= bank:
+        return None
+    return (
+        f"k-NN k={k} is more than the {bank} training images in its memory bank, so it runs with k={bank}: every test image is "
+        f"scored by a vote of all {bank}, not of its nearest neighbours, and trained and untrained features may score alike; "
+        f"set knn_k below {bank} (--set knn_k=N; for a trained run, knn_k in its config.yaml) or use more training images"
+    )
+
+
+def knn_protocol(k: int = 200, temperature: float = 0.1, weighted: bool = True, *, bank: int | None = None) -> dict[str, Any]:
     """A self-describing record of the k-NN protocol, for result rows.
 
     ``k`` is the requested number of neighbours; :func:`knn_classify` clips it to the training
-    set size.
+    set size. With ``bank`` (the number of training images scored against) the record adds
+    ``k_effective`` (the k that ran) and, when ``k`` is clipped, ``warnings`` (:func:`knn_bank_warning`).
     """
-    return {
+    record: dict[str, Any] = {
         "name": "knn",
         "k": k,
+        **({"k_effective": min(k, bank)} if bank is not None else {}),
         "temperature": temperature if weighted else None,
         "weighting": "exp(sim/T)" if weighted else "uniform (majority vote, ties -> smallest class)",
         "metric": "cosine",
         "feature_processing": "l2-normalised, frozen, no augmentation",  # "features" is the depth (h, projK, z)
         "reference": "Wu et al. 2018 (InstDisc)" if weighted else "majority vote (scikit-learn rule)",
     }
+    warning = knn_bank_warning(k, bank) if bank is not None else None
+    if warning is not None:
+        record["warnings"] = [warning]
+    return record

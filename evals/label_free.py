@@ -72,12 +72,12 @@ def uniformity(z: Tensor, t: float = UNIFORMITY_T, chunk: int = 512) -> float:
 
 def rankme(z: Tensor, eps: float = RANKME_EPS) -> float:
     """RankMe of ``z`` ``(N, D)``: ``exp`` of the entropy of its L1-normalised singular values (+ eps)
-    (:func:`sslbench.health.effective_rank`, which the training's collapse check uses too)."""
+    (:func:`sslbench.core.health.effective_rank`, which the training's collapse check uses too)."""
     return effective_rank(_matrix(z, "RankMe"), eps)
 
 
 def feature_std(z: Tensor) -> float:
     """The mean over dimensions of the (population) standard deviation over samples of the
     L2-normalised rows of ``z`` ``(N, D)``: 0 when collapsed, about ``1/sqrt(D)`` when isotropic
-    (:func:`sslbench.health.normalised_std`)."""
+    (:func:`sslbench.core.health.normalised_std`)."""
     return normalised_std(_matrix(z, "feature_std", min_rows=2))

@@ -5,7 +5,7 @@ Representation Learning", and Chen et al. 2020, "A Simple Framework for Contrast
 Visual Representations"):
 
 - The encoder is frozen; features are extracted once by the caller, without augmentation
-  (:func:`probe_encoder` does it with :func:`sslbench.features.extract_features`).
+  (:func:`probe_encoder` does it with :func:`sslbench.evaluation.features.extract_features`).
 - Features are standardised with the mean and standard deviation of the data the classifier is
   fitted on (the training part during the search, all of train for the final fit). This is what
   a non-affine BatchNorm in front of the linear layer does at test time (He et al. 2022, MAE), it
@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslbench.api import Transform, UserError, extract_features, module_device
-
-from .knn import topk_accuracy
+from sslbench.evals.knn import topk_accuracy
 
 OPTIMIZERS = ("sgd", "lbfgs")
 DEFAULT_SGD_LRS: tuple[float, ...] = (0.01, 0.1, 1.0)
@@ -112,8 +111,11 @@ def _fit_sgd(
     The G classifiers are the column blocks of one ``(D, G*C)`` matrix, so a step is a single
     GEMM. The update is PyTorch's SGD with momentum, written out so that every column block gets
     its own lr and weight decay: ``buf = m * buf + (grad + wd * W)``, ``W -= lr_t * buf``, with
-    ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` and no weight decay on the bias.
+    ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` (:func:`sslbench.api.cosine_between` from 1 to
+    0) and no weight decay on the bias.
     """
+    from sslbench.api import cosine_between
+
     n, dim = x.shape
     n_cfg = len(configs)
     lr = torch.tensor([c[0] for c in configs], device=x.device).repeat_interleave(n_classes)  # (G*C,)
@@ -133,7 +135,7 @@ def _fit_sgd(
             # Sum over configurations of each one's mean loss: each block gets its own gradient.
             loss = F.cross_entropy(logits, yb, reduction="sum") / xb.shape[0]
             grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
-            lr_t = lr * (0.5 * (1.0 + math.cos(math.pi * step / total)))
+            lr_t = lr * cosine_between(step, total, 1.0, 0.0)
             with torch.no_grad():
                 buf_w.mul_(MOMENTUM).add_(grad_w + wd * weight)
                 buf_b.mul_(MOMENTUM).add_(grad_b)
@@ -361,13 +363,13 @@ def probe_encoder(
     """Linear probe of a frozen encoder on uint8 images: extract features, then
     :func:`linear_probe`.
 
-    Features come from :func:`sslbench.features.extract_features` on the encoder's own device
+    Features come from :func:`sslbench.evaluation.features.extract_features` on the encoder's own device
     (eval mode, no gradients), so the encoder's parameters, BatchNorm buffers and train/eval
     flags are left exactly as they were.
 
     Args:
         transform: the evaluation transform for test features (and training features unless
-            ``train_transform`` is given); default :func:`sslbench.augment.eval_batch`.
+            ``train_transform`` is given); default :func:`sslbench.core.augment.eval_batch`.
         train_transform: hook for probing on augmented training features: when given, the
             training features are extracted once through it (one augmented view per image,
             fixed for all epochs) instead of ``transform``. ``None`` is the standard protocol.

@@ -20,7 +20,7 @@ How it works (all on the main process, after each optimizer step):
   never synchronised. It is trained on the main process's share of each global batch only
   (1/world of the images) and evaluated there.
 - Evaluation: at the end of every epoch (and after the last step) the probe's top-1 accuracy on
-  the test split, with test features from :func:`sslbench.features.extract_features`, is
+  the test split, with test features from :func:`sslbench.evaluation.features.extract_features`, is
   written to ``metrics.jsonl`` as ``{"step", "epoch", "online_probe_top1"}``.
 - Resuming: the probe's weights are not checkpointed; a resumed run starts a fresh probe.
 - A test split too large for memory (a file-backed split) is not evaluated (a note is printed);
@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslbench.api import ImageSplit, autocast, eval_mode, extract_features, feature_dim
-
-from .knn import topk_accuracy
+from sslbench.evals.knn import topk_accuracy
 
 PROBE_LR = 0.1
 PROBE_MOMENTUM = 0.9

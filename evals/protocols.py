@@ -4,7 +4,7 @@ distillation, and the label-free feature metrics (alignment, uniformity, RankMe,
 deviation). See ``docs/evaluation.md``.
 
 k-NN, the linear probe, fine-tuning and the label-free metrics are scored at every ``--features``
-depth (``h``, ``projK``, ``z``; :func:`sslbench.features.parse_depth`).
+depth (``h``, ``projK``, ``z``; :func:`sslbench.evaluation.features.parse_depth`).
 
 The evaluators are imported when a protocol runs, so that registering (and ``sslbench --help``)
 stays cheap.
@@ -24,14 +24,14 @@ from sslbench.api import EvalContext, EvalOptions, Option, Score, UserError, at_
     per_features=True,
 )
 def knn(ctx: EvalContext, fraction: float | None) -> Score:
-    from .knn import knn_eval, knn_protocol
+    from sslbench.evals.knn import knn_eval, knn_protocol
 
     train, test = ctx.features()
     dev, cfg = ctx.device, ctx.cfg
     metrics = knn_eval(
         train.to(dev), ctx.split("train").labels.to(dev), test.to(dev), ctx.split("test").labels.to(dev), k=cfg.knn_k, temperature=cfg.knn_temperature
     )
-    return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature))
+    return Score(metrics, knn_protocol(cfg.knn_k, cfg.knn_temperature, bank=train.shape[0]))
 
 
 LINEAR_EPOCHS = Option("--linear-epochs", 100, "linear-probe epochs (default 100)", type=int, check=at_least(1))
@@ -45,7 +45,7 @@ LINEAR_EPOCHS = Option("--linear-epochs", 100, "linear-probe epochs (default 100
     per_features=True,
 )
 def linear(ctx: EvalContext, fraction: float | None) -> Score:
-    from .linear import linear_probe, linear_protocol
+    from sslbench.evals.linear import linear_probe, linear_protocol
 
     train, test = ctx.features()
     opts = ctx.opts
@@ -131,7 +131,7 @@ def finetune_optimizer(opts: EvalOptions, cfg: Any) -> tuple[str, float]:
     """The fine-tuning optimizer (``sgd`` or ``adamw``) and base lr that ``opts`` give for the run
     of config ``cfg``: ``--finetune-optimizer auto`` is AdamW for a vision-transformer backbone
     (built on the meta device to tell, no weights), and ``--finetune-lr`` defaults by optimizer."""
-    from .finetune import DEFAULT_LRS
+    from sslbench.evals.finetune import DEFAULT_LRS
 
     name = opts.finetune_optimizer
     if name == "auto":
@@ -143,7 +143,7 @@ def finetune_optimizer(opts: EvalOptions, cfg: Any) -> tuple[str, float]:
 
 def _finetune_key_at(opts: EvalOptions, layer: int | str, cfg: Any) -> dict[str, Any]:
     decay, scaling = opts.finetune_layer_decay, opts.finetune_lr_scaling
-    from .finetune import applied_lr_scaling
+    from sslbench.evals.finetune import applied_lr_scaling
 
     optimizer, lr = finetune_optimizer(opts, cfg)
     scaling = applied_lr_scaling(scaling, optimizer)
@@ -184,7 +184,7 @@ def _distill_key(cfg: Any, opts: EvalOptions) -> dict[str, Any]:
 
 def _distill_lr(opts: EvalOptions) -> float:
     """The student's lr (SGD, as SimCLR v2): ``--finetune-lr``, or SGD's default when none is given."""
-    from .finetune import DEFAULT_LR
+    from sslbench.evals.finetune import DEFAULT_LR
 
     return DEFAULT_LR if opts.finetune_lr is None else float(opts.finetune_lr)
 
@@ -193,7 +193,7 @@ def _projector(ctx: EvalContext) -> Any:
     """The run's first ``--from-projector-layer`` projector layers (None for 0), loaded once; as a
     ``prepare`` hook it fails before any data is loaded."""
     if "projector" not in ctx.cache:
-        from .finetune import projector_layers
+        from sslbench.evals.finetune import projector_layers
 
         layers = ctx.opts.from_projector_layer
         ctx.cache["projector"] = projector_layers(ctx.run_dir, layers) if layers else None
@@ -222,7 +222,7 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
     """The encoder fine-tuned on ``fraction`` of the labels from projector ``layer`` and its
     metrics, trained once for both the finetune row and the distillation teacher (kept only when a
     distillation will need it)."""
-    from .finetune import finetune_model
+    from sslbench.evals.finetune import finetune_model
 
     teachers = ctx.cache.setdefault("teachers", {})
     if (fraction, layer) in teachers:
@@ -254,7 +254,7 @@ def _teacher(ctx: EvalContext, fraction: float, layer: int | str) -> tuple[Any, 
 
 
 def _finetune_record(ctx: EvalContext, fraction: float, layer: int | str, model: Any) -> dict[str, Any]:
-    from .finetune import applied_lr_scaling, finetune_protocol, label_subset
+    from sslbench.evals.finetune import applied_lr_scaling, finetune_protocol, label_subset
 
     opts = ctx.opts
     return finetune_protocol(
@@ -303,10 +303,9 @@ def distill(ctx: EvalContext, fraction: float | None) -> Score:
     import torch
 
     from sslbench.api import create_backbone
-
-    from .distill import distill as run_distill
-    from .distill import distill_protocol
-    from .finetune import label_subset
+    from sslbench.evals.distill import distill as run_distill
+    from sslbench.evals.distill import distill_protocol
+    from sslbench.evals.finetune import label_subset
 
     assert fraction is not None
     opts, cfg = ctx.opts, ctx.cfg
@@ -400,8 +399,7 @@ def alignment(ctx: EvalContext, fraction: float | None) -> Score:
     import torch
 
     from sslbench.api import BatchAugment, autocast, eval_mode
-
-    from .label_free import alignment as align
+    from sslbench.evals.label_free import alignment as align
 
     idx = _sample_index(ctx)
     aug = BatchAugment(ctx.cfg.aug, ctx.image_size)  # the run's own training augmentation
@@ -437,7 +435,7 @@ def alignment(ctx: EvalContext, fraction: float | None) -> Score:
     description="Wang & Isola uniformity: log E exp(-t||f(x)-f(y)||^2) over pairs of test images (no labels)",
 )
 def uniformity(ctx: EvalContext, fraction: float | None) -> Score:
-    from .label_free import uniformity as uniform
+    from sslbench.evals.label_free import uniformity as uniform
 
     metric = uniform(_test_embeddings(ctx), t=ctx.opts.uniformity_t)
     return Score(
@@ -461,8 +459,8 @@ def uniformity(ctx: EvalContext, fraction: float | None) -> Score:
     description="RankMe (Garrido et al.): effective rank of the test embedding matrix (no labels)",
 )
 def rankme(ctx: EvalContext, fraction: float | None) -> Score:
-    from .label_free import RANKME_EPS
-    from .label_free import rankme as effective_rank
+    from sslbench.evals.label_free import RANKME_EPS
+    from sslbench.evals.label_free import rankme as effective_rank
 
     z = _test_embeddings(ctx)
     return Score(
@@ -485,7 +483,7 @@ def rankme(ctx: EvalContext, fraction: float | None) -> Score:
 def feature_std(ctx: EvalContext, fraction: float | None) -> Score:
     import math
 
-    from .label_free import feature_std as std
+    from sslbench.evals.label_free import feature_std as std
 
     z = _test_embeddings(ctx)
     value = std(z)

@@ -1,19 +1,22 @@
 """Method plugins, installed as ``sslbench.methods``. Importing this package registers the
 built-in methods; third-party methods arrive through the ``sslbench.methods`` entry-point group."""
 
-from . import (
+from sslbench.methods import (
     barlow_twins,  # noqa: F401  (registers "barlow_twins")
     byol,  # noqa: F401  (registers "byol")
     dcl,  # noqa: F401  (registers "dcl" and "dclw")
     dino,  # noqa: F401  (registers "dino")
+    lejepa,  # noqa: F401  (registers "lejepa")
     mae,  # noqa: F401  (registers "mae")
     mmcr,  # noqa: F401  (registers "mmcr")
     moco,  # noqa: F401  (registers "moco")
     mocov3,  # noqa: F401  (registers "mocov3")
     nnclr,  # noqa: F401  (registers "nnclr")
+    ressl,  # noqa: F401  (registers "ressl")
     simclr,  # noqa: F401  (registers "simclr")
     simsiam,  # noqa: F401  (registers "simsiam")
     swav,  # noqa: F401  (registers "swav")
     tico,  # noqa: F401  (registers "tico")
     vicreg,  # noqa: F401  (registers "vicreg")
+    wmse,  # noqa: F401  (registers "wmse")
 )

@@ -3,7 +3,7 @@
 Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin. "Emerging Properties in Self-Supervised
 Vision Transformers." ICCV 2021. A student (backbone + DINO head) learns to predict, on every
 view, a teacher's centred and sharpened distribution over K prototypes on each *global* view; the
-teacher is an EMA of the student and gets no gradient (:class:`sslbench.losses.DINOLoss`).
+teacher is an EMA of the student and gets no gradient (:class:`sslbench.core.losses.DINOLoss`).
 
 Read against the official code (``facebookresearch/dino``: ``main_dino.py`` for ``DINOLoss``,
 ``DataAugmentationDINO`` and the training loop, ``vision_transformer.py`` for ``DINOHead``,

@@ -47,7 +47,7 @@ class MMCRLoss(nn.Module):
         L = -||C||_* + lambda (1/N) sum_i ||Z_i||_*
 
     ``||.||_*`` is the nuclear norm. The first term spans the batch, so the centroids of every
-    process are gathered with :func:`sslbench.dist.gather_with_grad` and every process computes the
+    process are gathered with :func:`sslbench.api.gather_with_grad` and every process computes the
     global nuclear norm (with DDP's averaging, the single-process gradient); the second is a mean
     over images, each process's own. Computed in float32 at least (singular values by
     ``torch.linalg.svdvals``). Returns the loss and the two nuclear norms (detached).

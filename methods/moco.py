@@ -7,7 +7,7 @@ with Momentum Contrastive Learning." arXiv:2003.04297, 2020 (v2: MLP head, tau 0
 BatchNorm: MoCo trains with per-GPU BatchNorm and "shuffling BN" (Sec. 3.3): keys are computed
 on a shuffled split of the batch, so a query and its positive key never share batch statistics
 that the model could use to find the positive. sslbench does not shuffle; with more than one
-process the trainer turns every BatchNorm into :class:`sslbench.dist.SyncBatchNorm`, whose
+process the trainer turns every BatchNorm into :class:`sslbench.core.dist.SyncBatchNorm`, whose
 statistics are those of the whole global batch, as SimCLR ("global BN") and MoCo v3 do. No
 per-process subset then has statistics of its own, and a run computes exactly what one process
 computes on the same global batch (shuffle-BN's result depends on how the batch is split over

@@ -15,7 +15,8 @@ What is here, by use:
 - bad input: ``UserError`` (one line on stderr, exit code 2: name the key, the cause and the fix);
 - the method contract: ``Method``, ``MethodConfig``, ``Batch``, ``StepInfo``, ``ViewSpec``,
   ``Recipe``, ``Family``/``FAMILIES``, ``Reconstruction``, ``asymmetric``, ``cosine_schedule`` and
-  the log keys ``EMBEDDING_LOG``/``ENTROPY_FRAC_LOG`` of the collapse check;
+  the log keys ``EMBEDDING_LOG``/``ENTROPY_FRAC_LOG`` of the collapse check; ``cosine_between``,
+  the one cosine schedule;
 - registration, one registry per kind of extension, each with its entry-point group:
   ``register_method``, ``register_protocol``, ``register_data_source`` (``DataSource``),
   ``register_command``, ``register_callback`` (``Callback``, ``Control``); ``get_method``,
@@ -41,14 +42,11 @@ What is here, by use:
 
 from __future__ import annotations
 
-from .augment import AugmentConfig, BatchAugment, eval_batch
-from .backbones import create_backbone, is_vision_transformer, is_vision_transformer_backbone, load_state_strict
-from .build import build_method
-from .callbacks import Callback, Control, register_callback
-from .config import TrainConfig, load_run_config
-from .data import DataSource, FileSplit, ImageSplit, balanced_subset, load_split, register_data_source, store_size
-from .data import _fit as fit_image
-from .dist import (
+from sslbench.backbones import create_backbone, is_vision_transformer, is_vision_transformer_backbone, load_state_strict
+from sslbench.config import TrainConfig, load_run_config
+from sslbench.config.build import build_method
+from sslbench.core.augment import AugmentConfig, BatchAugment, eval_batch
+from sslbench.core.dist import (
     all_reduce_mean,
     all_reduce_sum,
     all_reduce_sum_with_grad,
@@ -58,24 +56,10 @@ from .dist import (
     get_world_size,
     is_distributed,
 )
-from .errors import UserError
-from .features import (
-    Transform,
-    apply_head,
-    autocast,
-    depth_head,
-    eval_mode,
-    extract_features,
-    hidden_layer_ends,
-    load_projector,
-    module_device,
-    parse_depth,
-    projector_depths,
-    split_features,
-)
-from .heads import Prototypes, check_local_crops, encode_views, expander, feature_dim, fit_to_patches, mlp, patch_side
-from .health import RANK_EPS, effective_rank, normalised_std
-from .losses import (
+from sslbench.core.errors import UserError
+from sslbench.core.heads import Prototypes, check_local_crops, encode_views, expander, feature_dim, fit_to_patches, mlp, patch_side
+from sslbench.core.health import RANK_EPS, effective_rank, normalised_std
+from sslbench.core.losses import (
     BarlowTwinsLoss,
     BYOLLoss,
     DCLLoss,
@@ -92,8 +76,8 @@ from .losses import (
     off_diagonal,
     sinkhorn_knopp,
 )
-from .memory import MemoryBank
-from .method import (
+from sslbench.core.memory import MemoryBank
+from sslbench.core.method import (
     EMBEDDING_LOG,
     ENTROPY_FRAC_LOG,
     FAMILIES,
@@ -108,11 +92,29 @@ from .method import (
     asymmetric,
     cosine_schedule,
 )
-from .momentum import constant_momentum, copy_params_, cosine_momentum, ema_update_, freeze_
-from .optim import build_optimizer, is_no_decay, lr_at, param_groups, set_lr
-from .protocols import EvalContext, EvalOptions, Option, Score, at_least, check_fraction, positive, register_protocol, within
-from .registry import get_method, register_command, register_method, unknown_name_message
-from .rundir import ENCODER, RunDir, write_atomic
+from sslbench.core.momentum import constant_momentum, copy_params_, cosine_momentum, ema_update_, freeze_
+from sslbench.core.optim import build_optimizer, is_no_decay, lr_at, param_groups, set_lr
+from sslbench.core.registry import get_method, register_command, register_method, unknown_name_message
+from sslbench.core.rundir import ENCODER, RunDir, write_atomic
+from sslbench.core.schedules import cosine_between
+from sslbench.data import DataSource, FileSplit, ImageSplit, balanced_subset, load_split, register_data_source, store_size
+from sslbench.data import _fit as fit_image
+from sslbench.evaluation.features import (
+    Transform,
+    apply_head,
+    autocast,
+    depth_head,
+    eval_mode,
+    extract_features,
+    hidden_layer_ends,
+    load_projector,
+    module_device,
+    parse_depth,
+    projector_depths,
+    split_features,
+)
+from sslbench.evaluation.protocols import EvalContext, EvalOptions, Option, Score, at_least, check_fraction, positive, register_protocol, within
+from sslbench.train.callbacks import Callback, Control, register_callback
 
 __all__ = [
     "check_fraction",
@@ -180,6 +182,7 @@ __all__ = [
     "check_local_crops",
     "constant_momentum",
     "copy_params_",
+    "cosine_between",
     "cosine_momentum",
     "cosine_schedule",
     "create_backbone",

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sslbench.callbacks import Callback
+from sslbench.train.callbacks import Callback
 
 KILL_AT = "SSLBENCH_TEST_KILL_AT"
 SIGNAL_AT = "SSLBENCH_TEST_SIGNAL_AT"

@@ -4,7 +4,7 @@ Two ways to run the command line as a separate process:
 
 - :func:`run_subprocess`: ``python -m sslbench ...``, the real thing (imports included, about 5
   CPU-seconds each before any work);
-- :func:`fork_cli`: fork this (already-imported) process and run ``sslbench.cli.main(argv)`` in
+- :func:`fork_cli`: fork this (already-imported) process and run ``sslbench.commands.cli.main(argv)`` in
   the child, with its own stdout/stderr files, environment, default warning filters and logging,
   one torch thread, and the real exit status (``os._exit(main(argv))``; an uncaught exception
   prints its traceback and exits 1, as Python does). A SIGKILL or a signal the child sends itself
@@ -30,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+# the checks' own helpers, shared with the tests
+from sslbench.testing import assert_same_weights as assert_same_weights
+from sslbench.testing import run_group as run_group
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -90,26 +94,8 @@ def run_subprocess(argv: Sequence[str], env: dict[str, str], *, timeout: float =
     return Result(list(argv), proc.returncode, proc.stdout, proc.stderr)
 
 
-def run_group(cmd: list[str], env: dict[str, str], timeout_s: float, log: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers
-    too) and fail with the tail of its stderr. ``log`` gets stdout + stderr either way."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    timed_out = False
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        timed_out = True
-    if log is not None:
-        log.write_text(out + err)
-    if timed_out:
-        raise AssertionError(f"{' '.join(cmd[:6])} ... did not finish in {timeout_s}s:\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 class Forked:
-    """A forked child running ``sslbench.cli.main``; :meth:`wait` gives its :class:`Result`."""
+    """A forked child running ``sslbench.commands.cli.main``; :meth:`wait` gives its :class:`Result`."""
 
     def __init__(self, argv: list[str], pid: int, out: Path, err: Path) -> None:
         self.argv, self.pid, self.out, self.err = argv, pid, out, err
@@ -177,19 +163,19 @@ def preload() -> None:
         "safetensors.torch",
         "rich.console",
         "rich.progress",
-        "sslbench.cli",
+        "sslbench.commands.cli",
         "sslbench.config",
-        "sslbench.trainer",
-        "sslbench.progress",
+        "sslbench.train.trainer",
+        "sslbench.core.progress",
         "sslbench.backbones",
-        "sslbench.features",
+        "sslbench.evaluation.features",
         "sslbench.evals.knn",
     ):
         try:
             importlib.import_module(name)
         except ImportError:
             pass
-    from sslbench.registry import METHODS
+    from sslbench.core.registry import METHODS
 
     METHODS.names()  # imports the built-in methods
 
@@ -214,7 +200,7 @@ def fork_cli(argv: Sequence[str], env: dict[str, str], *, before: Callable[[], N
             _reset_child(env)
             if before is not None:
                 before()
-            from sslbench.cli import main
+            from sslbench.commands.cli import main
 
             code = main(argv)
         except SystemExit as exc:
@@ -265,21 +251,3 @@ def _collect(child: Forked, status: int) -> Result:
     result = Result(child.argv, code, child.out.read_text(), child.err.read_text())
     shutil.rmtree(child.out.parent, ignore_errors=True)
     return result
-
-
-def load_tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    """``encoder.safetensors`` and ``method.safetensors`` of run dirs ``a`` and ``b`` hold exactly
-    the same tensors (same keys, dtypes, shapes and bits)."""
-    import torch
-
-    for name in ("encoder.safetensors", "method.safetensors"):
-        ta, tb = load_tensors(a / name), load_tensors(b / name)
-        assert ta.keys() == tb.keys(), name
-        different = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
-        assert not different, f"{name}: {len(different)} of {len(ta)} tensors differ, e.g. {different[:3]}"

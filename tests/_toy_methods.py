@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.heads import encode_views, mlp
-from sslbench.losses import negative_cosine
-from sslbench.method import Batch, Method, MethodConfig, ViewSpec
+from sslbench.core.augment import AugmentConfig
+from sslbench.core.heads import encode_views, mlp
+from sslbench.core.losses import negative_cosine
+from sslbench.core.method import Batch, Method, MethodConfig, ViewSpec
 
 
 @dataclass
@@ -98,14 +98,14 @@ TOYS: dict[str, type[Method]] = {"toy_multicrop": ToyMultiCrop, "toy_progress": 
 
 def register() -> None:
     """Add the toys to the method registry (idempotent)."""
-    from sslbench.registry import register_method
+    from sslbench.core.registry import register_method
 
     for name, cls in TOYS.items():
         register_method(name)(cls)
 
 
 def unregister() -> None:
-    from sslbench.registry import METHODS
+    from sslbench.core.registry import METHODS
 
     for name in TOYS:
         METHODS._items.pop(name, None)

@@ -1,7 +1,9 @@
-"""The layering rules of docs/ARCHITECTURE.md, checked on the import statements of the package:
-the trainer and the evaluators never import each other, plugins (methods/, evals/) import sslbench
-only through ``sslbench.api``, the core imports no plugin, trainer, evaluator or command, and no
-module imports itself through others (no import circle)."""
+"""The layering rules of docs/ARCHITECTURE.md, checked on the import statements of the package.
+
+Each sub-package of ``sslbench/`` is a layer and may import only the layers below it: the trainer
+(``train``) and the evaluators (``evaluation``) never import each other, plugins (``methods/``,
+``evals/``) import sslbench only through ``sslbench.api``, the core imports nothing above it, and
+no module imports itself through others (no import circle)."""
 
 from __future__ import annotations
 
@@ -11,28 +13,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINER = {
-    "sslbench.run_setup",
-    "sslbench.trainer",
-    "sslbench.callbacks",
-    "sslbench.batches",
-    "sslbench.grad_cache",
-    "sslbench.tracking",
-    "sslbench.report",
+
+#: The layers, each with the layers it may import (its own included).
+ALLOWED = {
+    "core": {"core"},  # the method contract and what everything shares
+    "data": {"core", "data"},
+    "backbones": {"core", "backbones"},
+    "config": {"core", "data", "backbones", "config"},
+    "results": {"core", "config", "results"},
+    "evaluation": {"core", "data", "backbones", "config", "results", "evaluation"},
+    "train": {"core", "data", "backbones", "config", "results", "train"},
+    "api": {"core", "data", "backbones", "config", "results", "evaluation", "train"},
+    "plugins": {"api", "plugins"},  # and only their own package (test_plugins_import_sslbench_only_through_the_api)
+    "commands": {"core", "data", "backbones", "config", "results", "evaluation", "train", "api", "plugins", "commands"},
+    "top": set(),  # sslbench/__init__.py, __main__.py, testing.py: any layer (checked below)
 }
-COMMANDS = {
-    "sslbench.cli",
-    "sslbench.commands",
-    "sslbench.compare",
-    "sslbench.pipeline",
-    "sslbench.__main__",
-    "sslbench.curves",
-    "sslbench.export",
-    "sslbench.picture",
-    "sslbench.doctor",
-}
-EVALUATION = {"sslbench.protocols"}  # the protocol registry and its declarations (the protocols are plugins in evals/)
-API = {"sslbench.api"}  # what plugins import
+TOP = {"sslbench", "sslbench.__main__", "sslbench.testing"}
+FILES = sorted(p for d in ("sslbench", "methods", "evals", "backbones") for p in (ROOT / d).rglob("*.py"))
 
 
 def _module(path: Path) -> str:
@@ -78,34 +75,24 @@ def _imports(path: Path, *, runtime: bool = False) -> set[str]:
 
 
 def _layer(module: str) -> str:
-    if module in API:
+    if module in TOP:
+        return "top"
+    if module == "sslbench.api":
         return "api"
-    if module in TRAINER:
-        return "trainer"
-    if module in COMMANDS:
-        return "commands"
-    if module in EVALUATION:
-        return "evaluation"
-    if module.startswith(("sslbench.methods", "sslbench.evals")):
+    part = module.split(".")[1]
+    if part in ("methods", "evals"):
         return "plugins"
-    return "core"
-
-
-ALLOWED = {
-    "core": {"core"},
-    "api": {"core", "evaluation", "trainer"},  # the contract, the registries and the base classes plugins build on
-    "plugins": {"api", "plugins"},  # and only their own package (test_plugins_import_sslbench_only_through_the_api)
-    "trainer": {"core", "trainer"},
-    "evaluation": {"core", "evaluation"},
-    "commands": {"core", "api", "plugins", "trainer", "evaluation", "commands"},
-}
-FILES = sorted(p for d in ("sslbench", "methods", "evals", "backbones") for p in (ROOT / d).rglob("*.py"))
+    assert part in ALLOWED, f"{module} is in no layer: put it in a sub-package of sslbench/ (docs/ARCHITECTURE.md)"
+    return part
 
 
 def violations(module: str, imported: set[str], known: set[str]) -> list[str]:
     """The imports of ``module`` that its layer may not make."""
     me = _layer(module)
-    return sorted(m for m in imported if m in known and _layer(m) not in ALLOWED[me])
+    if me == "top":
+        return []
+    # the root package holds only __version__: any module may read it
+    return sorted(m for m in imported if m in known and m != "sslbench" and _layer(m) not in ALLOWED[me])
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -115,16 +102,27 @@ def test_imports_follow_the_layers(path: Path) -> None:
 
 
 def test_the_rules_catch_each_forbidden_direction() -> None:
-    known = {"sslbench.trainer", "sslbench.evals.knn", "sslbench.methods.simclr", "sslbench.pipeline", "sslbench.method", "sslbench.api"}
-    assert violations("sslbench.trainer", {"sslbench.evals.knn"}, known) == ["sslbench.evals.knn"]
-    assert violations("sslbench.evals.finetune", {"sslbench.trainer"}, known) == ["sslbench.trainer"]
-    assert violations("sslbench.method", {"sslbench.methods.simclr", "sslbench.pipeline"}, known) == ["sslbench.methods.simclr", "sslbench.pipeline"]
-    assert violations("sslbench.methods.byol", {"sslbench.trainer", "sslbench.method", "sslbench.api"}, known) == [
-        "sslbench.method",
-        "sslbench.trainer",
-    ]
-    assert violations("sslbench.method", {"sslbench.api"}, known) == ["sslbench.api"]
-    assert violations("sslbench.pipeline", {"sslbench.trainer", "sslbench.evals.knn"}, known) == []
+    trainer, knn, simclr, pipeline, method = (
+        "sslbench.train.trainer",
+        "sslbench.evals.knn",
+        "sslbench.methods.simclr",
+        "sslbench.commands.pipeline",
+        "sslbench.core.method",
+    )
+    protocols, api, data = "sslbench.evaluation.protocols", "sslbench.api", "sslbench.data"
+    known = {trainer, knn, simclr, pipeline, method, protocols, api, data}
+    assert violations(trainer, {knn, protocols}, known) == [knn, protocols]
+    assert violations(protocols, {trainer}, known) == [trainer]
+    assert violations("sslbench.evals.finetune", {trainer}, known) == [trainer]
+    assert violations(method, {simclr, pipeline, data}, known) == [pipeline, data, simclr]
+    assert violations("sslbench.methods.byol", {trainer, method, api}, known) == [method, trainer]
+    assert violations(method, {api}, known) == [api]
+    assert violations(pipeline, {trainer, knn}, known) == []
+
+
+def test_every_module_is_in_a_layer() -> None:
+    for path in FILES:
+        _layer(_module(path))  # asserts
 
 
 def _own_package(module: str) -> str:

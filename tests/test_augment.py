@@ -1,4 +1,4 @@
-"""Tests for the batched augmentation pipeline (sslbench/augment.py).
+"""Tests for the batched augmentation pipeline (sslbench/core/augment.py).
 
 The batched path is checked against torchvision: its random parameters against torchvision's
 samplers (statistically), its operations against ``torchvision.transforms.v2.functional`` for
@@ -19,7 +19,7 @@ from torchvision import transforms as T1
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from sslbench.augment import (
+from sslbench.core.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentConfig,
@@ -35,7 +35,7 @@ from sslbench.augment import (
     per_image_transform,
     resolve_jitter_strength,
 )
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
 
 NO_NORM = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # output stays in [0, 1]
 OFF = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sslbench.backbones import create_backbone, load_state_strict
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
 
 
 def test_resnet_gets_cifar_stem_at_32px():

@@ -13,12 +13,12 @@ from _steps import batch as make_batch
 from _steps import info as step_info
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.method import ViewSpec, default_views
+from sslbench.core.augment import AugmentConfig
+from sslbench.core.method import ViewSpec, default_views
+from sslbench.core.optim import build_optimizer, param_groups, set_lr
 from sslbench.methods.byol import BYOL, BYOLConfig, BYOLLoss, byol_loss
 from sslbench.methods.simsiam import SimSiam, SimSiamConfig, SimSiamLoss, negative_cosine
-from sslbench.optim import build_optimizer, param_groups, set_lr
-from sslbench.run_setup import apply_schedules
+from sslbench.train.run_setup import apply_schedules
 
 N = 8
 

@@ -1,6 +1,6 @@
 """Every mistake a user can make: one line on stderr, exit code 2, no traceback (issue 7).
 
-The table runs each case as a separate process: forked children running ``sslbench.cli.main``
+The table runs each case as a separate process: forked children running ``sslbench.commands.cli.main``
 (tests/_reliability.py; no import cost), and a few of them again through ``python -m sslbench``
 (the real entry point, import-time warnings included). Cases that need data use a 64-image folder
 at 16 px; the ones that need a run directory share one 2-step run.
@@ -22,7 +22,7 @@ from _faults import fail_writes
 from _reliability import TINY, child_env, lines, make_image_folder, run_forked, run_many, run_subprocess
 from PIL import Image
 
-from sslbench.runlock import RunLock
+from sslbench.core.runlock import RunLock
 
 # --------------------------------------------------------------------------------------------
 # The table: id -> (argv with {placeholders}, key phrases the one stderr line must contain)
@@ -257,6 +257,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["train", "--data", "imagefolder:{oneimg}", *TINY, "--output", "{tmp}/oneimg"],
         ["has 1 training image", "simclr", "add images"],
     ),
+    "per-process-batch-below-minimum": (  # run as rank 0 of 2 processes (BEFORE: _as_two_processes)
+        ["train", "--method", "byol", "--data", "imagefolder:{data}", *TINY, "--batch-size", "2", "--set", "sync_bn=false", "--output", "{tmp}/pp"],
+        ["--batch-size 2 over 2 processes is 1 image per process", "the 2 that byol needs per process with sync_bn=false", "--batch-size 4"],
+    ),
     "local-crops-larger-than-global": (
         ["train", "--method", "dino", "--data", "imagefolder:{data}", *TINY, "--set", "method_cfg.local_crop_size=64", "--output", "{tmp}/lc"],
         ["method_cfg.local_crop_size 64 px is not smaller than the global views (16 px", "method_cfg.local_crops=0"],
@@ -382,6 +386,7 @@ BEFORE = {
     "train-output-read-only": fail_writes("/rofs", errno.EROFS),
     "data-cache-read-only": fail_writes("/rofs", errno.EROFS),
     "pretrained-weights-no-dns": lambda: _no_dns(),
+    "per-process-batch-below-minimum": lambda: _as_two_processes(),
 }
 ENV = {
     "data-cache-read-only": {"SSLBENCH_CACHE": "{rofs}/cache"},
@@ -404,6 +409,18 @@ def _no_dns() -> None:
     socket.getaddrinfo = getaddrinfo
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.pop(key, None)
+
+
+def _as_two_processes() -> None:
+    """The trainer runs as rank 0 of 2 processes without starting the other: Accelerate reports 2
+    processes, and the one collective before the data is loaded (the run directory's claim,
+    ``run_setup.on_main``) broadcasts to nobody. Enough for the checks that setup makes from the
+    number of processes; nothing here may reach a training step."""
+    import accelerate
+    import accelerate.utils
+
+    accelerate.Accelerator.num_processes = property(lambda self: 2)  # type: ignore[assignment]
+    accelerate.utils.broadcast_object_list = lambda box, from_process=0: box
 
 
 def _train_run(data: Path, out: Path, env: dict[str, str]) -> None:
@@ -619,12 +636,12 @@ def test_debug_shows_the_traceback(table):
 
 def test_a_real_bug_keeps_its_traceback(table):
     def bug() -> None:
-        import sslbench.cli
+        import sslbench.commands.cli
 
         def broken(args):
             raise KeyError("a bug, not a user error")
 
-        sslbench.cli.cmd_list = broken
+        sslbench.commands.cli.cmd_list = broken
 
     r = run_forked(["list", "methods"], table["env"], before=bug)
     assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError" in r.stderr, r.describe()
@@ -708,7 +725,7 @@ def test_corrupt_grayscale_and_alpha_images_train_with_a_count(table, tmp_path):
 
 
 def test_environment_oserrors_are_one_line_and_bugs_are_not(table):
-    from sslbench.cli import _environment_error
+    from sslbench.commands.cli import _environment_error
 
     assert "No space left on device" in _environment_error(OSError(errno.ENOSPC, "No space left on device"))
     assert "Permission denied: /data/x" in _environment_error(PermissionError(errno.EACCES, "Permission denied", "/data/x"))
@@ -717,12 +734,12 @@ def test_environment_oserrors_are_one_line_and_bugs_are_not(table):
     assert _environment_error(RuntimeError("shape mismatch")) is None
 
     def read_only_cache() -> None:  # an OSError from deep inside, not wrapped in a UserError
-        import sslbench.run_setup
+        import sslbench.train.run_setup
 
         def load_split(*args, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system", "/cache/decoded/x.pt")
 
-        sslbench.run_setup.load_split = load_split
+        sslbench.train.run_setup.load_split = load_split
 
     r = run_forked(
         ["train", "--data", "imagefolder:{}".format(table["fill"]["data"]), *TINY, "--output", str(table["fill"]["tmp"] / "rofs")],
@@ -730,3 +747,26 @@ def test_environment_oserrors_are_one_line_and_bugs_are_not(table):
         before=read_only_cache,
     )
     _assert_one_line_error(r, ["Read-only file system: /cache/decoded/x.pt"])
+
+
+def test_a_per_process_batch_below_the_minimum_is_refused_without_sync_bn():
+    """BYOL (BatchNorm in its heads, min_batch_size 2) at --batch-size 2 on 2 processes with
+    sync_bn=false gives each process's BatchNorm one image: refused, naming --batch-size, the number
+    of processes and the fix (issue 34). With sync_bn on (the default) the statistics are those of
+    the global batch, so the same batch trains what one process trains: allowed."""
+    from sslbench.config import build_config
+    from sslbench.core.errors import UserError
+    from sslbench.train.run_setup import make_plan
+
+    unsynced = build_config(flags={"method": "byol", "batch_size": 2}, sets=["sync_bn=false"])
+    with pytest.raises(UserError, match=r"^--batch-size 2 over 2 processes is 1 image per process, fewer than the 2 that byol needs") as err:
+        make_plan(unsynced, 64, 2, 2)
+    assert "pass --batch-size 4 or more (2 per process)" in str(err.value) and "keep sync_bn on" in str(err.value)
+    with pytest.raises(UserError, match="--batch-size 4 over 4 processes is 1 image per process.*--batch-size 8 or more"):
+        make_plan(build_config(flags={"method": "byol", "batch_size": 4}, sets=["sync_bn=false"]), 64, 4, 2)
+    with pytest.raises(UserError, match=r"the batch of 2 \(all the training images\) over 2 processes.*add training images \(4 or more\)"):
+        make_plan(build_config(flags={"method": "byol", "batch_size": 16}, sets=["sync_bn=false"]), 3, 2, 2)  # cut to the data
+    assert make_plan(unsynced, 64, 1, 2).local_batch == 2  # one process: its batch is the global one
+    assert make_plan(build_config(flags={"method": "byol", "batch_size": 4}, sets=["sync_bn=false"]), 64, 2, 2).local_batch == 2
+    assert make_plan(build_config(flags={"method": "byol", "batch_size": 2}), 64, 2, 2).local_batch == 1  # sync_bn: global statistics
+    assert make_plan(build_config(flags={"method": "mae", "batch_size": 2}, sets=["sync_bn=false"]), 64, 2, 1).local_batch == 1  # no minimum

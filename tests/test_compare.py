@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslbench.cli import main
-from sslbench.commands import format_duration, parse_duration
-from sslbench.compare import plan_compare
+from sslbench.commands.cli import main
+from sslbench.commands.compare import plan_compare
+from sslbench.commands.evaluate import format_duration, parse_duration
 from sslbench.config import build_config
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
 from sslbench.results import RUN_FIELDS, read_rows
-from sslbench.run_setup import UNBOUNDED_STEPS, make_plan
-from sslbench.trainer import train
+from sslbench.train.run_setup import UNBOUNDED_STEPS, make_plan
+from sslbench.train.trainer import train
 
 TINY = "backbone_kwargs.channels=8,16,32,64"
 FILLED = (

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from sslbench.config import build_config, config_from_dict, dump_yaml, to_dict
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
 
 
 def test_defaults_and_recipe_fill():
@@ -84,7 +84,7 @@ def test_malformed_config_values_are_user_errors(values, match):
 def test_a_config_file_given_with_resume_changes_only_the_keys_it_names():
     """`--resume --config PART.yaml` replaced whole sections: every aug/method_cfg/backbone_kwargs
     value the file did not name went back to its default (flip_p 0.1 -> 0.5, temperature 0.2 -> 0.5)."""
-    from sslbench.cli import merge_config_values
+    from sslbench.commands.cli import merge_config_values
 
     saved = to_dict(build_config(sets=["aug.flip_p=0.1", "temperature=0.2", "backbone_kwargs.channels=8,16,32,64"]))
     merged = merge_config_values(saved, {"aug": {"blur_p": 0.2}, "method_cfg": {"proj_dim": 64}, "lr": 0.3})

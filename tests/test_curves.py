@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sslbench.cli import main
-from sslbench.curves import CURVES_FILE, CURVES_SIZE, read_metrics, write_curves
+from sslbench.commands.cli import main
+from sslbench.commands.curves import CURVES_FILE, CURVES_SIZE, read_metrics, write_curves
 
 TINY = [
     "--steps",

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-import sslbench._data_decode as data_decode
 import sslbench.data as data
+import sslbench.data.decode as data_decode
+from sslbench.core.errors import UserError
 from sslbench.data import FileSplit, ImageSplit, balanced_subset, data_sources, default_cache_dir, load_split, store_size
-from sslbench.errors import UserError
 
 CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

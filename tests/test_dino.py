@@ -24,11 +24,11 @@ from _steps import batch as make_batch
 from _steps import info as step_info
 from torch import Tensor, nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.losses import DINOLoss
-from sslbench.method import EMBEDDING_LOG, ENTROPY_FRAC_LOG, default_views
+from sslbench.core.augment import AugmentConfig
+from sslbench.core.losses import DINOLoss
+from sslbench.core.method import EMBEDDING_LOG, ENTROPY_FRAC_LOG, default_views
+from sslbench.core.optim import build_optimizer, param_groups
 from sslbench.methods.dino import DINO, DINOConfig, local_crop_size
-from sslbench.optim import build_optimizer, param_groups
 
 WORLD = 2
 N = 8  # global batch of the 2-process comparison
@@ -138,7 +138,7 @@ def test_center_update_is_the_ema_of_the_teacher_batch_mean_and_the_loss_uses_th
 
 
 def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
-    from sslbench.dist import convert_sync_batchnorm
+    from sslbench.core.dist import convert_sync_batchnorm
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
@@ -204,7 +204,7 @@ def test_teacher_temperature_warms_up_linearly_in_epochs_then_stays():
 
 def test_weight_decay_and_momentum_schedules_hit_their_endpoints():
     from sslbench.config import build_config
-    from sslbench.run_setup import apply_schedules, make_plan, make_schedules
+    from sslbench.train.run_setup import apply_schedules, make_plan, make_schedules
 
     cfg = build_config(flags={"method": "dino", "steps": 50, "backbone": "vit_tiny_patch16_224"})  # the ViT recipe
     assert (cfg.optimizer, cfg.weight_decay, cfg.weight_decay_end, cfg.grad_clip) == ("adamw", 0.04, 0.4, 3.0)
@@ -298,7 +298,7 @@ def test_views_are_two_global_and_n_local_crops():
 
 def test_local_crops_fit_a_vits_patches():
     from sslbench.backbones import create_backbone
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     vit = DINO(create_backbone("vit_tiny_patch16_224", 24, depth=1), DINOConfig(out_dim=16, local_crops=1))  # 3 px patches
     assert [s.size for s in default_views(vit, AugmentConfig(), 24)] == [24, 24, 9]
@@ -312,7 +312,7 @@ def test_local_crops_fit_a_vits_patches():
 
 
 def test_config_rejects_bad_values():
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     for bad in (
         {"out_dim": 0},
@@ -347,12 +347,12 @@ def test_short_training_teacher_is_neither_uniform_nor_one_hot(tmp_path, monkeyp
     tests/test_no_collapse.py trains DINO with its own augmentations."""
     from safetensors.torch import load_file
 
-    from sslbench.augment import eval_batch
     from sslbench.backbones import create_backbone
     from sslbench.config import build_config
+    from sslbench.core.augment import eval_batch
     from sslbench.data import load_split
-    from sslbench.features import eval_mode
-    from sslbench.trainer import train
+    from sslbench.evaluation.features import eval_mode
+    from sslbench.train.trainer import train
 
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"

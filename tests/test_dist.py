@@ -1,4 +1,4 @@
-"""Tests for sslbench.dist: single-process fallbacks and a real 2-process gloo run.
+"""Tests for sslbench.core.dist: single-process fallbacks and a real 2-process gloo run.
 
 The 2-process run starts this file as a script (``python tests/test_dist.py --worker ...``) in
 two subprocesses that meet over a TCP store on a free local port. Each worker holds its half of
@@ -23,8 +23,8 @@ from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sslbench import dist as sdist
-from sslbench.dist import (
+from sslbench.core import dist as sdist
+from sslbench.core.dist import (
     SyncBatchNorm,
     SyncBatchNormAct2d,
     all_reduce_mean,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_finetune import _one_thread, assert_same_state, colour_split, snapshot, tiny_encoder  # noqa: F401 (autouse: one thread)
 
-from sslbench.cli import main
-from sslbench.errors import UserError
+from sslbench.commands.cli import main
+from sslbench.core.errors import UserError
 from sslbench.evals.distill import distill, distillation_loss, metric_name
 from sslbench.evals.finetune import FinetuneModel, finetune, finetune_model
 from sslbench.results import read_rows

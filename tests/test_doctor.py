@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from _reliability import REPO, lines
 
-from sslbench import doctor
-from sslbench.cli import main
+from sslbench.commands import doctor
+from sslbench.commands.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,7 @@ def test_doctor_runs_where_torchvision_does_not_import(tmp_path):
 
 
 def test_doctor_is_registered_and_the_install_section_ends_with_it():
-    from sslbench.cli import build_parser
+    from sslbench.commands.cli import build_parser
 
     assert "doctor" in build_parser().format_help()
     readme = (Path(REPO) / "README.md").read_text()

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from sslbench.backbones import ENCODER_FILE, create_backbone, save_encoder
-from sslbench.cli import main
+from sslbench.commands.cli import main
 from sslbench.config import TrainConfig
 from sslbench.results import RUN_FIELDS, append_row, make_row, read_rows
 
@@ -216,7 +216,7 @@ def test_leaderboard_cli_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_eval_follows_the_runs_keep_freed_memory(run_dir, tmp_path, monkeypatch, keep):
-    import sslbench.commands as commands
+    import sslbench.commands.evaluate as commands
 
     calls = []
     monkeypatch.setattr(commands, "keep_freed_memory", lambda: calls.append(1) or True)

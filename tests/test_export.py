@@ -19,12 +19,12 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from sslbench.augment import IMAGENET_MEAN, IMAGENET_STD
 from sslbench.backbones import ENCODER_FILE, create_backbone, save_encoder
-from sslbench.build import load_encoder
-from sslbench.cli import main
+from sslbench.commands.cli import main
+from sslbench.commands.export import CONFIG_FILE, WEIGHTS_FILE, export_encoder, push_to_hub
 from sslbench.config import build_config, dump_yaml
-from sslbench.export import CONFIG_FILE, WEIGHTS_FILE, export_encoder, push_to_hub
+from sslbench.config.build import load_encoder
+from sslbench.core.augment import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 

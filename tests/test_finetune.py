@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sslbench.augment import eval_batch
 from sslbench.backbones import ENCODER_FILE, create_backbone, save_encoder
 from sslbench.config import build_config, dump_yaml
+from sslbench.core.augment import eval_batch
+from sslbench.core.errors import UserError
 from sslbench.data import ImageSplit
-from sslbench.errors import UserError
 from sslbench.evals.finetune import (
     FinetuneModel,
     finetune,
@@ -156,7 +156,7 @@ def _fake_run(tmp_path, projector):
         flags={"method": "simclr", "backbone": "resnet18", "output": str(tmp_path)},
         sets=[f"projector={projector}", "proj_hidden_dim=32", "proj_dim=16", "backbone_kwargs.channels=8,16,32,64"],
     )
-    from sslbench.build import build_method
+    from sslbench.config.build import build_method
 
     torch.manual_seed(1)
     method = build_method(cfg)
@@ -255,7 +255,7 @@ def test_online_probe_leaves_the_training_run_bitwise_unchanged_also_with_stocha
     the probe differed from the one without (93 of 126 encoder tensors after 2 steps)."""
     from safetensors.torch import load_file
 
-    from sslbench.cli import main
+    from sslbench.commands.cli import main
 
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     common = [
@@ -370,10 +370,10 @@ def test_from_h_the_lr_scaling_changes_nothing():
 
 
 def test_the_lr_scaling_is_a_checked_flag_recorded_in_the_row_and_the_reuse_key(capsys):
-    from sslbench.cli import main
+    from sslbench.commands.cli import main
     from sslbench.config import TrainConfig
     from sslbench.evals.finetune import finetune_protocol
-    from sslbench.protocols import EvalOptions, reusable
+    from sslbench.evaluation.protocols import EvalOptions, reusable
 
     assert main(["eval", "nowhere", "--protocol", "finetune", "--finetune-lr-scaling", "lars"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -468,10 +468,10 @@ def test_a_vit_fine_tunes_at_the_defaults_whatever_its_feature_scale_where_sgd_a
 
 
 def test_the_finetune_optimizer_is_a_checked_flag_recorded_in_the_row_and_the_reuse_key(capsys):
-    from sslbench.cli import main
+    from sslbench.commands.cli import main
     from sslbench.config import TrainConfig
     from sslbench.evals.finetune import finetune_protocol
-    from sslbench.protocols import EvalOptions, reusable
+    from sslbench.evaluation.protocols import EvalOptions, reusable
 
     assert main(["eval", "nowhere", "--protocol", "finetune", "--finetune-optimizer", "adam"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

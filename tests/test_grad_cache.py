@@ -1,4 +1,4 @@
-"""The gradient cache (``--grad-cache-chunk N``, :mod:`sslbench.grad_cache`): the full-batch loss and
+"""The gradient cache (``--grad-cache-chunk N``, :mod:`sslbench.train.grad_cache`): the full-batch loss and
 gradient in the memory of one chunk.
 
 * In process, float64: for every method with ``supports_grad_cache`` (``embed`` and
@@ -41,10 +41,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import sslbench
 from sslbench.backbones import create_backbone
+from sslbench.core.errors import UserError
+from sslbench.core.registry import METHODS, get_method
 from sslbench.data import load_split
-from sslbench.errors import UserError
-from sslbench.grad_cache import GradCache, make_grad_cache
-from sslbench.registry import METHODS, get_method
+from sslbench.train.grad_cache import GradCache, make_grad_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_METHODS = [name for name, cls in METHODS.items() if cls.supports_grad_cache]
@@ -237,7 +237,7 @@ LN_METHOD = "simclr_ln_gradcache_test"
 
 
 def _register_ln_method() -> None:
-    from sslbench.registry import register_method
+    from sslbench.core.registry import register_method
 
     simclr = get_method("simclr")
 
@@ -438,11 +438,11 @@ def test_peak_memory_is_lower_with_the_gradient_cache(jobs: _Jobs) -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--driver":
-    # Runs `sslbench.cli.main` on each argument list (with the LayerNorm SimCLR registered); used
+    # Runs `sslbench.commands.cli.main` on each argument list (with the LayerNorm SimCLR registered); used
     # directly and under torchrun.
     sys.path.insert(0, str(ROOT))
     _register_ln_method()
-    from sslbench.cli import main
+    from sslbench.commands.cli import main
 
     rcs = []
     for argv in json.loads(sys.argv[2]):

@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-import sslbench.pipeline
-from sslbench.cli import main
-from sslbench.grid import parse_vary, run_name, split_values
-from sslbench.leaderboard import aggregate, render
+import sslbench.commands.pipeline
+from sslbench.commands.cli import main
 from sslbench.results import read_rows
+from sslbench.results.grid import parse_vary, run_name, split_values
+from sslbench.results.leaderboard import aggregate, render
 
 TINY = ["--set", "backbone_kwargs.channels=8,16,32,64", "--set", "train_subset=32"]
 GRID = [
@@ -57,7 +57,7 @@ def grid(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
     out = tmp / "cmp"
     trained: list[str] = []
-    real = sslbench.pipeline.train_and_score
+    real = sslbench.commands.pipeline.train_and_score
 
     def counting(cfg, **kwargs):
         trained.append(Path(cfg.output).name)
@@ -69,7 +69,7 @@ def grid(tmp_path_factory):
     interrupted: list[bool] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSLBENCH_CACHE", str(tmp / "cache"))
-        mp.setattr(sslbench.pipeline, "train_and_score", counting)
+        mp.setattr(sslbench.commands.pipeline, "train_and_score", counting)
         first = main([*GRID, "--output", str(out)])
         after_first = list(trained)
         second = main([*GRID, "--output", str(out)])
@@ -122,7 +122,7 @@ def test_an_interrupted_grid_continues_without_retraining_finished_runs(grid):
 
 def test_rerunning_a_finished_grid_trains_and_scores_nothing(grid, monkeypatch, capsys):
     monkeypatch.setenv("SSLBENCH_CACHE", str(grid["out"].parent / "cache"))
-    monkeypatch.setattr(sslbench.pipeline, "train_and_score", lambda *a, **k: pytest.fail("trained a finished run"))
+    monkeypatch.setattr(sslbench.commands.pipeline, "train_and_score", lambda *a, **k: pytest.fail("trained a finished run"))
     before = read_rows(grid["out"] / "results.jsonl")
     assert main([*GRID, "--output", str(grid["out"])]) == 0
     assert capsys.readouterr().err.count("reusing its stored rows") == 8
@@ -177,7 +177,7 @@ def test_values_names_and_parsing():
 
 
 def test_a_tuple_valued_key_can_be_varied(tmp_path):
-    from sslbench.compare import plan_grid
+    from sslbench.commands.compare import plan_grid
 
     plans = plan_grid(["simclr"], [0], ("steps", 1), out_dir=tmp_path, vary=["aug.crop_scale=[0.08,1.0],[0.5,1.0]"])
     assert [p.cfg.aug.crop_scale for p in plans] == [(0.08, 1.0), (0.5, 1.0)]
@@ -237,7 +237,7 @@ def test_a_grid_table_has_one_row_per_setting_in_value_order_and_the_plot_draws_
         ["simclr", "128", "43.00 ± 1.00"],
         ["simclr", "512", "49.00 ± 1.00"],
     ]
-    from sslbench.leaderboard_plot import plot
+    from sslbench.results.plot import plot
 
     plot(rows, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -265,7 +265,7 @@ def test_a_compare_scored_at_h_then_at_h_and_z_scores_only_z(tmp_path, capsys):
 def test_simclr_projector_ablation_heads(projector, depths, z_dim):
     """SimCLR Fig. 8's heads: none (z = h), linear, nonlinear (v1) and SimCLR v2's 3-layer one."""
     from sslbench.backbones import create_backbone
-    from sslbench.features import depth_head, projector_depths
+    from sslbench.evaluation.features import depth_head, projector_depths
     from sslbench.methods.simclr import SimCLR, SimCLRConfig
 
     model = SimCLR(create_backbone("resnet18", 16, channels=(8, 16, 32, 64)), SimCLRConfig(projector=projector, proj_hidden_dim=32, proj_dim=16))
@@ -279,8 +279,8 @@ def test_reuse_from_scores_another_grids_finished_run_of_the_same_config_instead
     base = ["compare", "--methods", "simclr", "--steps", "1", "--batch-size", "16", "--protocol", "knn", "--quiet", *TINY]
     assert main([*base, "--vary", "method_cfg.temperature=0.2,0.5", "--output", str(tmp_path / "runs" / "tau")]) == 0
     trained = []
-    real = sslbench.pipeline.train_and_score
-    monkeypatch.setattr(sslbench.pipeline, "train_and_score", lambda cfg, **kw: trained.append(Path(cfg.output).name) or real(cfg, **kw))
+    real = sslbench.commands.pipeline.train_and_score
+    monkeypatch.setattr(sslbench.commands.pipeline, "train_and_score", lambda cfg, **kw: trained.append(Path(cfg.output).name) or real(cfg, **kw))
     argv = [*base, "--vary", "method_cfg.projector=v1,linear", "--output", str(tmp_path / "runs" / "head"), "--reuse-from", str(tmp_path / "runs")]
     assert main(argv) == 0
     assert trained == ["simclr-projector=linear-seed0"]  # projector v1 at tau 0.5 is the tau grid's run

@@ -4,7 +4,7 @@ the verdict, its warning line, ``results.json``, the result rows and the leaderb
 A forced collapse (a toy method whose projector outputs a constant; DINO with a teacher
 temperature of 100, whose targets are uniform) is flagged in one warning line, ``metrics.jsonl``,
 ``results.json``, every result row and the leaderboard; a healthy short run is not. The figures
-equal a float64 numpy reference. The thresholds and their measured basis: sslbench/health.py.
+equal a float64 numpy reference. The thresholds and their measured basis: sslbench/core/health.py.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sslbench.commands import evaluate_run
+from sslbench.commands.evaluate import evaluate_run
 from sslbench.config import build_config
-from sslbench.heads import mlp
-from sslbench.health import ENTROPY_FRAC_MAX, RANK_MIN, STD_SQRT_D_MIN, HealthMonitor, embedding_figures, judge
-from sslbench.leaderboard import render
-from sslbench.method import EMBEDDING_LOG, Batch, Method, MethodConfig
-from sslbench.protocols import EvalOptions
-from sslbench.registry import METHODS, register_method
-from sslbench.trainer import train
+from sslbench.core.heads import mlp
+from sslbench.core.health import ENTROPY_FRAC_MAX, RANK_MIN, STD_SQRT_D_MIN, HealthMonitor, embedding_figures, judge
+from sslbench.core.method import EMBEDDING_LOG, Batch, Method, MethodConfig
+from sslbench.core.registry import METHODS, register_method
+from sslbench.evaluation.protocols import EvalOptions
+from sslbench.results.leaderboard import render
+from sslbench.train.trainer import train
 
 TINY = ["backbone_kwargs.channels=8,16,32,64", "checkpoint_every=0", "quick_knn=false", "log_every=2", "channels_last=false"]
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sslbench.cli import main
+from sslbench.commands.cli import main
+from sslbench.core.errors import UserError
 from sslbench.data import load_split
-from sslbench.errors import UserError
-from sslbench.hfdata import HF_FORMS, heldout_indices, heldout_record
+from sslbench.data.hf import HF_FORMS, heldout_indices, heldout_record
 from sslbench.results import read_rows
 
 CLASSES, PER_CLASS, SIZE = 4, 6, 16

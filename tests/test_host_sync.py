@@ -27,10 +27,10 @@ from _steps import batch as make_batch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from sslbench.augment import AugmentConfig, BatchAugment
-from sslbench.method import default_views
-from sslbench.optim import build_optimizer, param_groups
-from sslbench.registry import METHODS, get_method
+from sslbench.core.augment import AugmentConfig, BatchAugment
+from sslbench.core.method import default_views
+from sslbench.core.optim import build_optimizer, param_groups
+from sslbench.core.registry import METHODS, get_method
 
 # Calls that read a device value on the host, or whose output shape depends on the data.
 _READS = {
@@ -160,7 +160,7 @@ def test_training_step_backward_and_updates_never_sync(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (counts the syncs CUDA reports)")
 def test_trainer_steps_do_not_synchronise_on_a_gpu(tmp_path):
     from sslbench.config import build_config
-    from sslbench.trainer import train
+    from sslbench.train.trainer import train
 
     def syncs(steps: int) -> int:
         cfg = build_config(

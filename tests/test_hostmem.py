@@ -19,7 +19,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # medians: one round that maps a block afresh (CI saw one in ten: 16,384 faults) is not the steady state.
 SCRIPT = """
 import resource, sys, torch
-from sslbench.hostmem import keep_freed_memory
+from sslbench.core.hostmem import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 def once():
     torch.empty(16 * 1024 * 1024, dtype=torch.float32).fill_(1.0)
@@ -58,8 +58,8 @@ def test_on_by_default_and_can_be_turned_off() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks CPU training; this machine trains on CUDA")
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_training_follows_the_setting(tmp_path, monkeypatch, keep) -> None:
-    import sslbench.run_setup as run_setup
-    from sslbench.cli import main
+    import sslbench.train.run_setup as run_setup
+    from sslbench.commands.cli import main
 
     calls = []
     monkeypatch.setattr(run_setup, "keep_freed_memory", lambda: calls.append(1) or True)

@@ -10,7 +10,7 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 from torch.overrides import TorchFunctionMode
 
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
 from sslbench.evals.knn import knn_classify, knn_eval, knn_protocol, topk_accuracy
 
 
@@ -176,6 +176,18 @@ def test_protocol_record() -> None:
     assert p["k"] == 200 and p["temperature"] == 0.1 and p["metric"] == "cosine"
     assert "Wu" in p["reference"]
     assert knn_protocol(20, 0.1, False)["temperature"] is None
+
+
+def test_protocol_record_says_the_k_that_ran_and_warns_when_k_exceeds_the_bank() -> None:
+    """k is clipped to the training images (the memory bank): the record says the k that ran and,
+    when clipped, carries one warning (issue 34)."""
+    clipped = knn_protocol(200, 0.1, bank=48)
+    assert clipped["k"] == 200 and clipped["k_effective"] == 48
+    (warning,) = clipped["warnings"]
+    assert warning.startswith("k-NN k=200 is more than the 48 training images in its memory bank, so it runs with k=48")
+    assert "knn_k" in warning
+    assert knn_protocol(200, 0.1, bank=200)["k_effective"] == 200 and "warnings" not in knn_protocol(200, 0.1, bank=200)
+    assert "k_effective" not in knn_protocol(200, 0.1)  # (bank not given)
 
 
 @pytest.mark.parametrize("temperature", [0.02, 0.01, 0.002])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sslbench.cli import main
+from sslbench.commands.cli import main
 from sslbench.evals.label_free import RANKME_EPS, alignment, feature_std, rankme, uniformity
 from sslbench.results import read_rows
 
@@ -134,11 +134,11 @@ def run(tmp_path_factory):
 
 
 def test_a_probe_at_proj1_equals_the_probe_on_that_layers_output_computed_by_hand(run, tmp_path):
-    from sslbench.build import load_encoder
+    from sslbench.config.build import load_encoder
     from sslbench.data import load_split
     from sslbench.evals.knn import knn_eval
     from sslbench.evals.linear import linear_probe
-    from sslbench.features import split_features
+    from sslbench.evaluation.features import split_features
 
     results = tmp_path / "results.jsonl"
     assert (

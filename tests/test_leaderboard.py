@@ -1,4 +1,4 @@
-"""Tests for the leaderboard (sslbench/leaderboard.py)."""
+"""Tests for the leaderboard (sslbench/results/leaderboard.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sslbench.errors import UserError
-from sslbench.leaderboard import aggregate, render
-from sslbench.leaderboard_plot import plot
+from sslbench.core.errors import UserError
+from sslbench.results.leaderboard import aggregate, render
+from sslbench.results.plot import plot
 
 
 def _row(
@@ -233,7 +233,7 @@ def test_rows_from_before_feature_depths_share_a_line_with_rows_scored_at_h():
     The committed CIFAR-10 table holds both: an old k-NN row on h and a new one are one line
     without a ``features`` column, and the description is not mistaken for a depth; a real depth
     (``z``) still gets its own line."""
-    from sslbench.protocols import row_depth
+    from sslbench.evaluation.protocols import row_depth
 
     old_knn = {"name": "knn", "features": "l2-normalised, frozen, no augmentation"}
     rows = [

@@ -1,4 +1,4 @@
-"""Tests for the linear probe (evals/linear.py) and feature extraction (sslbench/features.py)."""
+"""Tests for the linear probe (evals/linear.py) and feature extraction (sslbench/evaluation/features.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
 from sslbench.evals import linear
 from sslbench.evals.linear import (
     DEFAULT_WEIGHT_DECAYS,
@@ -16,7 +16,7 @@ from sslbench.evals.linear import (
     probe_encoder,
     stratified_split,
 )
-from sslbench.features import extract_features
+from sslbench.evaluation.features import extract_features
 
 
 def _separable(n_train: int, n_test: int, dim: int, n_classes: int, seed: int):
@@ -200,7 +200,7 @@ def test_extract_features_is_batch_invariant_and_restores_mode() -> None:
 
 
 def test_extract_features_default_transform_is_eval_batch() -> None:
-    from sslbench.augment import eval_batch
+    from sslbench.core.augment import eval_batch
 
     encoder = nn.Sequential(nn.Flatten())
     images = _images(5, 20, seed=4)

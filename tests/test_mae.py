@@ -19,12 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sslbench.backbones import create_backbone
-from sslbench.cli import main
+from sslbench.commands.cli import main
+from sslbench.commands.picture import picture_size
 from sslbench.config import TrainConfig, build_config, dump_yaml
-from sslbench.errors import UserError
-from sslbench.method import EMBEDDING_LOG, Batch, StepInfo
+from sslbench.core.errors import UserError
+from sslbench.core.method import EMBEDDING_LOG, Batch, StepInfo
 from sslbench.methods.mae import MAE, MAEConfig, mae_loss, norm_pix_targets, patchify, random_masking, sincos_pos_embed_2d, unpatchify
-from sslbench.picture import picture_size
 
 SIZE = 32  # 4 px patches: an 8 x 8 grid of N = 64 patches
 
@@ -373,7 +373,7 @@ def test_train_classifier_scales_each_groups_lr():
 
 def test_the_layer_decay_is_a_checked_flag_recorded_in_the_row_and_the_reuse_key(capsys):
     from sslbench.evals.finetune import finetune_protocol
-    from sslbench.protocols import EvalOptions, reusable
+    from sslbench.evaluation.protocols import EvalOptions, reusable
 
     assert main(["eval", "nowhere", "--protocol", "finetune", "--finetune-layer-decay", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -410,10 +410,10 @@ def test_a_short_training_reconstructs_far_better_than_the_mean_patch_and_beats_
     ViT's. Two choices suit a 60-step run rather than the paper's 800 epochs: global average
     pooling of the patch tokens (the feature MAE fine-tunes; the class token is trained by no loss
     and is not informative after so few steps) and lr 3e-3 x B/256 (20x the recipe's)."""
-    from sslbench.augment import eval_batch
-    from sslbench.build import load_trained_method
+    from sslbench.commands.pipeline import train_and_score
+    from sslbench.config.build import load_trained_method
+    from sslbench.core.augment import eval_batch
     from sslbench.data import load_split
-    from sslbench.pipeline import train_and_score
 
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     sets = [

@@ -6,7 +6,8 @@ Parametrised over ``METHODS.names()``, so a method added later is held to the sa
 step on a tiny timm ResNet on the CPU gives a finite scalar loss and gradients on the backbone;
 target (momentum) networks get no gradient and are not moved by the optimizer, only by
 ``ema_update_``, exactly by its formula; ``momentum_pairs`` covers every frozen parameter; recipes
-name valid optimizers.
+name valid optimizers; a small step against the gradient lowers the loss; a few more steps on easy
+data stay finite. The checks are the installed ones a plugin author runs, :mod:`sslbench.testing`.
 """
 
 from __future__ import annotations
@@ -20,53 +21,31 @@ from pathlib import Path
 
 import pytest
 import torch
-from _backbones import tiny_backbone as tiny_for
-from _steps import batch as make_batch
-from _steps import info as step_info
 from _toy_methods import TOYS
-from torch import nn
 
-from sslbench.augment import AugmentConfig
-from sslbench.method import EMBEDDING_LOG, FAMILIES, Method, Recipe, ViewSpec, default_views
-from sslbench.optim import LR_SCALING_RULES, OPTIMIZERS, build_optimizer, param_groups
-from sslbench.registry import METHODS, get_method
+from sslbench.core.method import EMBEDDING_LOG, FAMILIES
+from sslbench.core.optim import build_optimizer, param_groups
+from sslbench.core.registry import METHODS, get_method
+from sslbench.testing import (
+    BATCH,
+    SIZE,
+    OneStep,
+    check_builds,
+    check_gradient_cache,
+    check_loss_decreases,
+    check_momentum,
+    check_training_step,
+    check_trains,
+    make_batch,
+    one_step,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "align_uniform.py"
 EXAMPLE_MODULE = "sslbench_doc_example_align_uniform"
-BATCH, SIZE = 8, 32
-
-
-def tiny_backbone(method: str = "") -> nn.Module:
-    """The narrow ResNet-18, or a two-block ViT for a method that trains ViTs only (tests/_backbones.py)."""
-    return tiny_for(method, SIZE)
-
-
-def frozen_ids(method: nn.Module) -> set[int]:
-    return {id(p) for p in method.parameters() if not p.requires_grad}
-
-
-def one_step(cls: type) -> dict:
-    """Build ``cls`` on a tiny backbone, run one training step and one SGD step; what happened."""
-    torch.manual_seed(0)
-    cfg = cls.Config()
-    cfg.validate()
-    backbone = tiny_backbone(cls.name)
-    method = cls(backbone, cfg)
-    method.train()
-    specs = default_views(method, AugmentConfig(), SIZE)
-    views = [torch.randn(BATCH, 3, spec.size, spec.size) for spec in specs]
-    groups = method.param_groups(param_groups(method, 1e-4))
-    opt = build_optimizer("sgd", groups, 0.1, weight_decay=1e-4)
-    before = {n: p.detach().clone() for n, p in method.named_parameters()}
-    loss, logs = method.training_step(make_batch(views, step=3, total=10))
-    loss.backward()
-    grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in method.named_parameters()}
-    opt.step()
-    return dict(method=method, backbone=backbone, specs=specs, views=views, groups=groups, loss=loss, logs=logs, before=before, grads=grads)
 
 
 @pytest.fixture(scope="module", params=[*METHODS.names(), *TOYS])
-def stepped(request: pytest.FixtureRequest) -> dict:
+def stepped(request: pytest.FixtureRequest) -> OneStep:
     return one_step(TOYS.get(request.param) or get_method(request.param))
 
 
@@ -79,62 +58,6 @@ def _load_example():
     return module
 
 
-def check_contract(r: dict) -> None:
-    method, backbone, loss, logs = r["method"], r["backbone"], r["loss"], r["logs"]
-    cls = type(method)
-    # class attributes and the encoder
-    assert isinstance(method, Method)
-    assert isinstance(cls.description, str) and cls.description.strip()
-    assert isinstance(cls.paper, str) and cls.paper.strip()
-    assert dataclasses.is_dataclass(cls.Config)
-    assert method.encoder is backbone
-    # the loss and the logs
-    assert loss.ndim == 0 and loss.requires_grad and math.isfinite(loss.item())
-    scalars = {k: v for k, v in logs.items() if k != EMBEDDING_LOG}
-    assert scalars and all(v.ndim == 0 and not v.requires_grad and torch.isfinite(v) for v in scalars.values())
-    if EMBEDDING_LOG in logs:  # the health embedding: detached, one finite row per sample of the batch
-        emb = logs[EMBEDDING_LOG]
-        assert emb.ndim == 2 and emb.shape[0] == r["views"][0].shape[0] and not emb.requires_grad and torch.isfinite(emb).all()
-    # gradients: every backbone parameter gets a finite one, not all zero
-    backbone_ids = {id(p) for p in backbone.parameters()}
-    names = {id(p): n for n, p in method.named_parameters()}
-    bgrads = [r["grads"][names[i]] for i in backbone_ids]
-    assert all(g is not None and torch.isfinite(g).all() for g in bgrads)
-    assert any(g.abs().sum() > 0 for g in bgrads)
-    # optimizer groups hold every trainable parameter exactly once and no frozen one
-    in_groups = [id(p) for g in r["groups"] for p in g["params"]]
-    assert len(in_groups) == len(set(in_groups))
-    assert set(in_groups) == {id(p) for p in method.parameters() if p.requires_grad}
-    # targets: no gradient, untouched by the optimizer step
-    for n, p in method.named_parameters():
-        if not p.requires_grad:
-            assert r["grads"][n] is None, f"frozen parameter {n} got a gradient"
-            assert torch.equal(p, r["before"][n]), f"frozen parameter {n} changed in the optimizer step"
-    assert any(not torch.equal(p, r["before"][n]) for n, p in backbone.named_parameters(prefix="encoder"))
-
-
-def check_momentum(method: nn.Module) -> None:
-    """momentum_pairs covers every frozen parameter; one ema_update_ follows its formula exactly."""
-    frozen = frozen_ids(method)
-    pairs = method.momentum_pairs()
-    if not pairs:
-        assert not frozen, "frozen parameters but no momentum_pairs()"
-        return
-    targets = {id(p) for _, t in pairs for p in t.parameters()}
-    assert targets == frozen, "momentum_pairs() must cover exactly the frozen (target) parameters"
-    for online, _ in pairs:
-        assert all(p.requires_grad for p in online.parameters())
-    for total in (1, 10, 1000):
-        for step in (0, total // 2, total - 1, total):
-            assert 0.0 <= method.momentum_at(step_info(step, total)) <= 1.0
-    m = method.momentum_at(step_info(0, 100))
-    olds = [[p.detach().clone() for p in target.parameters()] for _, target in pairs]
-    method.after_optimizer_step(step_info(0, 100))  # the default hook: the EMA of every pair
-    for (online, target), old in zip(pairs, olds):
-        for (name, t), o, p in zip(target.named_parameters(), old, online.parameters()):
-            assert torch.equal(t, o * m + p.detach() * (1 - m)), name
-
-
 def test_every_builtin_is_registered():
     assert {"simclr", "moco", "mocov3", "byol", "simsiam", "swav", "barlow_twins", "vicreg", "nnclr"} <= set(METHODS.names())
     for name in METHODS.names():
@@ -142,49 +65,36 @@ def test_every_builtin_is_registered():
 
 
 def test_training_step_contract(stepped):
-    check_contract(stepped)
+    check_training_step(stepped)
 
 
 def test_every_builtin_hands_over_its_embedding_for_the_health_figures(stepped):
     """Issue 27: the collapse check measures the embedding each built-in method gives in its logs."""
-    if type(stepped["method"]).__module__.startswith("sslbench.methods."):
-        assert EMBEDDING_LOG in stepped["logs"], type(stepped["method"]).__name__
+    if type(stepped.method).__module__.startswith("sslbench.methods."):
+        assert EMBEDDING_LOG in stepped.logs, type(stepped.method).__name__
 
 
 def test_momentum_contract(stepped):
-    check_momentum(stepped["method"])
+    check_momentum(stepped)
 
 
 def test_views_and_recipes(stepped):
-    cls = type(stepped["method"])
-    specs = stepped["specs"]
-    assert specs and all(isinstance(s, ViewSpec) and isinstance(s.aug, AugmentConfig) and s.size > 0 for s in specs)
-    for size in (32, 224):
-        for family in FAMILIES:
-            recipe = cls.recipe(size, family)
-            assert isinstance(recipe, Recipe)
-            assert recipe.optimizer in OPTIMIZERS
-            assert recipe.lr > 0 and recipe.weight_decay >= 0
-            assert recipe.lr_scaling in LR_SCALING_RULES
-            assert set(recipe.aug) <= {f.name for f in dataclasses.fields(AugmentConfig)}
-            assert set(recipe.method) <= {f.name for f in dataclasses.fields(cls.Config)}, f"{cls.__name__}.recipe sets unknown method fields"
-    assert cls.min_batch_size <= BATCH
+    """The class attributes, the encoder, views, recipes and optimizer groups (sslbench.testing.check_builds)."""
+    check_builds(stepped)
 
 
 def test_gradient_cache_hooks_agree_with_training_step(stepped):
-    method = stepped["method"]
-    if not type(method).supports_grad_cache:
-        with pytest.raises(NotImplementedError):
-            method.embed(make_batch(stepped["views"]))
-        pytest.skip(f"{type(method).__name__} does not support the gradient cache")
-    b = make_batch(stepped["views"], step=3, total=10)
-    with torch.no_grad():
-        emb = method.embed(b)
-        online = method.embed(b, targets=False)
-        loss, _ = method.loss_from_embeddings(emb)
-        direct, _ = method.training_step(b)
-    assert emb.shape[0] == BATCH and online.shape[0] == BATCH and online.shape[1] <= emb.shape[1]
-    assert torch.allclose(loss, direct, rtol=1e-5, atol=1e-6)
+    reason = check_gradient_cache(stepped)
+    if reason:
+        pytest.skip(reason)
+
+
+def test_a_step_against_the_gradient_lowers_the_loss(stepped):
+    check_loss_decreases(stepped)
+
+
+def test_a_few_more_steps_on_easy_data_stay_finite(stepped):
+    check_trains(stepped)
 
 
 def test_hooks_are_never_looked_up_by_name():
@@ -205,7 +115,7 @@ def test_hooks_are_never_looked_up_by_name():
         "schedules",
         "validate",
     )
-    for name in ("trainer.py", "run_setup.py", "callbacks.py", "config.py", "grad_cache.py", "batches.py"):
+    for name in ("train/trainer.py", "train/run_setup.py", "train/callbacks.py", "config/__init__.py", "train/grad_cache.py", "train/batches.py"):
         text = (root / name).read_text()
         for hook in hooks:
             for lookup in (f'getattr(method, "{hook}"', f'hasattr(method, "{hook}"', f'"{hook}" in inspect'):
@@ -225,10 +135,12 @@ def example(monkeypatch):
 def test_example_trains(example):
     assert get_method("align_uniform") is example.AlignUniform
     r = one_step(example.AlignUniform)
-    check_contract(r)
-    check_momentum(r["method"])
+    check_builds(r)
+    check_training_step(r)
+    check_momentum(r)
+    check_loss_decreases(r)
     # a second step on new views: still a finite loss, and every trainable parameter moves
-    method = r["method"]
+    method = r.method
     opt = build_optimizer("sgd", param_groups(method, 1e-4), 1e-3, weight_decay=1e-4)
     before = [p.detach().clone() for p in method.parameters()]
     loss2, _ = method.training_step(make_batch([torch.randn(BATCH, 3, SIZE, SIZE) for _ in range(2)]))
@@ -268,7 +180,7 @@ def test_example_loss_matches_formula(example, n, d, alpha, t):
 
 
 def test_configs_reject_bad_values():
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     bad = {
         "moco": {"queue_size": 0},

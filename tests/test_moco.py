@@ -21,7 +21,7 @@ from _steps import batch as make_batch
 from _steps import info as step_info
 from torch import Tensor, nn
 
-from sslbench.memory import MemoryBank
+from sslbench.core.memory import MemoryBank
 from sslbench.methods.moco import InfoNCELoss, MoCo, MoCoConfig
 from sslbench.methods.mocov3 import MoCoV3, MoCoV3Config, MoCoV3Loss
 
@@ -220,7 +220,7 @@ def test_projector_is_mocov2_mlp_without_bn():
 
 
 def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
-    from sslbench.dist import convert_sync_batchnorm
+    from sslbench.core.dist import convert_sync_batchnorm
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:

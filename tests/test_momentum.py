@@ -1,4 +1,4 @@
-"""Tests for sslbench.momentum: EMA updates of (online, target) pairs and momentum schedules."""
+"""Tests for sslbench.core.momentum: EMA updates of (online, target) pairs and momentum schedules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from sslbench.momentum import constant_momentum, copy_params_, cosine_momentum, ema_update_, freeze_
+from sslbench.core.momentum import constant_momentum, copy_params_, cosine_momentum, ema_update_, freeze_
 
 
 @pytest.fixture(scope="module")

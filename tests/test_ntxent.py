@@ -74,7 +74,7 @@ def test_bf16_inputs_computed_in_float32():
 
 
 def test_bad_temperature_is_a_user_error():
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     with pytest.raises(UserError, match="temperature"):
         NTXentLoss(0.0)

@@ -1,4 +1,4 @@
-"""Tests for sslbench.optim: no-decay groups, LARS, lr scaling and schedule, optimizer factory."""
+"""Tests for sslbench.core.optim: no-decay groups, LARS, lr scaling and schedule, optimizer factory."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import timm
 import torch
 from torch import nn
 
-from sslbench.dist import SyncBatchNorm
-from sslbench.errors import UserError
-from sslbench.optim import (
+from sslbench.core.dist import SyncBatchNorm
+from sslbench.core.errors import UserError
+from sslbench.core.optim import (
     LARS,
     NORM_TYPES,
     build_optimizer,
@@ -21,6 +21,7 @@ from sslbench.optim import (
     param_groups,
     scale_lr,
     set_lr,
+    set_scheduled_value,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +231,16 @@ def test_set_lr_respects_fixed_lr_and_scale() -> None:
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.6, 0.05, 0.06])
 
 
+def test_set_scheduled_value_is_the_rule_of_every_scheduled_key() -> None:
+    a, b, c = (nn.Parameter(torch.zeros(2)) for _ in range(3))
+    groups = [{"params": [a]}, {"params": [b], "weight_decay": 0.0, "fixed_weight_decay": True}, {"params": [c], "weight_decay_scale": 0.5}]
+    opt = build_optimizer("sgd", groups, lr=1.0, weight_decay=0.1)
+    set_scheduled_value(opt, "weight_decay", 0.3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0, 0.15]
+    set_scheduled_value(opt, "lr", 0.25)  # set_lr's rule
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25, 0.25]
+
+
 # --------------------------------------------------------------------------------------------
 # Factory
 
@@ -265,8 +276,8 @@ def test_build_adamw_fused_on_cuda() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_trainer_on_cuda_builds_a_fused_adamw_and_lets_cudnn_pick_its_fastest_kernels(tmp_path, monkeypatch) -> None:
-    import sslbench.run_setup as run_setup
-    import sslbench.trainer as trainer
+    import sslbench.train.run_setup as run_setup
+    import sslbench.train.trainer as trainer
     from sslbench.config import build_config
 
     built = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-IMPORTS = "import sslbench, sslbench.methods.simclr, sslbench.methods.moco, sslbench.backbones, sslbench.evals.knn, sslbench.cli, sslbench.trainer; print(sslbench.methods.__file__)"
+IMPORTS = "import sslbench, sslbench.methods.simclr, sslbench.methods.moco, sslbench.backbones, sslbench.evals.knn, sslbench.commands.cli, sslbench.train.trainer; print(sslbench.methods.__file__)"
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_wheel_contains_only_the_sslbench_tree_and_imports(tmp_path):
     assert tops <= {"sslbench"} | {t for t in tops if t.endswith(".dist-info")}, tops
     assert "sslbench/methods/simclr.py" in names and "sslbench/evals/knn.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "sslbench = sslbench.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "sslbench = sslbench.commands.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
     target = tmp_path / "site"
     inst = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=600

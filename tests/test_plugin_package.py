@@ -3,7 +3,8 @@
 The package (written here, installed by ``pip install --target``) holds a method, an evaluation
 protocol, a data source, a sub-command and a training callback, each a module that imports
 sslbench only through ``sslbench.api`` and is found through its entry-point group. The CLI then
-lists, trains, evaluates and runs them in fresh processes, as a user's shell would.
+lists, trains, evaluates and runs them in fresh processes, as a user's shell would, and
+runs sslbench.testing's checks on the installed method.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ MODULES = {
     "__init__.py": '"""Toy sslbench plugins (tests/test_plugin_package.py)."""\n',
     "method.py": '''
         """A contrastive toy method: NT-Xent between two views' projections."""
+
         from dataclasses import dataclass
 
         from sslbench.api import Batch, Method, MethodConfig, NTXentLoss, encode_views, feature_dim, mlp, register_method
@@ -80,6 +82,7 @@ MODULES = {
     ''',
     "protocol.py": '''
         """A label-free toy protocol: the mean L2 norm of the test features."""
+
         from sslbench.api import EvalContext, Score, register_protocol
 
 
@@ -90,6 +93,7 @@ MODULES = {
     ''',
     "source.py": '''
         """toysrc:N: N seeded images per split, two classes (dark and bright), no files."""
+
         import torch
 
         from sslbench.api import ImageSplit, UserError, register_data_source
@@ -109,6 +113,7 @@ MODULES = {
     ''',
     "command.py": '''
         """sslbench toyhello NAME: a sub-command from a plugin."""
+
         from sslbench.api import register_command
 
 
@@ -120,6 +125,7 @@ MODULES = {
     ''',
     "callback.py": '''
         """A callback that writes how many steps it saw into the run directory."""
+
         from sslbench.api import Callback, register_callback
 
 
@@ -214,3 +220,14 @@ def test_the_plugins_train_and_evaluate_through_the_cli(plugin_env: dict[str, st
 def test_the_docs_quote_the_tested_plugin_modules(page: str, module: str) -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
     assert textwrap.dedent(MODULES[module]).strip() in text, f"docs/{page} must quote tests/test_plugin_package.py's {module} verbatim"
+
+
+@pytest.mark.slow
+def test_the_installed_method_passes_sslbench_testing(plugin_env: dict[str, str]) -> None:
+    """What a plugin author runs on the installed package: every contract check, 2 processes = 1
+    and resume = unbroken included."""
+    code = "from sslbench.testing import check_method; print(check_method('toyplugins.method:ToyPlug'))"
+    done = subprocess.run([sys.executable, "-c", code], env=plugin_env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    report = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert report["check_two_processes_equal_one"] == "ok" and report["check_resume_equals_unbroken"] == "ok", report

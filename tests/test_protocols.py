@@ -1,11 +1,11 @@
-"""sslbench.protocols: a new evaluation protocol is one registration, and `eval` and `compare`
+"""sslbench.evaluation.protocols: a new evaluation protocol is one registration, and `eval` and `compare`
 give it flags, checked values, result rows and the reuse of stored rows like the built-ins."""
 
 import pytest
 import torch
 
-from sslbench.cli import main
-from sslbench.protocols import (
+from sslbench.commands.cli import main
+from sslbench.evaluation.protocols import (
     EvalOptions,
     Option,
     Score,

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from sslbench.errors import UserError
-from sslbench.registry import METHODS, get_method
+from sslbench.core.errors import UserError
+from sslbench.core.registry import METHODS, get_method
 
 
 def test_builtin_simclr_is_registered():
@@ -33,9 +33,9 @@ PLUGIN = textwrap.dedent(
     import torch.nn.functional as F
     from torch import nn
 
-    from sslbench.heads import encode_views, mlp
-    from sslbench.method import Method, MethodConfig
-    from sslbench.registry import register_method
+    from sslbench.core.heads import encode_views, mlp
+    from sslbench.core.method import Method, MethodConfig
+    from sslbench.core.registry import register_method
 
 
     @dataclass

@@ -1,4 +1,4 @@
-"""Tests for the append-only results store (sslbench/results.py)."""
+"""Tests for the append-only results store (sslbench/results/__init__.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 import sslbench
 from sslbench import results
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
 from sslbench.results import append_row, environment_info, make_row, read_rows
 
 WRITERS = 8
@@ -163,7 +163,7 @@ def test_environment_info() -> None:
 
 def test_source_commit_outside_a_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Pretend the package lives in a plain directory (an installed wheel).
-    fake = tmp_path / "site" / "sslbench" / "results.py"
+    fake = tmp_path / "site" / "sslbench" / "results" / "__init__.py"
     fake.parent.mkdir(parents=True)
     fake.write_text("")
     monkeypatch.setattr(results, "__file__", str(fake))

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from _reliability import TINY, assert_same_weights, child_env, fork_cli, lines, make_image_folder, run_subprocess
 
-from sslbench import checkpoint as ckpt
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
+from sslbench.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ import torch
 import yaml
 from _reliability import child_env, lines, make_image_folder, run_forked
 
-from sslbench.batches import Plan
-from sslbench.method import ViewSpec
-from sslbench.progress import TrainProgress, clock
+from sslbench.core.method import ViewSpec
+from sslbench.core.progress import TrainProgress, clock
+from sslbench.train.batches import Plan
 
 NARROW = ["--set", "backbone_kwargs.channels=8,16,32,64"]
 
@@ -43,7 +43,7 @@ def talking_run(setting):
     assert r.returncode == 0, r.describe()
     e = run_forked(["eval", str(out), "--protocol", "knn"], setting["env"])
     assert e.returncode == 0, e.describe()
-    return {"out": out, "train": r, "row": json.loads((setting["root"] / "results.jsonl").read_text().splitlines()[-1])}
+    return {"out": out, "train": r, "eval": e, "row": json.loads((setting["root"] / "results.jsonl").read_text().splitlines()[-1])}
 
 
 def test_the_start_banner_names_what_the_run_trains_and_where(talking_run, setting):
@@ -81,7 +81,7 @@ def test_the_end_summary_names_every_file_of_the_run(talking_run):
 def test_run_files_share_the_umask_mode(talking_run):
     """safetensors creates its files 0600: the weights, the checkpoints' files and every other run
     file get the mode of a new file under the umask (0644 under 022), one mode for all (issue 34)."""
-    from sslbench.rundir import file_mode
+    from sslbench.core.rundir import file_mode
 
     modes = {str(p.relative_to(talking_run["out"])): oct(p.stat().st_mode & 0o777) for p in talking_run["out"].rglob("*") if p.is_file()}
     assert "encoder.safetensors" in modes and any(k.startswith("checkpoints/") and k.endswith(".safetensors") for k in modes), modes
@@ -117,6 +117,57 @@ def test_quiet_is_quiet(setting):
     )
     assert r.returncode == 0, r.describe()
     assert lines(r.stderr) == [] and lines(r.stdout) == [], r.describe()
+    # the quick k-NN's caveat (k=200 on 64 training images) goes where its figures go: results.json
+    (note,) = json.loads((out / "results.json").read_text())["warnings"]
+    assert note.startswith("k-NN k=200 is more than the 64 training images in its memory bank"), note
+
+
+KNN_K_BEYOND_64 = (
+    "k-NN k=200 is more than the 64 training images in its memory bank, so it runs with k=64: every test image is scored by a vote "
+    "of all 64, not of its nearest neighbours, and trained and untrained features may score alike; set knn_k below 64"
+)
+
+
+def test_a_knn_k_beyond_the_training_images_is_said_once_with_the_k_that_ran_and_recorded(talking_run):
+    """k=200 on 64 training images: one warning line with the k that ran, in the quick k-NN's line
+    too; results.json's ``warnings`` and the eval row's protocol record it (issue 34: "k-NN with
+    k=200 on 48 training images gives trained = untrained without a word")."""
+    train, out = talking_run["train"], talking_run["out"]
+    warned = [line for line in lines(train.stderr) if line.startswith("warning: ")]
+    assert len(warned) == 1 and warned[0].startswith("warning: " + KNN_K_BEYOND_64), train.describe()
+    (knn_line,) = [line for line in lines(train.stdout) if line.startswith("k-NN top-1")]
+    assert "(k=64: knn_k=200 cut to the training images, T=0.1)" in knn_line, knn_line
+    assert json.loads((out / "results.json").read_text())["warnings"] == [warned[0].removeprefix("warning: ")]
+    protocol = talking_run["row"]["protocol"]
+    assert protocol["k"] == 200 and protocol["k_effective"] == 64 and protocol["warnings"] == [warned[0].removeprefix("warning: ")]
+    assert [line for line in lines(talking_run["eval"].stderr) if line.startswith("warning: ")] == warned
+
+
+def test_tiny_images_are_warned_of_once_and_recorded(setting):
+    """2x2 px images, upscaled 16x to 32 px: one warning line, recorded in results.json (issue 34)."""
+    data = make_image_folder(setting["root"] / "tiny", classes=2, train=8, test=4, size=2)
+    out = setting["root"] / "tiny-run"
+    r = run_forked(
+        ["train", "--data", f"imagefolder:{data}", "--steps", "1", "--batch-size", "8", *NARROW, "--quiet", "--set", "quick_knn=false"]
+        + ["--output", str(out)],
+        setting["env"],
+    )
+    assert r.returncode == 0, r.describe()
+    (line,) = lines(r.stderr)
+    assert line.startswith(f"warning: imagefolder:{data}'s training images are 2 px (median shorter side), upscaled 16x to 32 px: below 8 px"), line
+    assert json.loads((out / "results.json").read_text())["warnings"] == [line.removeprefix("warning: ")]
+
+
+def test_the_default_data_and_common_upscaling_do_not_warn_of_tiny_images(tmp_path):
+    """The quick start's digits (8 px originals at the default 16 px) is the smallest data that
+    trains well, and CIFAR's 32 px upscaled to 224 px is common practice: neither warns."""
+    from sslbench.data import default_image_size, load_split
+    from sslbench.train.run_setup import tiny_images_warning
+
+    digits = load_split("digits", "train", default_image_size("digits"), cache_dir=tmp_path)
+    assert digits.source_side == 8 and tiny_images_warning("digits", digits.source_side, 16) is None
+    assert tiny_images_warning("cifar10", 32, 224) is None and tiny_images_warning("x", None, 32) is None  # None: not known
+    assert tiny_images_warning("x", 7, 32) is not None and tiny_images_warning("x", 4, 4) is not None
 
 
 def test_a_one_class_data_set_trains_with_one_warning_and_no_knn(setting):
@@ -127,7 +178,8 @@ def test_a_one_class_data_set_trains_with_one_warning_and_no_knn(setting):
     )
     assert r.returncode == 0, r.describe()
     assert len(lines(r.stderr)) == 1 and "has a single class" in r.stderr and "quick k-NN is skipped" in r.stderr, r.describe()
-    assert json.loads((out / "results.json").read_text())["metrics"] == {}
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["metrics"] == {} and summary["warnings"] == [lines(r.stderr)[0].removeprefix("warning: ")]  # recorded too
 
 
 def test_a_large_backbone_at_the_default_16_px_says_so():
@@ -135,7 +187,7 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
     data's default and that such a backbone is made for larger images."""
     from sslbench.backbones import create_backbone
     from sslbench.config import build_config
-    from sslbench.report import start_banner
+    from sslbench.train.report import start_banner
 
     cfg = build_config(flags={"backbone": "resnet50", "output": "runs/x"})
     encoder = create_backbone("resnet50", 16)
@@ -156,10 +208,10 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
 )
 def test_the_banner_names_the_views_the_patch_size_and_the_mask_ratio(method, sets, expected):
     """Multi-crop's local crops, a ViT's patch size and MAE's mask ratio decide what a step costs (issue 34)."""
-    from sslbench.build import build_method
     from sslbench.config import build_config
-    from sslbench.method import default_views
-    from sslbench.report import start_banner
+    from sslbench.config.build import build_method
+    from sslbench.core.method import default_views
+    from sslbench.train.report import start_banner
 
     cfg = build_config(flags={"method": method, "backbone": "vit_tiny_patch16_224", "image_size": 16, "output": "runs/x"}, sets=sets)
     m = build_method(cfg)
@@ -168,7 +220,7 @@ def test_the_banner_names_the_views_the_patch_size_and_the_mask_ratio(method, se
 
 
 def test_bf16_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
-    import sslbench.report as report
+    import sslbench.train.report as report
     from sslbench.config import build_config
 
     cfg = build_config(flags={"precision": "bf16", "output": "runs/x", "image_size": 32}, sets=["backbone_kwargs.channels=8,16,32,64"])
@@ -207,7 +259,7 @@ class _Split:
 
 def test_plain_progress_lines_have_an_eta(monkeypatch, capsys):
     now = [100.0]
-    monkeypatch.setattr("sslbench.progress.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("sslbench.core.progress.time.monotonic", lambda: now[0])
     bar = TrainProgress(100, 0, enabled=True, plain_every_s=0)
     assert not bar.rich  # captured stderr is not a terminal
     now[0] = 110.0

@@ -1,4 +1,4 @@
-"""sslbench.rundir: the names of a run directory's files and the one atomic writer."""
+"""sslbench.core.rundir: the names of a run directory's files and the one atomic writer."""
 
 import ast
 import errno
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sslbench.errors import UserError
-from sslbench.rundir import RunDir, write_atomic, write_text_atomic
+from sslbench.core.errors import UserError
+from sslbench.core.rundir import RunDir, write_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_run_dir_names_every_file(tmp_path):
         run.checkpoints: "checkpoints",
         run.encoder: "encoder.safetensors",
         run.method: "method.safetensors",
-        run.summary: "results.json",
+        run.results: "results.json",
         run.budget: "budget.json",
     }
     assert all(p == tmp_path / "run" / name for p, name in names.items())
@@ -30,7 +30,7 @@ def test_run_dir_names_every_file(tmp_path):
     assert RunDir(tmp_path / "run") == run and hash(RunDir(tmp_path / "run")) == hash(run)
     assert not run.is_finished()
     run.path.mkdir()
-    run.summary.write_text("{}")
+    run.results.write_text("{}")
     assert not run.is_finished()
     run.encoder.write_bytes(b"")
     assert run.is_finished()
@@ -124,13 +124,13 @@ def test_evals_do_not_import_the_trainer():
     evals = sorted((ROOT / "evals").glob("*.py"))
     assert evals
     for path in evals:
-        assert not {m for m in _imports(path) if m.startswith("sslbench.trainer")}, path
+        assert not {m for m in _imports(path) if m.startswith("sslbench.train.trainer")}, path
 
 
 def test_only_rundir_replaces_files():
     """One atomic writer: no other module renames a temporary file over a file (checkpoint.py
     renames whole checkpoint directories)."""
-    sources = [*(ROOT / "sslbench").glob("*.py"), *(ROOT / "evals").glob("*.py"), *(ROOT / "backbones").glob("*.py")]
+    sources = [*(ROOT / "sslbench").rglob("*.py"), *(ROOT / "evals").glob("*.py"), *(ROOT / "backbones").glob("*.py")]
     replacing = sorted(
         p.name for p in sources if "os.replace(" in p.read_text() or ".replace(path)" in p.read_text() or "tmp.replace(" in p.read_text()
     )
@@ -140,7 +140,7 @@ def test_only_rundir_replaces_files():
 def test_write_failures_are_told_from_bugs(tmp_path):
     from safetensors import SafetensorError
 
-    from sslbench.rundir import write_failure
+    from sslbench.core.rundir import write_failure
 
     assert write_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "No space left on device"
     # safetensors' and torch.save's own errors on a full disk (their texts as they raise them)
@@ -152,7 +152,7 @@ def test_write_failures_are_told_from_bugs(tmp_path):
 
 
 def test_check_writable_names_the_output_and_the_cause_and_leaves_nothing(tmp_path):
-    from sslbench.rundir import check_writable
+    from sslbench.core.rundir import check_writable
 
     a_file = tmp_path / "file"
     a_file.write_text("x")

@@ -21,9 +21,9 @@ import yaml
 from _faults import GATE
 from _reliability import TINY, child_env, fork_cli, lines, make_image_folder, run_forked
 
-from sslbench import checkpoint as ckpt
-from sslbench.errors import UserError
-from sslbench.runlock import RunLock, lock_holder, set_command
+from sslbench.core.errors import UserError
+from sslbench.core.runlock import RunLock, lock_holder, set_command
+from sslbench.train import checkpoint as ckpt
 
 
 def test_a_lock_names_its_holder_and_a_second_one_is_refused(tmp_path):

@@ -21,8 +21,8 @@ import pytest
 import torch
 from _reliability import TINY, child_env, fork_cli, lines, make_image_folder, run_subprocess
 
-from sslbench import checkpoint as ckpt
-from sslbench.errors import UserError
+from sslbench.core.errors import UserError
+from sslbench.train import checkpoint as ckpt
 
 
 class _Payload:
@@ -105,7 +105,7 @@ def trained(tmp_path_factory):
 
 
 def test_encoder_loading_reads_safetensors_only(trained, tmp_path):
-    from sslbench.build import load_encoder
+    from sslbench.config.build import load_encoder
 
     _, run, _ = trained
     copy = tmp_path / "run"

@@ -18,10 +18,10 @@ from _steps import info as step_info
 from safetensors.torch import load_file
 
 from sslbench.config import build_config
-from sslbench.heads import encode_views
-from sslbench.method import cosine_schedule
-from sslbench.run_setup import setup_run
-from sslbench.trainer import default_callbacks, train_loop
+from sslbench.core.heads import encode_views
+from sslbench.core.method import cosine_schedule
+from sslbench.train.run_setup import setup_run
+from sslbench.train.trainer import default_callbacks, train_loop
 
 TINY = ["backbone_kwargs.channels=8,16,32,64", "checkpoint_every=0", "quick_knn=false", "log_every=1", "channels_last=false"]
 

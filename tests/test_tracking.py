@@ -83,8 +83,8 @@ def test_a_wrong_tracker_is_one_line_and_exit_2(tmp_path: Path, spec: str, messa
 
 
 def test_a_tracker_that_is_not_installed_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sslbench import tracking
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
+    from sslbench.train import tracking
 
     monkeypatch.setattr(tracking, "_installed", lambda name: name != "aim")
     with pytest.raises(UserError, match=r'log_with=aim: the aim package is not installed; pip install "sslbench\[aim\]"'):

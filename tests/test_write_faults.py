@@ -24,9 +24,8 @@ import pytest
 from _faults import SIGNAL_AT, fail_writes, file_size_limit
 from _reliability import TINY, child_env, lines, make_image_folder, run_forked, run_many
 
-from sslbench import checkpoint as ckpt
+from sslbench.train import checkpoint as ckpt
 
-# id -> (regex of the path whose write fails, which matching write fails, a phrase of the error line, the resume step after it)
 SITES: dict[str, tuple[str, int, str, int]] = {
     "config": (r"config\.yaml\.tmp-", 1, "config.yaml", 2),
     "metrics-cut-back": (r"metrics\.jsonl\.tmp-", 1, "metrics.jsonl", 2),

@@ -29,14 +29,14 @@ from _steps import batch as make_batch
 from _steps import info as step_info
 from torch import Tensor
 
-from sslbench import dist as sdist
-from sslbench.augment import AugmentConfig
 from sslbench.backbones import create_backbone
-from sslbench.losses import BarlowTwinsLoss, NNCLRLoss, SwAVLoss, VICRegLoss, sinkhorn_knopp
-from sslbench.memory import MemoryBank
-from sslbench.optim import build_optimizer, param_groups
-from sslbench.registry import get_method
-from sslbench.run_setup import apply_schedules
+from sslbench.core import dist as sdist
+from sslbench.core.augment import AugmentConfig
+from sslbench.core.losses import BarlowTwinsLoss, NNCLRLoss, SwAVLoss, VICRegLoss, sinkhorn_knopp
+from sslbench.core.memory import MemoryBank
+from sslbench.core.optim import build_optimizer, param_groups
+from sslbench.core.registry import get_method
+from sslbench.train.run_setup import apply_schedules
 
 ZOO = ["swav", "barlow_twins", "vicreg", "nnclr"]
 WORLD = 2

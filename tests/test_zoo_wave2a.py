@@ -33,11 +33,11 @@ from _steps import batch as make_batch
 from _steps import info as step_info
 from torch import Tensor
 
-from sslbench import dist as sdist
-from sslbench.losses import DCLLoss, NTXentLoss
+from sslbench.core import dist as sdist
+from sslbench.core.losses import DCLLoss, NTXentLoss
+from sslbench.core.registry import get_method
 from sslbench.methods.mmcr import MMCRLoss
 from sslbench.methods.tico import TiCoLoss
-from sslbench.registry import get_method
 
 WAVE = ["dcl", "dclw", "tico", "mmcr"]
 WORLD = 2
@@ -232,7 +232,7 @@ def _tiny() -> torch.nn.Module:
 
 def test_mmcr_trains_on_its_views_in_one_backbone_pass():
     m = get_method("mmcr")(_tiny(), get_method("mmcr").Config(num_views=3))
-    from sslbench.augment import AugmentConfig
+    from sslbench.core.augment import AugmentConfig
 
     assert len(m.views(AugmentConfig(), 16)) == 3
     calls = []
@@ -257,7 +257,7 @@ def test_mmcr_trains_on_its_views_in_one_backbone_pass():
 def test_configs_reject_bad_values(name, change):
     from dataclasses import replace
 
-    from sslbench.errors import UserError
+    from sslbench.core.errors import UserError
 
     cfg = replace(get_method(name).Config(), **change)
     with pytest.raises(UserError, match=next(iter(change))):

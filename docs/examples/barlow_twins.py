@@ -1,5 +1,5 @@
 """Barlow Twins is a built-in method now: ``methods/barlow_twins.py`` (``--method barlow_twins``),
-with its loss in ``sslbench/losses.py``; see docs/recipes.md for its defaults.
+with its loss in ``sslbench/core/losses.py``; see docs/recipes.md for its defaults.
 
 The "write your own method" walkthrough (docs/write-your-own-method.md) builds a method that is not
 built in: docs/examples/align_uniform.py. This file only re-exports the built-in plugin, so old

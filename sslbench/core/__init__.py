@@ -1,0 +1,1 @@
+"""The method contract and what methods, the trainer and the evaluators share: errors, registries, the method base class, heads, losses, the memory bank, momentum helpers, collectives, collapse figures, optimizers, augmentation, run-directory files and their lock."""
