@@ -353,7 +353,14 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "compare-bad-seed": (["compare", "--methods", "simclr", "--steps", "1", "--seeds", "0,x"], ["--seeds: 'x' is not an integer"]),
     "compare-zero-steps": (["compare", "--methods", "simclr", "--steps", "0"], ["--steps must be >= 1"]),
     "compare-bad-duration": (["compare", "--methods", "simclr", "--time-budget", "10q"], ["cannot read the duration '10q'"]),
-    "compare-no-budget": (["compare", "--methods", "simclr"], ["one of the arguments --epochs --steps --images --time-budget is required"]),
+    "compare-no-budget": (
+        ["compare", "--methods", "simclr"],
+        ["one of the arguments --epochs --steps --images --time-budget --device-hours is required"],
+    ),
+    "compare-device-hours-zero": (
+        ["compare", "--methods", "simclr", "--device-hours", "0"],
+        ["--device-hours must be a positive number of hours, got 0"],
+    ),
     "compare-owns-output": (["compare", "--methods", "simclr", "--steps", "1", "--set", "output=x"], ["--set output=... is set by compare itself"]),
     "compare-unknown-protocol": (["compare", "--methods", "simclr", "--steps", "1", "--protocol", "knnn"], ["unknown protocol 'knnn'"]),
     "compare-other-config-in-the-way": (

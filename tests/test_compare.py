@@ -3,7 +3,10 @@ steps, images or wall-clock time."""
 
 import json
 import math
+import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from sslbench.commands.evaluate import format_duration, parse_duration
 from sslbench.config import build_config
 from sslbench.core.errors import UserError
 from sslbench.results import RUN_FIELDS, read_rows
+from sslbench.train.callbacks import Callback
 from sslbench.train.run_setup import UNBOUNDED_STEPS, make_plan
 from sslbench.train.trainer import train
 
@@ -140,7 +144,7 @@ def test_compare_that_would_fine_tune_data_read_from_disk_fails_before_training(
 @pytest.mark.parametrize(
     "budget, message",
     [
-        ([], "one of the arguments --epochs --steps --images --time-budget is required"),
+        ([], "one of the arguments --epochs --steps --images --time-budget --device-hours is required"),
         (["--steps", "2", "--epochs", "1"], "not allowed with argument"),
         (["--time-budget", "ten minutes"], "cannot read the duration"),
         (["--images", "0"], "--images must be >= 1"),
@@ -208,6 +212,44 @@ def test_time_budget_stops_after_the_step_that_crosses_it(tmp_path):
     assert (again.steps, again.images_seen) == (1, 32)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001"]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 1
+
+
+class _SlowThenStopped(Callback):
+    """Each step takes at least ``seconds`` of wall time (a slow machine); a SIGTERM arrives
+    during step ``stop_at`` (the run checkpoints and stops after it)."""
+
+    def __init__(self, seconds: float, stop_at: int) -> None:
+        self.seconds, self.stop_at = seconds, stop_at
+
+    def on_step_end(self, run: Any, batch: Any, control: Any) -> None:
+        time.sleep(self.seconds)
+        if control.done == self.stop_at:
+            control.stop_signal = signal.SIGTERM
+
+
+def test_a_resumed_run_continues_its_time_budget_and_records_device_hours(tmp_path):
+    """The training time of earlier sessions counts towards a resumed run's time budget (the
+    checkpoint's ``train_time_s``), and ``results.json`` records processes x the total training
+    time as ``device_hours``. Before, a resumed run got a fresh budget."""
+    flags = {"method": "simclr", "batch_size": 32, "train_subset": 64, "output": str(tmp_path / "run")}
+    first = train(build_config(flags={**flags, "steps": 6}, sets=[TINY, "quick_knn=false"]), quiet=True, callbacks=[_SlowThenStopped(0.4, stop_at=2)])
+    assert first.stopped_early and first.steps == 2 and first.train_time_s >= 0.8
+    # The first session spent 0.8 s of the 0.5 s budget: the resumed run stops after its first step
+    # (a fresh budget would let 4 fast steps reach step 6).
+    cfg = build_config(flags={**flags, "steps": 6}, sets=[TINY, "quick_knn=false", "time_budget_s=0.5"])
+    again = train(cfg, resume=True, quiet=True)
+    assert again.steps == 3
+    # the first session's time up to its checkpoint (at least its two slow steps) plus this session's
+    assert again.wall_time_s + 0.8 <= again.train_time_s <= first.train_time_s + again.wall_time_s + 0.01
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert summary["train_time_s"] == again.train_time_s and summary["processes"] == 1
+    assert summary["device_hours"] == round(again.train_time_s / 3600, 6) > 0
+
+
+def test_compare_with_a_device_hours_budget(tmp_path):
+    (plan,) = plan_compare(["simclr"], [0], ("device_hours", 0.25), out_dir=tmp_path, flags={"batch_size": 32})
+    cfg = plan[2]
+    assert cfg.time_budget_s == 900 and cfg.steps is None and cfg.epochs is None
 
 
 def test_compare_with_a_time_budget_shows_the_epochs_reached(tmp_path, capsys):

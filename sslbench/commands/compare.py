@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -179,6 +180,9 @@ def _apply_budget(cfg: Any, budget: tuple[str, Any]) -> None:
         cfg.steps = math.ceil(value / _effective_batch(cfg))
     elif kind == "time":
         cfg.time_budget_s = commands.parse_duration(str(value))
+    elif kind == "device_hours":
+        # devices x training time: each of the run's processes (one device each) trains for H / N hours
+        cfg.time_budget_s = value * 3600 / int(os.environ.get("WORLD_SIZE", "1"))
     else:
         raise ValueError(f"unknown budget kind {kind!r}")
     cfg.quick_knn = False  # every run is evaluated afterwards with the comparison's protocols
@@ -253,9 +257,13 @@ def _budget(args: argparse.Namespace) -> tuple[str, Any]:
         budget = ("steps", args.steps)
     elif args.images is not None:
         budget = ("images", args.images)
+    elif args.device_hours is not None:
+        if not (math.isfinite(args.device_hours) and args.device_hours > 0):
+            raise UserError(f"--device-hours must be a positive number of hours, got {args.device_hours:g}")
+        budget = ("device_hours", args.device_hours)
     else:
         budget = ("time", commands.format_duration(commands.parse_duration(args.time_budget)))
-    if budget[0] != "time" and budget[1] < 1:
+    if budget[0] not in ("time", "device_hours") and budget[1] < 1:
         raise UserError(f"--{budget[0]} must be >= 1, got {budget[1]}")
     return budget
 
@@ -404,6 +412,9 @@ def register_compare(sub: Any) -> None:
     budget.add_argument("--steps", type=int, help="optimizer steps")
     budget.add_argument("--images", type=int, help="images seen in total (steps = ceil(N / batch size))")
     budget.add_argument("--time-budget", metavar="DURATION", help="wall-clock training time per run, e.g. 90s, 10m, 1h")
+    budget.add_argument(
+        "--device-hours", type=float, metavar="H", help="devices x training time per run, in hours (rows record each run's device_hours)"
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--output", metavar="DIR", help="comparison directory (default runs/compare-<data>-<backbone>-<time>)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 256)")

@@ -129,6 +129,7 @@ def _run_fields(run_dir: Path, cfg: Any, summary: dict[str, Any], data: str, bud
         "budget_kind": kind,
         "budget": value,
         "wall_time_s": summary.get("wall_time_s"),
+        "device_hours": summary.get("device_hours"),
         "images_per_s": summary.get("images_per_s"),
         "precision": summary.get("precision", cfg.precision),
         "seed": cfg.seed,

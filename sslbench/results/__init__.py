@@ -51,6 +51,7 @@ RUN_FIELDS = (
     "budget_kind",
     "budget",
     "wall_time_s",
+    "device_hours",
     "images_per_s",
     "precision",
     "seed",
@@ -249,6 +250,12 @@ def environment_info() -> dict[str, Any]:
         "sslbench": __version__,
         "git_commit": source_commit(),
     }
+
+
+def device_hours(processes: int, train_time_s: float) -> float:
+    """The cost of a run: devices (one per process) x training wall time, in hours. Rows record it
+    so tables can compare methods by cost and ``compare --device-hours`` can give each the same."""
+    return round(processes * train_time_s / 3600, 6)
 
 
 def hardware_summary(device: Any) -> str:

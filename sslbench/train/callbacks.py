@@ -23,7 +23,6 @@ import importlib
 import json
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
@@ -136,8 +135,8 @@ def callbacks_from_env() -> list[Callback]:
 
 
 class StopControl(Callback):
-    """SIGTERM/SIGINT set a flag and the time budget runs out; the loop checkpoints and stops after
-    the step. Several processes must stop after the same step: they agree at logging steps, which
+    """SIGTERM/SIGINT set a flag and the time budget runs out (training time over every session of
+    the run: :meth:`Run.train_time_s`); the loop checkpoints and stops after the step. Several processes must stop after the same step: they agree at logging steps, which
     synchronise anyway (one all-reduce, no per-step host sync). A second Ctrl-C stops at once."""
 
     order = -10
@@ -145,7 +144,6 @@ class StopControl(Callback):
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
-        self._t0 = 0.0
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -153,7 +151,6 @@ class StopControl(Callback):
         self.signum = signum
 
     def on_train_start(self, run: Run) -> None:
-        self._t0 = time.perf_counter()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -162,7 +159,7 @@ class StopControl(Callback):
 
     def on_step_end(self, run: Run, batch: Batch, control: Control) -> None:
         budget = run.cfg.time_budget_s
-        elapsed = time.perf_counter() - self._t0
+        elapsed = run.train_time_s()
         spent = budget is not None and elapsed >= budget
         signum = self.signum
         progress = min(elapsed / budget, 1.0) if budget is not None else None

@@ -237,6 +237,8 @@ class Run:
     lock: RunLock | None = None  # the run directory's lock (main process), released when the run is done
     resume_command: str = ""  # the command that continues this run after a failure: `sslbench train --output DIR --resume`, or compare's own
     warnings: list[str] = field(default_factory=list)  # what setup warned of (main process): results.json's "warnings"
+    trained_before_s: float = 0.0  # training wall time of earlier sessions, up to the checkpoint this run resumed from
+    session_start: float | None = None  # perf_counter() when this session's training loop started (set by train())
 
     @property
     def device(self) -> torch.device:
@@ -258,6 +260,12 @@ class Run:
     def ckpt_dir(self) -> Path:
         return self.files.checkpoints
 
+    def train_time_s(self) -> float:
+        """Wall time spent training this run so far: earlier sessions (up to the checkpoint this
+        session resumed from; time after a run's last checkpoint is lost with it) plus this one."""
+        now = 0.0 if self.session_start is None else time.perf_counter() - self.session_start
+        return self.trained_before_s + now
+
     def info(self, step: int, progress: float | None = None) -> StepInfo:
         """The :class:`StepInfo` of ``step``; ``progress`` overrides step / total (time budget)."""
         p = step / self.plan.total_steps if progress is None else progress
@@ -271,6 +279,7 @@ class Run:
             "step": step,
             "epoch": self.plan.epoch_of(step),
             "skipped": self.skipped,
+            "train_time_s": round(self.train_time_s(), 3),  # counted by a resumed run's time budget and device-hours
             "method": self.cfg.method,
             "backbone": self.cfg.backbone,
         }
@@ -377,6 +386,7 @@ def _restore(run: Run, *, quiet: bool) -> None:
         return
     meta = ckpt.load(run.accelerator, found, model=run.model)
     run.start_step, run.skipped = int(meta["step"]), int(meta.get("skipped", 0))
+    run.trained_before_s = float(meta.get("train_time_s", 0.0))  # 0 for a checkpoint written before it was recorded
     if meta.get("final") and run.cfg.time_budget_s is not None:
         # A finished run under a time budget: its budget is spent. Resuming it only rewrites its
         # final files (as after a full disk), it never trains a second budget.

@@ -29,7 +29,7 @@ from sslbench.core.health import HealthMonitor
 from sslbench.core.method import Batch
 from sslbench.core.rundir import write_atomic, write_text_atomic
 from sslbench.core.runlock import RunLock
-from sslbench.results import hardware_summary
+from sslbench.results import device_hours, hardware_summary
 from sslbench.train.batches import stream_batches
 from sslbench.train.callbacks import Callback, CheckpointPolicy, Control, MetricsFile, ProgressDisplay, StopControl
 from sslbench.train.run_setup import Run, apply_schedules, channels_last_views, setup_run
@@ -45,8 +45,9 @@ class TrainResult:
     steps: int
     epochs: float
     images_seen: int
-    wall_time_s: float
+    wall_time_s: float  # this session's training time (a resumed run: since it resumed)
     images_per_s: float
+    train_time_s: float = 0.0  # training time over every session of the run (Run.train_time_s)
     metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
     stop_signal: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run early
@@ -267,6 +268,8 @@ def results_json(run: Run, result: TrainResult) -> dict[str, Any]:
         "precision": run.precision,
         "seed": cfg.seed,
         "processes": run.world,
+        "train_time_s": result.train_time_s,
+        "device_hours": device_hours(run.world, result.train_time_s),
         "device": run.device.type,
         "hardware": hardware_summary(run.device),
         "train_images": len(run.train_split),
@@ -305,7 +308,7 @@ def train(
     handed_over = False
     try:
         cbs = sorted([*(callbacks or []), *default_callbacks(quiet)], key=lambda cb: cb.order)
-        t0 = time.perf_counter()
+        t0 = run.session_start = time.perf_counter()
         health = health_monitor(run)
         try:
             steps_done, stop_signal = train_loop(run, cbs, health=health)
@@ -320,6 +323,7 @@ def train(
             epochs=round(steps_done / plan.steps_per_epoch, 4),
             images_seen=steps_done * plan.global_batch,
             wall_time_s=round(wall, 3),
+            train_time_s=round(run.train_time_s(), 3),
             images_per_s=round((steps_done - run.start_step) * plan.global_batch / max(wall, 1e-9), 2),
             stopped_early=stop_signal is not None,
             stop_signal=stop_signal,
