@@ -133,7 +133,12 @@ def _same_protocol(old: EvalProtocol, new: EvalProtocol) -> bool:
 
 #: The protocols in registration order (the order of ``--protocol``'s help and of the flags).
 PROTOCOLS: Registry[EvalProtocol] = Registry(
-    "protocol", PROTOCOLS_ENTRY_POINT_GROUP, ("sslbench.evals.protocols",), same=_same_protocol, n_close=1, ordered=True
+    "protocol",
+    PROTOCOLS_ENTRY_POINT_GROUP,
+    ("sslbench.evals.protocols", "sslbench.evals.multilayer", "sslbench.evals.attentive"),
+    same=_same_protocol,
+    n_close=1,
+    ordered=True,
 )
 
 
