@@ -180,31 +180,45 @@ def test_attentive_pooler_equals_a_float64_cross_attention_value_and_gradient():
         torch.testing.assert_close(param.grad, params[name].grad, atol=1e-10, rtol=1e-10, msg=name)
 
 
-def _where_task(n, seed, t=4, d=16):
-    """Tokens ``(n, t, d)``: fixed position vectors plus noise, and a signal vector added at one
-    position; the label is that position. Every image's mean token carries the signal / t plus
-    the mean position vector, whatever the label: mean pooling cannot tell the classes apart."""
-    g = torch.Generator().manual_seed(seed)
+def _balanced(n, d, g):
+    """``n`` random vectors of ``d`` entries, half +1 and half -1: every one has mean 0 and
+    variance 1, so the pooler's LayerNorm leaves them as they are."""
+    base = torch.tensor([1.0, -1.0]).repeat(d // 2)
+    return torch.stack([base[torch.randperm(d, generator=g)] for _ in range(n)])
+
+
+def _where_task(n, seed, t=8, classes=4, d=8):
+    """Tokens ``(n, t, 2d)``: a key half and a value half. One position, drawn per image, has the
+    marker as its key; every position's value is the code of a random class; the label is the class
+    at the marked position. The mean token (any linear map of it) holds only how often each class
+    occurs, not which one is marked: telling needs to select a token by its content."""
     fixed = torch.Generator().manual_seed(123)
-    pos, signal = torch.randn(t, d, generator=fixed), 3.0 * torch.randn(d, generator=fixed)
-    y = torch.arange(n) % t
-    tokens = pos + 0.3 * torch.randn(n, t, d, generator=g)
-    tokens[torch.arange(n), y] += signal
-    return tokens, y
+    marker, codes = _balanced(1, d, fixed)[0], _balanced(classes, d, fixed)
+    g = torch.Generator().manual_seed(seed)
+    keys = _balanced(n * t, d, g).view(n, t, d)
+    keys[(keys == marker).all(dim=-1)] *= -1  # no other position carries the marker
+    cls = torch.randint(0, classes, (n, t), generator=g)
+    where = torch.randint(0, t, (n,), generator=g)
+    keys[torch.arange(n), where] = marker
+    return torch.cat([keys, codes[cls]], dim=-1), cls[torch.arange(n), where]
 
 
-def test_attentive_probe_learns_where_the_signal_is_and_mean_pooling_does_not():
+def test_attentive_probe_learns_which_token_is_marked_and_mean_pooling_does_not():
     xtr, ytr = _where_task(512, 0)
     xte, yte = _where_task(256, 1)
     att = attentive_probe(xtr, ytr, xte, yte, num_heads=2, epochs=25, batch_size=64, lr=3e-3, seed=0)
     lin = linear_probe(xtr.mean(dim=1), ytr, xte.mean(dim=1), yte, epochs=30, seed=0)
     assert att["attentive_top1"] > 90.0, att
-    assert lin["linear_top1"] < 45.0, lin  # chance is 25%
+    assert lin["linear_top1"] < 55.0, lin  # chance 25%; the class counts alone give about 45%
 
 
 def test_attentive_training_is_deterministic_given_the_seed():
     x, y = _where_task(64, 0)
-    a, b, c = (train_attentive(x, y, n_classes=4, num_heads=2, epochs=1, batch_size=16, seed=s) for s in (0, 0, 1))
+    models = []
+    for global_seed, seed in ((7, 0), (8, 0), (7, 1)):  # the global random state plays no part
+        torch.manual_seed(global_seed)
+        models.append(train_attentive(x, y, n_classes=4, num_heads=2, epochs=1, batch_size=16, seed=seed))
+    a, b, c = models
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
