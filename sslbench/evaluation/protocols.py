@@ -28,7 +28,9 @@ row is reused only at the same depth. ``in_memory=True`` refuses data read
 from disk (it needs :class:`sslbench.data.ImageSplit`\\ s) before anything trains or is scored.
 ``prepare(ctx)`` runs before the data is loaded (to fail early).
 
-The built-in protocols (knn, linear, finetune, distill) are in ``evals/protocols.py``; packages
+The built-in protocols (knn, linear, finetune, distill, the label-free metrics) are in
+``evals/protocols.py``, ``multilayer`` in ``evals/multilayer.py`` and ``attentive`` in
+``evals/attentive.py``; packages
 add theirs through the entry-point group ``sslbench.protocols`` (a module whose import registers
 them), as methods do through ``sslbench.methods``.
 """
