@@ -30,7 +30,8 @@ What is here, by use:
 - collapse figures: ``effective_rank``, ``normalised_std``, ``RANK_EPS``;
 - evaluation protocols: ``EvalContext``, ``EvalOptions``, ``Option``, ``Score``, the option checks
   and ``check_fraction``; frozen features: ``extract_features``, ``split_features``, ``eval_mode``,
-  ``autocast``, ``module_device``, the projector depths (``parse_depth``, ``depth_head``,
+  ``autocast``, ``module_device``, the last blocks or stages (``intermediate_layers``,
+  ``Intermediates``), the projector depths (``parse_depth``, ``depth_head``,
   ``load_projector``, ``apply_head``, ...);
 - data and augmentation: ``ImageSplit``, ``FileSplit``, ``load_split``, ``balanced_subset``,
   ``store_size``, ``fit_image``, ``AugmentConfig``, ``BatchAugment``, ``eval_batch``;
@@ -100,6 +101,8 @@ from sslbench.core.schedules import cosine_between
 from sslbench.data import DataSource, FileSplit, ImageSplit, balanced_subset, load_split, register_data_source, store_size
 from sslbench.data import _fit as fit_image
 from sslbench.evaluation.features import (
+    Intermediates,
+    LayerTokens,
     Transform,
     apply_head,
     autocast,
@@ -107,6 +110,7 @@ from sslbench.evaluation.features import (
     eval_mode,
     extract_features,
     hidden_layer_ends,
+    intermediate_layers,
     load_projector,
     module_device,
     parse_depth,
@@ -117,6 +121,9 @@ from sslbench.evaluation.protocols import EvalContext, EvalOptions, Option, Scor
 from sslbench.train.callbacks import Callback, Control, register_callback
 
 __all__ = [
+    "Intermediates",
+    "LayerTokens",
+    "intermediate_layers",
     "check_fraction",
     "split_features",
     "projector_depths",

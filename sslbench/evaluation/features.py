@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +71,7 @@ def extract_features(
     device: torch.device | str | None = None,
     precision: str = "no",
     transform: Transform | None = None,
+    flatten: bool = True,
 ) -> Tensor:
     """Encode ``images`` with a frozen ``encoder``.
 
@@ -86,9 +88,11 @@ def extract_features(
         transform: ``uint8 batch -> float batch`` applied on ``device``; by default
             :func:`sslbench.core.augment.eval_batch` (resize and ImageNet normalisation, no
             augmentation).
+        flatten: flatten an output of more dimensions to ``(B, -1)`` (False: keep its shape,
+            e.g. the ``(B, T, D)`` tokens of :class:`Intermediates`).
 
     Returns:
-        float32 features ``(N, D)`` on the CPU.
+        float32 features ``(N, D)`` (``(N, ...)`` unflattened) on the CPU.
 
     The encoder runs in eval mode (BatchNorm uses its running statistics and updates nothing)
     under :func:`torch.no_grad`; every submodule's train/eval flag is restored afterwards.
@@ -117,7 +121,7 @@ def extract_features(
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(run_device, non_blocking=True)
             out = encoder(transform(batch))
-            if out.ndim != 2:
+            if out.ndim != 2 and flatten:
                 out = out.flatten(1)
             chunks.append(out.float().cpu())
     if not chunks:
@@ -154,12 +158,15 @@ def split_features(
     device: torch.device | str | None = None,
     precision: str = "no",
     num_workers: int = 2,
+    flatten: bool = True,
 ) -> Tensor:
     """:func:`extract_features` of every image of a split, in order: an in-memory split directly,
     a file-backed one (too large for memory) decoded batch by batch by ``num_workers`` DataLoader
     workers, with the same pixels and the same evaluation transform."""
     if isinstance(split, ImageSplit):
-        return extract_features(encoder, split.images, image_size=image_size, batch_size=batch_size, device=device, precision=precision)
+        return extract_features(
+            encoder, split.images, image_size=image_size, batch_size=batch_size, device=device, precision=precision, flatten=flatten
+        )
     loader = torch.utils.data.DataLoader(
         _DecodedImages(split, image_size),
         batch_size=batch_size,
@@ -167,7 +174,10 @@ def split_features(
         num_workers=num_workers,
         persistent_workers=False,
     )
-    chunks = [extract_features(encoder, batch, image_size=image_size, batch_size=batch_size, device=device, precision=precision) for batch in loader]
+    chunks = [
+        extract_features(encoder, batch, image_size=image_size, batch_size=batch_size, device=device, precision=precision, flatten=flatten)
+        for batch in loader
+    ]
     if not chunks:
         raise UserError("split_features got no images (N = 0)")
     return torch.cat(chunks)
@@ -279,3 +289,57 @@ def apply_head(head: nn.Module | None, h: Tensor, *, device: torch.device | str 
         for start in range(0, h.shape[0], batch_size):
             chunks.append(head(h[start : start + batch_size].to(dev, torch.float32)).float().cpu())
     return torch.cat(chunks) if chunks else h.new_zeros((0, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Intermediate layers: the last blocks of a vision transformer, the last stages of a convnet
+
+#: One layer's output: (its class token ``(B, D)``, or None, and its other tokens ``(B, T, D)``).
+LayerTokens = tuple[Tensor | None, Tensor]
+
+
+def intermediate_layers(encoder: nn.Module, x: Tensor, n_last: int) -> list[LayerTokens]:
+    """The outputs of the last ``n_last`` blocks (vision transformer) or stages (convnet) of a timm
+    ``encoder`` on the float batch ``x``, in depth order, through timm's own
+    ``forward_intermediates``:
+
+    - vision transformer: each block's output through the encoder's final norm (``norm=True``, as
+      DINOv2's ``get_intermediate_layers``), split into the class token ``(B, D)`` (None for a
+      model without one) and the patch tokens ``(B, T, D)`` (prefix tokens such as registers
+      dropped);
+    - convnet: each stage's feature map ``(B, C, H, W)`` as ``H * W`` tokens ``(B, H*W, C)`` (no
+      class token, no head norm).
+
+    A model without ``forward_intermediates``, or with fewer than ``n_last`` layers, is a UserError.
+    """
+    name = getattr(encoder, "pretrained_cfg", {}).get("architecture") or type(encoder).__name__
+    forward_intermediates: Callable[..., Any] | None = getattr(encoder, "forward_intermediates", None)
+    if forward_intermediates is None:
+        raise UserError(f"{name} has no forward_intermediates (timm's intermediate-layer API); use a timm ViT or convnet encoder")
+    available = len(getattr(encoder, "feature_info", ()))
+    if not 1 <= n_last <= available:
+        what = "blocks" if hasattr(encoder, "patch_embed") else "stages (the stem counts as one)"
+        raise UserError(f"{name} has {available} {what}; asked for the last {n_last}: use a number from 1 to {available}")
+    if hasattr(encoder, "patch_embed"):
+        outs = forward_intermediates(x, indices=n_last, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True)
+        has_cls = getattr(encoder, "cls_token", None) is not None
+        return [(prefix[:, 0] if has_cls else None, tokens) for tokens, prefix in outs]
+    maps = forward_intermediates(x, indices=n_last, intermediates_only=True)
+    return [(None, m.flatten(2).transpose(1, 2)) for m in maps]
+
+
+class Intermediates(nn.Module):
+    """``encoder`` seen through :func:`intermediate_layers`: ``forward(x)`` is
+    ``reduce(intermediate_layers(encoder, x, n_last))``, so :func:`extract_features` and
+    :func:`split_features` (``flatten=False`` for token tensors) cache whatever ``reduce`` keeps
+    of the last layers, in one forward per batch."""
+
+    n_last: int
+    reduce: Callable[[list[LayerTokens]], Tensor]
+
+    def __init__(self, encoder: nn.Module, n_last: int, reduce: Callable[[list[LayerTokens]], Tensor]) -> None:
+        super().__init__()
+        self.encoder, self.n_last, self.reduce = encoder, n_last, reduce
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reduce(intermediate_layers(self.encoder, x, self.n_last))

@@ -28,7 +28,9 @@ row is reused only at the same depth. ``in_memory=True`` refuses data read
 from disk (it needs :class:`sslbench.data.ImageSplit`\\ s) before anything trains or is scored.
 ``prepare(ctx)`` runs before the data is loaded (to fail early).
 
-The built-in protocols (knn, linear, finetune, distill) are in ``evals/protocols.py``; packages
+The built-in protocols (knn, linear, finetune, distill, the label-free metrics) are in
+``evals/protocols.py``, ``multilayer`` in ``evals/multilayer.py`` and ``attentive`` in
+``evals/attentive.py``; packages
 add theirs through the entry-point group ``sslbench.protocols`` (a module whose import registers
 them), as methods do through ``sslbench.methods``.
 """
@@ -133,7 +135,12 @@ def _same_protocol(old: EvalProtocol, new: EvalProtocol) -> bool:
 
 #: The protocols in registration order (the order of ``--protocol``'s help and of the flags).
 PROTOCOLS: Registry[EvalProtocol] = Registry(
-    "protocol", PROTOCOLS_ENTRY_POINT_GROUP, ("sslbench.evals.protocols",), same=_same_protocol, n_close=1, ordered=True
+    "protocol",
+    PROTOCOLS_ENTRY_POINT_GROUP,
+    ("sslbench.evals.protocols", "sslbench.evals.multilayer", "sslbench.evals.attentive"),
+    same=_same_protocol,
+    n_close=1,
+    ordered=True,
 )
 
 
