@@ -35,6 +35,8 @@ What is here, by use:
   ``load_projector``, ``apply_head``, ...);
 - data and augmentation: ``ImageSplit``, ``FileSplit``, ``load_split``, ``balanced_subset``,
   ``store_size``, ``fit_image``, ``AugmentConfig``, ``BatchAugment``, ``eval_batch``;
+  ``parse_data_spec`` (a data spec checked without loading it), ``counter_uniform`` (counter-based
+  randomness of (seed, epoch, sample, stream)), ``gaussian_blur_batch`` (per-sample Gaussian blur);
 - runs, encoders and optimisation, for evaluators: ``RunDir``, ``ENCODER``, ``write_atomic``,
   ``TrainConfig``, ``load_run_config``, ``build_method``, ``create_backbone``,
   ``load_state_strict``, ``is_vision_transformer[_backbone]``, ``build_optimizer``,
@@ -47,6 +49,8 @@ from sslbench.backbones import create_backbone, is_vision_transformer, is_vision
 from sslbench.config import TrainConfig, load_run_config
 from sslbench.config.build import build_method
 from sslbench.core.augment import AugmentConfig, BatchAugment, eval_batch
+from sslbench.core.augment import counter_uniform as counter_uniform
+from sslbench.core.augment_kernels import _gaussian_blur as gaussian_blur_batch
 from sslbench.core.dist import (
     all_reduce_mean,
     all_reduce_sum,
@@ -100,6 +104,7 @@ from sslbench.core.rundir import ENCODER, RunDir, write_atomic
 from sslbench.core.schedules import cosine_between
 from sslbench.data import DataSource, FileSplit, ImageSplit, balanced_subset, load_split, register_data_source, store_size
 from sslbench.data import _fit as fit_image
+from sslbench.data import parse_spec as parse_data_spec
 from sslbench.evaluation.features import (
     Intermediates,
     LayerTokens,
@@ -124,6 +129,9 @@ __all__ = [
     "Intermediates",
     "LayerTokens",
     "intermediate_layers",
+    "counter_uniform",
+    "gaussian_blur_batch",
+    "parse_data_spec",
     "check_fraction",
     "split_features",
     "projector_depths",

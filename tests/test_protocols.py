@@ -71,7 +71,8 @@ def test_a_toy_protocol_is_one_registration_with_flags_rows_and_reuse(toy, tmp_p
         main(["eval", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # (argparse wraps the list)
     assert (
-        "knn, linear, finetune, distill, alignment, uniformity, rankme, feature_std, multilayer, attentive, toy" in help_text
+        "knn, linear, finetune, distill, alignment, uniformity, rankme, feature_std, multilayer, attentive, fewshot, transfer, robustness, ood, toy"
+        in help_text
         and "--toy-scale" in help_text
     )
 

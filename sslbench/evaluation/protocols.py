@@ -133,11 +133,21 @@ def _same_protocol(old: EvalProtocol, new: EvalProtocol) -> bool:
     return getattr(old.run, "__qualname__", None) == getattr(new.run, "__qualname__", object())
 
 
+#: The built-in protocols that have a module of their own in ``evals/`` (imported after ``evals/protocols.py``).
+BUILTIN_PROTOCOL_MODULES = (
+    "sslbench.evals.multilayer",
+    "sslbench.evals.attentive",
+    "sslbench.evals.fewshot",
+    "sslbench.evals.transfer",
+    "sslbench.evals.robustness",
+    "sslbench.evals.ood",
+)
+
 #: The protocols in registration order (the order of ``--protocol``'s help and of the flags).
 PROTOCOLS: Registry[EvalProtocol] = Registry(
     "protocol",
     PROTOCOLS_ENTRY_POINT_GROUP,
-    ("sslbench.evals.protocols", "sslbench.evals.multilayer", "sslbench.evals.attentive"),
+    ("sslbench.evals.protocols",) + BUILTIN_PROTOCOL_MODULES,
     same=_same_protocol,
     n_close=1,
     ordered=True,
