@@ -81,13 +81,13 @@ class NodeRuns:
     """The 1-process references (one driver process, one after the other) and the 2-node pairs
     (one pair at a time), all started in the background."""
 
-    def __init__(self, root: Path, shards: Path) -> None:
+    def __init__(self, root: Path, shards: Path, keys: list[str]) -> None:
         self.root, self.shards = root, shards
         self.env = child_env((), {"PYTHONPATH": str(Path(__file__).parent), "SSLBENCH_CACHE": str(root / "cache")})
         self.pool = ThreadPoolExecutor(max_workers=2)
-        jobs = [_job(key, resolve_method(key.split("-")[0]), self.argv(key, 1)) for key in KEYS]
-        self.reference = self.pool.submit(run_group, _driver_command(jobs), self.env, RUN_TIMEOUT_S * len(KEYS) // 2, root / "reference.log")
-        self.pairs = {key: self.pool.submit(self._two_nodes, key) for key in KEYS}
+        jobs = [_job(key, resolve_method(key.split("-")[0]), self.argv(key, 1)) for key in keys]
+        self.reference = self.pool.submit(run_group, _driver_command(jobs), self.env, RUN_TIMEOUT_S * len(keys) // 2, root / "reference.log")
+        self.pairs = {key: self.pool.submit(self._two_nodes, key) for key in keys}
 
     def out(self, key: str, world: int) -> Path:
         return self.root / f"{key}-{world}proc"
@@ -123,11 +123,15 @@ class NodeRuns:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Starts the runs of the keys whose test was collected (all, unless deselected)."""
+    wanted = {
+        item.callspec.params["key"] for item in request.session.items if getattr(item, "originalname", None) == "test_two_nodes_equal_one_process"
+    }
     root = tmp_path_factory.mktemp("multinode")
     shards = root / "digits-shards"
     write_shards("digits", shards, 256, image_size=32, cache_root=root / "cache")
-    r = NodeRuns(root, shards)
+    r = NodeRuns(root, shards, [k for k in KEYS if k in wanted])
     yield r
     r.close()
 
