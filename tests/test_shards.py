@@ -174,6 +174,29 @@ def test_digits_shards_hold_the_digits_pixels(tmp_path: Path) -> None:
         assert torch.equal(torch.from_numpy(np.stack([sharded.pixels(i) for i in range(len(sharded))])), memory.images)
 
 
+def test_hf_shards_hold_the_hf_pixels(tmp_path: Path) -> None:
+    """An hf: source (a save_to_disk folder of PNGs of several sizes): the shards hold its image
+    bytes, and decode to the in-memory split's pixels, labels and classes."""
+    from datasets import ClassLabel, Dataset, DatasetDict
+    from datasets import Image as HFImage
+
+    rng = np.random.default_rng(0)
+
+    def part(n: int) -> Dataset:
+        images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(10, 20)), 18, 3), dtype=np.uint8)) for _ in range(n)]
+        ds = Dataset.from_dict({"image": images, "label": [i % 3 for i in range(n)]})
+        return ds.cast_column("image", HFImage()).cast_column("label", ClassLabel(names=["a", "b", "c"]))
+
+    DatasetDict({"train": part(20), "test": part(9)}).save_to_disk(str(tmp_path / "hf"))
+    write_shards(f"hf:{tmp_path / 'hf'}", tmp_path / "s", 7, image_size=16, cache_root=tmp_path / "cache")
+    for split in ("train", "test"):
+        memory = load_split(f"hf:{tmp_path / 'hf'}", split, 16, cache_dir=tmp_path / "cache")
+        sharded = load_split(f"shards:{tmp_path / 's'}", split, 16)
+        assert isinstance(memory, ImageSplit) and isinstance(sharded, ShardSplit)
+        assert sharded.classes == memory.classes == ["a", "b", "c"] and torch.equal(sharded.labels, memory.labels)
+        assert torch.equal(torch.from_numpy(np.stack([sharded.pixels(i) for i in range(len(sharded))])), memory.images)
+
+
 def _flip_image_byte(shards: Path, copy: Path) -> Path:
     """A copy of the shards with one byte of every image of train shard 2 inverted (the size stays)."""
     shutil.copytree(shards, copy)
