@@ -271,14 +271,7 @@ def _write_split(root: Path, split: str, sources: Sequence[Any], labels: list[in
     shards: list[dict[str, Any]] = []
     sides: list[int] = []
     skipped: list[str] = []
-    pending: list[tuple[str, str, bytes, int]] = []  # (key, ext, bytes, label) of the shard being filled
-    written = 0
-
-    def flush() -> None:
-        name = f"{split}/shard-{len(shards):06d}.tar"
-        shards.append(_write_tar(root / name, name, pending))
-        pending.clear()
-
+    shard: _TarWriter | None = None  # the shard being filled (one image in memory at a time)
     for i in range(len(sources)):
         try:
             data = _encoded(sources[i])
@@ -289,37 +282,49 @@ def _write_split(root: Path, split: str, sources: Sequence[Any], labels: list[in
             skipped.append(f"image {i} ({_one_line(err)})")
             continue
         sides.append(min(img.size))
-        pending.append((f"{written:09d}", _EXT.get(fmt, fmt.lower()), data, int(labels[i])))
-        written += 1
-        if len(pending) == shard_size:
-            flush()
-    if pending:
-        flush()
+        if shard is None:
+            shard = _TarWriter(root, f"{split}/shard-{len(shards):06d}.tar")
+        shard.add(f"{len(sides) - 1:09d}", _EXT.get(fmt, fmt.lower()), data, int(labels[i]))
+        if len(shard.samples) == shard_size:
+            shards.append(shard.close())
+            shard = None
+    if shard is not None:
+        shards.append(shard.close())
     if skipped:
         logger.warning("skipped %d unreadable image(s) in %s; first: %s", len(skipped), where, skipped[0])
-    if not written:
+    if not sides:
         raise UserError(f"no readable image in {where}; check the images")
     return {
-        "count": written,
+        "count": len(sides),
         "skipped": len(skipped),
         "image_size": median_side(torch.tensor(sides)),  # median shorter side of the images as stored
         "shards": shards,
     }
 
 
-def _write_tar(path: Path, name: str, samples: list[tuple[str, str, bytes, int]]) -> dict[str, Any]:
-    """One tar of ``samples`` (WebDataset layout); returns its index entry (offsets read back from the tar)."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, ext, data, label in samples:
-            for member, payload in ((f"{key}.{ext}", data), (f"{key}.cls", str(label).encode())):
-                info = tarfile.TarInfo(member)
-                info.size, info.mode, info.mtime = len(payload), 0o644, 0
-                tar.addfile(info, io.BytesIO(payload))
-    with tarfile.open(path, "r") as tar:
-        offsets = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
-    entries = []
-    for key, ext, data, label in samples:
-        offset, length = offsets[f"{key}.{ext}"]
-        entries.append([key, label, offset, length, zlib.crc32(data)])
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"file": name, "count": len(samples), "bytes": path.stat().st_size, "sha256": digest, "samples": entries}
+class _TarWriter:
+    """One tar in WebDataset's layout, written sample by sample; :meth:`close` returns its index
+    entry (the offsets read back from the tar's headers)."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.path, self.name = root / name, name
+        self.tar = tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
+        self.samples: list[list[Any]] = []  # [key, label, member name, crc32]
+
+    def add(self, key: str, ext: str, data: bytes, label: int) -> None:
+        for member, payload in ((f"{key}.{ext}", data), (f"{key}.cls", str(label).encode())):
+            info = tarfile.TarInfo(member)
+            info.size, info.mode, info.mtime = len(payload), 0o644, 0
+            self.tar.addfile(info, io.BytesIO(payload))
+        self.samples.append([key, label, f"{key}.{ext}", zlib.crc32(data)])
+
+    def close(self) -> dict[str, Any]:
+        self.tar.close()
+        with tarfile.open(self.path, "r") as tar:
+            offsets = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+        entries = [[key, label, *offsets[member], crc] for key, label, member, crc in self.samples]
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return {"file": self.name, "count": len(entries), "bytes": self.path.stat().st_size, "sha256": digest.hexdigest(), "samples": entries}
