@@ -427,7 +427,7 @@ def test_user_errors(tmp_path: Path, spec, split, size, kwargs, match) -> None:
 
 
 def test_dataset_listing_and_cache_dir(monkeypatch, tmp_path: Path) -> None:
-    assert list(data_sources()) == ["digits", "cifar10", "cifar100", "stl10", "imagefolder:PATH", "hf:NAME"]
+    assert list(data_sources()) == ["digits", "cifar10", "cifar100", "stl10", "imagefolder:PATH", "hf:NAME", "shards:DIR"]
     assert all(desc and "\n" not in desc for desc in data_sources().values())
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"

@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="method name (sslbench list methods); default simclr")
     p.add_argument("--backbone", help="timm model name (sslbench list backbones); default resnet18")
-    p.add_argument("--data", help="digits (default) | cifar10 | cifar100 | stl10 | imagefolder:PATH | hf:NAME|FILE|DIR")
+    p.add_argument("--data", help="digits (default) | cifar10 | cifar100 | stl10 | imagefolder:PATH | hf:NAME|FILE|DIR | shards:DIR")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, help="passes over the training data (default 10)")
     budget.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")

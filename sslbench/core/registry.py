@@ -188,6 +188,7 @@ COMMANDS: Registry[Command] = Registry(
         "sslbench.commands.export",
         "sslbench.commands.curves",
         "sslbench.commands.picture",
+        "sslbench.commands.shard",
     ),
 )
 

@@ -11,6 +11,9 @@ A *spec* names where images come from (see :func:`data_sources`):
   name (``?config=CONFIG``), a ``save_to_disk`` directory, a parquet/CSV/JSON/arrow file or a folder
   of them, or an image folder (datasets' ``imagefolder`` builder); a data set with one split gets a
   seeded, class-balanced held-out test split. See :mod:`sslbench.data.hf`.
+- ``shards:DIR``: tar shards written by ``sslbench shard`` (WebDataset layout and an index), read
+  per sample by DataLoader workers, in the order of the images they were written from. See
+  :mod:`sslbench.data.shards`.
 
 Storage size. Every image of a split is stored at ``store_size(image_size)`` pixels square:
 ``image_size`` below 96, else ``round(image_size / 0.875)`` (room for a 0.875 centre crop at

@@ -248,6 +248,20 @@ def _column(ds: Any, name: str, role: str, is_kind: Callable[[Any], bool], names
 
 def load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: float) -> ImageSplit:
     """The ``split`` ('train' or 'test') of the ``hf:`` spec ``hf:{arg}`` (see the module docstring)."""
+    sources, labels, classes, where, key, cache_files = hf_sources(arg, split, cache_root)
+    _check_memory(len(sources), size, max_memory_gb, where)
+
+    def build() -> ImageSplit:
+        return _decode_split(sources, labels, classes, size, lambda i: f"row {i}", where)
+
+    if not cache_files:  # an in-memory dataset has no files to key a cache on
+        return build()
+    return _cached(cache_root, key, split, size, _fingerprint(cache_files), build)
+
+
+def hf_sources(arg: str, split: str, cache_root: Path) -> tuple[Sequence[Any], Tensor, list[str], str, str, list[str]]:
+    """The ``split`` of ``hf:{arg}`` undecoded: (image sources for :func:`sslbench.data.decode._open_rgb`,
+    int64 labels, classes, where (for messages), the decode-cache key, the dataset's cache files)."""
     import datasets
 
     name, options = _parse_options(arg)
@@ -310,16 +324,9 @@ def load_hf(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: fl
         key += f"&heldout={fraction}&split_seed={seed}&part={split}"
     if len(ds) == 0:
         raise UserError(f"hf:{name} split {wanted!r} is empty; choose another with ?{split}=SPLIT")
-    _check_memory(len(ds), size, max_memory_gb, f"hf:{name} {wanted}")
     where = f"hf:{name} split {wanted!r}" + (f" ({split} part of the held-out split)" if rows is not None else "")
-
-    def build() -> ImageSplit:
-        return _decode_split(_HFImages(ds, image_col, base), labels, classes, size, lambda i: f"row {i}", where)
-
     cache_files = [str(Path(f["filename"]).resolve()) for f in dsd[wanted].cache_files]
-    if not cache_files:  # an in-memory dataset has no files to key a cache on
-        return build()
-    return _cached(cache_root, key, split, size, _fingerprint(cache_files), build)
+    return _HFImages(ds, image_col, base), labels, classes, where, key, cache_files
 
 
 def _check_image_paths(ds: Any, column: str, base: Path | None, name: str) -> None:

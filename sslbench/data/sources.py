@@ -64,7 +64,7 @@ def _check_source(name: str, source: DataSource) -> None:
 DATA_SOURCES: Registry[DataSource] = Registry(
     "data source",
     DATA_SOURCES_ENTRY_POINT_GROUP,
-    ("sslbench.data.sources",),
+    ("sslbench.data.sources", "sslbench.data.shards"),
     check=_check_source,
     same=lambda a, b: a.spec == b.spec and a.load.__qualname__ == b.load.__qualname__,
     ordered=True,
@@ -226,6 +226,20 @@ def _load_torchvision(name: str, split: str, size: int, cache_root: Path, max_me
 
 def _load_imagefolder(arg: str, split: str, size: int, cache_root: Path, max_memory_gb: float) -> ImageSplit | FileSplit:
     """``PATH/train`` and ``PATH/test`` (or ``PATH/val``), one folder per class (sorted names)."""
+    files, labels, classes, split_dir = imagefolder_files(arg, split)
+    if len(files) * 3 * size * size / 1e9 > max_memory_gb:
+        logger.info("%s: %d images at %d px exceed max_memory_gb=%g; reading them per image", split_dir, len(files), size, max_memory_gb)
+        return FileSplit(list(zip(files, labels, strict=True)), classes, size)
+
+    def build() -> ImageSplit:
+        return _decode_split(files, torch.tensor(labels, dtype=torch.int64), classes, size, lambda i: files[i], str(split_dir))
+
+    return _cached(cache_root, f"imagefolder:{split_dir}", split, size, _fingerprint(files), build)
+
+
+def imagefolder_files(arg: str, split: str) -> tuple[list[str], list[int], list[str], Path]:
+    """The ``split`` of ``imagefolder:{arg}`` as (image paths, labels, classes, split folder), in the
+    order every reader of it uses (classes sorted, files sorted within each)."""
     root = Path(arg).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist; imagefolder:PATH needs PATH/train and PATH/test with one sub-folder per class")
@@ -254,15 +268,7 @@ def _load_imagefolder(arg: str, split: str, size: int, cache_root: Path, max_mem
             )
         files.extend(found)
         labels.extend([label] * len(found))
-
-    if len(files) * 3 * size * size / 1e9 > max_memory_gb:
-        logger.info("%s: %d images at %d px exceed max_memory_gb=%g; reading them per image", split_dir, len(files), size, max_memory_gb)
-        return FileSplit(list(zip(files, labels, strict=True)), classes, size)
-
-    def build() -> ImageSplit:
-        return _decode_split(files, torch.tensor(labels, dtype=torch.int64), classes, size, lambda i: files[i], str(split_dir))
-
-    return _cached(cache_root, f"imagefolder:{split_dir}", split, size, _fingerprint(files), build)
+    return files, labels, classes, split_dir
 
 
 def _class_folders(split_dir: Path) -> list[str]:

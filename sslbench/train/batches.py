@@ -19,8 +19,10 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from sslbench.core.augment import BatchAugment, per_image_transform
+from sslbench.core.errors import UserError
 from sslbench.core.method import ViewSpec
 from sslbench.data import FileSplit, ImageSplit
+from sslbench.data.shards import ShardBatches, ShardSplit
 
 __all__ = ["DATA_GPU_SHARE", "Plan", "data_fits_on_device", "epoch_permutation", "stream_batches"]
 
@@ -106,10 +108,12 @@ def stream_batches(
     In-memory data lives on ``device`` (``data_on_device``, default :func:`data_fits_on_device`)
     or else in host memory, where each step's images are gathered and copied to the device
     without blocking. Either way the indices are on ``device`` and nothing in a step waits for
-    the device (no host sync)."""
+    the device (no host sync). Shards (:class:`~sslbench.data.shards.ShardSplit`) are read and
+    decoded by ``num_workers`` DataLoader workers, this process's share of each remaining step
+    only, and augmented on the device like in-memory images: the same views for the same images."""
     n = len(train)
     augmenters = [BatchAugment(s.aug, s.size) for s in specs]
-    file_views = FileViews(train, specs, seed) if isinstance(train, FileSplit) else None
+    file_views = FileViews(train, specs, seed) if isinstance(train, FileSplit) and not isinstance(train, ShardSplit) else None
     images = None
     if isinstance(train, ImageSplit):
         if data_on_device is None:
@@ -133,6 +137,27 @@ def stream_batches(
                     return
                 with record_function("sslbench.core.augment"):
                     imgs = images[idx] if data_on_device else _to_device_async(images[idx_host], device)
+                    views = [aug(imgs, idx, seed=seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
+                yield step, views, idx
+                step += 1
+        elif isinstance(train, ShardSplit):
+            # Shards: DataLoader workers read and decode this process's share of each step's batch
+            # (only the steps still to train), then the batch is augmented on the device as in memory.
+            shares = local(perm)
+            shard_loader = torch.utils.data.DataLoader(
+                ShardBatches(train, [idx.tolist() for idx in shares]),
+                batch_size=None,
+                num_workers=num_workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
+            for idx_host, (imgs_host, error) in zip(shares, shard_loader):
+                if error:
+                    raise UserError(error)
+                if step >= plan.total_steps:
+                    return
+                with record_function("sslbench.core.augment"):
+                    imgs, idx = imgs_host.to(device, non_blocking=True), _to_device_async(idx_host, device)
                     views = [aug(imgs, idx, seed=seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
                 yield step, views, idx
                 step += 1
