@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import sslbench.evals.protocols  # noqa: F401  (the core protocols register first, whichever module is imported first)
 from sslbench.api import (
     EvalContext,
     Intermediates,

@@ -60,6 +60,7 @@ class Registry(Generic[T]):
         same: Callable[[T, T], bool] = _same,
         n_close: int = 3,
         ordered: bool = False,
+        origin: Callable[[T], str | None] = lambda obj: getattr(obj, "__module__", None),
     ) -> None:
         self.kind = kind  # what the entries are, for messages ("method", "data source")
         self.group = group  # the entry-point group third-party packages register under
@@ -68,6 +69,7 @@ class Registry(Generic[T]):
         self._same = same
         self._n_close = n_close  # close matches an unknown-name error suggests
         self._ordered = ordered  # names() in registration order (True) or sorted (False)
+        self._origin = origin  # the module that registered an entry (an ordered registry lists the built-ins' modules in order)
         self._items: dict[str, T] = {}
         self._loaded = False
 
@@ -111,9 +113,16 @@ class Registry(Generic[T]):
                 warnings.warn(f"could not load sslbench {self.kind} plugin {ep.name!r} ({ep.value}): {exc}", stacklevel=2)
 
     def names(self) -> list[str]:
-        """The registered names: sorted, or in registration order for an ``ordered`` registry."""
+        """The registered names: sorted, or for an ``ordered`` registry the built-ins in the order of
+        their modules (whichever was imported first), each module's in registration order, then
+        the others (plugins) in registration order."""
         self.load()
-        return list(self._items) if self._ordered else sorted(self._items)
+        return self._ordered_names() if self._ordered else sorted(self._items)
+
+    def _ordered_names(self) -> list[str]:
+        self.load()
+        rank = {module: i for i, module in enumerate(self.builtins)}
+        return sorted(self._items, key=lambda name: rank.get(self._origin(self._items[name]) or "", len(rank)))
 
     def items(self) -> list[tuple[str, T]]:
         """``(name, obj)`` pairs sorted by name."""
@@ -121,9 +130,9 @@ class Registry(Generic[T]):
         return sorted(self._items.items())
 
     def in_order(self) -> list[T]:
-        """The entries in registration order (built-ins first): the order of flags and help texts."""
-        self.load()
-        return list(self._items.values())
+        """The entries in the order of an ``ordered`` registry's :meth:`names` (built-ins first, in
+        the order of their modules): the order of flags and help texts."""
+        return [self._items[name] for name in self._ordered_names()]
 
     def get(self, name: str) -> T:
         """The entry ``name``; a :class:`UserError` listing the valid names (and close matches) otherwise."""

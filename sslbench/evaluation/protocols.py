@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,7 @@ class EvalProtocol:
     description: str = ""
     per_features: bool = False  # called once per --features depth (ctx.depth), the row's protocol.features
     uses_labels: bool = True  # False: scores data without labels (a single class is fine)
+    module: str = ""  # the module that registered it (the built-ins list in the order of their modules)
 
 
 def _same_protocol(old: EvalProtocol, new: EvalProtocol) -> bool:
@@ -151,6 +153,7 @@ PROTOCOLS: Registry[EvalProtocol] = Registry(
     same=_same_protocol,
     n_close=1,
     ordered=True,
+    origin=lambda protocol: protocol.module,
 )
 
 
@@ -170,10 +173,11 @@ def register_protocol(
     module docstring). ``reuse_key(run_cfg, opts)``: the fields of a stored row's ``protocol``
     record under which ``compare`` reuses it (values, or predicates on the stored value); for a
     ``per_features`` protocol ``opts.features`` is then the one depth being matched."""
+    module = str(sys._getframe(1).f_globals.get("__name__", ""))  # the registering module (e.g. evals/protocols.py for knn)
 
     def deco(run: Callable[[EvalContext, float | None], Score]) -> Callable[[EvalContext, float | None], Score]:
         PROTOCOLS.add(
-            name, EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features, uses_labels)
+            name, EvalProtocol(name, run, tuple(options), reuse_key, per_fraction, in_memory, prepare, description, per_features, uses_labels, module)
         )
         return run
 
