@@ -62,6 +62,8 @@ def evaluated(tmp_path_factory) -> dict[str, object]:
     """case -> the rows its `sslbench eval` appended (each case to a store of its own)."""
     import huggingface_hub.constants
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy 2-core machine (as tests/test_eval_cli.py)
     root = tmp_path_factory.mktemp("external")
     images = make_image_folder(root / "images", classes=4, train=24, test=12, size=SIZE)
     data = f"imagefolder:{images}"
@@ -114,6 +116,7 @@ def evaluated(tmp_path_factory) -> dict[str, object]:
             rows[case] = read_rows(store)
     finally:
         huggingface_hub.constants.HF_HUB_CACHE = saved
+        torch.set_num_threads(threads)
     return {"rows": rows, "root": root, "run": run}
 
 
