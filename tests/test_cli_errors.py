@@ -347,7 +347,44 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "eval-max-memory-negative": (["eval", "{run}", "--max-memory-gb", "-1"], ["--max-memory-gb must be >= 0"]),
     "eval-no-cuda": (["eval", "{run}", "--device", "cuda:3"], ["--device cuda:3: no such CUDA device here"]),
     "eval-unknown-flag": (["eval", "{run}", "--bogus"], ["unrecognized arguments: --bogus"]),
-    "eval-missing-run-dir": (["eval"], ["the following arguments are required: RUN_DIR"]),
+    "eval-missing-run-dir": (["eval"], ["pass a run directory to evaluate", "--encoder timm:NAME"]),
+    # sslbench eval --encoder SPEC (an encoder sslbench did not train)
+    "eval-encoder-and-run": (["eval", "{run}", "--encoder", "timm:resnet18"], ["pass either a run directory", "not both"]),
+    "eval-encoder-no-data": (["eval", "--encoder", "timm:resnet18"], ["--encoder timm:resnet18 needs --data"]),
+    "eval-encoder-bad-spec": (["eval", "--encoder", "resnet18", "--data", "imagefolder:{data}"], ["'resnet18' is not an encoder spec", "timm:NAME"]),
+    "eval-encoder-unknown-timm": (
+        ["eval", "--encoder", "timm:resnet181", "--data", "imagefolder:{data}"],
+        ["unknown timm model 'resnet181'", "'resnet18'", "--encoder timm:resnet181"],
+    ),
+    "eval-encoder-weights-missing": (
+        ["eval", "--encoder", "timm:resnet18", "--weights", "{tmp}/nope.pth", "--data", "imagefolder:{data}"],
+        ["--weights", "nope.pth: no such file"],
+    ),
+    "eval-encoder-weights-mismatch": (
+        ["eval", "--encoder", "timm:resnet18", "--weights", "{run}/encoder.safetensors", "--data", "imagefolder:{data}"],
+        ["encoder.safetensors does not match the backbone", "shape mismatches", "of timm:resnet18"],
+    ),
+    "eval-encoder-weights-with-folder": (
+        ["eval", "--encoder", "local-dir:{tmp}", "--weights", "{tmp}/w.pth", "--data", "imagefolder:{data}"],
+        ["--weights applies to --encoder timm:NAME"],
+    ),
+    "eval-encoder-local-dir-missing": (
+        ["eval", "--encoder", "local-dir:{tmp}/no-export", "--data", "imagefolder:{data}"],
+        ["no-export is not a folder", "config.json + model.safetensors"],
+    ),
+    "eval-encoder-local-dir-not-timm": (
+        ["eval", "--encoder", "local-dir:{run}", "--data", "imagefolder:{data}"],
+        ["has no config.json", "sslbench export"],
+    ),
+    "eval-encoder-hf-hub-offline": (
+        ["eval", "--encoder", "hf-hub:sslbench-tests/not-cached", "--data", "imagefolder:{data}"],
+        ["not in the local Hugging Face cache", "hf download sslbench-tests/not-cached"],
+    ),
+    "eval-encoder-features-z": (
+        ["eval", "--encoder", "timm:resnet18", "--data", "imagefolder:{data}", "--features", "z"],
+        ["an external encoder has no projector"],
+    ),
+    "eval-image-size-with-run": (["eval", "{run}", "--image-size", "32"], ["--image-size: only with --encoder"]),
     # ---- compare
     "compare-unknown-method": (["compare", "--methods", "simclr,bogus", "--steps", "1"], ["unknown method 'bogus'"]),
     "compare-bad-seed": (["compare", "--methods", "simclr", "--steps", "1", "--seeds", "0,x"], ["--seeds: 'x' is not an integer"]),

@@ -233,7 +233,6 @@ def evaluate_run(
     the rows. ``run_fields`` are added to every row (``compare`` records a grid's settings as ``vary``)."""
     from sslbench.config import load_run_config
     from sslbench.config.build import load_encoder
-    from sslbench.results import append_row, make_row
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -263,7 +262,19 @@ def evaluate_run(
     ctx.encoder = encoder.to(device)
     ctx.train, ctx.test = eval_splits(cfg, data, opts)
     run = {**_run_fields(run_dir, cfg, summary, data, budget or run_budget(run_dir, cfg), command, device), **(run_fields or {})}
+    rows = _score(ctx, protocols, run, results_path, str(run_dir))
+    out(f"{run_dir}: {cfg.method} / {cfg.backbone} / {run['data']} / {run['budget_kind']}={run['budget']}")
+    _print_table(rows, out)
+    return rows
 
+
+def _score(ctx: EvalContext, protocols: list[Any], run: dict[str, Any], results_path: str | Path | None, what: str) -> list[dict[str, Any]]:
+    """Score ``ctx`` (its splits loaded) with each protocol, at each depth and label fraction:
+    one row each (``run``'s fields, the protocol's record), appended to ``results_path`` (``None``:
+    not stored) and returned. ``what`` names the encoder in the timing notes."""
+    from sslbench.results import append_row, make_row
+
+    opts, data, precision = ctx.opts, ctx.data, ctx.precision
     rows: list[dict[str, Any]] = []
     warned: set[str] = set()  # (a protocol scored at several depths or fractions says a warning once)
     for protocol in protocols:
@@ -282,7 +293,7 @@ def evaluate_run(
                     **record,
                     **({"features": depth} if depth else {}),
                     "eval_data": data,
-                    "image_size": cfg.image_size,
+                    "image_size": ctx.image_size,
                     "precision": precision,
                 }
                 row = make_row(metrics=metrics, protocol=record, run={**run, "label_fraction": fraction})
@@ -290,8 +301,84 @@ def evaluate_run(
                     append_row(results_path, row)
                 rows.append(row)
         ctx.depth = DEFAULT_FEATURES
-        print(f"note: {protocol.name} evaluation of {run_dir} took {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    out(f"{run_dir}: {cfg.method} / {cfg.backbone} / {run['data']} / {run['budget_kind']}={run['budget']}")
+        print(f"note: {protocol.name} evaluation of {what} took {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of an encoder that sslbench did not train
+
+EXTERNAL_BUDGET = ("encoder", "external")  # the rows' (budget_kind, budget): leaderboard groups of their own
+
+
+def evaluate_encoder(
+    spec: str,
+    opts: EvalOptions,
+    *,
+    results_path: str | Path | None,
+    command: str,
+    image_size: int | None = None,
+    weights: str | None = None,
+    init_seed: int = 0,
+    out: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Score the external encoder ``spec`` (``timm:NAME``, ``local-dir:DIR``, ``hf-hub:REPO``:
+    :mod:`sslbench.evaluation.external`) on ``opts.data`` with ``opts.protocols``, as
+    :func:`evaluate_run` scores a run: one row per protocol (and label fraction), keyed by the
+    encoder's name (``encoder``, also the leaderboard's ``method``) and its weights' checksum
+    (``weights``: ``sha256:...`` or ``random:SEED``), appended to ``results_path``. The evaluation
+    settings a run takes from its config (k-NN's k and T, the label-free metrics' augmentation)
+    are :class:`~sslbench.config.TrainConfig`'s defaults."""
+    from sslbench.backbones import check_image_size
+    from sslbench.config import TrainConfig
+    from sslbench.data import default_image_size
+    from sslbench.evaluation.external import load_external_encoder, parse_spec
+    from sslbench.results import hardware_summary
+
+    kind, _ = parse_spec(spec)
+    if opts.data is None:
+        raise UserError(f"--encoder {spec} needs --data SPEC: the data to evaluate it on (e.g. --data digits or --data cifar10)")
+    if [f for f in opts.features if f != DEFAULT_FEATURES]:
+        raise UserError(f"--features {','.join(opts.features)}: an external encoder has no projector; score its output h (drop --features)")
+    if opts.settings.get("from_projector_layer"):
+        raise UserError("--from-projector-layer: an external encoder has no projector; fine-tune from its output (drop the flag)")
+    size = image_size if image_size is not None or kind != "timm" else default_image_size(opts.data)
+    enc = load_external_encoder(spec, image_size=size, weights=weights, init_seed=init_seed)
+    size = size if size is not None else enc.image_size if enc.image_size is not None else default_image_size(opts.data)
+    cfg = TrainConfig(data=opts.data, backbone=enc.backbone, backbone_kwargs=enc.backbone_kwargs, image_size=size, precision="no")
+    cfg.validate()  # (the image size's lower bound)
+    check_image_size(enc.model, size)
+    device = _eval_device(opts.device)
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()
+    protocols = [get_protocol(name) for name in opts.protocols]
+    where = Path(enc.weights_file) if enc.weights_file is not None else Path(spec)
+    ctx = EvalContext(run_dir=where, cfg=cfg, opts=opts, encoder=enc.model, device=device, precision="no", data=opts.data)
+    for protocol in protocols:
+        if protocol.prepare is not None:
+            protocol.prepare(ctx)
+    ctx.encoder = enc.model.to(device)
+    ctx.train, ctx.test = eval_splits(cfg, opts.data, opts)
+    run = {
+        "method": enc.name,
+        "backbone": enc.backbone,
+        "data": opts.data,
+        "image_size": size,
+        "budget_kind": EXTERNAL_BUDGET[0],
+        "budget": EXTERNAL_BUDGET[1],
+        "precision": "no",
+        "command": command,
+        "encoder": enc.name,
+        "weights": enc.weights,
+        "encoder_source": enc.record,
+        "eval_data": opts.data,
+        "backbone_kwargs": enc.backbone_kwargs,
+        "train_config": {"encoder": enc.name, "weights": enc.weights},  # the leaderboard's identity of an entry: name and weights
+        "hardware": hardware_summary(device),
+        "eval_device": str(device),
+    }
+    rows = _score(ctx, protocols, run, results_path, spec)
+    out(f"{spec}: {enc.backbone} / weights {enc.weights} / {opts.data} / {size}px")
     _print_table(rows, out)
     return rows
 
@@ -306,6 +393,29 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.encoder is not None and args.run_dir is not None:
+        raise UserError(f"pass either a run directory ({args.run_dir}) or --encoder {args.encoder}, not both")
+    if args.encoder is None:
+        if args.run_dir is None:
+            raise UserError("pass a run directory to evaluate (sslbench eval RUN_DIR) or an encoder (--encoder timm:NAME|local-dir:DIR|hf-hub:REPO)")
+        given = [f for f, v in (("--image-size", args.image_size), ("--weights", args.weights), ("--init-seed", args.init_seed)) if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --encoder; a run is evaluated with its own weights at its own image size")
+        return _cmd_eval_run(args)
+    opts = eval_options(args, data=args.data)
+    results = Path(args.results) if args.results else DEFAULT_LEADERBOARD_RESULTS
+    if results.suffix != ".jsonl":
+        raise UserError(f"--results {results} must be a .jsonl file (JSON Lines), e.g. results.jsonl; refusing to append to it")
+    check_writable(results, "--results", fix="pass a writable --results FILE.jsonl")
+    seed = 0 if args.init_seed is None else args.init_seed
+    evaluate_encoder(
+        args.encoder, opts, results_path=results, command=command_line(args), image_size=args.image_size, weights=args.weights, init_seed=seed
+    )
+    print(f"appended results to {results}", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval_run(args: argparse.Namespace) -> int:
     opts = eval_options(args, data=args.data)
     run_dir = Path(args.run_dir)
     results = Path(args.results) if args.results else RunDir(run_dir).results_store
@@ -364,9 +474,24 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 @register_command("eval")
 def register_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a run's encoder (k-NN, linear probe, fine-tune) and store the results")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (config.yaml + encoder.safetensors)")
-    p.add_argument("--data", help="evaluate on this data spec instead of the run's own")
-    p.add_argument("--results", metavar="FILE", help="results store to append to (default RUN_DIR/../results.jsonl)")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a finished run directory (config.yaml + encoder.safetensors)")
+    p.add_argument(
+        "--encoder",
+        metavar="SPEC",
+        help="instead of RUN_DIR, an encoder sslbench did not train: timm:NAME (random init, or --weights), local-dir:DIR "
+        "(config.json + model.safetensors, e.g. `sslbench export`) or hf-hub:REPO (read from the local hub cache only); needs --data",
+    )
+    p.add_argument("--data", help="evaluate on this data spec instead of the run's own (required with --encoder)")
+    p.add_argument(
+        "--results",
+        metavar="FILE",
+        help=f"results store to append to (default RUN_DIR/../results.jsonl; with --encoder {DEFAULT_LEADERBOARD_RESULTS}, what `sslbench leaderboard` reads)",
+    )
+    p.add_argument(
+        "--image-size", type=int, metavar="PX", help="with --encoder: evaluation resolution (default: the folder's input size, else the data's)"
+    )
+    p.add_argument("--weights", metavar="FILE", help="with --encoder timm:NAME: a state dict (.safetensors or .pth), loaded strictly")
+    p.add_argument("--init-seed", type=int, metavar="N", help="with --encoder timm:NAME and no --weights: seed of the random init (default 0)")
     add_eval_flags(p)
     p.set_defaults(func=cmd_eval)
 
