@@ -260,3 +260,13 @@ def test_cli_trains_and_exports_the_plain_vit(name: str, tmp_path: Path) -> None
     assert losses and all(math.isfinite(x) for x in losses)
     keys = set(load_file(str(out / "encoder.safetensors")))
     assert keys == set(create_backbone(VIT, SIZE, **VIT_KWARGS).state_dict())  # the plain ViT: no predictor, head or mask token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ijepa", "simmim"])
+def test_a_stopped_and_resumed_run_equals_an_unbroken_one(name: str, tmp_path: Path) -> None:
+    """Masks come from (seed, epoch, sample) and the EMA target is a parameter: a run stopped after
+    step 3 and resumed ends bit for bit where an unbroken one does (sslbench.testing's check)."""
+    from sslbench.testing import check_resume_equals_unbroken
+
+    check_resume_equals_unbroken(name, workdir=tmp_path, env={"SSLBENCH_CACHE": str(tmp_path / "cache")})
