@@ -270,3 +270,18 @@ def test_a_stopped_and_resumed_run_equals_an_unbroken_one(name: str, tmp_path: P
     from sslbench.testing import check_resume_equals_unbroken
 
     check_resume_equals_unbroken(name, workdir=tmp_path, env={"SSLBENCH_CACHE": str(tmp_path / "cache")})
+
+
+def test_padding_entries_are_hidden_from_the_encoder() -> None:
+    """encode_patches with a key mask: the real tokens of a padded row equal the row encoded alone."""
+    from sslbench.api import encode_patches
+
+    vit = _vit().eval()
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[3, 9, 20, 41, 50], [7, 8, 30, 0, 0]])
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    with torch.no_grad():
+        padded = encode_patches(vit, images, ids=ids, valid=valid)
+        alone = encode_patches(vit, images[1:], ids=ids[1:, :3])
+    prefix = int(vit.num_prefix_tokens)
+    torch.testing.assert_close(padded[1, : prefix + 3], alone[0], rtol=1e-5, atol=1e-6)
