@@ -21,7 +21,6 @@ from functools import partial
 from typing import cast
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from sslbench.api import (
@@ -35,7 +34,13 @@ from sslbench.api import (
     Reconstruction,
     UserError,
     ViewSpec,
+    encode_patches,
+    patchify,
+    random_masking,
     register_method,
+    require_vit,
+    sincos_pos_embed_2d,
+    unpatchify,
 )
 
 __all__ = ["MAE", "MAEConfig", "mae_loss", "norm_pix_targets", "patchify", "random_masking", "sincos_pos_embed_2d", "unpatchify"]
@@ -62,32 +67,6 @@ class MAEConfig(MethodConfig):
             raise UserError(f"method_cfg.decoder_dim must be a multiple of 4 (2D sine-cosine embedding) and of decoder_heads; got {self.decoder_dim}")
 
 
-def patchify(images: Tensor, patch: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, p * p * C): patches in row-major order, each flattened in (row, column,
-    channel) order as in the official ``patchify``."""
-    return rearrange(images, "b c (h p) (w q) -> b (h w) (p q c)", p=patch, q=patch)
-
-
-def unpatchify(patches: Tensor, patch: int, grid: tuple[int, int]) -> Tensor:
-    """The inverse of :func:`patchify`: (B, N, p * p * C) -> (B, C, grid_h * p, grid_w * p)."""
-    return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch)
-
-
-def random_masking(noise: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample random masking by sorting noise (the official ``random_masking``).
-
-    ``noise`` (B, N) -> ``ids_keep`` (B, keep): the visible patches (the ``keep`` smallest noise
-    values, in that order), ``mask`` (B, N): 0 visible, 1 removed, in patch order, and
-    ``ids_restore`` (B, N): the inverse permutation of the shuffle (``ids_shuffle[ids_restore] ==
-    arange(N)``), which puts the decoder's tokens back in patch order. Sorting is stable, so ties
-    (vanishingly rare) break by patch index on every device.
-    """
-    ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # ascending: small noise is kept
-    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)  # the rank of each patch in the shuffle
-    mask = (ids_restore >= keep).to(noise.dtype)
-    return ids_shuffle[:, :keep], mask, ids_restore
-
-
 def norm_pix_targets(patches: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:
     """(B, N, K) -> (B, N, K): each patch minus its mean, over sqrt(its unbiased variance + eps)
     (the official ``forward_loss`` with ``norm_pix_loss``)."""
@@ -100,34 +79,6 @@ def mae_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     removed patches only. ``pred``, ``target``: (B, N, K); ``mask``: (B, N), 1 removed. Scalar."""
     per_patch = (pred - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
-
-
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
-    """Fixed 2D sine-cosine position embeddings (the official ``get_2d_sincos_pos_embed``), (H * W, dim)
-    in row-major patch order: the first half of the channels encodes the column, the second the row,
-    each as [sin(pos * w_k), cos(pos * w_k)] with ``w_k = 10000^(-k / (dim / 4))``."""
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij")
-
-    def embed(pos: Tensor) -> Tensor:
-        out = pos.reshape(-1, 1) * omega  # (H * W, dim / 4)
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    return torch.cat([embed(cols), embed(rows)], dim=1).float()
-
-
-def _vit(backbone: nn.Module) -> nn.Module:
-    """``backbone`` when it is one of timm's plain vision transformers, else a one-line UserError."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(backbone, VisionTransformer):
-        name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
-        raise UserError(
-            f"mae needs a vision transformer, got {name} ({type(backbone).__name__}); use a timm VisionTransformer: "
-            "vit_* or deit_* (e.g. --backbone vit_tiny_patch16_224 --image-size 32)"
-        )
-    return backbone
 
 
 @register_method("mae")
@@ -144,7 +95,7 @@ class MAE(Method):
     def __init__(self, backbone: nn.Module, cfg: MAEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or MAEConfig()
-        self.encoder = _vit(backbone)
+        self.encoder = require_vit(backbone, "mae")
         embed = cast(nn.Module, backbone.patch_embed)
         self.patch = int(embed.patch_size[0])  # type: ignore[index]  # timm: a (p, p) tuple
         self.grid = (int(embed.grid_size[0]), int(embed.grid_size[1]))  # type: ignore[index]
@@ -189,15 +140,7 @@ class MAE(Method):
     def encode_visible(self, images: Tensor, ids_keep: Tensor) -> Tensor:
         """(B, 3, S, S), (B, keep) -> (B, prefix + keep, D): the timm ViT (patch embedding, position
         embedding and class token, blocks, norm) on the prefix tokens and the visible patches only."""
-        vit = self.encoder
-        tokens = vit._pos_embed(vit.patch_embed(images))  # type: ignore[operator]  # (B, prefix + N, D), positions added
-        prefix, patches = tokens[:, : self.num_prefix], tokens[:, self.num_prefix :]
-        visible = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        x = vit.blocks(vit.norm_pre(torch.cat([prefix, visible], dim=1)))  # type: ignore[operator]
-        # The final norm: timm's ``norm``, or with average pooling (``global_pool=avg``, where timm
-        # moves it after the pooling as ``fc_norm``) that one, per token, as the official encoder's.
-        norm = vit.norm if not isinstance(vit.norm, nn.Identity) else vit.fc_norm
-        return cast(Tensor, norm(x))  # type: ignore[operator]
+        return encode_patches(self.encoder, images, ids=ids_keep)
 
     def decode(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """(B, prefix + keep, D), (B, N) -> (B, N, p * p * 3): the pixels predicted for every patch."""
