@@ -35,7 +35,10 @@ from sslbench.api import (
     Reconstruction,
     UserError,
     ViewSpec,
+    random_masking,
     register_method,
+    require_vision_transformer,
+    visible_tokens,
 )
 
 __all__ = ["MAE", "MAEConfig", "mae_loss", "norm_pix_targets", "patchify", "random_masking", "sincos_pos_embed_2d", "unpatchify"]
@@ -73,21 +76,6 @@ def unpatchify(patches: Tensor, patch: int, grid: tuple[int, int]) -> Tensor:
     return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch)
 
 
-def random_masking(noise: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample random masking by sorting noise (the official ``random_masking``).
-
-    ``noise`` (B, N) -> ``ids_keep`` (B, keep): the visible patches (the ``keep`` smallest noise
-    values, in that order), ``mask`` (B, N): 0 visible, 1 removed, in patch order, and
-    ``ids_restore`` (B, N): the inverse permutation of the shuffle (``ids_shuffle[ids_restore] ==
-    arange(N)``), which puts the decoder's tokens back in patch order. Sorting is stable, so ties
-    (vanishingly rare) break by patch index on every device.
-    """
-    ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # ascending: small noise is kept
-    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)  # the rank of each patch in the shuffle
-    mask = (ids_restore >= keep).to(noise.dtype)
-    return ids_shuffle[:, :keep], mask, ids_restore
-
-
 def norm_pix_targets(patches: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:
     """(B, N, K) -> (B, N, K): each patch minus its mean, over sqrt(its unbiased variance + eps)
     (the official ``forward_loss`` with ``norm_pix_loss``)."""
@@ -117,19 +105,6 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
     return torch.cat([embed(cols), embed(rows)], dim=1).float()
 
 
-def _vit(backbone: nn.Module) -> nn.Module:
-    """``backbone`` when it is one of timm's plain vision transformers, else a one-line UserError."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(backbone, VisionTransformer):
-        name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
-        raise UserError(
-            f"mae needs a vision transformer, got {name} ({type(backbone).__name__}); use a timm VisionTransformer: "
-            "vit_* or deit_* (e.g. --backbone vit_tiny_patch16_224 --image-size 32)"
-        )
-    return backbone
-
-
 @register_method("mae")
 class MAE(Method):
     """The encoder (the timm ViT) on the visible patches, the decoder on all of them; MSE on the removed ones."""
@@ -144,7 +119,7 @@ class MAE(Method):
     def __init__(self, backbone: nn.Module, cfg: MAEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or MAEConfig()
-        self.encoder = _vit(backbone)
+        self.encoder = require_vision_transformer(backbone, "mae")
         embed = cast(nn.Module, backbone.patch_embed)
         self.patch = int(embed.patch_size[0])  # type: ignore[index]  # timm: a (p, p) tuple
         self.grid = (int(embed.grid_size[0]), int(embed.grid_size[1]))  # type: ignore[index]
@@ -190,10 +165,7 @@ class MAE(Method):
         """(B, 3, S, S), (B, keep) -> (B, prefix + keep, D): the timm ViT (patch embedding, position
         embedding and class token, blocks, norm) on the prefix tokens and the visible patches only."""
         vit = self.encoder
-        tokens = vit._pos_embed(vit.patch_embed(images))  # type: ignore[operator]  # (B, prefix + N, D), positions added
-        prefix, patches = tokens[:, : self.num_prefix], tokens[:, self.num_prefix :]
-        visible = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        x = vit.blocks(vit.norm_pre(torch.cat([prefix, visible], dim=1)))  # type: ignore[operator]
+        x = vit.blocks(vit.norm_pre(visible_tokens(vit, images, ids_keep)))  # type: ignore[operator]
         # The final norm: timm's ``norm``, or with average pooling (``global_pool=avg``, where timm
         # moves it after the pooling as ``fc_norm``) that one, per token, as the official encoder's.
         norm = vit.norm if not isinstance(vit.norm, nn.Identity) else vit.fc_norm

@@ -22,6 +22,8 @@ What is here, by use:
   ``register_command``, ``register_callback`` (``Callback``, ``Control``); ``get_method``,
   ``unknown_name_message``;
 - shared parts of methods: heads (``mlp``, ``expander``, ``Prototypes``, ``encode_views``, ...),
+  patch dropping on vision transformers (``random_masking``, ``visible_tokens``,
+  ``require_vision_transformer``),
   losses, ``MemoryBank``, momentum helpers (``ema_update_``, ``copy_params_``, ``freeze_``, the
   momentum schedules);
 - collectives: ``gather_no_grad``/``all_reduce_sum``/``all_reduce_mean`` (no gradient) and
@@ -75,6 +77,7 @@ from sslbench.core.losses import (
     off_diagonal,
     sinkhorn_knopp,
 )
+from sslbench.core.masking import random_masking, require_vision_transformer, visible_tokens
 from sslbench.core.memory import MemoryBank
 from sslbench.core.method import (
     EMBEDDING_LOG,
@@ -224,4 +227,7 @@ __all__ = [
     "unknown_name_message",
     "within",
     "write_atomic",
+    "random_masking",
+    "require_vision_transformer",
+    "visible_tokens",
 ]
