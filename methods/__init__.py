@@ -12,6 +12,7 @@ from sslbench.methods import (
     mmcr,  # noqa: F401  (registers "mmcr")
     moco,  # noqa: F401  (registers "moco")
     mocov3,  # noqa: F401  (registers "mocov3")
+    msn,  # noqa: F401  (registers "msn")
     nnclr,  # noqa: F401  (registers "nnclr")
     ressl,  # noqa: F401  (registers "ressl")
     simclr,  # noqa: F401  (registers "simclr")

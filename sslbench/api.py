@@ -24,7 +24,7 @@ What is here, by use:
 - shared parts of methods: heads (``mlp``, ``expander``, ``Prototypes``, ``encode_views``, ...),
   losses, ``MemoryBank``, momentum helpers (``ema_update_``, ``copy_params_``, ``freeze_``, the
   momentum schedules); the masked-image parts (``patchify``/``unpatchify``, ``random_masking``,
-  ``sincos_pos_embed_2d``, ``require_vit``, ``encode_patches``: a timm ViT on a subset of its
+  ``sincos_pos_embed_2d``, ``require_vit``, ``visible_tokens``, ``encode_patches``: a timm ViT on a subset of its
   patches or with masked patches replaced by a mask token);
 - collectives: ``gather_no_grad``/``all_reduce_sum``/``all_reduce_mean`` (no gradient) and
   ``gather_with_grad``/``all_reduce_sum_with_grad`` (gradients flow back to every process);
@@ -83,7 +83,7 @@ from sslbench.core.losses import (
     off_diagonal,
     sinkhorn_knopp,
 )
-from sslbench.core.masked_image import encode_patches, patchify, random_masking, require_vit, sincos_pos_embed_2d, unpatchify
+from sslbench.core.masked_image import encode_patches, patchify, random_masking, require_vit, sincos_pos_embed_2d, unpatchify, visible_tokens
 from sslbench.core.memory import MemoryBank
 from sslbench.core.method import (
     EMBEDDING_LOG,
@@ -250,4 +250,5 @@ __all__ = [
     "require_vit",
     "sincos_pos_embed_2d",
     "unpatchify",
+    "visible_tokens",
 ]

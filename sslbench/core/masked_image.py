@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from sslbench.core.errors import UserError
 
-__all__ = ["encode_patches", "patchify", "random_masking", "require_vit", "sincos_pos_embed_2d", "unpatchify"]
+__all__ = ["encode_patches", "patchify", "random_masking", "require_vit", "sincos_pos_embed_2d", "unpatchify", "visible_tokens"]
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -75,6 +75,27 @@ def require_vit(backbone: nn.Module, method: str) -> nn.Module:
     return backbone
 
 
+def visible_tokens(
+    vit: nn.Module, images: Tensor, ids: Tensor | None = None, *, replace: Tensor | None = None, mask_token: Tensor | None = None
+) -> Tensor:
+    """(B, 3, S, S) -> (B, prefix + n, D): timm's patch embedding and ``_pos_embed`` (position
+    embeddings, interpolated to the input's grid with ``dynamic_img_size``, and the prefix tokens),
+    the input of the ViT's ``norm_pre`` and ``blocks``. ``replace`` and ``mask_token``: masked patch
+    embeddings replaced before the positions are added; ``ids`` (B, n): then only the prefix tokens
+    and these patches, in that order (see :func:`encode_patches`)."""
+    x = vit.patch_embed(images)  # type: ignore[operator]  # (B, N, D), or (B, H, W, D) with timm's dynamic_img_size
+    if replace is not None and mask_token is not None:
+        w = replace.reshape(x.shape[:-1]).unsqueeze(-1).to(x.dtype)  # row-major patch order either way
+        x = x * (1 - w) + mask_token.to(x.dtype) * w
+    tokens = vit._pos_embed(x)  # type: ignore[operator]  # (B, prefix + N, D), positions added
+    if ids is not None:
+        prefix_n = int(vit.num_prefix_tokens)  # type: ignore[arg-type]
+        prefix, patches = tokens[:, :prefix_n], tokens[:, prefix_n:]
+        kept = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        tokens = torch.cat([prefix, kept], dim=1)
+    return cast(Tensor, tokens)
+
+
 def encode_patches(
     vit: nn.Module,
     images: Tensor,
@@ -96,17 +117,7 @@ def encode_patches(
     The final norm is timm's ``norm``, or with average pooling (``global_pool=avg``, where timm moves
     it after the pooling as ``fc_norm``) that one, per token, as the official encoders'.
     """
-    x = vit.patch_embed(images)  # type: ignore[operator]  # (B, N, D), or (B, H, W, D) with timm's dynamic_img_size
-    if replace is not None and mask_token is not None:
-        w = replace.reshape(x.shape[:-1]).unsqueeze(-1).to(x.dtype)  # row-major patch order either way
-        x = x * (1 - w) + mask_token.to(x.dtype) * w
-    tokens = vit._pos_embed(x)  # type: ignore[operator]  # (B, prefix + N, D), positions added
-    if ids is not None:
-        prefix_n = int(vit.num_prefix_tokens)  # type: ignore[arg-type]
-        prefix, patches = tokens[:, :prefix_n], tokens[:, prefix_n:]
-        kept = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        tokens = torch.cat([prefix, kept], dim=1)
-    x = vit.norm_pre(tokens)  # type: ignore[operator]
+    x = vit.norm_pre(visible_tokens(vit, images, ids, replace=replace, mask_token=mask_token))  # type: ignore[operator]
     if valid is None:
         x = vit.blocks(x)  # type: ignore[operator]
     else:
