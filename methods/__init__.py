@@ -5,6 +5,8 @@ from sslbench.methods import (
     barlow_twins,  # noqa: F401  (registers "barlow_twins")
     byol,  # noqa: F401  (registers "byol")
     dino,  # noqa: F401  (registers "dino")
+    dinov2,  # noqa: F401  (registers "dinov2")
+    ibot,  # noqa: F401  (registers "ibot")
     lejepa,  # noqa: F401  (registers "lejepa")
     mae,  # noqa: F401  (registers "mae")
     moco,  # noqa: F401  (registers "moco")

@@ -22,7 +22,8 @@ What is here, by use:
   ``register_command``, ``register_callback`` (``Callback``, ``Control``); ``get_method``,
   ``unknown_name_message``;
 - shared parts of methods: heads (``mlp``, ``expander``, ``Prototypes``, ``encode_views``, ...),
-  losses, ``MemoryBank``, momentum helpers (``ema_update_``, ``copy_params_``, ``freeze_``, the
+  losses, the DINO head and multi-crop views (``DINOHead``, ``multicrop_views``), masked image
+  modelling in a timm ViT (``block_mask``, ``encode_tokens``, ``require_vit``), ``MemoryBank``, momentum helpers (``ema_update_``, ``copy_params_``, ``freeze_``, the
   momentum schedules);
 - collectives: ``gather_no_grad``/``all_reduce_sum``/``all_reduce_mean`` (no gradient) and
   ``gather_with_grad``/``all_reduce_sum_with_grad`` (gradients flow back to every process);
@@ -57,7 +58,20 @@ from sslbench.core.dist import (
     is_distributed,
 )
 from sslbench.core.errors import UserError
-from sslbench.core.heads import Prototypes, check_local_crops, encode_views, expander, feature_dim, fit_to_patches, mlp, patch_side
+from sslbench.core.heads import (
+    DINOHead,
+    Prototypes,
+    WeightNormLinear,
+    check_local_crops,
+    encode_views,
+    expander,
+    feature_dim,
+    fit_to_patches,
+    local_crop_size,
+    mlp,
+    multicrop_views,
+    patch_side,
+)
 from sslbench.core.health import RANK_EPS, effective_rank, normalised_std
 from sslbench.core.losses import (
     BarlowTwinsLoss,
@@ -71,10 +85,14 @@ from sslbench.core.losses import (
     SwAVLoss,
     VICRegLoss,
     byol_loss,
+    koleo_loss,
+    masked_patch_cross_entropy,
+    multicrop_cross_entropy,
     negative_cosine,
     off_diagonal,
     sinkhorn_knopp,
 )
+from sslbench.core.masking import BLOCK_DRAWS, block_draws, block_mask, block_masks, encode_tokens, mask_weights, patch_grid, require_vit
 from sslbench.core.memory import MemoryBank
 from sslbench.core.method import (
     EMBEDDING_LOG,
@@ -90,6 +108,7 @@ from sslbench.core.method import (
     ViewSpec,
     asymmetric,
     cosine_schedule,
+    linear_warmup,
 )
 from sslbench.core.momentum import constant_momentum, copy_params_, cosine_momentum, ema_update_, freeze_
 from sslbench.core.optim import build_optimizer, is_no_decay, lr_at, param_groups, set_lr
@@ -116,6 +135,22 @@ from sslbench.evaluation.protocols import EvalContext, EvalOptions, Option, Scor
 from sslbench.train.callbacks import Callback, Control, register_callback
 
 __all__ = [
+    "BLOCK_DRAWS",
+    "DINOHead",
+    "WeightNormLinear",
+    "block_draws",
+    "block_mask",
+    "block_masks",
+    "encode_tokens",
+    "koleo_loss",
+    "linear_warmup",
+    "local_crop_size",
+    "mask_weights",
+    "masked_patch_cross_entropy",
+    "multicrop_cross_entropy",
+    "multicrop_views",
+    "patch_grid",
+    "require_vit",
     "check_fraction",
     "split_features",
     "projector_depths",
