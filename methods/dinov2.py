@@ -153,9 +153,7 @@ class DINOv2(Method):
         jitter at DINO's strength; at >= 96 px 65536 prototypes and 8 local crops."""
         aug: dict[str, object] = {"crop_scale": (0.32, 1.0), "jitter_strength": 0.5}
         large = {"out_dim": 65536, "patch_out_dim": 65536, "local_crops": 8} if image_size >= 96 else {}
-        return Recipe(
-            optimizer="adamw", lr=0.004 / 32, lr_scaling="sqrt", weight_decay=0.04, weight_decay_end=0.4, grad_clip=3.0, aug=aug, method=large
-        )
+        return Recipe(optimizer="adamw", lr=1.25e-4, lr_scaling="sqrt", weight_decay=0.04, weight_decay_end=0.4, grad_clip=3.0, aug=aug, method=large)
 
     def views(self, base: AugmentConfig, image_size: int) -> list[ViewSpec]:
         """DINO's multi-crop views (:func:`sslbench.api.multicrop_views`)."""
