@@ -6,6 +6,8 @@ from sslbench.methods import (
     byol,  # noqa: F401  (registers "byol")
     dcl,  # noqa: F401  (registers "dcl" and "dclw")
     dino,  # noqa: F401  (registers "dino")
+    dinov2,  # noqa: F401  (registers "dinov2")
+    ibot,  # noqa: F401  (registers "ibot")
     ijepa,  # noqa: F401  (registers "ijepa")
     lejepa,  # noqa: F401  (registers "lejepa")
     mae,  # noqa: F401  (registers "mae")

@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -45,6 +44,7 @@ from sslbench.api import (
     ENTROPY_FRAC_LOG,
     AugmentConfig,
     Batch,
+    DINOHead,
     DINOLoss,
     Family,
     Method,
@@ -53,14 +53,14 @@ from sslbench.api import (
     StepInfo,
     UserError,
     ViewSpec,
-    check_local_crops,
+    WeightNormLinear,
     cosine_schedule,
     encode_views,
     feature_dim,
-    fit_to_patches,
     freeze_,
-    mlp,
-    patch_side,
+    linear_warmup,
+    local_crop_size,
+    multicrop_views,
     register_method,
 )
 
@@ -110,58 +110,6 @@ class DINOConfig(MethodConfig):
                 raise UserError(f"method_cfg.{what}")
 
 
-def local_crop_size(image_size: int, patch: int = 1) -> int:
-    """DINO's local/global side ratio 96/224 rounded to a multiple of 8 px (16 at 32 px, 8 at 16 px,
-    96 at 224 px), or of a ViT's ``patch`` when 8 is not one (98 for 14 px patches, as DINOv2)."""
-    raw = image_size * 96 / 224
-    size = max(8, 8 * round(raw / 8))
-    return size if size % patch == 0 else patch * max(1, round(raw / patch))
-
-
-class WeightNormLinear(nn.Module):
-    """A linear layer without bias, weight-normalised per output row (Salimans & Kingma 2016):
-    ``W = g * V / ||V||``, the official head's ``nn.utils.weight_norm(nn.Linear(..., bias=False))``
-    with g filled with 1. With ``fixed_g`` g is a buffer of ones (the official
-    ``norm_last_layer``, which freezes the parameter ``weight_g``), else a trained parameter.
-    V starts as ``nn.Linear``'s default. Shapes: (B, in_dim) -> (B, out_dim).
-    """
-
-    weight_g: Tensor
-
-    def __init__(self, in_dim: int, out_dim: int, fixed_g: bool = True) -> None:
-        super().__init__()
-        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach())  # (out_dim, in_dim)
-        g = torch.ones(out_dim, 1)
-        if fixed_g:
-            self.register_buffer("weight_g", g)
-        else:
-            self.weight_g = nn.Parameter(g)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
-
-
-class DINOHead(nn.Module):
-    """DINO's projection head (official ``vision_transformer.DINOHead``): an MLP of ``head_layers``
-    (3) linear layers with GELU (hidden 2048, bottleneck 256, optional BN), L2 normalisation, then a weight-normalised linear
-    layer to K prototypes (:class:`WeightNormLinear`). The MLP's Linear weights start from a
-    truncated normal (std 0.02) with zero biases. Shapes: (B, in_dim) -> (B, K).
-    """
-
-    def __init__(self, in_dim: int, cfg: DINOConfig) -> None:
-        super().__init__()
-        self.mlp = mlp(in_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, hidden_bn=cfg.use_bn_in_head, act=nn.GELU)
-        for m in self.mlp.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, fixed_g=cfg.norm_last_layer)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.last_layer(F.normalize(self.mlp(h), dim=-1))  # type: ignore[no-any-return]
-
-
 @register_method("dino")
 class DINO(Method):
     """Student: backbone + DINO head on all views; teacher: EMA copy on the 2 global views."""
@@ -175,7 +123,9 @@ class DINO(Method):
         super().__init__()
         self.cfg = cfg = cfg or DINOConfig()
         self.encoder = backbone
-        self.head = DINOHead(feature_dim(backbone), cfg)
+        self.head = DINOHead(
+            feature_dim(backbone), cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.use_bn_in_head, cfg.norm_last_layer
+        )
         self.teacher_encoder = freeze_(copy.deepcopy(self.encoder))
         self.teacher_head = freeze_(copy.deepcopy(self.head))
         self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)  # holds the centre buffer
@@ -210,17 +160,7 @@ class DINO(Method):
         """2 global views at ``image_size`` (blur p 1.0; blur 0.1 + solarize 0.2) and
         ``local_crops`` local views (crop scale ``local_crop_scale``, blur 0.5) of side
         ``local_crop_size``, as ``DataAugmentationDINO``; all other settings from ``base``."""
-        given = self.cfg.local_crop_size is not None
-        size = fit_to_patches(
-            self.cfg.local_crop_size or local_crop_size(image_size, patch_side(self.encoder)), self.encoder, given, "method_cfg.local_crop_size"
-        )
-        check_local_crops(size, image_size, self.cfg.local_crops, "method_cfg.local_crop_size", "method_cfg.local_crops")
-        local = ViewSpec(replace(base, crop_scale=self.cfg.local_crop_scale, blur_p=0.5, solarize_p=0.0), size)
-        return [
-            ViewSpec(replace(base, blur_p=1.0, solarize_p=0.0), image_size),
-            ViewSpec(replace(base, blur_p=0.1, solarize_p=0.2), image_size),
-            *[local] * self.cfg.local_crops,
-        ]
+        return multicrop_views(base, image_size, self.encoder, self.cfg.local_crops, self.cfg.local_crop_size, self.cfg.local_crop_scale)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.teacher_encoder), (self.head, self.teacher_head)]
@@ -231,9 +171,7 @@ class DINO(Method):
     def teacher_temp_at(self, info: StepInfo) -> float:
         """tau_t: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over the first
         ``warmup_teacher_temp_epochs`` epochs (fractional), then constant."""
-        w = self.cfg.warmup_teacher_temp_epochs
-        t = min(info.epoch_float / w, 1.0) if w > 0 else 1.0
-        return self.cfg.warmup_teacher_temp + t * (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp)
+        return linear_warmup(info, self.cfg.warmup_teacher_temp, self.cfg.teacher_temp, self.cfg.warmup_teacher_temp_epochs)
 
     def training_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Views (V x (B, 3, S_v, S_v)), the first 2 global: student logits on all V views, teacher

@@ -22,10 +22,12 @@ What is here, by use:
   ``register_command``, ``register_callback`` (``Callback``, ``Control``); ``get_method``,
   ``unknown_name_message``;
 - shared parts of methods: heads (``mlp``, ``expander``, ``Prototypes``, ``encode_views``, ...),
-  losses, ``MemoryBank``, momentum helpers (``ema_update_``, ``copy_params_``, ``freeze_``, the
-  momentum schedules); the masked-image parts (``patchify``/``unpatchify``, ``random_masking``,
-  ``sincos_pos_embed_2d``, ``require_vit``, ``visible_tokens``, ``encode_patches``: a timm ViT on a subset of its
-  patches or with masked patches replaced by a mask token);
+  losses, the DINO head and multi-crop views (``DINOHead``, ``multicrop_views``), ``MemoryBank``,
+  momentum helpers (``ema_update_``, ``copy_params_``, ``freeze_``, the momentum schedules); the
+  masked-image parts (``patchify``/``unpatchify``, ``random_masking``, ``sincos_pos_embed_2d``,
+  ``require_vit``, ``visible_tokens``, ``encode_patches``: a timm ViT on a subset of its patches or
+  with masked patches replaced by a mask token) and iBOT's blockwise masks (``block_mask``,
+  ``block_masks``, ``mask_weights``);
 - collectives: ``gather_no_grad``/``all_reduce_sum``/``all_reduce_mean`` (no gradient) and
   ``gather_with_grad``/``all_reduce_sum_with_grad`` (gradients flow back to every process);
   ``get_rank``, ``get_world_size``, ``is_distributed``. With one process each is the identity;
@@ -64,7 +66,20 @@ from sslbench.core.dist import (
     is_distributed,
 )
 from sslbench.core.errors import UserError
-from sslbench.core.heads import Prototypes, check_local_crops, encode_views, expander, feature_dim, fit_to_patches, mlp, patch_side
+from sslbench.core.heads import (
+    DINOHead,
+    Prototypes,
+    WeightNormLinear,
+    check_local_crops,
+    encode_views,
+    expander,
+    feature_dim,
+    fit_to_patches,
+    local_crop_size,
+    mlp,
+    multicrop_views,
+    patch_side,
+)
 from sslbench.core.health import RANK_EPS, effective_rank, normalised_std
 from sslbench.core.losses import (
     BarlowTwinsLoss,
@@ -79,11 +94,15 @@ from sslbench.core.losses import (
     SwAVLoss,
     VICRegLoss,
     byol_loss,
+    koleo_loss,
+    masked_patch_cross_entropy,
+    multicrop_cross_entropy,
     negative_cosine,
     off_diagonal,
     sinkhorn_knopp,
 )
 from sslbench.core.masked_image import encode_patches, patchify, random_masking, require_vit, sincos_pos_embed_2d, unpatchify, visible_tokens
+from sslbench.core.masking import BLOCK_DRAWS, block_draws, block_mask, block_masks, mask_weights, patch_grid
 from sslbench.core.memory import MemoryBank
 from sslbench.core.method import (
     EMBEDDING_LOG,
@@ -99,6 +118,7 @@ from sslbench.core.method import (
     ViewSpec,
     asymmetric,
     cosine_schedule,
+    linear_warmup,
 )
 from sslbench.core.momentum import constant_momentum, copy_params_, cosine_momentum, ema_update_, freeze_
 from sslbench.core.optim import build_optimizer, is_no_decay, lr_at, param_groups, set_lr
@@ -135,6 +155,20 @@ __all__ = [
     "counter_uniform",
     "gaussian_blur_batch",
     "parse_data_spec",
+    "BLOCK_DRAWS",
+    "DINOHead",
+    "WeightNormLinear",
+    "block_draws",
+    "block_mask",
+    "block_masks",
+    "koleo_loss",
+    "linear_warmup",
+    "local_crop_size",
+    "mask_weights",
+    "masked_patch_cross_entropy",
+    "multicrop_cross_entropy",
+    "multicrop_views",
+    "patch_grid",
     "check_fraction",
     "split_features",
     "projector_depths",

@@ -11,7 +11,7 @@ from torch import nn
 from sslbench.testing import TINY_RESNET, TINY_VIT, backbone_cli_args
 from sslbench.testing import tiny_backbone as _create
 
-VIT_ONLY = frozenset({"mae", "ijepa", "simmim", "msn"})  # methods that refuse non-ViT backbones
+VIT_ONLY = frozenset({"mae", "ijepa", "simmim", "msn", "ibot", "dinov2"})  # methods that refuse non-ViT backbones
 (RESNET, RESNET_KWARGS), (VIT, VIT_KWARGS) = TINY_RESNET, TINY_VIT
 
 

@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
+from sslbench.core.augment import AugmentConfig
 from sslbench.core.errors import UserError
+from sslbench.core.method import ViewSpec
 
 __all__ = ["encode_views", "feature_dim", "fit_to_patches", "mlp", "patch_side"]
 
@@ -138,3 +141,96 @@ def expander(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) ->
     assert isinstance(last, nn.Linear)
     head[-1] = nn.Linear(last.in_features, out_dim, bias=False)
     return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-distillation (DINO, iBOT, DINOv2): the DINO head and the multi-crop views, shared.
+
+__all__ += ["DINOHead", "WeightNormLinear", "local_crop_size", "multicrop_views"]
+
+
+class WeightNormLinear(nn.Module):
+    """A linear layer without bias, weight-normalised per output row (Salimans & Kingma 2016):
+    ``W = g * V / ||V||``, the official head's ``nn.utils.weight_norm(nn.Linear(..., bias=False))``
+    with g filled with 1. With ``fixed_g`` g is a buffer of ones (the official
+    ``norm_last_layer``, which freezes the parameter ``weight_g``), else a trained parameter.
+    V starts as ``nn.Linear``'s default. Shapes: (B, in_dim) -> (B, out_dim).
+    """
+
+    weight_g: Tensor
+
+    def __init__(self, in_dim: int, out_dim: int, fixed_g: bool = True) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach())  # (out_dim, in_dim)
+        g = torch.ones(out_dim, 1)
+        if fixed_g:
+            self.register_buffer("weight_g", g)
+        else:
+            self.weight_g = nn.Parameter(g)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.weight_g * torch.nn.functional.normalize(self.weight_v, dim=1))
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (official ``vision_transformer.DINOHead``; iBOT's ``models/head.py``
+    ``iBOTHead`` and DINOv2's ``dinov2/layers/dino_head.py`` are the same): an MLP of ``layers``
+    (3) linear layers with GELU (hidden 2048, bottleneck 256, optional BN), L2 normalisation, then
+    a weight-normalised linear layer to K prototypes (:class:`WeightNormLinear`). The MLP's Linear
+    weights start from a truncated normal (std 0.02) with zero biases.
+    Shapes: (..., in_dim) -> (..., K) (any leading dimensions without BN; (B, in_dim) with BN).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, layers, hidden_bn=use_bn, act=nn.GELU)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_g=norm_last_layer)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.last_layer(torch.nn.functional.normalize(self.mlp(h), dim=-1))  # type: ignore[no-any-return]
+
+
+def local_crop_size(image_size: int, patch: int = 1) -> int:
+    """DINO's local/global side ratio 96/224 rounded to a multiple of 8 px (16 at 32 px, 8 at 16 px,
+    96 at 224 px), or of a ViT's ``patch`` when 8 is not one (98 for 14 px patches, as DINOv2)."""
+    raw = image_size * 96 / 224
+    size = max(8, 8 * round(raw / 8))
+    return size if size % patch == 0 else patch * max(1, round(raw / patch))
+
+
+def multicrop_views(
+    base: AugmentConfig,
+    image_size: int,
+    encoder: nn.Module,
+    local_crops: int,
+    local_size: int | None,
+    local_scale: tuple[float, float],
+) -> list[ViewSpec]:
+    """DINO's multi-crop views (``DataAugmentationDINO``; iBOT's and DINOv2's are the same): 2 global
+    views at ``image_size`` (blur p 1.0; blur 0.1 + solarize 0.2) and ``local_crops`` local views
+    (crop scale ``local_scale``, blur 0.5) of side ``local_size`` (None: :func:`local_crop_size`),
+    all other settings from ``base``. The config keys named in errors are ``method_cfg.local_crop_size``
+    and ``method_cfg.local_crops``."""
+    given = local_size is not None
+    size = fit_to_patches(local_size or local_crop_size(image_size, patch_side(encoder)), encoder, given, "method_cfg.local_crop_size")
+    check_local_crops(size, image_size, local_crops, "method_cfg.local_crop_size", "method_cfg.local_crops")
+    local = ViewSpec(replace(base, crop_scale=local_scale, blur_p=0.5, solarize_p=0.0), size)
+    return [
+        ViewSpec(replace(base, blur_p=1.0, solarize_p=0.0), image_size),
+        ViewSpec(replace(base, blur_p=0.1, solarize_p=0.2), image_size),
+        *[local] * local_crops,
+    ]

@@ -22,7 +22,19 @@ from torch import Tensor, nn
 from sslbench.core.dist import all_reduce_sum, all_reduce_sum_with_grad, gather_no_grad, gather_with_grad, get_rank, get_world_size
 from sslbench.core.errors import UserError
 
-__all__ = ["BYOLLoss", "DINOLoss", "InfoNCELoss", "MoCoV3Loss", "NTXentLoss", "SimSiamLoss", "byol_loss", "negative_cosine"]
+__all__ = [
+    "BYOLLoss",
+    "DINOLoss",
+    "koleo_loss",
+    "masked_patch_cross_entropy",
+    "multicrop_cross_entropy",
+    "InfoNCELoss",
+    "MoCoV3Loss",
+    "NTXentLoss",
+    "SimSiamLoss",
+    "byol_loss",
+    "negative_cosine",
+]
 
 
 class NTXentLoss(nn.Module):
@@ -166,6 +178,20 @@ class SimSiamLoss(nn.Module):
         return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
 
 
+def multicrop_cross_entropy(probs: Tensor, log_p: Tensor) -> Tensor:
+    """DINO's cross-entropy over view pairs: the mean over pairs (g, v), v != g, of the batch mean
+    of ``-sum_k probs[g, b, k] log_p[v, b, k]`` (official ``DINOLoss.forward``; DINOv2's
+    ``dino_clstoken_loss`` divides the same sum by the same number of terms).
+    Shapes: ``probs`` (G, B, K) teacher targets, ``log_p`` (V, B, K) student log-probabilities, the G
+    global views first; returns a scalar."""
+    g, v, b = probs.shape[0], log_p.shape[0], probs.shape[1]
+    if not g <= v:
+        raise ValueError(f"DINO needs the teacher's G views among the student's V views; got G={g}, V={v}")
+    ce = -torch.einsum("gbk,vbk->gv", probs, log_p) / b  # (G, V): batch-mean cross-entropy of each pair
+    keep = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)  # drop (g, g): a view against itself
+    return (ce * keep).sum() / (g * v - g)
+
+
 class DINOLoss(nn.Module):
     """DINO's self-distillation loss and its centre (Caron et al. 2021, Eq. 1-4, Sec. 3.1).
 
@@ -207,12 +233,7 @@ class DINOLoss(nn.Module):
         with torch.autocast(student.device.type, enabled=False):  # softmaxes in float32, even under bf16
             probs = self.teacher_probs(teacher, teacher_temp)  # (G, B, K)
             log_p = F.log_softmax(student.float() / self.student_temp, dim=-1)  # (V, B, K)
-            g, v, b = probs.shape[0], log_p.shape[0], probs.shape[1]
-            if not g <= v:
-                raise ValueError(f"DINO needs the teacher's G views among the student's V views; got G={g}, V={v}")
-            ce = -torch.einsum("gbk,vbk->gv", probs, log_p) / b  # (G, V): batch-mean cross-entropy of each pair
-            keep = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)  # drop (g, g): a view against itself
-            loss = (ce * keep).sum() / (g * v - g)
+            loss = multicrop_cross_entropy(probs, log_p)
         self.update_center(teacher)
         return loss, probs
 
@@ -508,3 +529,33 @@ class DCLLoss(nn.Module):
         if self.sigma is not None:
             positive = positive * self.weights(local[:n], local[n:]).repeat(2)
         return (negatives - positive).mean()
+
+
+def masked_patch_cross_entropy(probs: Tensor, student: Tensor, weights: Tensor, n_samples: int, student_temp: float) -> Tensor:
+    """iBOT's masked patch self-distillation (Zhou et al. 2022, Eq. 2; official ``iBOTLoss.forward``,
+    DINOv2's ``iBOTPatchLoss.forward_masked``): for every masked patch m of a student view, the
+    cross-entropy ``-sum_k probs[m, k] log softmax(student[m] / tau_s)[k]``, averaged over the
+    masked patches of its view (``weights[m]`` = 1 / the masked count of m's view) and then over
+    the ``n_samples`` views of this process (a view without masked patches counts as 0), as the
+    official codes (mean over the batch of each view's masked mean, then over the 2 global views).
+    Shapes: ``probs`` (M, K) teacher targets (no gradient), ``student`` (M, K) logits, ``weights``
+    (M,); returns a scalar, computed in float32."""
+    with torch.autocast(student.device.type, enabled=False):
+        log_p = F.log_softmax(student.float() / student_temp, dim=-1)
+        return -(weights.float() * (probs.float() * log_p).sum(dim=-1)).sum() / n_samples
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """The Kozachenko-Leonenko entropy estimator as a regulariser (Sablayrolles et al., "Spreading
+    vectors for similarity search", ICLR 2019; DINOv2 Sec. 4, official ``KoLeoLoss``):
+    ``-mean_i log(||x_i - x_j(i) + eps|| + eps)`` over L2-normalised rows, j(i) the nearest other row
+    (largest inner product). The rows are the global batch (:func:`gather_with_grad`); the
+    official code takes each GPU's own batch. Shapes: (n, D) -> scalar, float32."""
+    with torch.autocast(x.device.type, enabled=False):
+        z = gather_with_grad(F.normalize(x.float(), p=2, dim=-1, eps=eps))  # (N, D)
+        with torch.no_grad():
+            dots = z @ z.T
+            dots.fill_diagonal_(-1.0)  # never oneself
+            nearest = dots.argmax(dim=1)
+        dist = F.pairwise_distance(z, z[nearest], p=2, eps=eps)  # ||z_i - z_j + eps||, torch's PairwiseDistance
+        return -torch.log(dist + eps).mean()

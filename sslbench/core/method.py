@@ -43,6 +43,7 @@ __all__ = [
     "asymmetric",
     "cosine_schedule",
     "default_views",
+    "linear_warmup",
 ]
 
 # The two documented non-obvious keys of a training step's logs (the health figures, sslbench/core/health.py):
@@ -245,6 +246,14 @@ def cosine_schedule(info: StepInfo, start: float, end: float) -> float:
     if not info.time_based:
         return cosine_between(info.step, info.total_steps, start, end)
     return cosine_between(info.progress, 1.0, start, end)
+
+
+def linear_warmup(info: StepInfo, start: float, end: float, epochs: float) -> float:
+    """Linear from ``start`` to ``end`` over the first ``epochs`` epochs (fractional,
+    ``info.epoch_float``), then constant at ``end``: DINO's, iBOT's and DINOv2's teacher
+    temperature warm-up (the official codes step it once per epoch)."""
+    t = min(info.epoch_float / epochs, 1.0) if epochs > 0 else 1.0
+    return start + t * (end - start)
 
 
 def asymmetric(base: AugmentConfig, image_size: int, first: dict[str, Any], second: dict[str, Any]) -> list[ViewSpec]:
