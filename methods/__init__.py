@@ -2,8 +2,10 @@
 built-in methods; third-party methods arrive through the ``sslbench.methods`` entry-point group."""
 
 from sslbench.methods import (
+    all4one,  # noqa: F401  (registers "all4one")
     barlow_twins,  # noqa: F401  (registers "barlow_twins")
     byol,  # noqa: F401  (registers "byol")
+    deepclusterv2,  # noqa: F401  (registers "deepclusterv2")
     dino,  # noqa: F401  (registers "dino")
     lejepa,  # noqa: F401  (registers "lejepa")
     mae,  # noqa: F401  (registers "mae")
