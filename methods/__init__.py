@@ -2,9 +2,11 @@
 built-in methods; third-party methods arrive through the ``sslbench.methods`` entry-point group."""
 
 from sslbench.methods import (
+    all4one,  # noqa: F401  (registers "all4one")
     barlow_twins,  # noqa: F401  (registers "barlow_twins")
     byol,  # noqa: F401  (registers "byol")
     dcl,  # noqa: F401  (registers "dcl" and "dclw")
+    deepclusterv2,  # noqa: F401  (registers "deepclusterv2")
     dino,  # noqa: F401  (registers "dino")
     dinov2,  # noqa: F401  (registers "dinov2")
     ibot,  # noqa: F401  (registers "ibot")

@@ -136,6 +136,11 @@ METHOD_SETS = {
     "swav": ["num_local_crops=2", "queue_size=16", "epoch_queue_starts=0", "freeze_prototypes_epochs=0"],
     "nnclr": ["queue_size=16"],
     "barlow_twins": ["proj_dim=128", "proj_hidden_dim=128"],
+    # All4One: a support set full of real momentum projections from step 2 on (as NNCLR's);
+    # DeepCluster v2: a bank of 48 rows (3 steps of 16 fill it; its k-means, at an epoch's first
+    # step, is covered by tests/test_zoo_wave2c.py) instead of 50000 in the run files.
+    "all4one": ["queue_size=16"],
+    "deepclusterv2": ["memory_size=48"],
 }
 SGD = ["--optimizer", "sgd", "--lr", "0.05"]
 METHOD_ARGS = {
