@@ -203,7 +203,11 @@ def test_a_large_backbone_at_the_default_16_px_says_so():
     ("method", "sets", "expected"),
     [
         ("dino", ["method_cfg.local_crops=2"], "  views: 2 x 16 px + 2 x 8 px per image; ViT patches of 2 px (64 per 16 px view)"),
-        ("mae", [], "  views: 1 x 16 px per image; ViT patches of 2 px (64 per 16 px view); mask ratio 0.75 (the encoder sees 25% of the patches)"),
+        (
+            "mae",
+            [],
+            "  views: 1 x 16 px per image; ViT patches of 2 px (64 per 16 px view); mask ratio 0.75 (75% of the patches masked: removed (MAE, MSN) or replaced by a mask token (SimMIM))",
+        ),
     ],
 )
 def test_the_banner_names_the_views_the_patch_size_and_the_mask_ratio(method, sets, expected):

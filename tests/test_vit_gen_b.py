@@ -319,3 +319,14 @@ def test_resnet_backbone_is_refused_in_one_line(cls: Any, name: str) -> None:
     with pytest.raises(UserError, match=f"^{name} needs a vision transformer, got resnet18") as err:
         cls(create_backbone("resnet18", 32), cls.Config(**HEAD))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ibot", "dinov2"])
+def test_a_stopped_and_resumed_run_equals_an_unbroken_one(name: str, tmp_path: Any) -> None:
+    """Masks come from (seed, epoch, sample, view), the teacher, its centres and the mask token are
+    parameters or buffers: a run stopped after step 3 and resumed ends bit for bit where an unbroken
+    one does (sslbench.testing's check; 2 local crops to keep it short)."""
+    from sslbench.testing import check_resume_equals_unbroken
+
+    check_resume_equals_unbroken(name, sets=["local_crops=2"], workdir=tmp_path, env={"SSLBENCH_CACHE": str(tmp_path / "cache")})

@@ -92,7 +92,7 @@ def _views(run: Run) -> str:
         text += f"; ViT patches of {patch} px ({(size // patch) ** 2} per {size} px view)"
     ratio = getattr(getattr(run.method, "cfg", None), "mask_ratio", None)
     if isinstance(ratio, float):
-        text += f"; mask ratio {ratio:g} (the encoder sees {1 - ratio:.0%} of the patches)"
+        text += f"; mask ratio {ratio:g} ({ratio:.0%} of the patches masked: removed (MAE, MSN) or replaced by a mask token (SimMIM))"
     return text
 
 
