@@ -43,8 +43,23 @@ def _paired(online: nn.Module, target: nn.Module) -> tuple[list[Tensor], list[Te
         for (name, a), (_, b) in zip(on, tg):
             if a.shape != b.shape:
                 raise ValueError(f"{kind} {name!r}: online shape {tuple(a.shape)} != target {tuple(b.shape)}")
+            if _layout(a) != _layout(b):
+                raise ValueError(
+                    f"{kind} {name!r}: online and target are sharded differently ({_layout(a)} vs {_layout(b)}); shard the target "
+                    "exactly as its online module (the same fully_shard units, the same mesh), so the EMA runs shard by shard"
+                )
         lists += [[t for _, t in on], [t for _, t in tg]]
     return lists[0], lists[1], lists[2], lists[3]
+
+
+def _layout(t: Tensor) -> tuple[object, ...] | None:
+    """How ``t`` is distributed: None for a plain tensor; (mesh, placements, local shape) for a
+    DTensor (FSDP2's ``fully_shard`` parameters: Shard(0) over the data-parallel mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return None
+    return (t.device_mesh, tuple(t.placements), tuple(t.to_local().shape))
 
 
 @torch.no_grad()
@@ -57,6 +72,11 @@ def ema_update_(online: nn.Module, target: nn.Module, m: float) -> None:
     shapes, checked once per call before anything is written; ``ValueError`` otherwise). Uses
     ``torch._foreach_*`` kernels; the result is bit-identical to ``target * m + online * (1 - m)``
     in the parameters' dtype (at the cost of one temporary the size of the parameters).
+
+    Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the parameters are DTensors: the target must
+    be sharded as its online module (same mesh, placements and local shapes; ``ValueError``
+    otherwise), and the ``_foreach_*`` ops then act on each process's local shards only, with no
+    communication, giving bit for bit the formula on the full tensors (tests/test_fsdp.py).
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {m}")
