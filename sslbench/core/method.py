@@ -107,8 +107,9 @@ class Batch:
         testing kit) each view counted as its whole source image, unflipped: rows (0, 0, 1, 1, 0)."""
         if self.boxes is not None:
             return self.boxes
-        whole = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0], device=self.views[0].device)
-        return [whole.expand(len(self.index), 5) for _ in self.views]
+        whole = torch.zeros(len(self.index), 5, device=self.views[0].device)
+        whole[:, 2:4] = 1.0  # built on the device: no host-to-device copy
+        return [whole for _ in self.views]
 
     def uniform(self, stream: int, n: int) -> Tensor:
         """(B, n) uniforms in [0, 1) for this batch's samples, a pure function of (seed, epoch,
