@@ -25,5 +25,6 @@ from sslbench.methods import (
     swav,  # noqa: F401  (registers "swav")
     tico,  # noqa: F401  (registers "tico")
     vicreg,  # noqa: F401  (registers "vicreg")
+    vicregl,  # noqa: F401  (registers "vicregl")
     wmse,  # noqa: F401  (registers "wmse")
 )

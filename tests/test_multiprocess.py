@@ -261,17 +261,19 @@ def test_each_process_gets_its_half_of_the_global_batch_with_identical_views() -
         plan = make_plan(cfg, len(split), world, 2)
         assert plan.global_batch == BATCH and plan.local_batch == BATCH // world
         items = stream_batches(split, specs, plan, seed=cfg.seed, start_step=0, rank=rank, device=cpu)
-        return [(item[0], item[1]) for item in items]
+        return [(item[0], item[1], item[3]) for item in items]
 
     one = batches(1, 0)
     halves = [batches(2, r) for r in range(2)]
-    assert [s for s, _ in one] == list(range(5)) == [s for s, _ in halves[0]] == [s for s, _ in halves[1]]
-    for step, views in one:
+    assert [s for s, _, _ in one] == list(range(5)) == [s for s, _, _ in halves[0]] == [s for s, _, _ in halves[1]]
+    for step, views, boxes in one:
         assert len(views) == 2 and views[0].shape == (BATCH, 3, 32, 32)
         assert not torch.equal(views[0], views[1])  # two different views of the same images
         for v in range(2):
             both = torch.cat([halves[0][step][1][v], halves[1][step][1][v]])
             assert torch.equal(both, views[v]), f"step {step} view {v}: 2-process views differ from the 1-process batch"
+            both_boxes = torch.cat([halves[0][step][2][v], halves[1][step][2][v]])
+            assert boxes[v].shape == (BATCH, 5) and torch.equal(both_boxes, boxes[v]), f"step {step} view {v}: boxes differ"
     assert not torch.equal(one[0][1][0], one[2][1][0])  # a new epoch, a new order and new views
 
 
@@ -290,9 +292,10 @@ def test_data_kept_in_host_memory_gives_the_same_batches_as_data_on_the_device()
         on_device = list(stream_batches(split, specs, plan, **common, data_on_device=True))
         on_host = list(stream_batches(split, specs, plan, **common, data_on_device=False))
         assert [b[0] for b in on_device] == [b[0] for b in on_host] == [1, 2, 3, 4]
-        for (_, views_d, idx_d), (_, views_h, idx_h) in zip(on_device, on_host):
+        for (_, views_d, idx_d, boxes_d), (_, views_h, idx_h, boxes_h) in zip(on_device, on_host):
             assert torch.equal(idx_d, idx_h) and len(views_d) == len(views_h) == 2
             assert all(torch.equal(a, b) for a, b in zip(views_d, views_h))
+            assert all(torch.equal(a, b) for a, b in zip(boxes_d, boxes_h))
     assert data_fits_on_device(10**12, cpu)  # the CPU holds whatever fits in memory
     if torch.cuda.is_available():
         gpu = torch.device("cuda")

@@ -293,9 +293,10 @@ def test_each_process_reads_its_share_and_a_resumed_stream_only_what_is_left(sha
         assert [b[0] for b in from_shards] == [b[0] for b in in_memory] == list(range(2, STEPS))
         wanted = torch.cat([b[2] for b in in_memory]).tolist()
         assert reads == wanted and len(wanted) == (STEPS - 2) * 8
-        for (_, views_s, idx_s), (_, views_m, idx_m) in zip(from_shards, in_memory):
+        for (_, views_s, idx_s, boxes_s), (_, views_m, idx_m, boxes_m) in zip(from_shards, in_memory):
             assert torch.equal(idx_s, idx_m)
             assert all(torch.equal(a, b) for a, b in zip(views_s, views_m))
+            assert all(torch.equal(a, b) for a, b in zip(boxes_s, boxes_m))
 
 
 @pytest.mark.slow

@@ -63,10 +63,12 @@ __all__ = [
     "AugmentConfig",
     "BatchAugment",
     "blur_kernel_size",
+    "crop_box",
     "counter_uniform",
     "eval_batch",
     "eval_resize_size",
     "eval_transform",
+    "last_box",
     "per_image_transform",
     "resolve_jitter_strength",
 ]
@@ -247,7 +249,11 @@ class BatchAugment:
         return {name: torch.where(found, value.gather(1, first).squeeze(1), fallback) for name, (value, fallback) in chosen.items()}
 
     def __call__(self, images: Tensor, index: Tensor, *, seed: int, epoch: int, view: int) -> Tensor:
-        """Augment a batch.
+        """Augment a batch: :meth:`view_and_box`'s views."""
+        return self.view_and_box(images, index, seed=seed, epoch=epoch, view=view)[0]
+
+    def view_and_box(self, images: Tensor, index: Tensor, *, seed: int, epoch: int, view: int) -> tuple[Tensor, Tensor]:
+        """Augment a batch and say where each view came from.
 
         Args:
             images: uint8 ``(B, 3, H, W)`` (or float in [0, 1]) on any device.
@@ -255,14 +261,17 @@ class BatchAugment:
             seed, epoch, view: with ``index``, the only source of randomness.
 
         Returns:
-            float32 ``(B, 3, S, S)``, normalised, on ``images.device``.
+            float32 ``(B, 3, S, S)``, normalised, on ``images.device``, and its :func:`crop_box`
+            ``(B, 5)``: the crop and flip of each view.
         """
         _check_batch(images)
         if index.shape != (images.shape[0],):
             raise ValueError(f"index must be ({images.shape[0]},), got shape {tuple(index.shape)}")
         index = index.to(images.device)
-        p = self.sample_params(index, seed=seed, epoch=epoch, view=view, height=images.shape[2], width=images.shape[3])
-        return self.apply(images, p, dense=images.device.type != "cpu")
+        height, width = images.shape[2], images.shape[3]
+        p = self.sample_params(index, seed=seed, epoch=epoch, view=view, height=height, width=width)
+        box = crop_box(p["top"], p["left"], p["height"], p["width"], p["flip"], height, width)
+        return self.apply(images, p, dense=images.device.type != "cpu"), box
 
     def apply(self, images: Tensor, params: dict[str, Tensor], *, dense: bool) -> Tensor:
         """The views of ``images`` for the parameters :meth:`sample_params` drew for them.
@@ -300,6 +309,15 @@ class BatchAugment:
         if cfg.solarize_p > 0:
             x = _masked_apply(x, p["solarize"], lambda y, rows: _solarize(y), dense)
         return _normalize(x, self.mean, self.std, inplace=True)
+
+
+def crop_box(top: Tensor, left: Tensor, height: Tensor, width: Tensor, flip: Tensor, image_height: int, image_width: int) -> Tensor:
+    """Where views come from: float32 ``(B, 5)`` rows (top, left, height, width, flip), the crop box
+    as fractions of the source image's ``image_height`` / ``image_width`` (so in [0, 1]) and 1.0
+    where the crop was flipped horizontally after resizing (column c of an S px view then shows
+    source column ``left + (1 - (c + 0.5) / S) * width`` instead of ``left + (c + 0.5) / S * width``)."""
+    rows = [top.float() / image_height, left.float() / image_width, height.float() / image_height, width.float() / image_width]
+    return torch.stack([*rows, flip.float()], dim=1)
 
 
 def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
@@ -378,8 +396,8 @@ def per_image_transform(
     steps: list[T.Transform] = [
         T.ToImage(),
         T.ToDtype(torch.float32, scale=True),
-        T.RandomResizedCrop(image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True),
-        T.RandomHorizontalFlip(cfg.flip_p),
+        _RecordedCrop(image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True),
+        _RecordedFlip(cfg.flip_p),
         T.RandomApply([T.ColorJitter(**ranges)], p=cfg.jitter_p),
         T.RandomGrayscale(cfg.grayscale_p),
     ]
@@ -391,3 +409,39 @@ def per_image_transform(
     steps += [T.Normalize(list(mean), list(std)), T.ToPureTensor()]
     transform: Callable[[PIL.Image.Image], Tensor] = T.Compose(steps)  # torchvision is untyped (Any)
     return transform
+
+
+class _RecordedCrop(T.RandomResizedCrop):  # type: ignore[misc]  # torchvision is untyped
+    """torchvision's RandomResizedCrop that keeps its last box and source size (:func:`last_box`)."""
+
+    last: tuple[int, int, int, int, int, int] = (0, 0, 1, 1, 1, 1)  # top, left, height, width, H, W
+
+    def make_params(self, flat_inputs: list[object]) -> dict[str, object]:
+        params: dict[str, object] = super().make_params(flat_inputs)
+        size = TF.get_size(flat_inputs[0])
+        self.last = (*(int(params[k]) for k in ("top", "left", "height", "width")), int(size[0]), int(size[1]))  # type: ignore[call-overload]
+        return params
+
+
+class _RecordedFlip(T.RandomHorizontalFlip):  # type: ignore[misc]  # torchvision is untyped
+    """torchvision's RandomHorizontalFlip that records whether its last call flipped."""
+
+    flipped = False
+
+    def forward(self, *inputs: object) -> object:
+        self.flipped = False  # make_params runs only when the flip is drawn
+        return super().forward(*inputs)
+
+    def make_params(self, flat_inputs: list[object]) -> dict[str, object]:
+        self.flipped = True
+        params: dict[str, object] = super().make_params(flat_inputs)
+        return params
+
+
+def last_box(transform: Callable[[PIL.Image.Image], Tensor]) -> Tensor:
+    """The :func:`crop_box` row ``(5,)`` of the last view a :func:`per_image_transform` made."""
+    steps = transform.transforms  # type: ignore[attr-defined]  # a T.Compose
+    crop = next(t for t in steps if isinstance(t, _RecordedCrop))
+    flip = next(t for t in steps if isinstance(t, _RecordedFlip))
+    top, left, h, w, height, width = (torch.tensor([v]) for v in crop.last)
+    return crop_box(top, left, h, w, torch.tensor([float(flip.flipped)]), int(height), int(width))[0]

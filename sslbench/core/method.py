@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from sslbench.core.augment import AugmentConfig, counter_uniform
@@ -84,15 +85,31 @@ class ViewSpec:
 @dataclass
 class Batch:
     """One process's share of a step: ``views[v]`` is (B, 3, S_v, S_v) for ``ViewSpec`` v,
-    ``index`` (B,) the global indices of the samples in the training set, ``info`` the step."""
+    ``index`` (B,) the global indices of the samples in the training set, ``info`` the step, and
+    ``boxes[v]`` (B, 5) where view v came from in each source image (the trainer always fills it;
+    ``None`` where a caller made views by other means): float32 rows (top, left, height, width,
+    flip), the crop box as fractions of the source image's height and width and 1.0 where the crop
+    was flipped horizontally (:func:`sslbench.core.augment.crop_box`). Like the views, a pure
+    function of (seed, epoch, sample, view): VICRegL matches local features by location with it."""
 
     views: list[Tensor]
     index: Tensor
     info: StepInfo
+    boxes: list[Tensor] | None = None
 
     def slice(self, start: int, stop: int) -> Batch:
-        """Samples ``start:stop`` of every view (the gradient cache's chunks)."""
-        return Batch([v[start:stop] for v in self.views], self.index[start:stop], self.info)
+        """Samples ``start:stop`` of every view and box (the gradient cache's chunks)."""
+        boxes = None if self.boxes is None else [b[start:stop] for b in self.boxes]
+        return Batch([v[start:stop] for v in self.views], self.index[start:stop], self.info, boxes)
+
+    def view_boxes(self) -> list[Tensor]:
+        """``boxes``, or where a caller gave none (views not cut by the augmentation: tests, the
+        testing kit) each view counted as its whole source image, unflipped: rows (0, 0, 1, 1, 0)."""
+        if self.boxes is not None:
+            return self.boxes
+        whole = torch.zeros(len(self.index), 5, device=self.views[0].device)
+        whole[:, 2:4] = 1.0  # built on the device: no host-to-device copy
+        return [whole for _ in self.views]
 
     def uniform(self, stream: int, n: int) -> Tensor:
         """(B, n) uniforms in [0, 1) for this batch's samples, a pure function of (seed, epoch,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from sslbench.core.augment import BatchAugment, per_image_transform
+from sslbench.core.augment import BatchAugment, last_box, per_image_transform
 from sslbench.core.errors import UserError
 from sslbench.core.method import ViewSpec
 from sslbench.data import FileSplit, ImageSplit
@@ -67,7 +67,7 @@ def _to_device_async(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-class FileViews(torch.utils.data.Dataset[tuple[list[Tensor], int]]):
+class FileViews(torch.utils.data.Dataset[tuple[list[Tensor], Tensor, int]]):
     """Per-image path for data that does not fit in memory: decode, then the torchvision pipeline
     of each view, seeded per (seed, epoch, index, view) so it is independent of worker and process."""
 
@@ -80,13 +80,21 @@ class FileViews(torch.utils.data.Dataset[tuple[list[Tensor], int]]):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[list[Tensor], int]:
+    def __getitem__(self, i: int) -> tuple[list[Tensor], Tensor, int]:
+        """The views of image ``i`` and their crop boxes ``(V, 5)`` (:func:`~sslbench.core.augment.crop_box`)."""
         img = self.split.open(i)
-        views = []
+        views, boxes = [], []
         for v, t in enumerate(self.transforms):
             torch.manual_seed(hash((self.seed, self.epoch, i, v)) & 0x7FFF_FFFF_FFFF)
             views.append(t(img))
-        return views, i
+            boxes.append(last_box(t))
+        return views, torch.stack(boxes), i
+
+
+def _augment(augmenters: list[BatchAugment], imgs: Tensor, idx: Tensor, seed: int, epoch: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Every view of ``imgs`` and its crop boxes."""
+    pairs = [aug.view_and_box(imgs, idx, seed=seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def stream_batches(
@@ -100,10 +108,11 @@ def stream_batches(
     device: torch.device,
     num_workers: int = 2,
     data_on_device: bool | None = None,
-) -> Iterator[tuple[int, list[Tensor], Tensor]]:
-    """Yield (step, views, local sample indices) from ``start_step`` while ``step <
+) -> Iterator[tuple[int, list[Tensor], Tensor, list[Tensor]]]:
+    """Yield (step, views, local sample indices, boxes) from ``start_step`` while ``step <
     plan.total_steps`` (read at every step: the loop may shorten the run); each process gets its
-    contiguous share of the step's global batch, ``views[v]`` follows ``specs[v]``.
+    contiguous share of the step's global batch, ``views[v]`` follows ``specs[v]`` and
+    ``boxes[v]`` (B, 5) says where it came from (:attr:`~sslbench.core.method.Batch.boxes`).
 
     In-memory data lives on ``device`` (``data_on_device``, default :func:`data_fits_on_device`)
     or else in host memory, where each step's images are gathered and copied to the device
@@ -137,8 +146,8 @@ def stream_batches(
                     return
                 with record_function("sslbench.core.augment"):
                     imgs = images[idx] if data_on_device else _to_device_async(images[idx_host], device)
-                    views = [aug(imgs, idx, seed=seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
-                yield step, views, idx
+                    views, boxes = _augment(augmenters, imgs, idx, seed, epoch)
+                yield step, views, idx, boxes
                 step += 1
         elif isinstance(train, ShardSplit):
             # Shards: DataLoader workers read and decode this process's share of each step's batch
@@ -158,8 +167,8 @@ def stream_batches(
                     return
                 with record_function("sslbench.core.augment"):
                     imgs, idx = imgs_host.to(device, non_blocking=True), _to_device_async(idx_host, device)
-                    views = [aug(imgs, idx, seed=seed, epoch=epoch, view=v) for v, aug in enumerate(augmenters)]
-                yield step, views, idx
+                    views, boxes = _augment(augmenters, imgs, idx, seed, epoch)
+                yield step, views, idx, boxes
                 step += 1
         else:
             assert file_views is not None
@@ -171,8 +180,9 @@ def stream_batches(
                 pin_memory=device.type == "cuda",
                 persistent_workers=False,
             )
-            for views, idx in loader:
+            for views, boxes, idx in loader:
                 if step >= plan.total_steps:
                     return
-                yield step, [v.to(device, non_blocking=True) for v in views], idx
+                views = [v.to(device, non_blocking=True) for v in views]
+                yield step, views, idx, [b.to(device, non_blocking=True) for b in boxes.unbind(1)]
                 step += 1

@@ -149,8 +149,8 @@ def train_loop(run: Run, callbacks: list[Callback], *, health: HealthMonitor | N
         num_workers=cfg.num_workers,
         data_on_device=run.data_on_device,
     )
-    for step, views, idx in stream:
-        batch = Batch(channels_last_views(views, run.channels_last), idx, run.info(step, progress if run.time_based else None))
+    for step, views, idx, boxes in stream:
+        batch = Batch(channels_last_views(views, run.channels_last), idx, run.info(step, progress if run.time_based else None), boxes)
         values = apply_schedules(run.optimizer, run.schedules, batch.info)
         with record_function("sslbench.forward"):  # named ranges for profilers (benchmarks/speed.py --profile)
             loss, logs = _forward(run, batch)
