@@ -138,12 +138,23 @@ def multiblock_masks(batch: Batch, grid: tuple[int, int], cfg: IJEPAConfig) -> t
     return context, targets
 
 
-def _indices(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(..., N) bool -> the indices of its True entries in order (..., L), padded to the largest
-    count L with index 0, and which entries are real (..., L) bool."""
+def max_block(grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float]) -> int:
+    """An upper bound of :func:`block_sizes`' h x w over every uniform, known before any mask is
+    drawn: height and width each at their largest (area and aspect at their ends), below the sides."""
+    area = math.floor(grid[0] * grid[1] * (scale[0] + 1.0 * (scale[1] - scale[0])))  # block_sizes' arithmetic at u = 1
+    h = min(max(round(math.sqrt(area * aspect[1])), 1), grid[0] - 1)
+    w = min(max(round(math.sqrt(area / aspect[0])), 1), grid[1] - 1)
+    return h * w
+
+
+def _indices(mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """(..., N) bool with at most ``length`` True entries -> their indices in order (..., length),
+    padded with patches that are not in the mask, and which entries are real (..., length) bool. The
+    length is a bound from the config (:func:`max_block`), not the batch's largest count: reading
+    that would make the host wait for the device every step."""
     count = mask.sum(dim=-1)
-    ids = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)[..., : int(count.max())]
-    valid = torch.arange(ids.shape[-1], device=mask.device) < count[..., None]
+    ids = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)[..., :length]
+    valid = torch.arange(length, device=mask.device) < count[..., None]
     return ids, valid
 
 
@@ -215,6 +226,9 @@ class IJEPA(Method):
         if min(self.grid) < 2:
             raise UserError(f"ijepa needs a patch grid of at least 2 x 2, got {self.grid}; use a larger --image-size or smaller patches")
         self.num_prefix = int(backbone.num_prefix_tokens)  # type: ignore[arg-type]
+        # Static lengths the context and target indices are padded to (no host sync per step).
+        self.context_len = max_block(self.grid, cfg.context_scale, (1.0, 1.0))
+        self.target_len = max_block(self.grid, cfg.target_scale, cfg.target_aspect)
         width, heads = int(backbone.embed_dim), int(backbone.blocks[0].attn.num_heads)  # type: ignore[arg-type, index, union-attr]
         depth = cfg.predictor_depth or max(1, round(len(backbone.blocks) * 12 / 32))  # type: ignore[arg-type]
         step = 4 * heads // math.gcd(4, heads)
@@ -248,8 +262,8 @@ class IJEPA(Method):
         are real (B, K, Lt) and the context encoder's mean patch token (B, D)."""
         images = batch.views[0]
         context, targets = multiblock_masks(batch, self.grid, self.cfg)
-        ctx_ids, ctx_valid = _indices(context)
-        tgt_ids, tgt_valid = _indices(targets)
+        ctx_ids, ctx_valid = _indices(context, self.context_len)
+        tgt_ids, tgt_valid = _indices(targets, self.target_len)
         with torch.no_grad():
             h = encode_patches(self.target_encoder, images)[:, self.num_prefix :]
             h = F.layer_norm(h.float(), (h.shape[-1],))  # (B, N, D), the official forward_target

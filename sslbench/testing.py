@@ -1239,6 +1239,8 @@ def check_no_collapse(
     if ref.cls.supports_reconstruction:
         return f"{ref.label} reconstructs pixels: held to its own no-collapse test (see tests/test_no_collapse.py)"
     _ensure_registered(ref)
+    if _build(ref.cls, None)[2] != TINY_RESNET:
+        return f"{ref.label} refuses a ResNet: this check trains the ResNet-18 recipe; a ViT-only method's short runs are in its own tests"
     out = Path(workdir) / "run"
     cfg = build_config(
         flags={"method": ref.name, "epochs": epochs, "batch_size": batch_size, "seed": seed, "output": str(out)},

@@ -285,3 +285,15 @@ def test_padding_entries_are_hidden_from_the_encoder() -> None:
         alone = encode_patches(vit, images[1:], ids=ids[1:, :3])
     prefix = int(vit.num_prefix_tokens)
     torch.testing.assert_close(padded[1, : prefix + 3], alone[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (4, 4), (8, 8), (14, 14)])
+def test_the_static_pad_lengths_bound_every_block(grid: tuple[int, int]) -> None:
+    """I-JEPA pads its context and target indices to a length known from the config (no host sync
+    per step): every block size drawn, the ends of the uniform's range included, fits in it."""
+    from sslbench.methods.ijepa import block_sizes, max_block
+
+    u = torch.cat([torch.rand(20000, dtype=torch.float64), torch.tensor([0.0, 1.0 - 2**-53])])
+    for scale, aspect in [((0.15, 0.2), (0.75, 1.5)), ((0.85, 1.0), (1.0, 1.0)), ((0.3, 0.9), (0.5, 2.0))]:
+        h, w = block_sizes(u, grid, scale, aspect)
+        assert int((h * w).max()) <= max_block(grid, scale, aspect)
