@@ -129,12 +129,12 @@ def test_evals_do_not_import_the_trainer():
 
 def test_only_rundir_replaces_files():
     """One atomic writer: no other module renames a temporary file over a file (checkpoint.py
-    renames whole checkpoint directories)."""
+    renames whole checkpoint directories, data/shards.py a whole folder of finished shards)."""
     sources = [*(ROOT / "sslbench").rglob("*.py"), *(ROOT / "evals").glob("*.py"), *(ROOT / "backbones").glob("*.py")]
     replacing = sorted(
         p.name for p in sources if "os.replace(" in p.read_text() or ".replace(path)" in p.read_text() or "tmp.replace(" in p.read_text()
     )
-    assert replacing == ["checkpoint.py", "rundir.py"]
+    assert replacing == ["checkpoint.py", "rundir.py", "shards.py"]
 
 
 def test_write_failures_are_told_from_bugs(tmp_path):
