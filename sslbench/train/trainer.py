@@ -135,6 +135,8 @@ def train_loop(run: Run, callbacks: list[Callback], *, health: HealthMonitor | N
     t_log, images_since_log = time.perf_counter(), 0
     progress: float | None = None
     step, done = run.start_step, run.start_step
+    if run.session_start is None:  # driven without train(): the time budget counts from here
+        run.session_start = time.perf_counter()
     for cb in callbacks:
         cb.on_train_start(run)
     run.model.train()
