@@ -54,7 +54,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -764,8 +763,8 @@ def _finished_jobs(stdout: str) -> dict[str, int]:
     out = {}
     for line in stdout.splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[0] == JOB_DONE:
-            out[parts[1]] = int(parts[2])
+        if len(parts) == 3 and parts[0] == JOB_DONE and out.get(parts[1], 0) == 0:
+            out[parts[1]] = int(parts[2])  # several processes report a job: the first failure stands
     return out
 
 
@@ -944,8 +943,9 @@ class TwoProcessRun:
 class TwoProcessRuns:
     """The training runs of :func:`check_two_processes_equal_one` for several methods, started in
     the background at once: the 1-process references one after the other in one Python process (the
-    driver; imports dominate such tiny runs), one ``torchrun`` with 2 processes per method,
-    ``parallel`` at a time. :meth:`result` waits for one method's pair; :meth:`check` compares it."""
+    driver; imports dominate such tiny runs), and the 2-process runs split into ``parallel``
+    ``torchrun`` launches, each training its share one after the other. :meth:`result` waits for
+    one method's pair; :meth:`check` compares it."""
 
     def __init__(
         self,
@@ -966,10 +966,14 @@ class TwoProcessRuns:
         self.backbones = {r.key: r.backbone or method_backbone(self.refs[r.key].cls) for r in runs}
         self.env = child_env(list(self.refs.values()), env)
         self.timeout_s = timeout_s
-        self._slots = threading.BoundedSemaphore(parallel)
-        self.pool = ThreadPoolExecutor(max_workers=parallel + 1)
+        keys = list(self.runs)
+        groups = [keys[i::parallel] for i in range(min(parallel, len(keys)))]
+        self.pool = ThreadPoolExecutor(max_workers=len(groups) + 1)
         self.reference: Future[subprocess.CompletedProcess[str]] | None = self.pool.submit(self._reference) if reference else None
-        self.futures = {key: self.pool.submit(self._two_processes, key) for key in self.runs}
+        self.futures = {}
+        for i, group in enumerate(groups):
+            future = self.pool.submit(self._two_processes, group, self.root / f"2proc-{i}.log")
+            self.futures.update({key: future for key in group})
 
     def out(self, key: str, world: int) -> Path:
         return self.root / f"{key}-{world}proc"
@@ -987,12 +991,13 @@ class TwoProcessRuns:
         timeout = self.timeout_s * max(1, len(jobs)) // 2
         return run_group(_driver_command(jobs), self.env, timeout, self.root / "reference.log")
 
-    def _two_processes(self, key: str) -> subprocess.CompletedProcess[str]:
-        env = {**self.env, RANK_STATE_ENV: str(self.ranks(key))}
-        env[CALLBACKS_ENV] = _with_callback(env, "sslbench.testing:SaveRankState")
-        job = _job(key, self.refs[key], self._argv(key, 2))
-        with self._slots:
-            return run_group(torchrun_command([json.dumps([job])]), env, self.timeout_s, self.root / f"{key}-2proc.log")
+    def _two_processes(self, keys: Sequence[str], log: Path) -> subprocess.CompletedProcess[str]:
+        """One ``torchrun`` whose two processes train the runs ``keys`` one after the other (each
+        with its own ``RANK_STATE_ENV``): one launch and one import of torch per process instead of
+        one per run, which dominate runs this small."""
+        env = {**self.env, CALLBACKS_ENV: _with_callback(self.env, "sslbench.testing:SaveRankState")}
+        jobs = [_job(key, self.refs[key], self._argv(key, 2), {RANK_STATE_ENV: str(self.ranks(key))}) for key in keys]
+        return run_group(torchrun_command([json.dumps(jobs)]), env, self.timeout_s * len(keys), log)
 
     def result(self, key: str) -> tuple[Path, Path]:
         """The (1-process, 2-process) run directories of ``key``, once both finished."""
@@ -1005,7 +1010,10 @@ class TwoProcessRuns:
                 f"1-process run of {key} failed (rc={done.get(key, ref.returncode)}):\n{ref.stdout[-3000:]}\n{ref.stderr[-6000:]}",
             )
         proc = self.futures[key].result(timeout=wait)
-        _require(proc.returncode == 0, f"{key} on 2 processes failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        rc = _finished_jobs(proc.stdout).get(key)
+        _require(
+            rc == 0, f"{key} on 2 processes failed (rc={rc if rc is not None else proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
         return self.out(key, 1), self.out(key, 2)
 
     def check(self, key: str) -> None:

@@ -86,7 +86,8 @@ The runs use a narrow ResNet-18 (channels 8,16,32,64), or a two-block ViT for a 
 only (MAE; tests/_backbones.py), digits at 32 px and one thread per process.
 They start in the background when the first CLI test runs: the 1-process references one after the
 other in one Python process (``sslbench.commands.cli.main``; imports dominate such tiny runs), the
-``torchrun`` launches two at a time; each test waits for its own method's pair. The runs and the
+2-process runs in two ``torchrun`` launches (each trains half of the methods one after the other);
+each test waits for its own method's pair. The runs and the
 comparison are the installed check a plugin author runs, ``sslbench.testing.check_two_processes_equal_one``
 (:class:`sslbench.testing.TwoProcessRuns`), which also requires both processes of a run to end with
 the same parameters and buffers (DDP does not synchronise buffers).
@@ -122,7 +123,7 @@ METHOD_NAMES = METHODS.names()
 BATCH = 16  # global batch: 8 per process
 STEPS = 3
 RUN_TIMEOUT_S = 420  # one training run, on a loaded 2-core machine
-PARALLEL_RUNS = 2  # torchrun launches in flight at once (beside the 1-process reference runs)
+PARALLEL_RUNS = 2  # torchrun launches, each training its share of the runs in turn (beside the 1-process reference runs)
 KNN_METHOD = "simclr"  # also runs the end-of-training k-NN (main process only)
 # Method settings that make the 3 steps exercise the method's cross-process state: SwAV with 2
 # local crops, its queue (16 rows: filled by step 1, used in steps 2 and 3, each process scoring its
