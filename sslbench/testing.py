@@ -760,7 +760,7 @@ def _driver_command(jobs: Sequence[dict[str, Any]]) -> list[str]:
 
 def _finished_jobs(stdout: str) -> dict[str, int]:
     """{key: exit status} of the jobs the driver finished."""
-    out = {}
+    out: dict[str, int] = {}
     for line in stdout.splitlines():
         parts = line.split()
         if len(parts) == 3 and parts[0] == JOB_DONE and out.get(parts[1], 0) == 0:
