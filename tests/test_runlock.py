@@ -74,6 +74,40 @@ def test_the_lock_dies_with_its_holder(tmp_path):
     lock.release()
 
 
+def test_a_forked_child_of_a_killed_holder_does_not_keep_the_lock(tmp_path):
+    """A DataLoader worker is a fork of the trainer and inherits its lock descriptor; after a
+    SIGKILL of the trainer the worker lives on for seconds. The child drops the inherited descriptor
+    at the fork (without unlocking the parent's lock), so the directory is free as soon as its holder
+    is dead (a resume started at once on a sharded run was refused as "in use" by the dead pid)."""
+    run = tmp_path / "run"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: takes the lock, forks a long-lived "worker", is killed
+        try:
+            os.close(r)
+            lock = RunLock(run).acquire()
+            worker = os.fork()
+            if worker == 0:
+                time.sleep(60)
+                os._exit(0)
+            os.write(w, f"{worker}\n".encode())
+            assert lock.held and lock_holder(run) is not None  # still the holder's while it lives (the worker did not unlock it)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    os.close(w)
+    worker = int(os.read(r, 64).decode())
+    os.close(r)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        os.kill(worker, 0)  # the worker is alive
+        assert lock_holder(run) is None
+        RunLock(run).acquire().release()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------
 # The CLI
 

@@ -25,6 +25,7 @@ import shlex
 import socket
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ class RunLock:
                 os.close(fd)
                 continue
             self._fd = fd
+            _HELD.add(self)
             self._write_holder()
             return self
         raise UserError(f"cannot lock {self.path}: it keeps being removed or replaced by another process; {fix}")
@@ -162,6 +164,7 @@ class RunLock:
         """Remove the lock file and let go (idempotent); an empty directory this lock created is removed."""
         if self._fd is None:
             return
+        _HELD.discard(self)
         try:
             os.unlink(self.path)
         except OSError:
@@ -186,6 +189,28 @@ class RunLock:
                 os.close(self._fd)
             except OSError:
                 pass
+
+
+_HELD: weakref.WeakSet[RunLock] = weakref.WeakSet()  # the locks this process holds
+
+
+def _drop_in_forked_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited descriptors of the parent's
+    locks, without unlocking. The lock is the parent's: a child that kept the descriptor held the
+    directory after the parent was killed, until the worker noticed (seconds later), and a resume
+    started at once was refused as "in use" by the dead parent."""
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+        lock._fd = None
+        lock.created = False
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_forked_child)
 
 
 def _same_file(fd: int, path: Path) -> bool:
