@@ -134,9 +134,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def done(rows: list[dict[str, Any]], method: str, side: str, budget: Budget) -> dict[str, Any] | None:
+def done(rows: list[dict[str, Any]], method: str, side: str, budget: Budget, sets: list[str] | None = None) -> dict[str, Any] | None:
     for row in rows:
-        if row["method"] == method and row["side"] == side and row["budget"] == budget.key():
+        if row["method"] == method and row["side"] == side and row["budget"] == budget.key() and row.get("sets", []) == (sets or []):
             return row
     return None
 
@@ -526,14 +526,15 @@ def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
     return side, encoder
 
 
-def train_sslbench(method: str, budget: Budget, work: Path) -> tuple[dict[str, Any], Any]:
+def train_sslbench(method: str, budget: Budget, work: Path, variant: list[str] | None = None) -> tuple[dict[str, Any], Any]:
+    """sslbench's side; ``variant``: extra ``--set`` items (a gap measurement, not the recipe's row)."""
     import shutil
 
     from sslbench.commands.pipeline import train_and_score
     from sslbench.config import build_config
     from sslbench.config.build import load_encoder
 
-    out = work / f"sslbench-{method}"
+    out = work / ("sslbench-" + "-".join([method, *(variant or [])]).replace("/", "_"))
     shutil.rmtree(out, ignore_errors=True)
     backbone = budget.vit_backbone if method in VIT_METHODS else budget.backbone
     sets = [f"train_subset={budget.subset}", "checkpoint_every=0", "quick_knn=false"]
@@ -553,6 +554,7 @@ def train_sslbench(method: str, budget: Budget, work: Path) -> tuple[dict[str, A
         "seed": budget.seed,
         "output": str(out),
     }
+    sets += variant or []
     cfg = build_config(flags=flags, sets=sets)
     result = train_and_score(cfg, quiet=True)
     summary = json.loads((out / "results.json").read_text())
@@ -584,8 +586,12 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "# Peer parity: sslbench vs lightly's parts\n\nNo rows yet: run `benchmarks/peer_parity.py`.\n"
     latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    variants: dict[tuple[str, str, str], dict[str, Any]] = {}  # sslbench runs with extra --set items: gap measurements
     for row in rows:
-        latest[(json.dumps(row["budget"], sort_keys=True), row["method"], row["side"])] = row
+        if row.get("sets"):
+            variants[(json.dumps(row["budget"], sort_keys=True), row["method"], " ".join(row["sets"]))] = row
+        else:
+            latest[(json.dumps(row["budget"], sort_keys=True), row["method"], row["side"])] = row
     budgets = sorted({k[0] for k in latest})
     lines = ["# Peer parity: sslbench vs lightly's parts, same data, backbone, budget and k-NN", ""]
     lines += [
@@ -651,6 +657,21 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
             + "."
             + (f" Pending: {', '.join(pending)}." if pending else "")
         )
+        measured = sorted((k for k in variants if k[0] == bkey), key=lambda k: (METHODS.index(k[1]) if k[1] in METHODS else 99, k[2]))
+        if measured:
+            lines += [
+                "",
+                "Gap measurements: the sslbench side again with settings changed (`--set`; the table above keeps the recipe):",
+                "",
+                "| method | sslbench settings | k-NN | Δ k-NN vs peer | Δ vs sslbench recipe | img/s | commit |",
+                "| :-- | :-- | --: | --: | --: | --: | :-- |",
+            ]
+            for key in measured:
+                v = variants[key]
+                peer, ours = latest.get((bkey, key[1], "peer")), latest.get((bkey, key[1], "sslbench"))
+                dp = f"{v['knn_top1'] - peer['knn_top1']:+.2f}" if peer else "n/a"
+                do = f"{v['knn_top1'] - ours['knn_top1']:+.2f}" if ours else "n/a"
+                lines.append(f"| {key[1]} | `{key[2]}` | {_fmt(v['knn_top1'])} | {dp} | {do} | {_fmt(v['images_per_s'], '.0f')} | `{v['commit']}` |")
         lines += ["", "Recipes:", ""]
         for method in methods:
             peer = latest.get((bkey, method, "peer"))
@@ -661,7 +682,7 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
                 lines.append(f"  sslbench: {ours['recipe']}; `{ours.get('sslbench_command', '')}`.")
         envs = {
             (r["commit"], r["dirty"], r["cpu"], r["threads"], json.dumps(r["versions"], sort_keys=True))
-            for r in latest.values()
+            for r in [*latest.values(), *variants.values()]
             if json.dumps(r["budget"], sort_keys=True) == bkey
         }
         lines += ["", "Runs (commit, CPU, threads, versions):", ""]
@@ -669,7 +690,7 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
             v = json.loads(versions)
             vs = ", ".join(f"{k} {v[k]}" for k in sorted(v) if v[k])
             lines.append(f"- `{commit}`{' (dirty tree)' if dirty else ''}; {cpu}; {threads} torch threads; {vs}")
-        commands = sorted({r["command"] for r in latest.values() if json.dumps(r["budget"], sort_keys=True) == bkey})
+        commands = sorted({r["command"] for r in [*latest.values(), *variants.values()] if json.dumps(r["budget"], sort_keys=True) == bkey})
         lines += ["", "Commands:", "", "```bash", *commands, "```", ""]
     if NOT_SHIPPED:
         lines += ["Not covered: " + "; ".join(f"{m}: {why}" for m, why in NOT_SHIPPED.items()) + ".", ""]
@@ -696,6 +717,14 @@ def main() -> None:
     ap.add_argument("--knn-bank", type=int, default=0, help="k-NN memory bank: a balanced subset of train (0: all of it; smoke tests only)")
     ap.add_argument("--knn-test", type=int, default=0, help="k-NN test images: a balanced subset of test (0: all of it; smoke tests only)")
     ap.add_argument("--sides", default="peer,sslbench")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a gap measurement: train the sslbench side with this extra --set (repeatable); its row is listed apart from the recipe's",
+    )
     ap.add_argument("--rows", type=Path, default=ROWS)
     ap.add_argument("--readme", type=Path, default=None, help="default: README.md next to --rows")
     ap.add_argument("--work", type=Path, default=Path("runs/peer-parity"), help="sslbench run directories")
@@ -724,16 +753,19 @@ def main() -> None:
             if method not in RECIPES:
                 raise SystemExit(f"{method!r}: {NOT_SHIPPED.get(method, 'not a method lightly ships')}; choose from {', '.join(METHODS)}")
             for side_name in [s.strip() for s in args.sides.split(",")]:
-                if done(read_rows(args.rows), method, side_name, budget):
+                variant = args.sets if side_name == "sslbench" else []
+                if done(read_rows(args.rows), method, side_name, budget, variant):
                     print(f"{method:13s} {side_name:8s} already in {args.rows}; skipped")
                     continue
                 t0 = time.perf_counter()
                 load_before = round(os.getloadavg()[0], 2)
                 print(f"{method:13s} {side_name:8s} training ...", flush=True)
-                side, encoder = train_peer(method, budget) if side_name == "peer" else train_sslbench(method, budget, args.work)
+                side, encoder = train_peer(method, budget) if side_name == "peer" else train_sslbench(method, budget, args.work, variant)
                 print(f"{method:13s} {side_name:8s} trained in {side['wall_s']:.1f} s ({side['images_per_s']:.1f} img/s); k-NN ...", flush=True)
                 side.update(knn_score(encoder, budget))
                 row = {"method": method, "side": side_name, "budget": budget.key(), "seed": budget.seed, "command": command, **env, **side}
+                if variant:
+                    row["sets"] = list(variant)
                 row["date"] = time.strftime("%Y-%m-%d")
                 row["loadavg_1min"] = [load_before, round(os.getloadavg()[0], 2)]  # other jobs on the machine skew images/s
                 append_row(args.rows, row)

@@ -81,3 +81,19 @@ def test_the_script_imports_without_lightly():
         "assert not [k for k in sys.modules if k.split('.')[0] == 'lightly'], 'lightly imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_gap_measurement_is_listed_apart_and_never_replaces_the_recipe_row():
+    rows = [
+        row("moco", "peer", 35.0, 50.0),
+        row("moco", "sslbench", 30.0, 170.0),
+        row("moco", "sslbench", 34.5, 90.0, sets=["method_cfg.symmetric=true"], command="python benchmarks/peer_parity.py --set x"),
+    ]
+    text = peer_parity.render_readme(rows)
+    assert "| moco | 35.00 | 30.00 | -5.00 |" in text  # the recipe's row stays in the main table
+    assert "| moco | `method_cfg.symmetric=true` | 34.50 | -0.50 | +4.50 | 90 | `abc1234` |" in text
+    assert "python benchmarks/peer_parity.py --set x" in text
+    budget = peer_parity.Budget(**BUDGET)
+    assert peer_parity.done(rows, "moco", "sslbench", budget)["knn_top1"] == 30.0
+    assert peer_parity.done(rows, "moco", "sslbench", budget, ["method_cfg.symmetric=true"])["knn_top1"] == 34.5
+    assert peer_parity.done(rows, "moco", "sslbench", budget, ["method_cfg.temperature=0.1"]) is None
