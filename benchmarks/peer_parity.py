@@ -173,7 +173,8 @@ def environment() -> dict[str, Any]:
         pass
     return {
         "commit": _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # the code's state: rows appended under leaderboards/ by an earlier run do not make the tree dirty
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!leaderboards")),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
