@@ -51,6 +51,12 @@ ROWS = OUT_DIR / "results.jsonl"
 LIGHTLY_COMMIT = "e8d317fc5a87f4387a85a35e689869039ec249ee"  # the lightly source the recipes were read from
 CIFAR_BENCH = "docs/source/getting_started/benchmarks/cifar10_benchmark.py"
 
+# Head sizes that lightly's ImageNet recipes make too large for a few-thousand-image CPU run: the
+# same reduced size on both sides (the peer builds it, the sslbench side gets these --set overrides).
+SHARED_SIZES: dict[str, dict[str, int]] = {
+    "ibot": {"out_dim": 2048, "patch_out_dim": 2048},  # the CIFAR-10 benchmark's DINO: 2048 prototypes
+    "dinov2": {"out_dim": 2048, "patch_out_dim": 2048},
+}
 # method -> (where lightly publishes the recipe, what the peer follows). Line ranges are of the
 # files at LIGHTLY_COMMIT (the CIFAR-10 benchmark's transforms are at lines 167-204).
 RECIPES: dict[str, tuple[str, str]] = {
@@ -94,14 +100,75 @@ RECIPES: dict[str, tuple[str, str]] = {
         "benchmarks/imagenet/vitb16/mae.py:20-161",
         "MaskedVisionTransformerTIMM + MaskedVisionTransformerDecoderTIMM, mask 0.75, MSE on raw (normalised-image) patches; MAETransform(32); AdamW 1.5e-4 x B/256, betas (0.9, 0.95), wd 0.05 (not on norms/biases), warm-up 40 of 100 epochs then cosine, per step",
     ),
+    "simmim": (
+        "examples/pytorch/simmim.py:15-57,66,92-107",
+        "MaskedVisionTransformerTIMM with its mask token at 75% of the tokens (the example's ratio), nn.Linear(D, patch^2 x 3) head, L1 on the masked patches; "
+        "MAETransform(32); AdamW 1.5e-4, no schedule",
+    ),
+    "dcl": (
+        f"{CIFAR_BENCH}:173-178,243,756-785",
+        "SimCLRProjectionHead(F, 512, 128), DCLLoss defaults (T 0.1); SimCLRTransform(32, cj 0.5, no blur); SGD 0.06 x B/128, m 0.9, wd 5e-4, cosine per epoch",
+    ),
+    "dclw": (
+        f"{CIFAR_BENCH}:173-178,244,788-817",
+        "SimCLRProjectionHead(F, 512, 128), DCLWLoss defaults (T 0.1, sigma 0.5); SimCLRTransform(32, cj 0.5, no blur); SGD 0.06 x B/128, m 0.9, wd 5e-4, cosine per epoch",
+    ),
+    "tico": (
+        "benchmarks/imagenet/resnet50/tico.py:25-68,92-134",
+        "TiCoProjectionHead(F, 4096, 256), TiCoLoss(beta 0.9, rho 8), online view 1 vs momentum view 2, momentum cosine 0.99 -> 1 per step; "
+        "LARS 0.2 x B/256, m 0.9, wd 1.5e-6 (not on norms/biases), warm-up 10% of the steps (10 of 100 epochs) then cosine, per step; "
+        "TiCoTransform at 32 px without blur (the CIFAR benchmark's small-image convention; the ImageNet file's transform is 224 px)",
+    ),
+    "mmcr": (
+        "examples/pytorch/mmcr.py:21-43,53,68-92",
+        "MMCRProjectionHead(F, 512, 128), MMCRLoss defaults (lambda 5e-3), online and momentum projections of k=8 views, momentum cosine 0.996 -> 1 per epoch; "
+        "MMCRTransform(k 8, 32 px, no blur); SGD 0.06, no momentum, no weight decay, no schedule",
+    ),
+    "vicregl": (
+        "examples/pytorch/vicregl.py:16-30,40,65-85",
+        "BarlowTwinsProjectionHead(F, 2048, 2048) on the pooled map, VicRegLLocalProjectionHead(F, 128, 128) on the final feature map, VICRegLLoss defaults; "
+        "VICRegLTransform(32 px, no local views, grid = the feature map's side); SGD 0.01, m 0.9, no schedule. At 32 px the map is 4x4, not 7x7: "
+        "num_matches (20, 4) of 49 cells become the same shares of the grid (round(n x cells / 49))",
+    ),
+    "lejepa": (
+        "benchmarks/imagenet/vitb16/lejepa.py:37-63,85-126",
+        "On the ResNet (sslbench's lejepa default family; lightly's file trains a ViT-S/16 with drop path 0.1, which does not apply): "
+        "LeJEPAProjectionHead(F) (2048, 64, 3 layers), LeJEPALoss defaults (lambda 0.05, 1024 directions); DINOTransform with 2 global views of 32 px (scale 0.3-1) "
+        "and 6 local of 14 px (96/224 of 32; scale 0.05-0.3), blur off (the CIFAR benchmark's convention); AdamW 5e-4, wd 5e-2, warm-up 1 epoch from 0.01x, cosine to 0.001x, per step",
+    ),
+    "msn": (
+        "examples/pytorch/msn.py:20-49,96-124",
+        "MaskedVisionTransformerTIMM, MSNProjectionHead(D) (2048, 256), 1024 prototypes, MSNLoss defaults; the EMA target (0.996) sees view 1, the anchor sees view 2 "
+        "and the focal views with 15% of the tokens dropped; MSNTransform(32 px, focal 12 px = 96/224 of 32 in whole patches); AdamW 1.5e-4, no schedule. "
+        "As in the example, the loss gets prototypes.data, so the prototypes keep their initialisation",
+    ),
+    "ibot": (
+        "benchmarks/imagenet/vitb16/ibot.py:49-175,213-302",
+        "MaskedVisionTransformerTIMM student (drop path 0.1) and EMA teacher (cosine 0.996 -> 1), one DINOProjectionHead for [CLS] and patches (student norm_last_layer off), "
+        "DINOLoss + IBOTPatchLoss (teacher T 0.04 -> 0.07 over 30% of the steps), random_block_mask; IBOTTransform(32 px, 10 local views of 12 px); "
+        "AdamW 5e-4 x B/256, wd 0.04 -> 0.4 cosine (not on norms/biases), warm-up 10% of the steps then cosine to 1e-6, grad clip 3, last layer frozen in epoch 0; "
+        f"prototypes {SHARED_SIZES['ibot']['out_dim']} on both sides (lightly's 8192 is ImageNet-size)",
+    ),
+    "dinov2": (
+        "benchmarks/imagenet/vitb16/dinov2.py:59-203,237-369",
+        "MaskedVisionTransformerTIMM student (drop path 0.1) and EMA teacher (cosine 0.992 -> 1), DINOv2ProjectionHead shared by DINOLoss and IBOTPatchLoss "
+        "(teacher T 0.04 -> 0.07 over 30% of the steps), KoLeo 0.1, random_block_mask; DINOTransform(32 px, 8 local views of 12 px, scales 0.32-1 / 0.05-0.32); "
+        "AdamW 0.004 x sqrt(B/1024), layer decay 0.9, patch embedding 0.2x, wd 0.04 -> 0.4 cosine (not on norms/biases), warm-up 10% of the steps then cosine to 1e-6, "
+        f"grad clip 3, last layer frozen in epoch 0; prototypes {SHARED_SIZES['dinov2']['out_dim']} on both sides (lightly's 65536 is ImageNet-size)",
+    ),
 }
-# sslbench's mocov3 has no lightly counterpart: lightly 1.6.0 ships MoCoProjectionHead (num_layers,
-# batch_norm for v3) but no MoCo v3 model, example or benchmark recipe.
 NOT_SHIPPED = {
-    "mocov3": "lightly 1.6.0 ships a MoCo v3-capable head (MoCoProjectionHead(num_layers=3, batch_norm=True)) but no MoCo v3 model, example or benchmark recipe"
+    # sslbench's mocov3 has no lightly counterpart: lightly 1.6.0 ships MoCoProjectionHead (num_layers,
+    # batch_norm for v3) but no MoCo v3 model, example or benchmark recipe.
+    "mocov3": "lightly 1.6.0 ships a MoCo v3-capable head (MoCoProjectionHead(num_layers=3, batch_norm=True)) but no MoCo v3 model, example or benchmark recipe",
+    "wmse": "lightly 1.6.0 ships WMSELoss but no W-MSE head, transform, example or benchmark recipe; a peer would be a recipe written here, not lightly's",
+    "ijepa": "lightly 1.6.0 ships it (examples/pytorch/ijepa.py, torchvision ViT-B/32 with IJEPAMaskCollator), but its peer is not built yet",
+    "ressl": "lightly 1.6.0 ships no ReSSL model, loss, example or benchmark",
+    "deepclusterv2": "lightly 1.6.0 ships no DeepCluster v2 model, loss, example or benchmark",
+    "all4one": "lightly 1.6.0 ships no All4One model, loss, example or benchmark",
 }
 METHODS = list(RECIPES)
-VIT_METHODS = {"mae"}  # trained on the ViT backbone (--vit-backbone); the others on --backbone
+VIT_METHODS = {"mae", "simmim", "msn", "ibot", "dinov2"}  # trained on the ViT backbone (--vit-backbone); the others on --backbone
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +327,36 @@ def _as_views(x: Any) -> list[Any]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _lightly_peers() -> Any:
+    """benchmarks/_lightly_peers.py, next to this file (a script's folder is not a package)."""
+    import importlib.util
+
+    if "_lightly_peers" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_lightly_peers", Path(__file__).resolve().parent / "_lightly_peers.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_lightly_peers"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_lightly_peers"]
+
+
+@dataclass
+class PeerContext:
+    """What a builder of benchmarks/_lightly_peers.py gets: the backbone and the budget's sizes."""
+
+    backbone: Any
+    F: int  # the backbone's feature dimension
+    S: int  # image size
+    B: int  # batch size
+    E: int  # epochs
+    steps_per_epoch: int
+    out_dim: int  # SHARED_SIZES' prototype count of the method (0: none)
+
+    @staticmethod
+    def emb(backbone: Any, x: Any) -> Any:
+        return backbone(x).flatten(start_dim=1)
+
+
 def build_peer(method: str, budget: Budget, steps_per_epoch: int) -> tuple[Any, Any, Callable[..., Any], Any, Any, bool]:
     """(model, transform, training_step(model, views, epoch), optimizer, scheduler, per_step) for ``method``,
     following lightly's published recipe (see RECIPES)."""
@@ -285,6 +382,10 @@ def build_peer(method: str, budget: Budget, steps_per_epoch: int) -> tuple[Any, 
     lr_factor = B / 128
     backbone = make_backbone(method, budget)
     F = int(backbone.num_features)
+    peers = _lightly_peers()
+    if method in peers.BUILDERS:  # the later methods, one small builder each
+        ctx = PeerContext(backbone, F, S, B, E, steps_per_epoch, SHARED_SIZES.get(method, {}).get("out_dim", 0))
+        return peers.BUILDERS[method](ctx)  # type: ignore[no-any-return]
     byol_t = BYOLTransform(
         view_1_transform=BYOLView1Transform(input_size=S, gaussian_blur=0.0), view_2_transform=BYOLView2Transform(input_size=S, gaussian_blur=0.0)
     )
@@ -539,6 +640,7 @@ def train_sslbench(method: str, budget: Budget, work: Path, variant: list[str] |
     shutil.rmtree(out, ignore_errors=True)
     backbone = budget.vit_backbone if method in VIT_METHODS else budget.backbone
     sets = [f"train_subset={budget.subset}", "checkpoint_every=0", "quick_knn=false"]
+    sets += [f"method_cfg.{k}={v}" for k, v in SHARED_SIZES.get(method, {}).items()]
     if method == "mae":
         dim, depth, heads = budget.mae_decoder.split(",")
         sets += [f"method_cfg.decoder_dim={dim}", f"method_cfg.decoder_depth={depth}", f"method_cfg.decoder_heads={heads}"]
@@ -616,8 +718,8 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
             f"Data: `imagefolder:{b['data']}`, class-balanced subset of {b['subset']} training images (sslbench's `train_subset`, seed {b['seed']}); "
             f"k-NN memory bank: {bank}. Backbone: `{b['backbone']}`"
             + (f" channels {b['channels']}" if b["channels"] else "")
-            + f" (CIFAR stem); MAE: "
-            f"`{b['vit_backbone']}` at {b['image_size']} px, decoder dim,depth,heads = {b['mae_decoder']} on both sides. Peer DataLoader workers: {b['num_workers']}.",
+            + f" (CIFAR stem); ViT methods ({', '.join(m for m in methods if m in VIT_METHODS) or 'none here'}): "
+            f"`{b['vit_backbone']}` at {b['image_size']} px; MAE decoder dim,depth,heads = {b['mae_decoder']} on both sides. Peer DataLoader workers: {b['num_workers']}.",
             "",
             "| method | peer k-NN | sslbench k-NN | Δ k-NN | peer img/s | sslbench img/s | speed ratio | peer wall (s) | sslbench wall (s) | verdict |",
             "| :-- | --: | --: | --: | --: | --: | --: | --: | --: | :-- |",
@@ -711,7 +813,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--channels", default="16,32,64,128", help="ResNet widths ('' for timm's own)")
-    ap.add_argument("--vit-backbone", default="vit_tiny_patch16_224", help="backbone of the ViT-only methods (MAE)")
+    ap.add_argument("--vit-backbone", default="vit_tiny_patch16_224", help=f"backbone of the ViT methods ({', '.join(sorted(VIT_METHODS))})")
     ap.add_argument("--mae-decoder", default="128,2,4", help="MAE decoder dim,depth,heads on both sides (lightly's ImageNet: 512,8,16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-workers", type=int, default=2, help="the peer's DataLoader workers")

@@ -97,3 +97,25 @@ def test_a_gap_measurement_is_listed_apart_and_never_replaces_the_recipe_row():
     assert peer_parity.done(rows, "moco", "sslbench", budget)["knn_top1"] == 30.0
     assert peer_parity.done(rows, "moco", "sslbench", budget, ["method_cfg.symmetric=true"])["knn_top1"] == 34.5
     assert peer_parity.done(rows, "moco", "sslbench", budget, ["method_cfg.temperature=0.1"]) is None
+
+
+def test_every_sslbench_method_has_a_peer_recipe_or_a_reason_why_not():
+    from sslbench.core.registry import METHODS
+
+    recipes, not_shipped = set(peer_parity.RECIPES), set(peer_parity.NOT_SHIPPED)
+    assert not recipes & not_shipped
+    assert recipes | not_shipped == set(METHODS.names())
+    assert peer_parity.VIT_METHODS <= recipes
+    text = peer_parity.render_readme([row("simclr", "peer", 40.0, 50.0)])
+    assert all(f"{m}: " in text for m in not_shipped)  # the README says why each is not covered
+
+
+def test_shared_sizes_are_config_fields_of_the_sslbench_method():
+    """The sizes both sides share reach the sslbench side as --set method_cfg.<field>: real fields."""
+    import dataclasses
+
+    from sslbench.core.registry import get_method
+
+    for method, sizes in peer_parity.SHARED_SIZES.items():
+        fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
+        assert set(sizes) <= fields, (method, set(sizes) - fields)
