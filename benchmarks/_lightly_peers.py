@@ -49,9 +49,9 @@ def _constant(opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def _cifar_sgd(params: Any, batch_size: int, epochs: int) -> tuple[Any, Any]:
-    """The CIFAR-10 benchmark's shared optimizer: SGD 0.06 x B/128, momentum 0.9, wd 5e-4, cosine per epoch."""
-    opt = torch.optim.SGD(params, lr=6e-2 * batch_size / 128, momentum=0.9, weight_decay=5e-4)
+def _cifar_sgd(params: Any, batch_size: int, epochs: int, lr: float | None = None) -> tuple[Any, Any]:
+    """The CIFAR-10 benchmark's shared optimizer: SGD 0.06 x B/128 (or ``lr``), momentum 0.9, wd 5e-4, cosine per epoch."""
+    opt = torch.optim.SGD(params, lr=6e-2 * batch_size / 128 if lr is None else lr, momentum=0.9, weight_decay=5e-4)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
 
 

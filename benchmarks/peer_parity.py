@@ -393,9 +393,8 @@ def build_peer(method: str, budget: Budget, steps_per_epoch: int) -> tuple[Any, 
     m = nn.Module()
     m.backbone = backbone
 
-    def sgd(params: Any, lr: float = 6e-2 * lr_factor) -> tuple[Any, Any]:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, E)
+    def sgd(params: Any, lr: float | None = None) -> tuple[Any, Any]:
+        return peers._cifar_sgd(params, B, E, lr)  # type: ignore[no-any-return]
 
     def emb(x: Any, bb: Any = None) -> Any:
         return (bb if bb is not None else m.backbone)(x).flatten(start_dim=1)
