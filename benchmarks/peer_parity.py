@@ -574,7 +574,8 @@ def build_peer(method: str, budget: Budget, steps_per_epoch: int) -> tuple[Any, 
     raise SystemExit(f"no lightly recipe for {method!r}")
 
 
-def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
+def _peer_setup(method: str, budget: Budget) -> tuple[Any, Any, Callable[..., Any], Any, Any, bool, int]:
+    """(model, loader, training_step, optimizer, scheduler, per_step, train images) of the peer side."""
     import torch
 
     from sslbench.data import balanced_subset, load_split
@@ -597,6 +598,11 @@ def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
         num_workers=budget.num_workers,
         generator=torch.Generator().manual_seed(budget.seed),
     )
+    return model, loader, step, opt, sched, per_step, len(files)
+
+
+def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
+    model, loader, step, opt, sched, per_step, n_files = _peer_setup(method, budget)
     model.train()
     steps, losses = 0, []
     t0 = time.perf_counter()
@@ -618,7 +624,7 @@ def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
         "images_per_s": round(steps * budget.batch_size / wall, 2),
         "wall_s": round(wall, 2),
         "steps": steps,
-        "train_images": len(files),
+        "train_images": n_files,
         "first_loss": round(losses[0], 4),
         "last_loss": round(losses[-1], 4),
         "recipe_source": f"lightly-ai/lightly@{LIGHTLY_COMMIT[:10]} {RECIPES[method][0]}",
@@ -627,16 +633,8 @@ def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
     return side, encoder
 
 
-def train_sslbench(method: str, budget: Budget, work: Path, variant: list[str] | None = None) -> tuple[dict[str, Any], Any]:
-    """sslbench's side; ``variant``: extra ``--set`` items (a gap measurement, not the recipe's row)."""
-    import shutil
-
-    from sslbench.commands.pipeline import train_and_score
-    from sslbench.config import build_config
-    from sslbench.config.build import load_encoder
-
-    out = work / ("sslbench-" + "-".join([method, *(variant or [])]).replace("/", "_"))
-    shutil.rmtree(out, ignore_errors=True)
+def _sslbench_args(method: str, budget: Budget, out: Path, variant: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The ``sslbench train`` flags and ``--set`` items of ``method``'s sslbench side at ``budget``."""
     backbone = budget.vit_backbone if method in VIT_METHODS else budget.backbone
     sets = [f"train_subset={budget.subset}", "checkpoint_every=0", "quick_knn=false"]
     sets += [f"method_cfg.{k}={v}" for k, v in SHARED_SIZES.get(method, {}).items()]
@@ -656,7 +654,20 @@ def train_sslbench(method: str, budget: Budget, work: Path, variant: list[str] |
         "seed": budget.seed,
         "output": str(out),
     }
-    sets += variant or []
+    return flags, sets + (variant or [])
+
+
+def train_sslbench(method: str, budget: Budget, work: Path, variant: list[str] | None = None) -> tuple[dict[str, Any], Any]:
+    """sslbench's side; ``variant``: extra ``--set`` items (a gap measurement, not the recipe's row)."""
+    import shutil
+
+    from sslbench.commands.pipeline import train_and_score
+    from sslbench.config import build_config
+    from sslbench.config.build import load_encoder
+
+    out = work / ("sslbench-" + "-".join([method, *(variant or [])]).replace("/", "_"))
+    shutil.rmtree(out, ignore_errors=True)
+    flags, sets = _sslbench_args(method, budget, out, variant)
     cfg = build_config(flags=flags, sets=sets)
     result = train_and_score(cfg, quiet=True)
     summary = json.loads((out / "results.json").read_text())
@@ -675,6 +686,151 @@ def train_sslbench(method: str, budget: Budget, work: Path, variant: list[str] |
 
 
 # --------------------------------------------------------------------------------------------
+# Where the step time goes (--profile)
+
+# ms per training step. data: the peer's wait for its next DataLoader batch (decoding and lightly's
+# transforms run in its workers, beside the step), sslbench's batched augmentation (in the step);
+# forward includes the loss; optimizer includes zero_grad, the method's after-step updates (EMA
+# teachers, queues) and the scheduler; other: the rest of the step's wall time (callbacks, logging).
+PHASES = ("data", "forward", "backward", "optimizer", "other")
+
+
+def profile_peer(method: str, budget: Budget, steps: int, warmup: int) -> dict[str, Any]:
+    """The peer's phases over ``steps`` steps after ``warmup`` ones, timed with ``perf_counter``
+    around each part of the loop ``train_peer`` runs (the CPU runs torch ops synchronously)."""
+    model, loader, step, opt, sched, per_step, _ = _peer_setup(method, budget)
+    model.train()
+    totals, epoch, it = dict.fromkeys(PHASES, 0.0), 0, iter(loader)
+    t_end = t_first = time.perf_counter()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        try:
+            batch, _ = next(it)
+        except StopIteration:  # the next epoch: the workers start again, as in train_peer
+            epoch += 1
+            if not per_step:
+                sched.step()
+            it = iter(loader)
+            batch, _ = next(it)
+        t1 = time.perf_counter()
+        loss = step(_as_views(batch), epoch)
+        t2 = time.perf_counter()
+        opt.zero_grad()
+        loss.backward()
+        t3 = time.perf_counter()
+        opt.step()
+        if per_step:
+            sched.step()
+        t4 = time.perf_counter()
+        if i == warmup:
+            t_first = t_end
+        if i >= warmup:
+            for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t0 - t_end)):
+                totals[name] += dt
+        t_end = t4
+    wall = t_end - t_first
+    return {"step_ms": round(1000 * wall / steps, 1), "phases_ms": {k: round(1000 * v / steps, 1) for k, v in totals.items()}}
+
+
+def profile_sslbench(method: str, budget: Budget, work: Path, steps: int, warmup: int) -> dict[str, Any]:
+    """sslbench's phases over ``steps`` steps after ``warmup`` ones: the trainer's named ranges
+    (``sslbench.core.augment``, ``.forward``, ``.backward``, ``.optimizer``) under torch.profiler,
+    the step's wall time from a callback's clock at each step's end."""
+    import shutil
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from sslbench.config import build_config
+    from sslbench.train.callbacks import Callback
+    from sslbench.train.trainer import train
+
+    out = work / f"profile-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    flags, sets = _sslbench_args(method, budget, out)
+    cfg = build_config(flags={**flags, "epochs": None, "steps": warmup + steps}, sets=sets)
+    ticks: list[float] = []
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1)) as prof:
+
+        class Clock(Callback):
+            def on_step_end(self, run: Any, batch: Any, control: Any) -> None:
+                ticks.append(time.perf_counter())
+                prof.step()
+
+        train(cfg, quiet=True, callbacks=[Clock()])
+    ranges = {"data": "sslbench.core.augment", "forward": "sslbench.forward", "backward": "sslbench.backward", "optimizer": "sslbench.optimizer"}
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    phases = {name: sum(e.cpu_time_total for e in events if e.key == key) / 1000 / steps for name, key in ranges.items()}
+    step_ms = 1000 * (ticks[warmup + steps - 1] - ticks[warmup - 1]) / steps
+    phases["other"] = step_ms - sum(phases.values())
+    return {"step_ms": round(step_ms, 1), "phases_ms": {k: round(v, 1) for k, v in phases.items()}}
+
+
+def render_profiles(profiles: list[dict[str, Any]]) -> list[str]:
+    """The README's "where the step time goes" section: per method, both sides' ms per step by
+    phase (the last profile row of each method, side and budget wins), and what a 2x row needs."""
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in profiles:
+        latest[(json.dumps(row["budget"], sort_keys=True), row["method"], row["side"])] = row
+    lines: list[str] = []
+    for bkey in sorted({k[0] for k in latest}):
+        b = json.loads(bkey)
+        rows = [r for k, r in latest.items() if k[0] == bkey]
+        methods = sorted({r["method"] for r in rows}, key=lambda m: METHODS.index(m) if m in METHODS else 99)
+        lines += [
+            "",
+            f"### Where the step time goes: {b['subset']} images, batch {b['batch_size']}, {b['image_size']} px",
+            "",
+            "`--profile STEPS`: each side trains STEPS steps after WARMUP steps at the budget above; ms per step by phase. "
+            "data: the peer's wait for its next DataLoader batch (its workers decode and transform beside the step) or "
+            "sslbench's batched augmentation (in the step); forward includes the loss; optimizer includes zero_grad, EMA and "
+            "queue updates and the scheduler; other: the rest of the step (sslbench: callbacks, logging). sslbench's phases "
+            "are its trainer's named ranges under torch.profiler, the peer's perf_counter around each part of its loop.",
+            "",
+            "| method | side | ms/step | data | forward | backward | optimizer | other | steps (warm-up) |",
+            "| :-- | :-- | --: | --: | --: | --: | --: | --: | :-- |",
+        ]
+        readings = []
+        for method in methods:
+            sides = {side: latest.get((bkey, method, side)) for side in ("peer", "sslbench")}
+            for side, r in sides.items():
+                if r is not None:
+                    ph = r["phases_ms"]
+                    lines.append(
+                        f"| {method} | {side} | {r['step_ms']:,.0f} | "
+                        + " | ".join(f"{ph[k]:,.0f}" for k in PHASES)
+                        + f" | {r['steps']} ({r['warmup']}) |"
+                    )
+            peer, ours = sides["peer"], sides["sslbench"]
+            if peer and ours:
+                compute = sum(ours["phases_ms"][k] for k in ("forward", "backward", "optimizer"))
+                peer_compute = sum(peer["phases_ms"][k] for k in ("forward", "backward", "optimizer"))
+                target = peer["step_ms"] / 2
+                if ours["step_ms"] <= target:
+                    verdict = "already at least 2x"
+                elif compute > target:
+                    verdict = (
+                        f"not reachable by the data path: sslbench's forward + backward + optimizer alone take {compute:,.0f} ms, "
+                        f"more than half the peer's step ({target:,.0f} ms); only less arithmetic per image would close it"
+                    )
+                else:
+                    verdict = (
+                        f"sslbench's forward + backward + optimizer take {compute:,.0f} ms of the {target:,.0f} ms a 2x step allows; "
+                        f"the other {ours['step_ms'] - compute:,.0f} ms (augmentation, other) would have to shrink to {target - compute:,.0f} ms"
+                    )
+                readings.append(
+                    f"- {method}: model arithmetic (forward + backward + optimizer) {compute:,.0f} ms vs the peer's {peer_compute:,.0f} ms "
+                    f"({compute / peer_compute:.2f}x); a 2x row needs a step of at most {target:,.0f} ms: {verdict}."
+                )
+        if readings:
+            lines += ["", "Reading (computed from the rows):", "", *readings]
+        envs = sorted({(r["commit"], r["cpu"], r["threads"]) for r in rows})
+        lines += ["", "Profiled at: " + "; ".join(f"`{c}`, {cpu}, {t} torch threads" for c, cpu, t in envs) + "."]
+        lines += ["", "```bash", *sorted({r["command"] for r in rows}), "```"]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
 # The README, a pure function of the rows
 
 
@@ -682,10 +838,11 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def render_readme(rows: list[dict[str, Any]]) -> str:
+def render_readme(rows: list[dict[str, Any]], profiles: list[dict[str, Any]] | None = None) -> str:
     """leaderboards/peer-parity/README.md from the JSONL rows (the last row of each method, side and
-    budget wins); a method with only one side so far is listed as pending."""
-    if not rows:
+    budget wins; a method with only one side so far is listed as pending) and the ``--profile``
+    rows (:func:`render_profiles`, at the end of their budget's section)."""
+    if not rows and not profiles:
         return "# Peer parity: sslbench vs lightly's parts\n\nNo rows yet: run `benchmarks/peer_parity.py`.\n"
     latest: dict[tuple[str, str, str], dict[str, Any]] = {}
     variants: dict[tuple[str, str, str], dict[str, Any]] = {}  # sslbench runs with extra --set items: gap measurements
@@ -793,7 +950,9 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
             vs = ", ".join(f"{k} {v[k]}" for k in sorted(v) if v[k])
             lines.append(f"- `{commit}`{' (dirty tree)' if dirty else ''}; {cpu}; {threads} torch threads; {vs}")
         commands = sorted({r["command"] for r in [*latest.values(), *variants.values()] if json.dumps(r["budget"], sort_keys=True) == bkey})
-        lines += ["", "Commands:", "", "```bash", *commands, "```", ""]
+        lines += ["", "Commands:", "", "```bash", *commands, "```"]
+        lines += [*render_profiles([r for r in profiles or [] if json.dumps(r["budget"], sort_keys=True) == bkey]), ""]
+    lines += render_profiles([r for r in profiles or [] if json.dumps(r["budget"], sort_keys=True) not in budgets])
     if NOT_SHIPPED:
         lines += ["Not covered: " + "; ".join(f"{m}: {why}" for m, why in NOT_SHIPPED.items()) + ".", ""]
     return "\n".join(lines)
@@ -827,12 +986,27 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a gap measurement: train the sslbench side with this extra --set (repeatable); its row is listed apart from the recipe's",
     )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead of training rows: where each side's step time goes, over STEPS steps after --profile-warmup (rows in profile.jsonl next to --rows)",
+    )
+    ap.add_argument(
+        "--profile-warmup",
+        type=int,
+        default=3,
+        metavar="STEPS",
+        help="steps before the profiled ones (DataLoader workers starting, first-call costs)",
+    )
     ap.add_argument("--rows", type=Path, default=ROWS)
     ap.add_argument("--readme", type=Path, default=None, help="default: README.md next to --rows")
     ap.add_argument("--work", type=Path, default=Path("runs/peer-parity"), help="sslbench run directories")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     readme = args.readme or args.rows.parent / "README.md"
+    profile_rows = args.rows.parent / "profile.jsonl"
     if not args.render_only:
         budget = Budget(
             data=str(Path(args.data).expanduser().resolve()),
@@ -851,9 +1025,25 @@ def main() -> None:
         )
         command = "python benchmarks/peer_parity.py " + " ".join(a for a in sys.argv[1:] if a != "--render-only")
         env = environment()
-        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for method in methods:
             if method not in RECIPES:
                 raise SystemExit(f"{method!r}: {NOT_SHIPPED.get(method, 'not a method lightly ships')}; choose from {', '.join(METHODS)}")
+        if args.profile and (args.sets or args.profile_warmup < 1):
+            raise SystemExit("--profile measures the recipes: drop --set, and keep --profile-warmup at 1 or more")
+        for method in methods if args.profile else []:
+            for side_name in [s.strip() for s in args.sides.split(",")]:
+                load_before = round(os.getloadavg()[0], 2)
+                print(f"{method:13s} {side_name:8s} profiling {args.profile} steps ...", flush=True)
+                if side_name == "peer":
+                    prof = profile_peer(method, budget, args.profile, args.profile_warmup)
+                else:
+                    prof = profile_sslbench(method, budget, args.work, args.profile, args.profile_warmup)
+                prow = {"method": method, "side": side_name, "budget": budget.key(), "steps": args.profile, "warmup": args.profile_warmup}
+                prow.update(command=command, **env, **prof, date=time.strftime("%Y-%m-%d"), loadavg_1min=[load_before, round(os.getloadavg()[0], 2)])
+                append_row(profile_rows, prow)
+                print(f"{method:13s} {side_name:8s} {prof['step_ms']:,.0f} ms/step: {prof['phases_ms']}", flush=True)
+        for method in [] if args.profile else methods:
             for side_name in [s.strip() for s in args.sides.split(",")]:
                 variant = args.sets if side_name == "sslbench" else []
                 if done(read_rows(args.rows), method, side_name, budget, variant):
@@ -877,7 +1067,7 @@ def main() -> None:
                     flush=True,
                 )
     readme.parent.mkdir(parents=True, exist_ok=True)
-    readme.write_text(render_readme(read_rows(args.rows)))
+    readme.write_text(render_readme(read_rows(args.rows), read_rows(profile_rows)))
     print(f"wrote {readme}")
 
 

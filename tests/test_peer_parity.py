@@ -119,3 +119,36 @@ def test_shared_sizes_are_config_fields_of_the_sslbench_method():
     for method, sizes in peer_parity.SHARED_SIZES.items():
         fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
         assert set(sizes) <= fields, (method, set(sizes) - fields)
+
+
+def profile_row(method, side, step_ms, **phases):
+    full = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "other": 0.0, **phases}
+    return {"method": method, "side": side, "budget": dict(BUDGET), "steps": 16, "warmup": 3, "step_ms": step_ms, "phases_ms": full, **ENV}
+
+
+def test_the_step_profile_says_where_the_time_goes_and_whether_2x_is_within_reach():
+    profiles = [
+        # 2x already: 1000 ms <= 2400 / 2
+        profile_row("simclr", "peer", 2400.0, data=400.0, forward=900.0, backward=1000.0, optimizer=100.0),
+        profile_row("simclr", "sslbench", 1000.0, data=100.0, forward=300.0, backward=550.0, optimizer=50.0),
+        # the model's own arithmetic (1300 ms) is above half the peer's step (1000 ms): the data path cannot close it
+        profile_row("byol", "peer", 2000.0, data=10.0, forward=900.0, backward=1000.0, optimizer=90.0),
+        profile_row("byol", "sslbench", 1500.0, data=200.0, forward=600.0, backward=650.0, optimizer=50.0),
+        # arithmetic 800 ms of the 1000 ms a 2x step allows: the other 400 ms would have to shrink to 200 ms
+        profile_row("swav", "peer", 2000.0, forward=900.0, backward=1000.0, optimizer=100.0),
+        profile_row("swav", "sslbench", 1200.0, data=350.0, forward=300.0, backward=450.0, optimizer=50.0, other=50.0),
+    ]
+    rows = [row("simclr", "peer", 40.0, 50.0), row("simclr", "sslbench", 40.5, 120.0)]
+    text = peer_parity.render_readme(rows, profiles)
+    assert text == peer_parity.render_readme(rows, list(profiles))  # a pure function of the rows
+    assert "| byol | sslbench | 1,500 | 200 | 600 | 650 | 50 | 0 | 16 (3) |" in text
+    assert "- simclr: model arithmetic (forward + backward + optimizer) 900 ms vs the peer's 2,000 ms (0.45x)" in text
+    assert "at most 1,200 ms: already at least 2x." in text
+    assert "byol: model arithmetic (forward + backward + optimizer) 1,300 ms vs the peer's 1,990 ms (0.65x)" in text
+    assert "not reachable by the data path: sslbench's forward + backward + optimizer alone take 1,300 ms" in text
+    assert "take 800 ms of the 1,000 ms a 2x step allows; the other 400 ms (augmentation, other) would have to shrink to 200 ms" in text
+    # a later profile of the same side replaces the earlier one
+    again = peer_parity.render_readme(rows, [*profiles, profile_row("byol", "sslbench", 900.0, forward=400.0, backward=400.0)])
+    assert "| byol | sslbench | 900 |" in again and "| byol | sslbench | 1,500 |" not in again
+    # profiles alone (no parity rows yet) are rendered too
+    assert "| swav | peer | 2,000 |" in peer_parity.render_readme([], profiles)
