@@ -270,6 +270,56 @@ def msn(ctx: Any) -> Peer:
     return m, t, step, opt, _constant(opt), False
 
 
+def ijepa(ctx: Any) -> Peer:
+    """``examples/pytorch/ijepa.py`` on sslbench's timm ViT (the example builds torchvision's ViT-B/32):
+    IJEPAMaskCollator with its defaults (1 context block, 2 target blocks, drawn per batch),
+    IJEPAPredictorTIMM, an EMA target encoder (0.996 -> 1 linearly over the run, after each step),
+    layer-normed target patch tokens, SmoothL1Loss, AdamW 1.5e-4 with no schedule; IJEPATransform.
+    The collator runs in the training step on the collated batch (its masks do not depend on the
+    images). The predictor's depth and width are sslbench's defaults on both sides (``ctx.sizes``)."""
+    import torch.nn.functional as F
+    from lightly.data import IJEPAMaskCollator
+    from lightly.models import utils
+    from lightly.models.modules import MaskedVisionTransformerTIMM
+    from lightly.models.modules.ijepa_timm import IJEPAPredictorTIMM
+    from lightly.transforms.ijepa_transform import IJEPATransform
+
+    vit = ctx.backbone
+    m = nn.Module()
+    m.backbone = vit
+    m.encoder = MaskedVisionTransformerTIMM(vit=vit)
+    m.target_encoder = copy.deepcopy(m.encoder)
+    utils.deactivate_requires_grad(m.target_encoder)
+    patch, prefix = int(vit.patch_embed.patch_size[0]), int(vit.num_prefix_tokens)
+    m.predictor = IJEPAPredictorTIMM(
+        num_patches=int(vit.patch_embed.num_patches),
+        depth=ctx.sizes["predictor_depth"],
+        mlp_dim=int(vit.embed_dim),
+        predictor_embed_dim=ctx.sizes["predictor_dim"],
+        num_heads=int(vit.blocks[0].attn.num_heads),
+    )
+    collator = IJEPAMaskCollator(input_size=ctx.S, patch_size=patch)
+    crit = nn.SmoothL1Loss()
+    total, done = ctx.steps_per_epoch * ctx.E, [0]
+
+    def step(views: list[Any], epoch: int) -> Any:
+        images = views[0]
+        _, masks_enc, masks_pred = collator([(0, 0)] * len(images))  # masks only: the images are collated already
+        with torch.no_grad():  # the example's forward_target (patch tokens: the timm ViT's prefix tokens dropped)
+            h = m.target_encoder.encode(images)[:, prefix:]
+            h = F.layer_norm(h, (h.size(-1),))
+            h = utils.repeat_interleave_batch(utils.apply_masks(h, masks_pred), len(images), repeat=len(masks_enc))
+        z = torch.cat([m.encoder.encode(images, idx_keep=mask + prefix) for mask in masks_enc])  # the context encoder
+        return crit(m.predictor(z, masks_enc, masks_pred), h)
+
+    def after() -> None:  # the example's update_target_encoder, after optimizer.step()
+        utils.update_momentum(m.encoder, m.target_encoder, 0.996 + done[0] * (1.0 - 0.996) / total)
+        done[0] += 1
+
+    opt = torch.optim.AdamW([*m.encoder.parameters(), *m.predictor.parameters()], lr=1.5e-4)
+    return m, IJEPATransform(input_size=ctx.S), step, HookedOptimizer(opt, lambda: None, after), _constant(opt), False
+
+
 def simmim(ctx: Any) -> Peer:
     """``examples/pytorch/simmim.py``: mask token for 75% of the tokens, linear pixel head, L1 on masked patches."""
     from lightly.models import utils
@@ -484,6 +534,7 @@ BUILDERS: dict[str, Callable[[Any], Peer]] = {
     "vicregl": vicregl,
     "lejepa": lejepa,
     "msn": msn,
+    "ijepa": ijepa,
     "simmim": simmim,
     "ibot": ibot,
     "dinov2": dinov2,

@@ -56,6 +56,9 @@ CIFAR_BENCH = "docs/source/getting_started/benchmarks/cifar10_benchmark.py"
 SHARED_SIZES: dict[str, dict[str, int]] = {
     "ibot": {"out_dim": 2048, "patch_out_dim": 2048},  # the CIFAR-10 benchmark's DINO: 2048 prototypes
     "dinov2": {"out_dim": 2048, "patch_out_dim": 2048},
+    # sslbench's default predictor for ViT-Tiny (round(12 x 12/32) blocks, 192 x 384/1280 rounded up to
+    # a multiple of 12); lightly's example builds its predictor from a ViT as large as the encoder
+    "ijepa": {"predictor_depth": 4, "predictor_dim": 60},
 }
 # method -> (where lightly publishes the recipe, what the peer follows). Line ranges are of the
 # files at LIGHTLY_COMMIT (the CIFAR-10 benchmark's transforms are at lines 167-204).
@@ -142,6 +145,13 @@ RECIPES: dict[str, tuple[str, str]] = {
         "and the focal views with 15% of the tokens dropped; MSNTransform(32 px, focal 12 px = 96/224 of 32 in whole patches); AdamW 1.5e-4, no schedule. "
         "As in the example, the loss gets prototypes.data, so the prototypes keep their initialisation",
     ),
+    "ijepa": (
+        "examples/pytorch/ijepa.py:18-65,86-126",
+        "On sslbench's timm ViT (the example: torchvision ViT-B/32 for the encoder and for the predictor): MaskedVisionTransformerTIMM context and EMA target "
+        "encoders (0.996 -> 1 linearly, after each step), IJEPAPredictorTIMM, IJEPAMaskCollator defaults (1 context block of scale 0.2-0.8, 2 target blocks "
+        "of 0.2-0.8, aspect 0.3-3, min_keep 4), layer-normed target patch tokens, SmoothL1Loss; IJEPATransform(32 px); AdamW 1.5e-4, no schedule; "
+        f"predictor depth {SHARED_SIZES['ijepa']['predictor_depth']}, width {SHARED_SIZES['ijepa']['predictor_dim']} on both sides (sslbench's ViT-Tiny default)",
+    ),
     "ibot": (
         "benchmarks/imagenet/vitb16/ibot.py:49-175,213-302",
         "MaskedVisionTransformerTIMM student (drop path 0.1) and EMA teacher (cosine 0.996 -> 1), one DINOProjectionHead for [CLS] and patches (student norm_last_layer off), "
@@ -162,13 +172,12 @@ NOT_SHIPPED = {
     # batch_norm for v3) but no MoCo v3 model, example or benchmark recipe.
     "mocov3": "lightly 1.6.0 ships a MoCo v3-capable head (MoCoProjectionHead(num_layers=3, batch_norm=True)) but no MoCo v3 model, example or benchmark recipe",
     "wmse": "lightly 1.6.0 ships WMSELoss but no W-MSE head, transform, example or benchmark recipe; a peer would be a recipe written here, not lightly's",
-    "ijepa": "lightly 1.6.0 ships it (examples/pytorch/ijepa.py, torchvision ViT-B/32 with IJEPAMaskCollator), but its peer is not built yet",
     "ressl": "lightly 1.6.0 ships no ReSSL model, loss, example or benchmark",
     "deepclusterv2": "lightly 1.6.0 ships no DeepCluster v2 model, loss, example or benchmark",
     "all4one": "lightly 1.6.0 ships no All4One model, loss, example or benchmark",
 }
 METHODS = list(RECIPES)
-VIT_METHODS = {"mae", "simmim", "msn", "ibot", "dinov2"}  # trained on the ViT backbone (--vit-backbone); the others on --backbone
+VIT_METHODS = {"mae", "simmim", "msn", "ijepa", "ibot", "dinov2"}  # trained on the ViT backbone (--vit-backbone); the others on --backbone
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +360,7 @@ class PeerContext:
     E: int  # epochs
     steps_per_epoch: int
     out_dim: int  # SHARED_SIZES' prototype count of the method (0: none)
+    sizes: dict[str, int]  # the method's SHARED_SIZES entry (the sizes both sides use)
 
     @staticmethod
     def emb(backbone: Any, x: Any) -> Any:
@@ -384,7 +394,8 @@ def build_peer(method: str, budget: Budget, steps_per_epoch: int) -> tuple[Any, 
     F = int(backbone.num_features)
     peers = _lightly_peers()
     if method in peers.BUILDERS:  # the later methods, one small builder each
-        ctx = PeerContext(backbone, F, S, B, E, steps_per_epoch, SHARED_SIZES.get(method, {}).get("out_dim", 0))
+        sizes = SHARED_SIZES.get(method, {})
+        ctx = PeerContext(backbone, F, S, B, E, steps_per_epoch, sizes.get("out_dim", 0), sizes)
         return peers.BUILDERS[method](ctx)  # type: ignore[no-any-return]
     byol_t = BYOLTransform(
         view_1_transform=BYOLView1Transform(input_size=S, gaussian_blur=0.0), view_2_transform=BYOLView2Transform(input_size=S, gaussian_blur=0.0)
