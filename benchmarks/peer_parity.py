@@ -529,11 +529,16 @@ def build_peer(method: str, budget: Budget, steps_per_epoch: int) -> tuple[Any, 
         crit = L.DINOLoss(output_dim=2048)
         t = DINOTransform(global_crop_size=S, n_local_views=0, cj_strength=0.5, gaussian_blur=(0, 0, 0))
 
+        m.teacher_entropy_frac = []  # per step: the health figure sslbench logs (sslbench/core/health.py), of the peer's teacher
+
         def step(views: list[Any], epoch: int) -> Any:
             utils.update_momentum(m.backbone, m.teacher_backbone, m=0.99)
             utils.update_momentum(m.head, m.teacher_head, m=0.99)
             teacher = [m.teacher_head(emb(x, m.teacher_backbone)) for x in views[:2]]
             student = [m.head(emb(x)) for x in views]
+            with torch.no_grad():  # the targets DINOLoss forms: softmax((t - centre) / 0.04), centre before this step's update
+                p = torch.softmax((torch.stack(teacher) - crit.center) / crit.teacher_temp, dim=-1)
+                m.teacher_entropy_frac.append(float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean() / math.log(p.shape[-1])))
             return crit(teacher, student, epoch=epoch)
 
         return m, t, step, *sgd([*m.backbone.parameters(), *m.head.parameters()]), False
@@ -641,6 +646,9 @@ def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
         "recipe_source": f"lightly-ai/lightly@{LIGHTLY_COMMIT[:10]} {RECIPES[method][0]}",
         "recipe": RECIPES[method][1],
     }
+    series = getattr(model, "teacher_entropy_frac", None)  # DINO's peer records its teacher's entropy per step
+    if series:
+        side["health"] = {"teacher_entropy_frac_step0": series[0], "teacher_entropy_frac": series[-1], "teacher_entropy_frac_max": max(series)}
     return side, encoder
 
 
@@ -687,6 +695,7 @@ def train_sslbench(method: str, budget: Budget, work: Path, variant: list[str] |
         "wall_s": result.wall_time_s,
         "steps": result.steps,
         "train_images": summary.get("train_images"),
+        "health": summary.get("health"),
         "recipe_source": f"methods/{method}.py recipe() (docs/recipes.md)",
         "recipe": f"{summary.get('optimizer')} lr {summary.get('lr')} ({summary.get('lr_scaling')} scaling), sslbench's own heads, loss and augmentation",
         "sslbench_command": "sslbench train "
@@ -927,6 +936,22 @@ def render_readme(rows: list[dict[str, Any]], profiles: list[dict[str, Any]] | N
             + "."
             + (f" Pending: {', '.join(pending)}." if pending else "")
         )
+        entropy = []
+        for method in methods:
+            figs = []
+            for side in ("peer", "sslbench"):
+                h = (latest.get((bkey, method, side)) or {}).get("health") or {}
+                if h.get("teacher_entropy_frac") is not None:
+                    peak = f", at most {h['teacher_entropy_frac_max']:.3f}" if h.get("teacher_entropy_frac_max") is not None else ""
+                    figs.append(f"{side} {h['teacher_entropy_frac_step0']:.3f} at step 0 -> {h['teacher_entropy_frac']:.3f} at the end{peak}")
+            if figs:
+                entropy.append(f"{method}: " + "; ".join(figs))
+        if entropy:
+            lines += [
+                "",
+                "Teacher entropy / log K (sslbench/core/health.py's collapse figure; the peer's from the targets its DINOLoss forms, "
+                "its centre starting at zero where sslbench's starts at the first batch's mean): " + "; ".join(entropy) + ".",
+            ]
         measured = sorted((k for k in variants if k[0] == bkey), key=lambda k: (METHODS.index(k[1]) if k[1] in METHODS else 99, k[2]))
         if measured:
             lines += [

@@ -152,3 +152,12 @@ def test_the_step_profile_says_where_the_time_goes_and_whether_2x_is_within_reac
     assert "| byol | sslbench | 900 |" in again and "| byol | sslbench | 1,500 |" not in again
     # profiles alone (no parity rows yet) are rendered too
     assert "| swav | peer | 2,000 |" in peer_parity.render_readme([], profiles)
+
+
+def test_the_teacher_entropy_of_both_sides_is_listed_when_recorded():
+    peer_health = {"teacher_entropy_frac_step0": 0.95, "teacher_entropy_frac": 0.9, "teacher_entropy_frac_max": 0.97}
+    ours_health = {"teacher_entropy_frac_step0": 0.84, "teacher_entropy_frac": 0.85, "collapse": None}
+    rows = [row("dino", "peer", 33.0, 50.0, health=peer_health), row("dino", "sslbench", 34.0, 60.0, health=ours_health)]
+    text = peer_parity.render_readme(rows)
+    assert "dino: peer 0.950 at step 0 -> 0.900 at the end, at most 0.970; sslbench 0.840 at step 0 -> 0.850 at the end." in text
+    assert "Teacher entropy" not in peer_parity.render_readme([row("simclr", "peer", 40.0, 50.0), row("simclr", "sslbench", 41.0, 90.0)])
