@@ -15,7 +15,7 @@ def test_defaults_and_recipe_fill():
 
 @pytest.mark.parametrize(
     "data,size",
-    [("digits", 16), ("cifar10", 32), ("cifar100", 32), ("stl10", 96), ("imagefolder:/x", 32), ("hf:user/set", 32)],
+    [("digits", 16), ("fashion-mnist", 28), ("cifar10", 32), ("cifar100", 32), ("stl10", 96), ("imagefolder:/x", 32), ("hf:user/set", 32)],
 )
 def test_image_size_defaults_to_the_data_and_a_flag_wins(data, size):
     assert build_config(flags={"data": data}).image_size == size

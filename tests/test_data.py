@@ -4,6 +4,7 @@ test skips when the shared copy is absent."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
 import pickle
@@ -318,6 +319,68 @@ def test_stl10_column_major_binaries(tmp_path: Path) -> None:
     assert torch.all(out.images[0, :, :20] == 255) and torch.all(out.images[0, :, 28:] == 0)
 
 
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An unsigned-byte IDX file written from the format's definition (magic 0 0 8 ndim, big-endian dims)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_idx_files_read_back_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    from sslbench.data.sources import read_idx
+
+    array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    _write_idx(tmp_path / "a.gz", array)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), array)
+    (tmp_path / "plain").write_bytes(gzip.decompress((tmp_path / "a.gz").read_bytes()))
+    assert np.array_equal(read_idx(tmp_path / "plain"), array)
+    (tmp_path / "short").write_bytes(gzip.decompress((tmp_path / "a.gz").read_bytes())[:-1])
+    with pytest.raises(ValueError, match="bytes of data for shape"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "float").write_bytes(bytes([0, 0, 0x0D, 1, 0, 0, 0, 1]) + b"\0" * 4)
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "float")
+
+
+def test_fashion_mnist_from_the_cache_folder_when_no_package_installed_it(tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    from sslbench.data import sources
+
+    tv = sources._TORCHVISION["fashion-mnist"]
+    monkeypatch.setitem(sources._TORCHVISION, "fashion-mnist", dataclasses.replace(tv, system=str(tmp_path / "no-package")))
+    with pytest.raises(UserError, match=r"download is off; .*apt install dataset-fashion-mnist") as info:
+        load_split("fashion-mnist", "test", 28, cache_dir=tmp_path, download=False)
+    assert "\n" not in str(info.value)
+    raw = tmp_path / "fashion-mnist" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    images[1, :14] = 255  # the top half of the second image white
+    _write_idx(raw / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.array([9, 0, 3]))
+    out = load_split("fashion-mnist", "test", 28, cache_dir=tmp_path, download=False)
+    assert out.images.shape == (3, 3, 28, 28) and out.labels.tolist() == [9, 0, 3]
+    assert out.classes[9] == "Ankle boot" and out.source_side == 28
+    assert torch.all(out.images[1, :, :14] == 255) and torch.all(out.images[1, :, 14:] == 0) and torch.all(out.images[0] == 0)
+
+
+FASHION_MNIST_PACKAGE = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST_PACKAGE / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is not installed (Debian/Ubuntu: apt install dataset-fashion-mnist; .ci/run installs it)",
+)
+def test_fashion_mnist_from_the_debian_package(tmp_path: Path) -> None:
+    """The package's files as the data set describes itself: 60,000 / 10,000 grey 28x28 images,
+    6,000 / 1,000 per class, the test set's first labels 9, 2, 1, 1, 6 (zalandoresearch/fashion-mnist)."""
+    test = load_split("fashion-mnist", "test", 28, cache_dir=tmp_path, download=False)
+    assert test.images.shape == (10000, 3, 28, 28) and test.labels[:5].tolist() == [9, 2, 1, 1, 6]
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    assert torch.equal(test.images[:, 0], test.images[:, 1]) and torch.equal(test.images[:, 0], test.images[:, 2])  # grey
+    train = load_split("fashion-mnist", "train", 32, cache_dir=tmp_path, download=False)
+    assert train.images.shape == (60000, 3, 32, 32) and torch.bincount(train.labels).tolist() == [6000] * 10
+
+
 def test_torchvision_missing_files_and_failed_download(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(UserError, match=r"not found in .*cifar-10-batches-py and download is off"):
         load_split("cifar10", "train", 32, cache_dir=tmp_path, download=False)
@@ -427,7 +490,7 @@ def test_user_errors(tmp_path: Path, spec, split, size, kwargs, match) -> None:
 
 
 def test_dataset_listing_and_cache_dir(monkeypatch, tmp_path: Path) -> None:
-    assert list(data_sources()) == ["digits", "cifar10", "cifar100", "stl10", "imagefolder:PATH", "hf:NAME", "shards:DIR"]
+    assert list(data_sources()) == ["digits", "cifar10", "cifar100", "stl10", "fashion-mnist", "imagefolder:PATH", "hf:NAME", "shards:DIR"]
     assert all(desc and "\n" not in desc for desc in data_sources().values())
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"

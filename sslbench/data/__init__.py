@@ -3,8 +3,9 @@
 A *spec* names where images come from (see :func:`data_sources`):
 
 - ``digits``: scikit-learn's bundled 8x8 digits, upsampled to 32 px RGB. Offline; the default.
-- ``cifar10``, ``cifar100``, ``stl10``: torchvision's files, downloaded once into
-  ``cache_dir/<name>``. Files already there are read as they are (no md5 check, so a copy made
+- ``cifar10``, ``cifar100``, ``stl10``, ``fashion-mnist``: torchvision's files, downloaded once into
+  ``cache_dir/<name>`` (Fashion-MNIST is read from ``/usr/share/datasets/fashion-mnist`` first,
+  where Debian's ``dataset-fashion-mnist`` package installs it). Files already there are read as they are (no md5 check, so a copy made
   by hand works offline); torchvision checks the md5 when it downloads.
 - ``imagefolder:PATH``: ``PATH/train`` plus ``PATH/test`` (or ``PATH/val``), one folder per class.
 - ``hf:NAME[?image=COL&label=COL&train=SPLIT&test=SPLIT&...]``: a Hugging Face dataset: a hub
@@ -95,7 +96,7 @@ def data_sources() -> dict[str, str]:
 
 def default_image_size(spec: str) -> int:
     """The resolution a run on data ``spec`` trains at when ``image_size`` is not given: its
-    source's native size (digits 16, cifar 32, stl10 96), else ``FALLBACK_IMAGE_SIZE``."""
+    source's native size (digits 16, fashion-mnist 28, cifar 32, stl10 96), else ``FALLBACK_IMAGE_SIZE``."""
     name = str(spec).strip().partition(":")[0].lower()
     source = DATA_SOURCES.get(name) if name in DATA_SOURCES else None
     return source.image_size if source is not None and source.image_size is not None else FALLBACK_IMAGE_SIZE
@@ -180,7 +181,7 @@ def load_split(
     stored at ``store_size(image_size)`` pixels square.
 
     ``cache_dir`` (default :func:`default_cache_dir`) holds downloads and decoded splits;
-    ``download`` allows torchvision to fetch a missing ``cifar10``/``cifar100``/``stl10``.
+    ``download`` allows torchvision to fetch a missing ``cifar10``/``cifar100``/``stl10``/``fashion-mnist``.
     Raises :class:`~sslbench.core.errors.UserError` for a bad spec, split, size or missing data.
     """
     if split not in SPLITS:

@@ -1,5 +1,6 @@
 """The data-source registry and the built-in sources of :mod:`sslbench.data`: ``digits``, the
-torchvision sets (``cifar10``, ``cifar100``, ``stl10``), ``imagefolder:PATH`` and ``hf:NAME``.
+torchvision sets (``cifar10``, ``cifar100``, ``stl10``, ``fashion-mnist``), ``imagefolder:PATH``
+and ``hf:NAME``.
 
 A data source is one kind of data spec: its name alone (``cifar10``) or its name, a colon and an
 argument (``imagefolder:PATH``). Its loader returns the requested split decoded (through the
@@ -10,6 +11,7 @@ one registration (:func:`register_data_source`, found through the entry-point gr
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import pickle
@@ -121,6 +123,7 @@ class _TorchvisionSet:
     files: dict[str, tuple[str, ...]]  # split -> files that must exist
     read: Callable[[Path, str], tuple[np.ndarray, np.ndarray, list[str]]]  # (folder, split) -> NCHW, labels, classes
     fetch: Callable[[Path, str], object]  # (root, split) -> torchvision dataset, downloading
+    system: str | None = None  # a folder a distribution package installs the same files into, read first when complete
 
 
 def _read_cifar(
@@ -154,12 +157,45 @@ def _read_stl10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[
     return images, labels, classes
 
 
+#: Fashion-MNIST's classes in label order (zalandoresearch/fashion-mnist README, "Labels").
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+_FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format; gzip-compressed when the name ends in .gz): magic bytes 0,
+    0, type code 0x08 (unsigned byte), the number of dimensions, then each dimension as a big-endian
+    uint32 and the data, row-major."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path.name} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    size = int(np.prod(shape))
+    if len(raw) != 4 + 4 * ndim + size:
+        raise ValueError(f"{path.name} holds {len(raw) - 4 - 4 * ndim} bytes of data for shape {shape}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _read_fashion_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Fashion-MNIST's IDX files: 28x28 grey images, repeated into RGB (N, 3, 28, 28); labels 0..9."""
+    images, labels = (read_idx(folder / name) for name in _FASHION_MNIST_FILES[split])
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f"images {images.shape} and labels {labels.shape} do not match")
+    return np.repeat(images[:, None], 3, axis=1), labels.astype(np.int64), list(FASHION_MNIST_CLASSES)
+
+
 def _fetch_torchvision(name: str) -> Callable[[Path, str], object]:
     def fetch(root: Path, split: str) -> object:
         import torchvision.datasets as tvd
 
         if name == "stl10":
             return tvd.STL10(str(root), split=split, download=True)
+        if name == "fashion-mnist":  # keeps the downloaded .gz files in root/FashionMNIST/raw
+            return tvd.FashionMNIST(str(root), train=split == "train", download=True)
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
         return cls(str(root), train=split == "train", download=True)
 
@@ -187,6 +223,13 @@ _TORCHVISION: dict[str, _TorchvisionSet] = {
         _read_stl10,
         _fetch_torchvision("stl10"),
     ),
+    "fashion-mnist": _TorchvisionSet(
+        "FashionMNIST/raw",
+        dict(_FASHION_MNIST_FILES),
+        _read_fashion_mnist,
+        _fetch_torchvision("fashion-mnist"),
+        system="/usr/share/datasets/fashion-mnist",  # Debian's and Ubuntu's dataset-fashion-mnist package
+    ),
 }
 
 
@@ -195,8 +238,12 @@ def _load_torchvision(name: str, split: str, size: int, cache_root: Path, max_me
     tv = _TORCHVISION[name]
     root = cache_root / name
     folder = root / tv.folder
+    if tv.system is not None and all((Path(tv.system) / f).is_file() for f in tv.files[split]):
+        folder = Path(tv.system)
     files = [folder / f for f in tv.files[split]]
     hint = f"put the torchvision-format files ({', '.join(tv.files[split])}) in {folder}, or use imagefolder:PATH with a local image-folder copy"
+    if tv.system is not None:
+        hint = f"install the files in {tv.system} (Debian/Ubuntu: apt install dataset-{name}), or {hint}"
     if not all(f.is_file() for f in files):
         if not download:
             raise UserError(f"{name} not found in {folder} and download is off; allow the download or {hint}")
@@ -211,7 +258,12 @@ def _load_torchvision(name: str, split: str, size: int, cache_root: Path, max_me
         try:
             images, labels, classes = tv.read(folder, split)
         except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
-            raise UserError(f"cannot read {name} files in {folder} ({_one_line(err)}); delete {root} to download again") from err
+            fix = (
+                f"reinstall the package that put them there (dataset-{name})"
+                if folder == Path(tv.system or "")
+                else f"delete {root} to download again"
+            )
+            raise UserError(f"cannot read {name} files in {folder} ({_one_line(err)}); {fix}") from err
         _check_memory(len(labels), size, max_memory_gb, f"{name} {split}")
         return ImageSplit(_fit_array(images, size), torch.from_numpy(labels), classes, source_side=min(images.shape[2:]))
 
@@ -318,6 +370,11 @@ def _torchvision_source(name: str, description: str, image_size: int) -> None:
 _torchvision_source("cifar10", "CIFAR-10, 32 px (50,000 / 10,000, 10 classes); torchvision download into the cache", 32)
 _torchvision_source("cifar100", "CIFAR-100, 32 px (50,000 / 10,000, 100 fine classes); torchvision download into the cache", 32)
 _torchvision_source("stl10", "STL-10 labelled splits, 96 px (5,000 / 8,000, 10 classes); torchvision download into the cache", 96)
+_torchvision_source(
+    "fashion-mnist",
+    "Fashion-MNIST, 28 px grey as RGB (60,000 / 10,000, 10 classes); Debian's dataset-fashion-mnist files, else a torchvision download into the cache",
+    28,
+)
 
 
 @register_data_source("imagefolder", arg="PATH", description="PATH/train and PATH/test (or PATH/val), one sub-folder per class")
