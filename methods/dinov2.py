@@ -198,8 +198,8 @@ class DINOv2(Method):
         (official ``MaskingGenerator``)."""
         grid = patch_grid(self.encoder, size)
         n, (lo, hi) = grid[0] * grid[1], self.cfg.mask_ratio
-        r = batch.uniform(2 * view, 2).cpu().tolist()
-        targets = [float(int(n * (lo + u[1] * (hi - lo)))) if u[0] < self.cfg.mask_probability else 0.0 for u in r]
+        r = batch.uniform(2 * view, 2).double()  # float64, as Python's floats (the official code's random module)
+        targets = torch.where(r[:, 0] < self.cfg.mask_probability, torch.floor(n * (lo + r[:, 1] * (hi - lo))), 0.0)
         u = batch.uniform(2 * view + 1, block_draws(grid))
         return block_masks(u, grid, targets, self.cfg.mask_min_patches, self.cfg.mask_max_block * n, self.cfg.mask_aspect)
 

@@ -174,11 +174,13 @@ class IBOT(Method):
         N patches; blocks of at least ``(min(H, W) // 3) ** 2`` patches."""
         grid = patch_grid(self.encoder, size)
         n, k = grid[0] * grid[1], len(self.cfg.pred_ratio)
-        r = batch.uniform(2 * view, k + 1).cpu().tolist()
-        pick = [min(int(u[k] * k), k - 1) for u in r]  # random.choice among the ratios
-        ratios = [self.cfg.pred_ratio[i] + (2 * u[i] - 1) * self.cfg.pred_ratio_var[i] for i, u in zip(pick, r)]  # U(r - var, r + var)
+        r = batch.uniform(2 * view, k + 1).double()  # float64, as Python's floats (the official code's random module)
+        pick = torch.floor(r[:, k] * k).clamp(max=k - 1)  # random.choice among the ratios
+        ratios = torch.zeros_like(pick)
+        for i, (ratio, var) in enumerate(zip(self.cfg.pred_ratio, self.cfg.pred_ratio_var)):
+            ratios = torch.where(pick == i, ratio + (2 * r[:, i] - 1) * var, ratios)  # U(r - var, r + var) of the chosen ratio
         u = batch.uniform(2 * view + 1, block_draws(grid))
-        return block_masks(u, grid, [x * n for x in ratios], (min(grid) // 3) ** 2, math.inf, self.cfg.pred_aspect_ratio)
+        return block_masks(u, grid, ratios * n, (min(grid) // 3) ** 2, math.inf, self.cfg.pred_aspect_ratio)
 
     def patch_logits(self, head: nn.Module, last: nn.Module | None, tokens: Tensor) -> Tensor:
         """(M, D) patch tokens -> (M, K') logits: the shared MLP, then the shared or the patch prototypes."""

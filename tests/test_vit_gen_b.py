@@ -19,7 +19,7 @@ from sslbench.backbones import create_backbone
 from sslbench.core.errors import UserError
 from sslbench.core.losses import koleo_loss, masked_patch_cross_entropy, multicrop_cross_entropy, sinkhorn_knopp
 from sslbench.core.masked_image import encode_patches
-from sslbench.core.masking import BLOCK_DRAWS, block_mask, mask_weights
+from sslbench.core.masking import BLOCK_DRAWS, block_draws, block_mask, block_masks, mask_weights, patch_grid
 from sslbench.methods.dinov2 import DINOv2, DINOv2Config
 from sslbench.methods.ibot import IBOT, IBOTConfig
 
@@ -108,9 +108,10 @@ def test_sinkhorn_matches_the_official_loop() -> None:
 
 def test_dino_cls_loss_with_sinkhorn_targets_value_and_gradient() -> None:
     g, v, b, k = 2, 3, 5, 11
-    s = torch.randn(v, b, k, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(v, b, k, generator=gen).requires_grad_()
     s64 = s.detach().double().requires_grad_()
-    t = torch.randn(g * b, k)
+    t = 2 * torch.rand(g * b, k, generator=gen) - 1  # cosines, sinkhorn_knopp's domain (randn overflowed exp(t / 0.04) in float32 above 3.5)
     p = sinkhorn_knopp(t, 0.04, 3).view(g, b, k)
     loss = multicrop_cross_entropy(p, F.log_softmax(s / 0.1, dim=-1))
     want = ref_cls_loss(s64, ref_sinkhorn(t, 0.04).view(g, b, k), 0.1)
@@ -258,6 +259,55 @@ def test_block_mask_blocks_are_rectangles_of_the_aspect_range() -> None:
             aspects.append(h / w)
     # sides round(sqrt(16 r)) x round(sqrt(16 / r)) for r in 0.3-3.3: aspects 2/7 to 7/2
     assert len(aspects) > 100 and 2 / 7 <= min(aspects) < 0.6 and 1.7 < max(aspects) <= 7 / 2
+
+
+@pytest.mark.parametrize(
+    "grid,min_area,max_block,aspect",
+    [
+        ((8, 8), 4.0, math.inf, (0.3, 1 / 0.3)),
+        ((8, 8), 4.0, 32.0, (0.3, 1 / 0.3)),
+        ((14, 14), 16.0, math.inf, (0.3, 1 / 0.3)),
+        ((2, 3), 1.0, 3.0, (0.5, 2.0)),
+    ],
+)
+def test_block_masks_on_the_device_equal_the_sequential_algorithm_row_by_row(grid, min_area, max_block, aspect) -> None:
+    """The batched, fixed-length :func:`block_masks` against :func:`block_mask` (BEiT's Alg. 1 as a
+    Python loop) on the same rows of uniforms, over targets from none to every patch."""
+    gen = torch.Generator().manual_seed(1)
+    n = grid[0] * grid[1]
+    u = torch.rand(200, block_draws(grid), generator=gen)
+    targets = torch.cat([torch.tensor([0.0, 1.0, float(n), n / 2 + 0.5]), torch.rand(196, generator=gen, dtype=torch.float64) * n])
+    got = block_masks(u, grid, targets, min_area, max_block, aspect)
+    for row, t, m in zip(u.tolist(), targets.tolist(), got):
+        assert torch.equal(m, block_mask(iter(row), grid, t, min_area, max_block, aspect).flatten())
+    assert got.any(1).float().mean() > 0.75  # most rows draw blocks: the comparison is not between empty masks
+
+
+def _host_targets(m: Any, batch: Any, view: int, n: int) -> list[float]:
+    """The targets as the plugins computed them on the host before the device version (Python floats)."""
+    if isinstance(m, IBOT):
+        k = len(m.cfg.pred_ratio)
+        r = batch.uniform(2 * view, k + 1).tolist()
+        pick = [min(int(u[k] * k), k - 1) for u in r]
+        return [(m.cfg.pred_ratio[i] + (2 * u[i] - 1) * m.cfg.pred_ratio_var[i]) * n for i, u in zip(pick, r)]
+    lo, hi = m.cfg.mask_ratio
+    return [float(int(n * (lo + u[1] * (hi - lo)))) if u[0] < m.cfg.mask_probability else 0.0 for u in batch.uniform(2 * view, 2).tolist()]
+
+
+@pytest.mark.parametrize("build", [ibot, dinov2])
+def test_the_plugins_masks_equal_the_host_computation(build: Any) -> None:
+    m = build()
+    b = make_batch([torch.zeros(64, 3, 32, 32)] * 2, index=torch.arange(1000, 1064))
+    grid = patch_grid(m.encoder, 32)
+    n = grid[0] * grid[1]
+    for view in range(2):
+        u = b.uniform(2 * view + 1, block_draws(grid))
+        if isinstance(m, IBOT):
+            args = ((min(grid) // 3) ** 2, math.inf, m.cfg.pred_aspect_ratio)
+        else:
+            args = (m.cfg.mask_min_patches, m.cfg.mask_max_block * n, m.cfg.mask_aspect)
+        want = torch.stack([block_mask(iter(r), grid, t, *args).flatten() for r, t in zip(u.tolist(), _host_targets(m, b, view, n))])
+        assert torch.equal(m.masks(b, view, 32), want)
 
 
 def test_ibot_mask_fraction_in_the_official_range() -> None:

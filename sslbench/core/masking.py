@@ -4,7 +4,8 @@
   ``ImageFolderMask`` (``pred_shape='block'``) and DINOv2's ``MaskingGenerator`` draw it, from a
   row of counter-based uniforms (:meth:`sslbench.core.method.Batch.uniform`), so a sample's mask is
   a pure function of (seed, epoch, sample): the same on every process and after a resume.
-- :func:`block_masks`: one per sample; :func:`mask_weights`: each masked patch's share of its view.
+- :func:`block_masks`: one per sample, all at once on the device (no host read);
+  :func:`mask_weights`: each masked patch's share of its view.
 
 The masked encoder itself is :func:`sslbench.core.masked_image.encode_patches` (``replace`` and
 ``mask_token``: iBOT's ``prepare_tokens``/``mask_model``, DINOv2's ``prepare_tokens_with_masks``).
@@ -77,12 +78,42 @@ def patch_grid(vit: nn.Module, size: int) -> tuple[int, int]:
     return size // p, size // p
 
 
-def block_masks(u: Tensor, grid: tuple[int, int], targets: list[float], min_area: float, max_block: float, aspect: tuple[float, float]) -> Tensor:
-    """One :func:`block_mask` per sample: ``u`` (B, n) counter-based uniforms (row i feeds sample i),
-    ``targets`` the B patch counts to mask -> (B, H * W) bool, row-major, on ``u``'s device."""
-    rows = u.detach().cpu().tolist()
-    masks = [block_mask(iter(r), grid, t, min_area, max_block, aspect).flatten() for r, t in zip(rows, targets)]
-    return torch.stack(masks).to(u.device)
+def block_masks(
+    u: Tensor, grid: tuple[int, int], targets: Tensor | list[float], min_area: float, max_block: float, aspect: tuple[float, float]
+) -> Tensor:
+    """:func:`block_mask` for every sample at once, on ``u``'s device and with no value read back to
+    the host: ``u`` (B, n) counter-based uniforms (row i feeds sample i), ``targets`` the B patch
+    counts to mask -> (B, H * W) bool, row-major. Equal to :func:`block_mask` row by row (tests):
+    every sample runs the same fixed number of attempts, ``n // BLOCK_DRAWS`` (attempt k takes the
+    row's values ``4k .. 4k + 3``, as the sequential loop does), in float64 as Python's floats; a
+    sample that has reached its target, or whose last 10 attempts added nothing, stops changing."""
+    b, h_grid, w_grid, dev = u.shape[0], grid[0], grid[1], u.device
+    u = u.to(torch.float64)
+    target = targets.to(dev, torch.float64) if isinstance(targets, Tensor) else torch.tensor(targets, dtype=torch.float64, device=dev)
+    log_a0, log_a1 = math.log(aspect[0]), math.log(aspect[1])
+    mask = torch.zeros(b, h_grid, w_grid, dtype=torch.bool, device=dev)
+    count = torch.zeros(b, dtype=torch.float64, device=dev)
+    fails = torch.zeros(b, dtype=torch.long, device=dev)  # failed attempts in the current round of 10
+    done = ~(count < target)
+    rows = torch.arange(h_grid, device=dev).view(1, -1, 1)
+    cols = torch.arange(w_grid, device=dev).view(1, 1, -1)
+    for k in range(u.shape[1] // BLOCK_DRAWS):
+        area_u, ratio_u, top_u, left_u = u[:, BLOCK_DRAWS * k : BLOCK_DRAWS * (k + 1)].unbind(dim=1)
+        most = torch.clamp(target - count, max=max_block)
+        area = min_area + area_u * (most - min_area)
+        ratio = torch.exp(log_a0 + ratio_u * (log_a1 - log_a0))
+        h, w = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+        fits = (w < w_grid) & (h < h_grid)
+        top = torch.floor(top_u * (h_grid - h + 1)).view(-1, 1, 1)  # random.randint, inclusive
+        left = torch.floor(left_u * (w_grid - w + 1)).view(-1, 1, 1)
+        rect = (rows >= top) & (rows < top + h.view(-1, 1, 1)) & (cols >= left) & (cols < left + w.view(-1, 1, 1))
+        new = (rect & ~mask).flatten(1).sum(dim=1).to(torch.float64)
+        ok = ~done & fits & (new > 0) & (new <= most)
+        mask |= rect & ok.view(-1, 1, 1)
+        count = count + torch.where(ok, new, 0.0)
+        fails = torch.where(ok, 0, fails + 1)
+        done = done | (ok & ~(count < target)) | (fails >= 10)
+    return mask.flatten(1)
 
 
 def block_draws(grid: tuple[int, int]) -> int:
