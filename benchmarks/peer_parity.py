@@ -618,13 +618,22 @@ def _peer_setup(method: str, budget: Budget) -> tuple[Any, Any, Callable[..., An
 
 
 def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
+    import torch
+
     model, loader, step, opt, sched, per_step, n_files = _peer_setup(method, budget)
     model.train()
-    steps, losses = 0, []
+    steps, losses, failure = 0, [], None
     t0 = time.perf_counter()
     for epoch in range(budget.epochs):
         for batch, _ in loader:
-            loss = step(_as_views(batch), epoch)
+            try:
+                loss = step(_as_views(batch), epoch)
+            except torch.linalg.LinAlgError as err:  # a loss's decomposition of non-finite values (lightly's MMCR: SVD)
+                failure = f"step {steps}: {type(err).__name__}: {str(err).splitlines()[0]}"
+                break
+            if not torch.isfinite(loss):
+                failure = f"step {steps}: loss {float(loss)}"
+                break
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -632,6 +641,8 @@ def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
                 sched.step()
             steps += 1
             losses.append(float(loss.detach()))
+        if failure:
+            break
         if not per_step:
             sched.step()  # Lightning's default interval: once per epoch
     wall = time.perf_counter() - t0
@@ -641,11 +652,13 @@ def train_peer(method: str, budget: Budget) -> tuple[dict[str, Any], Any]:
         "wall_s": round(wall, 2),
         "steps": steps,
         "train_images": n_files,
-        "first_loss": round(losses[0], 4),
-        "last_loss": round(losses[-1], 4),
+        "first_loss": round(losses[0], 4) if losses else None,
+        "last_loss": round(losses[-1], 4) if losses else None,
         "recipe_source": f"lightly-ai/lightly@{LIGHTLY_COMMIT[:10]} {RECIPES[method][0]}",
         "recipe": RECIPES[method][1],
     }
+    if failure:
+        side["failure"] = failure  # the run stopped there: no k-NN of its non-finite weights
     series = getattr(model, "teacher_entropy_frac", None)  # DINO's peer records its teacher's entropy per step
     if series:
         side["health"] = {"teacher_entropy_frac_step0": series[0], "teacher_entropy_frac": series[-1], "teacher_entropy_frac_max": max(series)}
@@ -900,11 +913,19 @@ def render_readme(rows: list[dict[str, Any]], profiles: list[dict[str, Any]] | N
             "| method | peer k-NN | sslbench k-NN | Δ k-NN | peer img/s | sslbench img/s | speed ratio | peer wall (s) | sslbench wall (s) | verdict |",
             "| :-- | --: | --: | --: | --: | --: | --: | --: | --: | :-- |",
         ]
-        pending, trailing, slow = [], [], []
+        pending, trailing, slow, failures = [], [], [], []
         for method in methods:
             peer, ours = latest.get((bkey, method, "peer")), latest.get((bkey, method, "sslbench"))
             if peer is None or ours is None:
                 pending.append(f"{method} ({'peer' if peer is None else 'sslbench'} side missing)")
+                continue
+            failed = [f"{side} failed at {r['failure']}" for side, r in (("peer", peer), ("sslbench", ours)) if r.get("failure")]
+            if failed:
+                failures.append(f"{method} ({'; '.join(failed)})")
+                lines.append(
+                    f"| {method} | {_fmt(peer['knn_top1'])} | {_fmt(ours['knn_top1'])} | n/a | {_fmt(peer['images_per_s'], '.0f')} | "
+                    f"{_fmt(ours['images_per_s'], '.0f')} | n/a | {_fmt(peer['wall_s'], '.0f')} | {_fmt(ours['wall_s'], '.0f')} | {'; '.join(failed)} |"
+                )
                 continue
             d = ours["knn_top1"] - peer["knn_top1"]
             ratio = ours["images_per_s"] / peer["images_per_s"]
@@ -927,7 +948,7 @@ def render_readme(rows: list[dict[str, Any]], profiles: list[dict[str, Any]] | N
                 "(other jobs on the machine slow both sides; compare images/s within a row).",
             ]
         lines += ["", "Reading (computed from the rows): "]
-        done_n = len(methods) - len(pending)
+        done_n = len(methods) - len(pending) - len(failures)
         lines[-1] += (
             f"methods with both sides: {done_n}; sslbench rows within 1 k-NN point of the peer or above: {done_n - len(trailing)}"
             + (f"; trailing by more than 1 point: {', '.join(trailing)}" if trailing else "")
@@ -935,6 +956,7 @@ def render_readme(rows: list[dict[str, Any]], profiles: list[dict[str, Any]] | N
             + (f"; below 2x: {', '.join(slow)}" if slow else "")
             + "."
             + (f" Pending: {', '.join(pending)}." if pending else "")
+            + (f" Failed (no comparison): {', '.join(failures)}." if failures else "")
         )
         entropy = []
         for method in methods:
@@ -1090,7 +1112,7 @@ def main() -> None:
                 print(f"{method:13s} {side_name:8s} training ...", flush=True)
                 side, encoder = train_peer(method, budget) if side_name == "peer" else train_sslbench(method, budget, args.work, variant)
                 print(f"{method:13s} {side_name:8s} trained in {side['wall_s']:.1f} s ({side['images_per_s']:.1f} img/s); k-NN ...", flush=True)
-                side.update(knn_score(encoder, budget))
+                side.update(knn_score(encoder, budget) if not side.get("failure") else {"knn_top1": None})
                 row = {"method": method, "side": side_name, "budget": budget.key(), "seed": budget.seed, "command": command, **env, **side}
                 if variant:
                     row["sets"] = list(variant)
@@ -1098,8 +1120,9 @@ def main() -> None:
                 row["loadavg_1min"] = [load_before, round(os.getloadavg()[0], 2)]  # other jobs on the machine skew images/s
                 append_row(args.rows, row)
                 print(
-                    f"{method:13s} {side_name:8s} k-NN {side['knn_top1']:6.2f}  {side['images_per_s']:7.1f} img/s  train {side['wall_s']:7.1f} s  "
-                    f"(with scoring {time.perf_counter() - t0:.0f} s)",
+                    f"{method:13s} {side_name:8s} k-NN {_fmt(side['knn_top1']):>6s}  {side['images_per_s']:7.1f} img/s  train {side['wall_s']:7.1f} s  "
+                    + (f"FAILED at {side['failure']}  " if side.get("failure") else "")
+                    + f"(with scoring {time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
     readme.parent.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,16 @@ def test_the_teacher_entropy_of_both_sides_is_listed_when_recorded():
     text = peer_parity.render_readme(rows)
     assert "dino: peer 0.950 at step 0 -> 0.900 at the end, at most 0.970; sslbench 0.840 at step 0 -> 0.850 at the end." in text
     assert "Teacher entropy" not in peer_parity.render_readme([row("simclr", "peer", 40.0, 50.0), row("simclr", "sslbench", 41.0, 90.0)])
+
+
+def test_a_side_that_failed_is_shown_failed_and_left_out_of_the_counts():
+    rows = [
+        row("mmcr", "peer", None, 40.0, failure="step 41: LinAlgError: linalg.svd: The algorithm failed to converge"),
+        row("mmcr", "sslbench", 36.0, 60.0),
+        row("simclr", "peer", 40.0, 50.0),
+        row("simclr", "sslbench", 40.5, 120.0),
+    ]
+    text = peer_parity.render_readme(rows)
+    assert "| mmcr | n/a | 36.00 | n/a | 40 | 60 | n/a | 100 | 100 | peer failed at step 41: LinAlgError" in text
+    assert "methods with both sides: 1;" in text and "Failed (no comparison): mmcr (peer failed at step 41" in text
+    assert "trailing" not in text
