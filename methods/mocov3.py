@@ -25,7 +25,6 @@ from sslbench.api import (
     StepInfo,
     UserError,
     cosine_schedule,
-    encode_views,
     feature_dim,
     freeze_,
     mlp,
@@ -99,14 +98,16 @@ class MoCoV3(Method):
     def embed(self, batch: Batch, targets: bool = True) -> Tensor:
         """(B, 3, S, S) x 2 -> (B, 4, proj_dim): per sample q1, q2 (with gradient) and k1, k2
         (momentum encoder, no gradient); ``targets=False``: (B, 2, proj_dim), q1 and q2 only (the
-        gradient cache's recomputation)."""
-        views = batch.views
-        q = self.predictor(self.projector(torch.cat(encode_views(self.encoder, views))))
+        gradient cache's recomputation). One forward pass per view, so every BatchNorm (backbone,
+        projector, predictor) normalises each view on its own, as the official ``MoCo.forward``
+        (facebookresearch/moco-v3 at c349e6e, ``moco/builder.py``: ``predictor(base_encoder(x1))``,
+        then ``x2``)."""
+        q = [self.predictor(self.projector(self.encoder(v))) for v in batch.views]
         if not targets:
-            return torch.stack(q.chunk(2), dim=1)
+            return torch.stack(q, dim=1)
         with torch.no_grad():
-            k = self.momentum_projector(torch.cat(encode_views(self.momentum_encoder, views)))
-        return torch.stack([*q.chunk(2), *k.chunk(2)], dim=1)
+            k = [self.momentum_projector(self.momentum_encoder(v)) for v in batch.views]
+        return torch.stack([*q, *k], dim=1)
 
     def loss_from_embeddings(self, emb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         k1, k2 = emb[:, 2].detach(), emb[:, 3].detach()  # keys are targets: stop-gradient

@@ -120,11 +120,11 @@ def test_mocov3_step_is_symmetrised_ctr_with_momentum_keys():
     m = small_mocov3()
     v = views()
     loss, _ = m.training_step(make_batch(v))
-    # BN statistics are over both views together, as in training_step
-    z = m.predictor(m.projector(m.encoder(torch.cat(v))))
+    # one forward pass per view (BatchNorm statistics of each view alone), as the official MoCo.forward
+    z = [m.predictor(m.projector(m.encoder(x))) for x in v]
     with torch.no_grad():
-        k = m.momentum_projector(m.momentum_encoder(torch.cat(v)))
-    want = reference_mocov3(z[:N], k[N:], 0.2) + reference_mocov3(z[N:], k[:N], 0.2)
+        k = [m.momentum_projector(m.momentum_encoder(x)) for x in v]
+    want = reference_mocov3(z[0], k[1], 0.2) + reference_mocov3(z[1], k[0], 0.2)
     assert torch.allclose(loss, want, rtol=1e-5, atol=1e-6)
 
 
