@@ -217,6 +217,20 @@ def done(rows: list[dict[str, Any]], method: str, side: str, budget: Budget, set
     return None
 
 
+def _bkey(row: dict[str, Any]) -> str:
+    """The budget of a row as a hashable key (rows are grouped and compared per budget)."""
+    return json.dumps(row["budget"], sort_keys=True)
+
+
+def new_row(method: str, side: str, budget: Budget, command: str, env: dict[str, Any], load_before: float, **fields: Any) -> dict[str, Any]:
+    """A result or profile row: what ran (method, side, budget, seed, command, commit, versions), its
+    ``fields``, the date, and the 1-minute load average before and after (other jobs skew images/s)."""
+    row = {"method": method, "side": side, "budget": budget.key(), "seed": budget.seed, "command": command, **env, **fields}
+    row["date"] = time.strftime("%Y-%m-%d")
+    row["loadavg_1min"] = [load_before, round(os.getloadavg()[0], 2)]
+    return row
+
+
 def append_row(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
@@ -804,7 +818,7 @@ def render_profiles(profiles: list[dict[str, Any]]) -> list[str]:
     phase (the last profile row of each method, side and budget wins), and what a 2x row needs."""
     latest: dict[tuple[str, str, str], dict[str, Any]] = {}
     for row in profiles:
-        latest[(json.dumps(row["budget"], sort_keys=True), row["method"], row["side"])] = row
+        latest[(_bkey(row), row["method"], row["side"])] = row
     lines: list[str] = []
     for bkey in sorted({k[0] for k in latest}):
         b = json.loads(bkey)
@@ -881,9 +895,9 @@ def render_readme(rows: list[dict[str, Any]], profiles: list[dict[str, Any]] | N
     variants: dict[tuple[str, str, str], dict[str, Any]] = {}  # sslbench runs with extra --set items: gap measurements
     for row in rows:
         if row.get("sets"):
-            variants[(json.dumps(row["budget"], sort_keys=True), row["method"], " ".join(row["sets"]))] = row
+            variants[(_bkey(row), row["method"], " ".join(row["sets"]))] = row
         else:
-            latest[(json.dumps(row["budget"], sort_keys=True), row["method"], row["side"])] = row
+            latest[(_bkey(row), row["method"], row["side"])] = row
     budgets = sorted({k[0] for k in latest})
     lines = ["# Peer parity: sslbench vs lightly's parts, same data, backbone, budget and k-NN", ""]
     lines += [
@@ -940,7 +954,7 @@ def render_readme(rows: list[dict[str, Any]], profiles: list[dict[str, Any]] | N
                 f"| {method} | {_fmt(peer['knn_top1'])} | {_fmt(ours['knn_top1'])} | {d:+.2f} | {_fmt(peer['images_per_s'], '.0f')} | "
                 f"{_fmt(ours['images_per_s'], '.0f')} | {ratio:.2f}x | {_fmt(peer['wall_s'], '.0f')} | {_fmt(ours['wall_s'], '.0f')} | {'; '.join(verdict) or 'ok'} |"
             )
-        loads = [x for r in latest.values() if json.dumps(r["budget"], sort_keys=True) == bkey for x in r.get("loadavg_1min", [])]
+        loads = [x for r in latest.values() if _bkey(r) == bkey for x in r.get("loadavg_1min", [])]
         if loads:
             lines += [
                 "",
@@ -1000,17 +1014,17 @@ def render_readme(rows: list[dict[str, Any]], profiles: list[dict[str, Any]] | N
         envs = {
             (r["commit"], r["dirty"], r["cpu"], r["threads"], json.dumps(r["versions"], sort_keys=True))
             for r in [*latest.values(), *variants.values()]
-            if json.dumps(r["budget"], sort_keys=True) == bkey
+            if _bkey(r) == bkey
         }
         lines += ["", "Runs (commit, CPU, threads, versions):", ""]
         for commit, dirty, cpu, threads, versions in sorted(envs):
             v = json.loads(versions)
             vs = ", ".join(f"{k} {v[k]}" for k in sorted(v) if v[k])
             lines.append(f"- `{commit}`{' (dirty tree)' if dirty else ''}; {cpu}; {threads} torch threads; {vs}")
-        commands = sorted({r["command"] for r in [*latest.values(), *variants.values()] if json.dumps(r["budget"], sort_keys=True) == bkey})
+        commands = sorted({r["command"] for r in [*latest.values(), *variants.values()] if _bkey(r) == bkey})
         lines += ["", "Commands:", "", "```bash", *commands, "```"]
-        lines += [*render_profiles([r for r in profiles or [] if json.dumps(r["budget"], sort_keys=True) == bkey]), ""]
-    lines += render_profiles([r for r in profiles or [] if json.dumps(r["budget"], sort_keys=True) not in budgets])
+        lines += [*render_profiles([r for r in profiles or [] if _bkey(r) == bkey]), ""]
+    lines += render_profiles([r for r in profiles or [] if _bkey(r) not in budgets])
     if NOT_SHIPPED:
         lines += ["Not covered: " + "; ".join(f"{m}: {why}" for m, why in NOT_SHIPPED.items()) + ".", ""]
     return "\n".join(lines)
@@ -1097,8 +1111,7 @@ def main() -> None:
                     prof = profile_peer(method, budget, args.profile, args.profile_warmup)
                 else:
                     prof = profile_sslbench(method, budget, args.work, args.profile, args.profile_warmup)
-                prow = {"method": method, "side": side_name, "budget": budget.key(), "steps": args.profile, "warmup": args.profile_warmup}
-                prow.update(command=command, **env, **prof, date=time.strftime("%Y-%m-%d"), loadavg_1min=[load_before, round(os.getloadavg()[0], 2)])
+                prow = new_row(method, side_name, budget, command, env, load_before, steps=args.profile, warmup=args.profile_warmup, **prof)
                 append_row(profile_rows, prow)
                 print(f"{method:13s} {side_name:8s} {prof['step_ms']:,.0f} ms/step: {prof['phases_ms']}", flush=True)
         for method in [] if args.profile else methods:
@@ -1113,11 +1126,7 @@ def main() -> None:
                 side, encoder = train_peer(method, budget) if side_name == "peer" else train_sslbench(method, budget, args.work, variant)
                 print(f"{method:13s} {side_name:8s} trained in {side['wall_s']:.1f} s ({side['images_per_s']:.1f} img/s); k-NN ...", flush=True)
                 side.update(knn_score(encoder, budget) if not side.get("failure") else {"knn_top1": None})
-                row = {"method": method, "side": side_name, "budget": budget.key(), "seed": budget.seed, "command": command, **env, **side}
-                if variant:
-                    row["sets"] = list(variant)
-                row["date"] = time.strftime("%Y-%m-%d")
-                row["loadavg_1min"] = [load_before, round(os.getloadavg()[0], 2)]  # other jobs on the machine skew images/s
+                row = new_row(method, side_name, budget, command, env, load_before, **side, **({"sets": list(variant)} if variant else {}))
                 append_row(args.rows, row)
                 print(
                     f"{method:13s} {side_name:8s} k-NN {_fmt(side['knn_top1']):>6s}  {side['images_per_s']:7.1f} img/s  train {side['wall_s']:7.1f} s  "
